@@ -1,0 +1,19 @@
+"""deel-lipdp-ext: clipless differentially private training of Lipschitz networks
+on Keras 3 / TensorFlow.
+
+Example:
+    >>> from deel_lipdp_ext import layers, losses, DPSequential, DPParameters
+"""
+
+from . import accounting, callbacks, data, layers, losses
+from .bounds import compute_gradient_bounds
+from .data import DatasetMetadata
+from .model import DP_Model, DP_Sequential, DPModel, DPParameters, DPSequential
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "accounting", "callbacks", "data", "layers", "losses", "compute_gradient_bounds",
+    "DatasetMetadata", "DPModel", "DPParameters", "DPSequential", "DP_Model",
+    "DP_Sequential", "__version__",
+]

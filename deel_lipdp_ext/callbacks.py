@@ -1,0 +1,88 @@
+"""`DP_Accountant`: epsilon after every epoch, in the Keras logs, with a budget stop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+
+from .accounting import ACCOUNTANTS, epsilon_for_spec
+
+
+class DP_Accountant(keras.callbacks.Callback):
+    """Writes `epsilon` and `delta` into the epoch logs; stops before a budget is exceeded.
+
+    The logs reach the progress bar, `History`, `CSVLogger` and `TensorBoard`.
+    With `epsilon_budget`, training stops at the end of the last epoch whose
+    epsilon is within budget: after each epoch it checks whether ONE MORE
+    epoch would exceed the budget, so the reported epsilon never does.
+
+    Args:
+        accountant: "rdp" or "pld".
+        epsilon_budget: optional budget on epsilon.
+        log_fn: optional `log_fn(epoch, {"epsilon": ..., "delta": ...})`, e.g.
+            a logging service's function; none is required.
+
+    Attributes:
+        history: list of dicts (epoch, steps, epsilon, delta) per epoch.
+    """
+
+    def __init__(
+        self,
+        accountant: str = "rdp",
+        epsilon_budget: float | None = None,
+        log_fn: Callable[[int, dict], None] | None = None,
+    ):
+        super().__init__()
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(
+                f"`accountant` must be 'rdp' or 'pld'. Received: accountant={accountant!r}"
+            )
+        if epsilon_budget is not None and not epsilon_budget > 0:
+            raise ValueError(f"`epsilon_budget` must be > 0. Received: {epsilon_budget!r}")
+        self.accountant = accountant
+        self.epsilon_budget = epsilon_budget
+        self.log_fn = log_fn
+        self.history: list[dict] = []
+
+    def _check_model(self):
+        if not hasattr(self.model, "privacy_spec"):
+            raise TypeError(
+                "DP_Accountant needs a DP model (DPSequential/DPModel). "
+                f"Received: {type(self.model).__name__}"
+            )
+
+    def on_train_begin(self, logs=None):
+        self._check_model()
+        meta = self.model.dataset_metadata
+        if meta.sampling != "poisson":
+            print(
+                f"DP_Accountant: sampling={meta.sampling!r}; epsilon uses the Poisson "
+                "subsampling analysis, the usual heuristic for shuffled batches."
+            )
+        if self.epsilon_budget is not None and self._epsilon_after(1) > self.epsilon_budget:
+            raise ValueError(
+                f"One epoch already exceeds epsilon_budget={self.epsilon_budget} "
+                f"(epsilon would be {self._epsilon_after(1):.4g})."
+            )
+
+    def _epsilon_after(self, more_epochs: int) -> float:
+        steps = int(self.model.dp_steps.numpy())
+        steps += more_epochs * self.model.dataset_metadata.nb_steps_per_epoch
+        return epsilon_for_spec(self.model.privacy_spec(steps), self.accountant)
+
+    def on_epoch_end(self, epoch, logs=None):
+        spec = self.model.privacy_spec()
+        epsilon = epsilon_for_spec(spec, self.accountant)
+        record = {"epsilon": epsilon, "delta": spec.delta}
+        if logs is not None:
+            logs.update(record)
+        self.history.append({"epoch": epoch, "steps": spec.steps, **record})
+        if self.log_fn is not None:
+            self.log_fn(epoch, dict(record))
+        if self.epsilon_budget is not None and self._epsilon_after(1) > self.epsilon_budget:
+            print(
+                f"DP_Accountant: epsilon={epsilon:.4g}; another epoch would exceed "
+                f"epsilon_budget={self.epsilon_budget}: stopping."
+            )
+            self.model.stop_training = True

@@ -1,0 +1,94 @@
+"""The DP layer contract: how each layer bounds norms forward and backward.
+
+All bounds are L2 norms of ONE sample's tensor, over all non-batch axes, as
+scalar float32 tensors (they may depend on the current weights, so they are
+computed in the train step's graph). Residual branches carry tuples of bounds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+Bound = Any  # a scalar tensor, or a tuple of them on residual branches
+
+
+class DPLayer:
+    """Mixin every DP layer implements (see DESIGN §3).
+
+    Attributes:
+        nm_coef: the layer's share of noise under the per-layer strategy: its
+            gradient gets noise of std `sigma * bound * nm_coef`.
+    """
+
+    nm_coef: float = 1.0
+
+    def propagate_inputs(self, input_bound: Bound) -> Bound:
+        """Bound on the output norm, given the bound on the input norm."""
+        raise NotImplementedError(f"{type(self).__name__}.propagate_inputs")
+
+    def backpropagate_inputs(self, input_bound: Bound, gradient_bound: Bound) -> Bound:
+        """Bound on dLoss/dInput, given the bound on dLoss/dOutput."""
+        raise NotImplementedError(f"{type(self).__name__}.backpropagate_inputs")
+
+    def backpropagate_params(self, input_bound: Bound, gradient_bound: Bound) -> Bound:
+        """Bound on the per-sample gradient of the layer's bounded variable."""
+        raise NotImplementedError(f"{type(self).__name__}.backpropagate_params")
+
+    def has_parameters(self) -> bool:
+        """Whether the layer owns a trainable variable (`bounded_variable`)."""
+        return False
+
+    @property
+    def bounded_variable(self) -> keras.Variable | None:
+        """The trainable variable `backpropagate_params` bounds, if any."""
+        return None
+
+    def project(self) -> None:
+        """Post-step projection onto the constraint set (post-processing)."""
+
+    def set_expected_batch_size(self, batch_size: int) -> None:
+        """Told by the DP model; only gradient-clipping layers use it."""
+
+
+class GNPLayer(DPLayer):
+    """A parameter-free layer f with ||f(x)|| <= ||x|| and Lipschitz constant 1.
+
+    Such a layer leaves both the forward bound and the backward bound unchanged.
+    """
+
+    def propagate_inputs(self, input_bound: Bound) -> Bound:
+        return input_bound
+
+    def backpropagate_inputs(self, input_bound: Bound, gradient_bound: Bound) -> Bound:
+        return gradient_bound
+
+    def backpropagate_params(self, input_bound: Bound, gradient_bound: Bound) -> Bound:
+        raise ValueError(f"Layer '{self.name}' has no parameters to bound.")
+
+
+def sample_norms(x: tf.Tensor) -> tf.Tensor:
+    """L2 norm of each sample of `x` over all non-batch axes. Shape (batch,)."""
+    x = tf.reshape(x, (tf.shape(x)[0], -1))
+    return tf.norm(x, axis=1)
+
+
+def as_bound(value: Any) -> tf.Tensor:
+    """A bound as a scalar float32 tensor."""
+    return tf.cast(tf.convert_to_tensor(value), tf.float32)
+
+
+def require_positive(name: str, value: Any, layer: str) -> float:
+    """Validate a positive finite float argument, naming it in the error."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not v > 0 or v == float("inf"):
+        raise ValueError(
+            f"`{name}` of {layer} must be a positive finite number. "
+            f"Received: {name}={value!r}"
+        )
+    return v

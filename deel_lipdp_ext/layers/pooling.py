@@ -1,0 +1,124 @@
+"""L2-norm poolings: each output is the L2 norm of one non-overlapping window.
+
+With disjoint windows the output norm equals the input norm and the map is
+1-Lipschitz (| ||a|| - ||b|| | <= ||a - b|| per window), so they are GNP.
+The window norm has gradient x/||x||, set to 0 at x = 0 (no NaN).
+The "Scaled" in the names follows deel-lip (avg-pool of squares scaled by the
+window area); here the sum is computed exactly, zero padding included.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from .base import GNPLayer
+
+_PACKAGE = "deel_lipdp_ext"
+
+
+def _safe_sqrt(s: tf.Tensor) -> tf.Tensor:
+    """sqrt with gradient 0 (not inf) where s == 0."""
+    positive = s > 0
+    return tf.where(positive, tf.sqrt(tf.where(positive, s, tf.ones_like(s))), 0.0)
+
+
+def _as_tuple(value, rank: int, name: str, layer: str) -> tuple[int, ...]:
+    t = (value,) * rank if isinstance(value, int) else tuple(value)
+    if len(t) != rank or not all(isinstance(v, int) and v > 0 for v in t):
+        raise ValueError(
+            f"`{name}` of {layer} must be a positive int or {rank} of them. "
+            f"Received: {name}={value!r}"
+        )
+    return t
+
+
+class _L2NormPooling(keras.layers.Layer, GNPLayer):
+    rank = 2
+
+    def __init__(self, pool_size=2, strides=None, padding: str = "valid", **kwargs):
+        super().__init__(**kwargs)
+        layer = type(self).__name__
+        self.pool_size = _as_tuple(pool_size, self.rank, "pool_size", layer)
+        if strides is not None and _as_tuple(strides, self.rank, "strides", layer) != (
+            self.pool_size
+        ):
+            raise ValueError(
+                f"{layer} needs strides == pool_size (non-overlapping windows). "
+                f"Received: pool_size={pool_size!r}, strides={strides!r}"
+            )
+        if padding not in ("valid", "same"):
+            raise ValueError(
+                f"`padding` of {layer} must be 'valid' or 'same'. Received: padding={padding!r}"
+            )
+        self.padding = padding
+
+    def _pad(self, x):
+        if self.padding == "valid":
+            return x
+        pads = [[0, 0]]
+        for axis, p in enumerate(self.pool_size, start=1):
+            size = tf.shape(x)[axis]
+            pads.append([0, (-size) % p])
+        pads.append([0, 0])
+        return tf.pad(x, pads)
+
+    def call(self, inputs):
+        squares = self._pad(tf.square(inputs))
+        area = 1
+        for p in self.pool_size:
+            area *= p
+        sums = tf.nn.avg_pool(
+            squares, self.pool_size, self.pool_size, padding="VALID"
+        ) * float(area)
+        return _safe_sqrt(sums)
+
+    def compute_output_shape(self, input_shape):
+        out = [input_shape[0]]
+        for dim, p in zip(input_shape[1:-1], self.pool_size, strict=True):
+            if dim is None:
+                out.append(None)
+            else:
+                out.append(-(-dim // p) if self.padding == "same" else dim // p)
+        return (*out, input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "pool_size": self.pool_size, "padding": self.padding}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class DP_ScaledL2NormPooling2D(_L2NormPooling):
+    """L2 norm of each non-overlapping (ph, pw) window, per channel.
+
+    Args:
+        pool_size: int or (ph, pw); strides, if given, must equal it.
+        padding: "valid" (drop the remainder) or "same" (zero-pad to a multiple).
+
+    Shapes: (batch, H, W, C) -> (batch, H/ph, W/pw, C).
+    """
+
+    rank = 2
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class DP_ScaledL2NormPooling1D(_L2NormPooling):
+    """L2 norm of each non-overlapping window of a sequence, per channel.
+
+    Shapes: (batch, T, C) -> (batch, T/p, C).
+    """
+
+    rank = 1
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class DP_ScaledGlobalL2NormPooling2D(keras.layers.Layer, GNPLayer):
+    """L2 norm over all spatial positions, per channel: (batch, H, W, C) -> (batch, C).
+
+    Norm preserving and 1-Lipschitz.
+    """
+
+    def call(self, inputs):
+        return _safe_sqrt(tf.reduce_sum(tf.square(inputs), axis=[1, 2]))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
