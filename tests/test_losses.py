@@ -1,0 +1,102 @@
+"""Each get_L is attacked: the gradient norm w.r.t. the logits never exceeds it,
+whatever the logits and labels (even crafted labels), and comes within 5% of
+it for some input."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given
+from hypothesis import strategies as st
+
+from deel_lipdp_ext import losses
+
+LOSSES = [
+    losses.DP_TauCategoricalCrossentropy(tau=8.0),
+    losses.DP_TauCategoricalCrossentropy(tau=0.5),
+    losses.DP_TauBCE(tau=3.0),
+    losses.DP_KCosineSimilarity(K=0.5),
+    losses.DP_KCosineSimilarity(K=4.0),
+    losses.DP_MulticlassHKR(alpha=5.0, min_margin=1.0),
+    losses.DP_MulticlassHKR(alpha=0.0, min_margin=0.5),
+    losses.DP_MulticlassHinge(min_margin=1.0),
+    losses.DP_MulticlassKR(),
+    losses.DP_MeanAbsoluteError(),
+]
+
+
+def grad_norms(loss, y, z):
+    z = tf.constant(z, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        total = tf.reduce_sum(loss.call(tf.constant(y, tf.float32), z))
+    return np.linalg.norm(tape.gradient(total, z).numpy(), axis=-1)
+
+
+def candidate_inputs(k, rng, n=400):
+    """Random logits at many scales, crafted labels, and structured worst cases."""
+    scales = rng.choice([1e-3, 0.1, 1.0, 10.0, 100.0], size=(n, 1))
+    z = rng.normal(size=(n, k)) * scales
+    onehot = np.eye(k)[rng.integers(0, k, n)]
+    crafted = rng.normal(size=(n, k)) * rng.choice([1.0, 5.0, 100.0], size=(n, 1))
+    y = np.where(rng.random((n, 1)) < 0.5, onehot, crafted)
+    # worst cases: a large wrong logit; tiny logits; margins all active
+    wrong = np.zeros((k, k))
+    for i in range(k):
+        wrong[i, (i + 1) % k] = 30.0
+        wrong[i, i] = -30.0
+    binary = (rng.random((k, k)) < 0.5).astype(float)
+    confidently_wrong = -30.0 * (2.0 * binary - 1.0)
+    z = np.concatenate([z, wrong, np.full((k, k), 1e-4), -np.eye(k) * 0.01, confidently_wrong])
+    y = np.concatenate([y, np.eye(k), np.eye(k), np.eye(k), binary])
+    return y, z
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=lambda l: f"{l.name}")
+@pytest.mark.parametrize("k", [1, 2, 3, 10])
+def test_get_L_is_never_exceeded_and_is_tight(loss, k):
+    if k == 1 and isinstance(loss, (losses.DP_MulticlassHKR, losses.DP_MulticlassHinge,
+                                    losses.DP_MulticlassKR, losses.DP_TauCategoricalCrossentropy)):
+        pytest.skip("multiclass losses need at least 2 classes")
+    rng = np.random.default_rng(k)
+    y, z = candidate_inputs(k, rng)
+    norms = grad_norms(loss, y, z)
+    bound = loss.get_L(k)
+    assert np.all(norms <= bound * (1 + 1e-5)), (norms.max(), bound)
+    assert norms.max() >= 0.95 * bound, (norms.max(), bound)
+    assert loss.get_L() >= bound  # the class-free bound is the worst case
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=lambda l: f"{l.name}")
+@given(st.integers(2, 12), st.integers(0, 2**31 - 1), st.floats(1e-3, 1e3))
+def test_get_L_holds_for_any_label_property(loss, k, seed, scale):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(16, k)) * scale
+    y = rng.normal(size=(16, k)) * rng.choice([0.0, 1.0, 50.0])
+    assert np.all(grad_norms(loss, y, z) <= loss.get_L(k) * (1 + 1e-5))
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=lambda l: f"{l.name}")
+def test_losses_round_trip_config(loss):
+    clone = type(loss).from_config(loss.get_config())
+    y = np.eye(4)[[0, 1, 2, 3]]
+    z = np.random.default_rng(0).normal(size=(4, 4))
+    np.testing.assert_allclose(loss.call(y, z), clone.call(y, z), rtol=1e-6)
+    assert clone.get_L(4) == loss.get_L(4)
+
+
+def test_bad_loss_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="tau"):
+        losses.DP_TauCategoricalCrossentropy(tau=-1.0)
+    with pytest.raises(ValueError, match="K"):
+        losses.DP_KCosineSimilarity(K=0)
+    with pytest.raises(ValueError, match="alpha"):
+        losses.DP_MulticlassHKR(alpha=float("nan"))
+
+
+def test_lipschitz_constant_refuses_plain_keras_loss():
+    import keras
+
+    with pytest.raises(TypeError, match="categorical_crossentropy"):
+        losses.lipschitz_constant(keras.losses.CategoricalCrossentropy(name="categorical_crossentropy"))
+    with pytest.raises(TypeError, match="mse"):
+        losses.lipschitz_constant("mse")
