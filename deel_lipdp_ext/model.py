@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 
 import keras
 import tensorflow as tf
+from keras.src.models.functional import Functional, functional_from_config
+from keras.src.ops.function import make_node_key
 from keras.src.trainers.data_adapters import data_adapter_utils
 
 from .accounting import PrivacySpec
@@ -178,19 +180,23 @@ class _DPTrainer:
             if sample_weight is None
             else tf.reshape(tf.cast(sample_weight, x.dtype), (-1,))
         )
+        checks = []
         if not self.jit_compile:
-            tf.debugging.Assert(
+            checks.append(tf.debugging.Assert(
                 tf.reduce_all(per_sample_finite),
                 ["DP train step: an input or label contains NaN or Inf."],
-            )
-            tf.debugging.Assert(
+            ))
+            checks.append(tf.debugging.Assert(
                 tf.reduce_all((weight >= 0.0) & (weight <= 1.0)),
                 ["DP train step: sample weights must lie in [0, 1] (a larger weight "
                  "would exceed the per-sample bound)."],
-            )
+            ))
             first = self.dp_layers[0]
             if not first.enforce_clipping:
-                first.check_bound(x)
+                checks.append(first.check_bound(x))
+        # Everything downstream (forward, gradients, update) depends on the checks.
+        with tf.control_dependencies(checks):
+            x, y, weight = tf.identity(x), tf.identity(y), tf.identity(weight)
         keep = tf.reshape(per_sample_finite, [-1] + [1] * (len(x.shape) - 1))
         x = tf.where(keep, x, tf.zeros_like(x))
         keep_y = tf.reshape(per_sample_finite, [-1] + [1] * (len(y.shape) - 1))
@@ -333,7 +339,10 @@ def _functional_chain(model: keras.Model) -> list:
     for op in model.operations:
         if isinstance(op, keras.layers.InputLayer):
             continue
-        nodes = [n for n in op._inbound_nodes if n in model._nodes]  # noqa: SLF001
+        nodes = [
+            n for i, n in enumerate(op._inbound_nodes)  # noqa: SLF001
+            if make_node_key(op, i) in model._nodes  # noqa: SLF001
+        ]
         if len(nodes) != 1:
             raise ValueError(
                 f"Layer '{op.name}' is called {len(nodes)} times in the DPModel graph: "
@@ -354,7 +363,7 @@ def _functional_chain(model: keras.Model) -> list:
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class DPModel(_DPTrainer, keras.Model):
+class DPModel(_DPTrainer, Functional):
     """A functional Keras model of DP layers trained with clipless DP-SGD.
 
     The graph must be a single chain (residual blocks go through the
@@ -369,11 +378,13 @@ class DPModel(_DPTrainer, keras.Model):
             the graph's chain (deel-lipdp compatibility).
     """
 
-    def __init__(
-        self, inputs=None, outputs=None, dp_parameters=None, dataset_metadata=None,
-        dp_layers=None, **kwargs,
-    ):
-        keras.Model.__init__(self, inputs=inputs, outputs=outputs, **kwargs)
+    def __init__(self, inputs, outputs, name=None, **kwargs):
+        # Keras serialises a Functional subclass only if its constructor has
+        # Functional's signature, so the DP arguments travel in **kwargs.
+        dp_parameters = kwargs.pop("dp_parameters", None)
+        dataset_metadata = kwargs.pop("dataset_metadata", None)
+        dp_layers = kwargs.pop("dp_layers", None)
+        Functional.__init__(self, inputs=inputs, outputs=outputs, name=name, **kwargs)
         self._chain = _functional_chain(self)
         if dp_layers is not None and [id(x) for x in dp_layers] != [id(x) for x in self._chain]:
             raise ValueError(
@@ -388,12 +399,10 @@ class DPModel(_DPTrainer, keras.Model):
         return self._chain
 
     def get_config(self):
-        return {**keras.Model.get_config(self), **self._dp_config()}
+        return {**Functional.get_config(self), **self._dp_config()}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        from keras.src.models.functional import functional_from_config
-
         config = dict(config)
         dp_parameters = config.pop("dp_parameters", None)
         metadata = config.pop("dataset_metadata", None)
