@@ -68,16 +68,29 @@ def calibrate_noise_multiplier(
         raise ValueError(f"`target_epsilon` must be > 0. Received: {target_epsilon!r}")
     if not tolerance > 0:
         raise ValueError(f"`tolerance` must be > 0. Received: {tolerance!r}")
-    lo, hi = tolerance, 1.0
-    while _epsilon(hi, delta, sampling_rate, steps, accountant) > target_epsilon:
-        lo, hi = hi, hi * 2.0
-        if hi > max_noise_multiplier:
-            raise ValueError(
-                f"No noise multiplier <= {max_noise_multiplier} reaches epsilon "
-                f"{target_epsilon} (delta={delta}, q={sampling_rate}, steps={steps})."
-            )
-    if _epsilon(lo, delta, sampling_rate, steps, accountant) <= target_epsilon:
-        return lo
+
+    def eps(sigma: float) -> float:
+        return _epsilon(sigma, delta, sampling_rate, steps, accountant)
+
+    # Bracket [lo, hi] with eps(lo) > target >= eps(hi), starting from sigma = 1
+    # and moving outward, so only sigmas near the answer are evaluated (PLD is
+    # very slow for tiny sigmas).
+    hi = 1.0
+    if eps(hi) > target_epsilon:
+        lo = hi
+        while eps(hi) > target_epsilon:
+            lo, hi = hi, hi * 2.0
+            if hi > max_noise_multiplier:
+                raise ValueError(
+                    f"No noise multiplier <= {max_noise_multiplier} reaches epsilon "
+                    f"{target_epsilon} (delta={delta}, q={sampling_rate}, steps={steps})."
+                )
+    else:
+        lo = hi / 2.0
+        while eps(lo) <= target_epsilon:
+            hi, lo = lo, lo / 2.0
+            if hi <= tolerance:
+                return hi
     while hi - lo > tolerance:
         mid = 0.5 * (lo + hi)
         if _epsilon(mid, delta, sampling_rate, steps, accountant) <= target_epsilon:

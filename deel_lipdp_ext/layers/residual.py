@@ -50,7 +50,8 @@ class DP_WrappedResidual(keras.layers.Layer, DPLayer):
         self.nm_coef = layer.nm_coef
 
     def build(self, input_shape):
-        self.layer.build(input_shape[0])
+        if not self.layer.built:  # a deserialised inner layer arrives built
+            self.layer.build(input_shape[0])
 
     def call(self, inputs, training=None):
         main, skip = inputs

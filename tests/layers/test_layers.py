@@ -1,0 +1,227 @@
+"""Every DP layer: config and .keras round-trip, its bound properties, its errors."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from deel_lipdp_ext import layers as L
+
+from ..helpers import dp_model, one_hot, unit_samples
+
+# (factory, input shape) for every layer type
+LAYERS = [
+    (lambda: L.DP_BoundedInput(upper_bound=2.0, enforce_clipping=True), (4, 4, 2)),
+    (lambda: L.DP_ClipGradient(clip_value=0.5, mode="dynamic"), (4, 4, 2)),
+    (lambda: L.DP_AddBias(norm_max=1.5), (4, 4, 2)),
+    (lambda: L.DP_Flatten(), (4, 4, 2)),
+    (lambda: L.DP_Reshape((8, 4)), (4, 4, 2)),
+    (lambda: L.DP_Permute((2, 1, 3)), (4, 4, 2)),
+    (lambda: L.DP_GroupSort(4), (4, 4, 4)),
+    (lambda: L.DP_GroupSort(2), (6,)),
+    (lambda: L.DP_ReLU(negative_slope=0.2), (4, 4, 2)),
+    (lambda: L.DP_MaxPool2D(2), (4, 4, 2)),
+    (lambda: L.DP_ScaledL2NormPooling2D(2, padding="same"), (5, 5, 2)),
+    (lambda: L.DP_ScaledL2NormPooling1D(3), (9, 2)),
+    (lambda: L.DP_ScaledGlobalL2NormPooling2D(), (4, 4, 2)),
+    (lambda: L.DP_LayerCentering(), (4, 4, 2)),
+    (lambda: L.DP_QuickSpectralDense(5, nm_coef=2.0), (7,)),
+    (lambda: L.DP_QuickFrobeniusDense(5), (7,)),
+    (lambda: L.DP_SpectralDense(7), (7,)),
+    (lambda: L.DP_QuickSpectralConv2D(3, 3, strides=2, padding="valid"), (6, 6, 2)),
+    (lambda: L.DP_SpectralConv2D(4, 2, strides=1), (6, 6, 2)),
+    (lambda: L.DP_SplitResidual(), (4,)),
+    (lambda: L.DP_MergeResidual("add"), None),
+    (lambda: L.DP_WrappedResidual(L.DP_QuickSpectralDense(4)), None),
+]
+GNP = (L.GNPLayer,)
+
+
+def _ids(item):
+    return type(item[0]()).__name__ + str(item[1])
+
+
+def _call(layer, x):
+    if isinstance(layer, L.DP_MergeResidual | L.DP_WrappedResidual):
+        return layer((x, x))
+    return layer(x)
+
+
+@pytest.mark.parametrize("factory,shape", LAYERS, ids=[_ids(i) for i in LAYERS])
+def test_config_round_trip_same_function(factory, shape):
+    shape = shape or (4,)
+    layer = factory()
+    x = tf.constant(np.random.default_rng(0).normal(size=(3, *shape)), tf.float32)
+    out = _call(layer, x)
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert type(clone) is type(layer)
+    assert clone.get_config() == layer.get_config()
+    clone_out = _call(clone, x)
+    if layer.weights:
+        clone.set_weights(layer.get_weights())
+        clone_out = _call(clone, x)
+    for a, b in zip(tf.nest.flatten(out), tf.nest.flatten(clone_out), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_every_layer_round_trips_in_a_saved_model(tmp_path):
+    layers = [
+        L.DP_BoundedInput(upper_bound=1.0), L.DP_QuickSpectralConv2D(4, 3),
+        L.DP_AddBias(1.0), L.DP_GroupSort(2), L.DP_ReLU(), L.DP_LayerCentering(),
+        L.DP_SpectralConv2D(4, 2), L.DP_ClipGradient(1.0),
+        *L.make_residuals("add", [L.DP_QuickSpectralConv2D(4, 3), L.DP_AddBias(0.5)]),
+        L.DP_ScaledL2NormPooling2D(2), L.DP_MaxPool2D(2), L.DP_Permute((2, 1, 3)),
+        L.DP_Reshape((4, 4)), L.DP_ScaledL2NormPooling1D(2), L.DP_Flatten(),
+        L.DP_SpectralDense(4), L.DP_QuickFrobeniusDense(4), L.DP_QuickSpectralDense(3),
+    ]
+    model = dp_model(layers, input_shape=(8, 8, 1), num_classes=3)
+    x, y = unit_samples(20, (8, 8, 1)), one_hot(np.arange(20), 3)
+    model.fit(x, y, batch_size=10, epochs=1, verbose=0)
+    model.save(tmp_path / "all.keras")
+    loaded = keras.models.load_model(tmp_path / "all.keras")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+    b1, b2 = model.compute_gradient_bounds(), loaded.compute_gradient_bounds()
+    in_order = [float(b1[v.path]) for v in model.trainable_variables]
+    assert in_order == pytest.approx([float(b2[v.path]) for v in loaded.trainable_variables])
+
+
+GNP_LAYERS = [(f, s) for f, s in LAYERS if isinstance(f(), GNP)]
+
+
+@pytest.mark.parametrize("factory,shape", GNP_LAYERS, ids=[_ids(i) for i in GNP_LAYERS])
+def test_gnp_layers_are_norm_non_increasing_and_1_lipschitz(factory, shape):
+    layer = factory()
+    rng = np.random.default_rng(1)
+    a = tf.constant(rng.normal(size=(64, *shape)), tf.float32)
+    b = a + tf.constant(rng.normal(size=(64, *shape)) * rng.choice([1e-3, 1.0]), tf.float32)
+
+    def norms(t):
+        return np.linalg.norm(np.reshape(t, (64, -1)), axis=1)
+
+    fa, fb = layer(a), layer(b)
+    assert np.all(norms(fa) <= norms(a) * (1 + 1e-5))
+    assert np.all(norms(fa - fb) <= norms(a - b) * (1 + 1e-5))
+    with tf.GradientTape() as tape:
+        tape.watch(a)
+        out = layer(a)
+        g = tf.constant(rng.normal(size=out.shape), tf.float32)
+        total = tf.reduce_sum(out * g)
+    assert np.all(norms(tape.gradient(total, a)) <= norms(g) * (1 + 1e-5))
+
+
+def _empirical_lipschitz(layer, shape, iters=60):
+    """Power iteration on J^T J of a linear layer (its operator norm)."""
+    v = tf.random.normal((1, *shape))
+    for _ in range(iters):
+        v = v / tf.norm(v)
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            out = layer(v)
+            energy = tf.reduce_sum(out * tf.stop_gradient(out))
+        v = tape.gradient(energy, v)  # J^T J v
+    return float(tf.sqrt(tf.norm(v)))  # ||J^T J v|| -> sigma_max^2 for unit v
+
+
+@pytest.mark.parametrize("kernel,strides,padding", [(3, 1, "same"), (3, 2, "same"),
+                                                     (2, 2, "valid"), (5, 1, "valid"),
+                                                     (3, 2, "valid")])
+def test_conv_certified_constant_bounds_the_true_operator_norm(kernel, strides, padding):
+    conv = L.DP_QuickSpectralConv2D(3, kernel, strides=strides, padding=padding)
+    shape = (10, 10, 2)
+    conv.build((None, *shape))
+    conv.kernel.assign(conv.kernel * 3.0 + tf.random.normal(conv.kernel.shape) * 0.3)
+    true = _empirical_lipschitz(conv, shape)
+    certified = float(conv.lipschitz_bound())
+    assert true <= certified * (1 + 1e-4)
+
+
+def test_projection_makes_dense_and_conv_certified_constants_about_one():
+    for layer, shape in [(L.DP_QuickSpectralDense(6), (9,)), (L.DP_SpectralDense(6), (9,)),
+                         (L.DP_QuickFrobeniusDense(6), (9,)),
+                         (L.DP_QuickSpectralConv2D(4, 3), (6, 6, 2)),
+                         (L.DP_SpectralConv2D(4, 3, strides=2), (6, 6, 2))]:
+        layer.build((None, *shape))
+        layer.kernel.assign(layer.kernel * 5.0)
+        layer.project()
+        bound = float(layer.lipschitz_bound())
+        assert bound <= 1.0 + 2e-3, type(layer).__name__
+        if not isinstance(layer, L.DP_QuickFrobeniusDense):
+            assert bound >= 0.99, type(layer).__name__
+
+
+def test_spectral_dense_projection_is_orthogonal():
+    layer = L.DP_SpectralDense(8)
+    layer.build((None, 8))
+    layer.kernel.assign(tf.random.normal((8, 8)))
+    layer.project()
+    s = np.linalg.svd(layer.kernel.numpy(), compute_uv=False)
+    np.testing.assert_allclose(s, 1.0, atol=2e-2)
+
+
+def test_clip_gradient_clips_each_sample_to_clip_over_batch():
+    clip = L.DP_ClipGradient(clip_value=2.0)
+    clip.set_expected_batch_size(10)
+    x = tf.random.normal((4, 3))
+    g = tf.constant([[1.0, 0, 0], [0, 0.1, 0], [3.0, 4.0, 0], [0, 0, 0]])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        total = tf.reduce_sum(clip(x, training=True) * g)
+    out = tape.gradient(total, x).numpy()
+    norms = np.linalg.norm(out, axis=1)
+    np.testing.assert_allclose(norms, [0.2, 0.1, 0.2, 0.0], rtol=1e-5)
+    assert float(clip.backpropagate_inputs(1.0, 1.0)) == pytest.approx(0.2)
+    assert float(clip.backpropagate_inputs(1.0, 0.05)) == pytest.approx(0.05)
+    unset = L.DP_ClipGradient(clip_value=2.0)
+    with pytest.raises(ValueError, match="expected batch size"):
+        unset.backpropagate_inputs(1.0, 1.0)
+
+
+def test_bounded_input_projects_onto_the_ball():
+    layer = L.DP_BoundedInput(upper_bound=0.5)
+    x = tf.constant([[3.0, 4.0], [0.1, 0.0], [0.0, 0.0]])
+    out = layer(x).numpy()
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), [0.5, 0.1, 0.0], rtol=1e-6)
+
+
+def test_add_bias_bounds_with_positions():
+    bias = L.DP_AddBias(norm_max=1.0)
+    bias.build((None, 4, 4, 3))
+    bias.bias.assign([3.0, 4.0, 0.0])
+    bias.project()
+    assert float(tf.norm(bias.bias)) == pytest.approx(1.0)
+    assert float(bias.propagate_inputs(2.0)) == pytest.approx(2.0 + 4.0 * 1.0)
+    assert float(bias.backpropagate_params(1.0, 0.5)) == pytest.approx(4.0 * 0.5)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: L.DP_BoundedInput(upper_bound=-1.0), "upper_bound=-1.0"),
+    (lambda: L.DP_ClipGradient(clip_value=1.0, mode="auto"), "mode='auto'"),
+    (lambda: L.DP_AddBias(norm_max=0), "norm_max=0"),
+    (lambda: L.DP_QuickSpectralDense(0), "units=0"),
+    (lambda: L.DP_QuickSpectralConv2D(4, 3, padding="causal"), "padding='causal'"),
+    (lambda: L.DP_QuickSpectralConv2D(4, 3, use_bias=True), "use_bias"),
+    (lambda: L.DP_QuickSpectralConv2D(4, 3, dilation_rate=2), "dilation_rate"),
+    (lambda: L.DP_MaxPool2D(2, strides=1), "strides == pool_size"),
+    (lambda: L.DP_ScaledL2NormPooling2D(2, strides=1), "strides == pool_size"),
+    (lambda: L.DP_ReLU(threshold=0.5), "threshold=0.5"),
+    (lambda: L.DP_ReLU(negative_slope=2.0), "negative_slope=2.0"),
+    (lambda: L.DP_MergeResidual("concat"), "'concat'"),
+    (lambda: L.DP_WrappedResidual(keras.layers.Dense(3, name="plain")), "plain"),
+    (lambda: L.DP_GroupSort(0), "n=0"),
+])
+def test_bad_arguments_are_refused_naming_them(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+def test_gnp_factory_refuses_a_layer_with_weights():
+    dp_dense = L.DP_GNP_Factory(keras.layers.Dense, name="DP_UnsafeDense")
+    with pytest.raises(ValueError, match="parameter-free"):
+        dp_dense(3)(tf.zeros((1, 2)))
+
+
+def test_dp_lambda_bounds_scale_with_its_constant():
+    layer = L.DP_Lambda(lambda t: 2.0 * tf.tanh(t), lipschitz=2.0)
+    assert float(layer.propagate_inputs(tf.constant(1.5))) == pytest.approx(3.0)
+    assert float(layer.backpropagate_inputs(1.0, tf.constant(0.5))) == pytest.approx(1.0)

@@ -1,0 +1,113 @@
+import numpy as np
+import pytest
+from scipy import stats
+
+from deel_lipdp_ext import data
+
+
+def test_poisson_batches_follow_binomial_and_mask_padding():
+    n, b = 1000, 100
+    x = np.arange(n, dtype=np.float32).reshape(n, 1) + 1.0
+    y = np.ones((n, 2), np.float32)
+    ds = data.poisson_batches(x, y, b, seed=3)
+    sizes, seen = [], set()
+    for _ in range(30):  # 30 epochs of 10 steps
+        for xb, yb, mask in ds:
+            m = mask.numpy()
+            k = int(m.sum())
+            assert np.all(m[:k] == 1) and np.all(m[k:] == 0)
+            assert np.all(xb.numpy()[k:] == 0)
+            assert len(set(xb.numpy()[:k, 0])) == k  # no duplicates in a batch
+            seen.update(xb.numpy()[:k, 0].tolist())
+            sizes.append(k)
+    assert len(sizes) == 300
+    # Binomial(n, q): mean and variance, and a KS-style check of the distribution.
+    assert np.mean(sizes) == pytest.approx(b, rel=0.03)
+    assert np.var(sizes) == pytest.approx(n * 0.1 * 0.9, rel=0.3)
+    assert stats.chisquare(*_binned(sizes, n, 0.1)).pvalue > 1e-3
+    assert len(seen) == n
+
+
+def _binned(sizes, n, q):
+    edges = [0, 85, 92, 97, 100, 103, 108, 115, n + 1]
+    observed = np.histogram(sizes, bins=edges)[0]
+    cdf = stats.binom.cdf(np.array(edges) - 1, n, q)
+    expected = np.diff(cdf) * len(sizes)
+    return observed, expected
+
+
+def test_poisson_batches_are_reproducible_and_fresh_each_epoch():
+    x = np.random.rand(200, 3).astype(np.float32)
+    y = np.ones((200, 1), np.float32)
+    a = [m.numpy().sum() for _, _, m in data.poisson_batches(x, y, 20, seed=1)]
+    b = [m.numpy().sum() for _, _, m in data.poisson_batches(x, y, 20, seed=1)]
+    assert a == b
+    ds = data.poisson_batches(x, y, 20, seed=1)
+    e1 = [xb.numpy()[0].tolist() for xb, _, _ in ds]
+    e2 = [xb.numpy()[0].tolist() for xb, _, _ in ds]
+    assert e1 != e2
+
+
+def test_max_poisson_batch_size():
+    assert data.max_poisson_batch_size(1000, 0.1) == 1000 * 0.1 + np.ceil(10 * np.sqrt(90)) + 10
+    assert data.max_poisson_batch_size(10, 0.9) == 10
+
+
+def test_bounding_functions():
+    x = np.random.default_rng(0).normal(size=(5, 3, 3)).astype(np.float32) * 7
+    x[0] = 0
+    norms = np.linalg.norm(data.bound_normalize(2.0)(x).reshape(5, -1), axis=1)
+    np.testing.assert_allclose(norms, [0, 2, 2, 2, 2], rtol=1e-5)
+    clipped = data.bound_clip_value(0.5)(x * 1e-3)
+    np.testing.assert_allclose(clipped, x * 1e-3)  # inside the ball: unchanged
+    assert np.all(np.linalg.norm(data.bound_clip_value(0.5)(x).reshape(5, -1), axis=1) <= 0.5 + 1e-6)
+
+
+def test_load_digits_dataset():
+    train, test, meta = data.load_digits_dataset(batch_size=64, input_bound=1.0, seed=0)
+    assert meta.input_shape == (8, 8, 1) and meta.num_classes == 10
+    assert meta.nb_samples_train + meta.nb_samples_test == 1797
+    assert meta.nb_steps_per_epoch == -(-meta.nb_samples_train // 64)
+    assert meta.sampling_rate == pytest.approx(64 / meta.nb_samples_train)
+    xb, yb, mask = next(iter(train))
+    k = int(mask.numpy().sum())
+    np.testing.assert_allclose(np.linalg.norm(xb.numpy()[:k].reshape(k, -1), axis=1), 1.0,
+                               rtol=1e-5)
+    np.testing.assert_allclose(yb.numpy()[:k].sum(axis=1), 1.0)
+    xt, yt = next(iter(test))
+    assert xt.shape[1:] == (8, 8, 1) and yt.shape[1] == 10
+
+
+def test_shuffle_sampling_and_metadata():
+    x = np.random.rand(103, 4).astype(np.float32)
+    y = np.arange(103) % 3
+    train, test, meta = data.from_numpy(x, y, batch_size=10, sampling="shuffle")
+    sizes = [len(xb) for xb, _ in train]
+    assert sizes == [10] * 10 + [3]
+    assert test is None and meta.num_classes == 3 and meta.sampling == "shuffle"
+
+
+def test_from_numpy_refuses_nan_and_bad_options():
+    x = np.random.rand(10, 4).astype(np.float32)
+    x[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        data.from_numpy(x, np.zeros(10, int), batch_size=2)
+    with pytest.raises(ValueError, match="'bernoulli'"):
+        data.from_numpy(np.ones((10, 2)), np.zeros(10, int), batch_size=2, sampling="bernoulli")
+    with pytest.raises(ValueError, match="batch_size"):
+        data.DatasetMetadata((2,), 2, 10, 0, 20, 1)
+
+
+def test_load_npz_dataset(tmp_path):
+    with pytest.raises(FileNotFoundError, match="mnist.npz"):
+        data.load_npz_dataset(tmp_path / "mnist.npz", batch_size=4)
+    path = tmp_path / "tiny.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.integers(0, 255, (20, 5, 5), dtype=np.uint8),
+             y_train=rng.integers(0, 3, 20), x_test=rng.integers(0, 255, (6, 5, 5), dtype=np.uint8),
+             y_test=rng.integers(0, 3, 6))
+    train, test, meta = data.load_npz_dataset(path, batch_size=4, num_classes=3)
+    assert meta.input_shape == (5, 5, 1) and meta.nb_samples_test == 6
+    np.savez(tmp_path / "bad.npz", x_train=np.zeros((2, 2)))
+    with pytest.raises(KeyError, match="y_train"):
+        data.load_npz_dataset(tmp_path / "bad.npz", batch_size=1)
