@@ -14,8 +14,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=30)
     demo.add_argument("--target-epsilon", type=float, default=3.0)
     demo.add_argument("--delta", type=float, default=1e-5)
-    demo.add_argument("--batch-size", type=int, default=300)
-    demo.add_argument("--learning-rate", type=float, default=0.05)
+    demo.add_argument("--batch-size", type=int, default=None,
+                      help="expected batch size (default: the whole training set)")
+    demo.add_argument("--learning-rate", type=float, default=0.3)
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--accountant", choices=["rdp", "pld"], default="rdp")
