@@ -1,0 +1,111 @@
+"""Clipless DP fit time per epoch vs non-private Keras fit of the same architecture.
+
+Same data, batch size and layers; runs alternate in one process (A, B, A, B...)
+and the table reports medians and their ratio. Writes JSON.
+
+    python benchmarks/speed.py [--epochs 5] [--repeats 5] [--out benchmarks/results/speed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from deel_lipdp_ext import DPParameters, DPSequential  # noqa: E402
+from deel_lipdp_ext import layers as L  # noqa: E402
+from deel_lipdp_ext.data import from_numpy  # noqa: E402
+from deel_lipdp_ext.losses import DP_TauCategoricalCrossentropy  # noqa: E402
+
+
+def architecture():
+    return [
+        L.DP_QuickSpectralConv2D(16, 3, padding="same"), L.DP_GroupSort(2),
+        L.DP_ScaledL2NormPooling2D(2), L.DP_QuickSpectralConv2D(32, 3, padding="same"),
+        L.DP_GroupSort(2), L.DP_ScaledL2NormPooling2D(2), L.DP_Flatten(),
+        L.DP_QuickSpectralDense(64), L.DP_GroupSort(2), L.DP_QuickSpectralDense(10),
+    ]
+
+
+def make_data(n, size, batch_size, sampling):
+    rng = np.random.default_rng(0)
+    x = rng.random((n, size, size, 1)).astype(np.float32)
+    y = rng.integers(0, 10, n)
+    return from_numpy(x, y, batch_size=batch_size, sampling=sampling, num_classes=10)
+
+
+def clipless_model(meta):
+    model = DPSequential([keras.Input(meta.input_shape), L.DP_BoundedInput(upper_bound=1.0),
+                          *architecture()],
+                         dp_parameters=DPParameters(1.0, 1e-5, seed=0), dataset_metadata=meta)
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=DP_TauCategoricalCrossentropy(8.0), metrics=["accuracy"])
+    return model
+
+
+def plain_model(meta):
+    """The same layers as a plain keras.Sequential: no bounds, noise or projection."""
+    model = keras.Sequential([keras.Input(meta.input_shape), *architecture()])
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    return model
+
+
+def time_epochs(model, ds, epochs):
+    model.fit(ds, epochs=1, verbose=0)  # trace and warm up
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        model.fit(ds, epochs=1, verbose=0)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--size", type=int, default=28)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results/speed.json")
+    args = parser.parse_args()
+    rows = []
+    for sampling in ("shuffle", "poisson"):
+        ds, _, meta = make_data(args.n, args.size, args.batch_size, sampling)
+        plain_ds = ds.map(lambda *t: t[:2]) if sampling == "poisson" else ds
+        dp, plain = clipless_model(meta), plain_model(meta)
+        dp_times, plain_times = [], []
+        for _ in range(args.repeats):  # alternate, so drift hits both alike
+            plain_times.append(time_epochs(plain, plain_ds, args.epochs))
+            dp_times.append(time_epochs(dp, ds, args.epochs))
+        rows.append({
+            "sampling": sampling, "non_private_s_per_epoch": statistics.median(plain_times),
+            "clipless_s_per_epoch": statistics.median(dp_times),
+            "ratio": statistics.median(dp_times) / statistics.median(plain_times),
+        })
+    print(f"{'sampling':<9} {'non-private s/epoch':>19} {'clipless s/epoch':>17} {'ratio':>7}")
+    for r in rows:
+        print(f"{r['sampling']:<9} {r['non_private_s_per_epoch']:>19.3f} "
+              f"{r['clipless_s_per_epoch']:>17.3f} {r['ratio']:>7.3f}")
+    result = {"config": vars(args), "machine": {"platform": platform.platform(),
+              "cpus": os.cpu_count(), "tensorflow": tf.__version__, "keras": keras.__version__},
+              "rows": rows}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
