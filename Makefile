@@ -22,7 +22,8 @@ demo: $(STAMP)
 
 # The whole suite, slow statistical tests included. Exit 5 (no test collected) fails.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/ruff check deel_lipdp_ext tests examples benchmarks
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

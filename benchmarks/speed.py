@@ -3,7 +3,8 @@
 Same data, batch size and layers; runs alternate in one process (A, B, A, B...)
 and the table reports medians and their ratio. Writes JSON.
 
-    python benchmarks/speed.py [--epochs 5] [--repeats 5] [--out benchmarks/results/speed.json]
+    python benchmarks/speed.py [--epochs 3] [--repeats 3]
+        [--out benchmarks/results/speed.json]
 """
 
 from __future__ import annotations
@@ -29,10 +30,16 @@ from deel_lipdp_ext.losses import DP_TauCategoricalCrossentropy  # noqa: E402
 
 def architecture():
     return [
-        L.DP_QuickSpectralConv2D(16, 3, padding="same"), L.DP_GroupSort(2),
-        L.DP_ScaledL2NormPooling2D(2), L.DP_QuickSpectralConv2D(32, 3, padding="same"),
-        L.DP_GroupSort(2), L.DP_ScaledL2NormPooling2D(2), L.DP_Flatten(),
-        L.DP_QuickSpectralDense(64), L.DP_GroupSort(2), L.DP_QuickSpectralDense(10),
+        L.DP_QuickSpectralConv2D(16, 3, padding="same"),
+        L.DP_GroupSort(2),
+        L.DP_ScaledL2NormPooling2D(2),
+        L.DP_QuickSpectralConv2D(32, 3, padding="same"),
+        L.DP_GroupSort(2),
+        L.DP_ScaledL2NormPooling2D(2),
+        L.DP_Flatten(),
+        L.DP_QuickSpectralDense(64),
+        L.DP_GroupSort(2),
+        L.DP_QuickSpectralDense(10),
     ]
 
 
@@ -44,20 +51,31 @@ def make_data(n, size, batch_size, sampling):
 
 
 def clipless_model(meta):
-    model = DPSequential([keras.Input(meta.input_shape), L.DP_BoundedInput(upper_bound=1.0),
-                          *architecture()],
-                         dp_parameters=DPParameters(1.0, 1e-5, seed=0), dataset_metadata=meta)
-    model.compile(optimizer=keras.optimizers.SGD(0.1),
-                  loss=DP_TauCategoricalCrossentropy(8.0), metrics=["accuracy"])
+    model = DPSequential(
+        [
+            keras.Input(meta.input_shape),
+            L.DP_BoundedInput(upper_bound=1.0),
+            *architecture(),
+        ],
+        dp_parameters=DPParameters(1.0, 1e-5, seed=0),
+        dataset_metadata=meta,
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=DP_TauCategoricalCrossentropy(8.0),
+        metrics=["accuracy"],
+    )
     return model
 
 
 def plain_model(meta):
     """The same layers as a plain keras.Sequential: no bounds, noise or projection."""
     model = keras.Sequential([keras.Input(meta.input_shape), *architecture()])
-    model.compile(optimizer=keras.optimizers.SGD(0.1),
-                  loss=keras.losses.CategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     return model
 
 
@@ -89,18 +107,33 @@ def main():
         for _ in range(args.repeats):  # alternate, so drift hits both alike
             plain_times.append(time_epochs(plain, plain_ds, args.epochs))
             dp_times.append(time_epochs(dp, ds, args.epochs))
-        rows.append({
-            "sampling": sampling, "non_private_s_per_epoch": statistics.median(plain_times),
-            "clipless_s_per_epoch": statistics.median(dp_times),
-            "ratio": statistics.median(dp_times) / statistics.median(plain_times),
-        })
-    print(f"{'sampling':<9} {'non-private s/epoch':>19} {'clipless s/epoch':>17} {'ratio':>7}")
+        rows.append(
+            {
+                "sampling": sampling,
+                "non_private_s_per_epoch": statistics.median(plain_times),
+                "clipless_s_per_epoch": statistics.median(dp_times),
+                "ratio": statistics.median(dp_times) / statistics.median(plain_times),
+            }
+        )
+    print(
+        f"{'sampling':<9} {'non-private s/epoch':>19} "
+        f"{'clipless s/epoch':>17} {'ratio':>7}"
+    )
     for r in rows:
-        print(f"{r['sampling']:<9} {r['non_private_s_per_epoch']:>19.3f} "
-              f"{r['clipless_s_per_epoch']:>17.3f} {r['ratio']:>7.3f}")
-    result = {"config": vars(args), "machine": {"platform": platform.platform(),
-              "cpus": os.cpu_count(), "tensorflow": tf.__version__, "keras": keras.__version__},
-              "rows": rows}
+        print(
+            f"{r['sampling']:<9} {r['non_private_s_per_epoch']:>19.3f} "
+            f"{r['clipless_s_per_epoch']:>17.3f} {r['ratio']:>7.3f}"
+        )
+    result = {
+        "config": vars(args),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+        },
+        "rows": rows,
+    }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

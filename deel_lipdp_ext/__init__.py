@@ -13,7 +13,17 @@ from .model import DP_Model, DP_Sequential, DPModel, DPParameters, DPSequential
 __version__ = "0.1.0"
 
 __all__ = [
-    "accounting", "callbacks", "data", "layers", "losses", "compute_gradient_bounds",
-    "DatasetMetadata", "DPModel", "DPParameters", "DPSequential", "DP_Model",
-    "DP_Sequential", "__version__",
+    "accounting",
+    "callbacks",
+    "data",
+    "layers",
+    "losses",
+    "compute_gradient_bounds",
+    "DatasetMetadata",
+    "DPModel",
+    "DPParameters",
+    "DPSequential",
+    "DP_Model",
+    "DP_Sequential",
+    "__version__",
 ]

@@ -70,10 +70,14 @@ def compute_gradient_bounds(
         bound = layer.propagate_inputs(bound)
     gradient_bound = as_bound(loss_lipschitz / float(batch_size))
     bounds: dict[str, tf.Tensor] = {}
-    for layer, input_bound in zip(reversed(dp_layers), reversed(input_bounds), strict=True):
+    for layer, input_bound in zip(
+        reversed(dp_layers), reversed(input_bounds), strict=True
+    ):
         variable = layer.bounded_variable if layer.has_parameters() else None
         if variable is not None and variable.trainable:
-            bounds[variable.path] = layer.backpropagate_params(input_bound, gradient_bound)
+            bounds[variable.path] = layer.backpropagate_params(
+                input_bound, gradient_bound
+            )
         gradient_bound = layer.backpropagate_inputs(input_bound, gradient_bound)
     return bounds
 

@@ -10,7 +10,7 @@ from .accounting import ACCOUNTANTS, epsilon_for_spec
 
 
 class DP_Accountant(keras.callbacks.Callback):
-    """Writes `epsilon` and `delta` into the epoch logs; stops before a budget is exceeded.
+    """Writes `epsilon` and `delta` into the epoch logs; stops within a budget.
 
     The logs reach the progress bar, `History`, `CSVLogger` and `TensorBoard`.
     With `epsilon_budget`, training stops at the end of the last epoch whose
@@ -36,10 +36,13 @@ class DP_Accountant(keras.callbacks.Callback):
         super().__init__()
         if accountant not in ACCOUNTANTS:
             raise ValueError(
-                f"`accountant` must be 'rdp' or 'pld'. Received: accountant={accountant!r}"
+                "`accountant` must be 'rdp' or 'pld'. "
+                f"Received: accountant={accountant!r}"
             )
         if epsilon_budget is not None and not epsilon_budget > 0:
-            raise ValueError(f"`epsilon_budget` must be > 0. Received: {epsilon_budget!r}")
+            raise ValueError(
+                f"`epsilon_budget` must be > 0. Received: {epsilon_budget!r}"
+            )
         self.accountant = accountant
         self.epsilon_budget = epsilon_budget
         self.log_fn = log_fn
@@ -60,7 +63,10 @@ class DP_Accountant(keras.callbacks.Callback):
                 f"DP_Accountant: sampling={meta.sampling!r}; epsilon uses the Poisson "
                 "subsampling analysis, the usual heuristic for shuffled batches."
             )
-        if self.epsilon_budget is not None and self._epsilon_after(1) > self.epsilon_budget:
+        if (
+            self.epsilon_budget is not None
+            and self._epsilon_after(1) > self.epsilon_budget
+        ):
             raise ValueError(
                 f"One epoch already exceeds epsilon_budget={self.epsilon_budget} "
                 f"(epsilon would be {self._epsilon_after(1):.4g})."
@@ -80,7 +86,10 @@ class DP_Accountant(keras.callbacks.Callback):
         self.history.append({"epoch": epoch, "steps": spec.steps, **record})
         if self.log_fn is not None:
             self.log_fn(epoch, dict(record))
-        if self.epsilon_budget is not None and self._epsilon_after(1) > self.epsilon_budget:
+        if (
+            self.epsilon_budget is not None
+            and self._epsilon_after(1) > self.epsilon_budget
+        ):
             print(
                 f"DP_Accountant: epsilon={epsilon:.4g}; another epoch would exceed "
                 f"epsilon_budget={self.epsilon_budget}: stopping."

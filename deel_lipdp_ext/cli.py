@@ -14,8 +14,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=30)
     demo.add_argument("--target-epsilon", type=float, default=3.0)
     demo.add_argument("--delta", type=float, default=1e-5)
-    demo.add_argument("--batch-size", type=int, default=None,
-                      help="expected batch size (default: the whole training set)")
+    demo.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="expected batch size (default: the whole training set)",
+    )
     demo.add_argument("--learning-rate", type=float, default=0.3)
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
@@ -40,24 +44,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import DemoConfig, run_demo
 
-        run_demo(DemoConfig(
-            epochs=args.epochs, target_epsilon=args.target_epsilon, delta=args.delta,
-            batch_size=args.batch_size, learning_rate=args.learning_rate,
-            output_dir=args.output_dir, seed=args.seed, accountant=args.accountant,
-            verbose=args.verbose,
-        ))
+        run_demo(
+            DemoConfig(
+                epochs=args.epochs,
+                target_epsilon=args.target_epsilon,
+                delta=args.delta,
+                batch_size=args.batch_size,
+                learning_rate=args.learning_rate,
+                output_dir=args.output_dir,
+                seed=args.seed,
+                accountant=args.accountant,
+                verbose=args.verbose,
+            )
+        )
         return 0
     from .accounting import PrivacySpec, calibrate_noise_multiplier, epsilon_for_spec
 
     steps = round(args.epochs / args.sampling_rate)
     if args.command == "epsilon":
-        spec = PrivacySpec(args.sampling_rate, steps, (args.noise_multiplier,), args.delta)
-        print(f"epsilon={epsilon_for_spec(spec, args.accountant):.6f} delta={args.delta} "
-              f"steps={steps} accountant={args.accountant}")
+        spec = PrivacySpec(
+            args.sampling_rate, steps, (args.noise_multiplier,), args.delta
+        )
+        print(
+            f"epsilon={epsilon_for_spec(spec, args.accountant):.6f} delta={args.delta} "
+            f"steps={steps} accountant={args.accountant}"
+        )
     else:
-        sigma = calibrate_noise_multiplier(args.target_epsilon, args.delta, args.sampling_rate,
-                                           steps, args.accountant)
-        print(f"noise_multiplier={sigma:.6f} steps={steps} accountant={args.accountant}")
+        sigma = calibrate_noise_multiplier(
+            args.target_epsilon, args.delta, args.sampling_rate, steps, args.accountant
+        )
+        print(
+            f"noise_multiplier={sigma:.6f} steps={steps} accountant={args.accountant}"
+        )
     return 0
 
 

@@ -172,7 +172,9 @@ def shuffled_batches(
     x: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None = None
 ) -> tf.data.Dataset:
     """A fresh permutation each epoch, cut into batches (the last may be short)."""
-    ds = tf.data.Dataset.from_tensor_slices((x.astype(np.float32), y.astype(np.float32)))
+    ds = tf.data.Dataset.from_tensor_slices(
+        (x.astype(np.float32), y.astype(np.float32))
+    )
     ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size).prefetch(2)
 
@@ -184,7 +186,9 @@ def _one_hot(y: np.ndarray, num_classes: int | None) -> np.ndarray:
     y = y.reshape(-1).astype(np.int64)
     k = int(num_classes or (y.max() + 1))
     if y.min() < 0 or y.max() >= k:
-        raise ValueError(f"Labels must lie in [0, {k}). Received range [{y.min()}, {y.max()}]")
+        raise ValueError(
+            f"Labels must lie in [0, {k}). Received range [{y.min()}, {y.max()}]"
+        )
     return np.eye(k, dtype=np.float32)[y]
 
 
@@ -218,14 +222,17 @@ def from_numpy(
         (train dataset, test dataset or None, DatasetMetadata).
     """
     if sampling not in SAMPLINGS:
-        raise ValueError(f"`sampling` must be 'poisson' or 'shuffle'. Received: {sampling!r}")
+        raise ValueError(
+            f"`sampling` must be 'poisson' or 'shuffle'. Received: {sampling!r}"
+        )
     if preprocessing == "normalize":
         bound = bound_normalize(input_bound)
     elif preprocessing == "clip":
         bound = bound_clip_value(input_bound)
     else:
         raise ValueError(
-            f"`preprocessing` must be 'normalize' or 'clip'. Received: {preprocessing!r}"
+            "`preprocessing` must be 'normalize' or 'clip'. "
+            f"Received: {preprocessing!r}"
         )
     x_train = np.asarray(x_train, np.float32)
     if not np.all(np.isfinite(x_train)):
@@ -284,8 +291,16 @@ def load_digits_dataset(
         x, digits.target, test_size=test_size, stratify=digits.target, random_state=seed
     )
     return from_numpy(
-        x_tr, y_tr, x_te, y_te, batch_size=batch_size, input_bound=input_bound,
-        preprocessing=preprocessing, sampling=sampling, num_classes=10, seed=seed,
+        x_tr,
+        y_tr,
+        x_te,
+        y_te,
+        batch_size=batch_size,
+        input_bound=input_bound,
+        preprocessing=preprocessing,
+        sampling=sampling,
+        num_classes=10,
+        seed=seed,
     )
 
 
@@ -309,7 +324,9 @@ def load_npz_dataset(path: str | os.PathLike, **kwargs):
     with np.load(path) as data:
         missing = {"x_train", "y_train", "x_test", "y_test"} - set(data.files)
         if missing:
-            raise KeyError(f"{path!r} lacks the arrays {sorted(missing)}; has {data.files}")
+            raise KeyError(
+                f"{path!r} lacks the arrays {sorted(missing)}; has {data.files}"
+            )
         arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     for key in ("x_train", "x_test"):
         x = arrays[key].astype(np.float32)
@@ -317,5 +334,9 @@ def load_npz_dataset(path: str | os.PathLike, **kwargs):
             x = x / 255.0
         arrays[key] = x[..., None] if x.ndim == 3 else x
     return from_numpy(
-        arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], **kwargs
+        arrays["x_train"],
+        arrays["y_train"],
+        arrays["x_test"],
+        arrays["y_test"],
+        **kwargs,
     )

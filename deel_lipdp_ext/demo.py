@@ -65,10 +65,15 @@ def run_demo(config: DemoConfig) -> dict:
     )
     steps = config.epochs * meta.nb_steps_per_epoch
     sigma = calibrate_noise_multiplier(
-        config.target_epsilon, config.delta, meta.sampling_rate, steps, config.accountant
+        config.target_epsilon,
+        config.delta,
+        meta.sampling_rate,
+        steps,
+        config.accountant,
     )
     print(
-        f"Calibrated noise multiplier sigma={sigma:.4f} for epsilon<={config.target_epsilon}"
+        f"Calibrated noise multiplier sigma={sigma:.4f} for "
+        f"epsilon<={config.target_epsilon}"
         f" (delta={config.delta}, q={meta.sampling_rate:.4f}, {steps} steps, "
         f"{config.accountant.upper()})"
     )
@@ -78,37 +83,60 @@ def run_demo(config: DemoConfig) -> dict:
         loss=DP_TauCategoricalCrossentropy(tau=16.0),
         metrics=["accuracy"],
     )
-    accountant = DP_Accountant(config.accountant, epsilon_budget=config.target_epsilon * 1.0001)
+    accountant = DP_Accountant(
+        config.accountant, epsilon_budget=config.target_epsilon * 1.0001
+    )
     start = time.perf_counter()
-    history = model.fit(train, epochs=config.epochs, validation_data=test,
-                        callbacks=[accountant], verbose=config.verbose)
+    history = model.fit(
+        train,
+        epochs=config.epochs,
+        validation_data=test,
+        callbacks=[accountant],
+        verbose=config.verbose,
+    )
     seconds = time.perf_counter() - start
     check = gradient_norm_check(model, train, max_batches=2)
     h = history.history
     rows = [
-        {"epoch": i + 1, "epsilon": h["epsilon"][i], "train_accuracy": h["accuracy"][i],
-         "test_accuracy": h["val_accuracy"][i]}
+        {
+            "epoch": i + 1,
+            "epsilon": h["epsilon"][i],
+            "train_accuracy": h["accuracy"][i],
+            "test_accuracy": h["val_accuracy"][i],
+        }
         for i in range(len(h["epsilon"]))
     ]
     report = {
-        "noise_multiplier": sigma, "delta": config.delta, "accountant": config.accountant,
-        "sampling": meta.sampling, "sampling_rate": meta.sampling_rate,
-        "batch_size": meta.batch_size, "train_seconds": seconds, "epochs": rows,
-        "final_epsilon": rows[-1]["epsilon"], "final_test_accuracy": rows[-1]["test_accuracy"],
+        "noise_multiplier": sigma,
+        "delta": config.delta,
+        "accountant": config.accountant,
+        "sampling": meta.sampling,
+        "sampling_rate": meta.sampling_rate,
+        "batch_size": meta.batch_size,
+        "train_seconds": seconds,
+        "epochs": rows,
+        "final_epsilon": rows[-1]["epsilon"],
+        "final_test_accuracy": rows[-1]["test_accuracy"],
         "tightness": {r.path: r.ratio for r in check.rows},
     }
     _write(report, config.output_dir)
     print(_table(rows))
     print("\nTightness of the gradient bounds (max per-sample norm / bound):")
     print(check.table())
-    print(f"\nReport written to {os.path.join(config.output_dir, 'report.json')} and report.png")
+    print(
+        f"\nReport written to {os.path.join(config.output_dir, 'report.json')} "
+        "and report.png"
+    )
     return report
 
 
 def _table(rows) -> str:
     lines = [f"{'epoch':>5} {'epsilon':>9} {'train acc':>10} {'test acc':>9}"]
-    lines += [f"{r['epoch']:>5} {r['epsilon']:>9.4f} {r['train_accuracy']:>10.4f} "
-              f"{r['test_accuracy']:>9.4f}" for r in rows]
+    lines += [
+        f"{r['epoch']:>5} {r['epsilon']:>9.4f} {r['train_accuracy']:>10.4f} "
+        f"{r['test_accuracy']:>9.4f}"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -123,8 +151,12 @@ def _write(report: dict, output_dir: str) -> None:
         json.dump(report, f, indent=2)
     epochs = [r["epoch"] for r in report["epochs"]]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [r["train_accuracy"] for r in report["epochs"]], label="train accuracy")
-    ax.plot(epochs, [r["test_accuracy"] for r in report["epochs"]], label="test accuracy")
+    ax.plot(
+        epochs, [r["train_accuracy"] for r in report["epochs"]], label="train accuracy"
+    )
+    ax.plot(
+        epochs, [r["test_accuracy"] for r in report["epochs"]], label="test accuracy"
+    )
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)

@@ -25,7 +25,7 @@ class DPLoss(keras.losses.Loss):
         super().__init__(name=name, reduction=reduction)
 
     def get_L(self, num_classes: int | None = None) -> float:  # noqa: N802 (API name)
-        """Upper bound of the L2 norm of one sample's loss gradient w.r.t. the logits."""
+        """Upper bound of ||d loss / d logits|| (L2) for one sample."""
         raise NotImplementedError
 
     @staticmethod
@@ -37,14 +37,17 @@ def _positive(name: str, value, loss: str) -> float:
     v = float(value)
     if not (v > 0 and math.isfinite(v)):
         raise ValueError(
-            f"`{name}` of {loss} must be a positive finite number. Received: {name}={value!r}"
+            f"`{name}` of {loss} must be a positive finite number. "
+            f"Received: {name}={value!r}"
         )
     return v
 
 
 def _one_hot_labels(y_true, y_pred):
     """Any label tensor -> the one-hot vector of its largest entry."""
-    return tf.one_hot(tf.argmax(y_true, axis=-1), tf.shape(y_pred)[-1], dtype=y_pred.dtype)
+    return tf.one_hot(
+        tf.argmax(y_true, axis=-1), tf.shape(y_pred)[-1], dtype=y_pred.dtype
+    )
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -60,7 +63,9 @@ class DP_TauCategoricalCrossentropy(DPLoss):
         tau: temperature (> 0); larger tau behaves more like a hinge.
     """
 
-    def __init__(self, tau: float = 1.0, name: str = "DP_TauCategoricalCrossentropy", **kw):
+    def __init__(
+        self, tau: float = 1.0, name: str = "DP_TauCategoricalCrossentropy", **kw
+    ):
         super().__init__(name=name, **kw)
         self.tau = _positive("tau", tau, "DP_TauCategoricalCrossentropy")
 
@@ -95,7 +100,9 @@ class DP_TauBCE(DPLoss):
 
     def call(self, y_true, y_pred):
         y = tf.clip_by_value(tf.cast(y_true, y_pred.dtype), 0.0, 1.0)
-        per_output = tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=self.tau * y_pred)
+        per_output = tf.nn.sigmoid_cross_entropy_with_logits(
+            labels=y, logits=self.tau * y_pred
+        )
         return tf.reduce_mean(per_output, axis=-1) / self.tau
 
     def get_L(self, num_classes=None):
@@ -145,7 +152,8 @@ def _kr_term(onehot, y_pred):
 
 
 def _hinge_term(onehot, y_pred, min_margin):
-    """deel-lip's multiclass hinge: [(C-1) relu(m/2 - z_k) + sum_{j!=k} relu(m/2 + z_j)] / C."""
+    """deel-lip's multiclass hinge:
+    [(C-1) relu(m/2 - z_k) + sum_{j!=k} relu(m/2 + z_j)] / C."""
     c = tf.cast(tf.shape(y_pred)[-1], y_pred.dtype)
     sign = 2.0 * onehot - 1.0
     hinge = tf.nn.relu(min_margin / 2.0 - sign * y_pred)
@@ -155,7 +163,9 @@ def _hinge_term(onehot, y_pred, min_margin):
 
 def _check_classes(num_classes, loss):
     if num_classes is not None and num_classes < 2:
-        raise ValueError(f"{loss} needs at least 2 classes. Received: num_classes={num_classes}")
+        raise ValueError(
+            f"{loss} needs at least 2 classes. Received: num_classes={num_classes}"
+        )
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -174,7 +184,11 @@ class DP_MulticlassKR(DPLoss):
 
     def get_L(self, num_classes=None):
         _check_classes(num_classes, "DP_MulticlassKR")
-        return math.sqrt(2.0) if num_classes is None else math.sqrt(num_classes / (num_classes - 1))
+        return (
+            math.sqrt(2.0)
+            if num_classes is None
+            else math.sqrt(num_classes / (num_classes - 1))
+        )
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -197,7 +211,9 @@ class DP_MulticlassHinge(DPLoss):
 
     def get_L(self, num_classes=None):
         _check_classes(num_classes, "DP_MulticlassHinge")
-        return 1.0 if num_classes is None else math.sqrt((num_classes - 1) / num_classes)
+        return (
+            1.0 if num_classes is None else math.sqrt((num_classes - 1) / num_classes)
+        )
 
     def get_config(self):
         return {**super().get_config(), "min_margin": self.min_margin}
@@ -217,12 +233,17 @@ class DP_MulticlassHKR(DPLoss):
     """
 
     def __init__(
-        self, alpha: float = 10.0, min_margin: float = 1.0, name: str = "DP_MulticlassHKR", **kw
+        self,
+        alpha: float = 10.0,
+        min_margin: float = 1.0,
+        name: str = "DP_MulticlassHKR",
+        **kw,
     ):
         super().__init__(name=name, **kw)
         if not (float(alpha) >= 0 and math.isfinite(float(alpha))):
             raise ValueError(
-                f"`alpha` of DP_MulticlassHKR must be finite and >= 0. Received: alpha={alpha!r}"
+                "`alpha` of DP_MulticlassHKR must be finite and >= 0. "
+                f"Received: alpha={alpha!r}"
             )
         self.alpha = float(alpha)
         self.min_margin = _positive("min_margin", min_margin, "DP_MulticlassHKR")
@@ -241,7 +262,11 @@ class DP_MulticlassHKR(DPLoss):
         return math.sqrt(c / (c - 1)) + self.alpha * math.sqrt((c - 1) / c)
 
     def get_config(self):
-        return {**super().get_config(), "alpha": self.alpha, "min_margin": self.min_margin}
+        return {
+            **super().get_config(),
+            "alpha": self.alpha,
+            "min_margin": self.min_margin,
+        }
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -266,7 +291,9 @@ def lipschitz_constant(loss, num_classes: int | None = None) -> float:
     """
     get_l = getattr(loss, "get_L", None)
     if get_l is None:
-        name = getattr(loss, "name", None) or getattr(loss, "__name__", None) or repr(loss)
+        name = (
+            getattr(loss, "name", None) or getattr(loss, "__name__", None) or repr(loss)
+        )
         raise TypeError(
             "A DP model needs a loss with a Lipschitz constant (`get_L`), such as "
             "deel_lipdp_ext.losses.DP_TauCategoricalCrossentropy. "

@@ -52,15 +52,19 @@ class DPParameters:
 
     def __post_init__(self):
         sigma = self.noise_multiplier
-        if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not (
-            sigma > 0 and math.isfinite(sigma)
+        if (
+            isinstance(sigma, bool)
+            or not isinstance(sigma, int | float)
+            or not (sigma > 0 and math.isfinite(sigma))
         ):
             raise ValueError(
                 "`noise_multiplier` must be a positive finite number. "
                 f"Received: noise_multiplier={sigma!r}"
             )
         if not isinstance(self.delta, int | float) or not 0 < self.delta < 1:
-            raise ValueError(f"`delta` must be in (0, 1). Received: delta={self.delta!r}")
+            raise ValueError(
+                f"`delta` must be in (0, 1). Received: delta={self.delta!r}"
+            )
         if self.noisify_strategy not in NOISIFY_STRATEGIES:
             raise ValueError(
                 "`noisify_strategy` must be 'global' or 'per-layer'. "
@@ -89,12 +93,15 @@ class _DPTrainer:
         ):
             if value is not None and not isinstance(value, cls):
                 raise TypeError(
-                    f"`{name}` must be a {cls.__name__}. Received: {type(value).__name__}"
+                    f"`{name}` must be a {cls.__name__}. "
+                    f"Received: {type(value).__name__}"
                 )
         self.dp_parameters = dp_parameters
         self.dataset_metadata = dataset_metadata
         self._dp_loss = None
-        self.dp_steps = keras.Variable(0, dtype="int64", trainable=False, name="dp_steps")
+        self.dp_steps = keras.Variable(
+            0, dtype="int64", trainable=False, name="dp_steps"
+        )
         seed = dp_parameters.seed if dp_parameters is not None else None
         self._noise_seed = keras.random.SeedGenerator(seed, name="dp_noise_seed")
 
@@ -157,10 +164,14 @@ class _DPTrainer:
     def _num_outputs(self) -> int:
         return int(self.outputs[0].shape[-1])
 
-    def compute_gradient_bounds(self, num_outputs: int | None = None) -> dict[str, tf.Tensor]:
+    def compute_gradient_bounds(
+        self, num_outputs: int | None = None
+    ) -> dict[str, tf.Tensor]:
         """Per-sample gradient bound of each trainable variable, keyed by path."""
         if self._dp_loss is None:
-            raise ValueError("Compile the model with a DP loss before computing bounds.")
+            raise ValueError(
+                "Compile the model with a DP loss before computing bounds."
+            )
         num_outputs = num_outputs or self._num_outputs()
         return compute_gradient_bounds(
             self.dp_layers,
@@ -174,7 +185,9 @@ class _DPTrainer:
         asserts, also zero such samples so they can never reach the gradient."""
         per_sample_finite = tf.reduce_all(
             tf.math.is_finite(tf.reshape(x, (tf.shape(x)[0], -1))), axis=1
-        ) & tf.reduce_all(tf.math.is_finite(tf.reshape(y, (tf.shape(y)[0], -1))), axis=1)
+        ) & tf.reduce_all(
+            tf.math.is_finite(tf.reshape(y, (tf.shape(y)[0], -1))), axis=1
+        )
         weight = (
             tf.ones(tf.shape(x)[:1], x.dtype)
             if sample_weight is None
@@ -182,15 +195,22 @@ class _DPTrainer:
         )
         checks = []
         if not self.jit_compile:
-            checks.append(tf.debugging.Assert(
-                tf.reduce_all(per_sample_finite),
-                ["DP train step: an input or label contains NaN or Inf."],
-            ))
-            checks.append(tf.debugging.Assert(
-                tf.reduce_all((weight >= 0.0) & (weight <= 1.0)),
-                ["DP train step: sample weights must lie in [0, 1] (a larger weight "
-                 "would exceed the per-sample bound)."],
-            ))
+            checks.append(
+                tf.debugging.Assert(
+                    tf.reduce_all(per_sample_finite),
+                    ["DP train step: an input or label contains NaN or Inf."],
+                )
+            )
+            checks.append(
+                tf.debugging.Assert(
+                    tf.reduce_all((weight >= 0.0) & (weight <= 1.0)),
+                    [
+                        "DP train step: sample weights must lie in [0, 1] (a "
+                        "larger weight "
+                        "would exceed the per-sample bound)."
+                    ],
+                )
+            )
             first = self.dp_layers[0]
             if not first.enforce_clipping:
                 checks.append(first.check_bound(x))
@@ -201,14 +221,18 @@ class _DPTrainer:
         x = tf.where(keep, x, tf.zeros_like(x))
         keep_y = tf.reshape(per_sample_finite, [-1] + [1] * (len(y.shape) - 1))
         y = tf.where(keep_y, y, tf.zeros_like(y))
-        weight = tf.clip_by_value(weight, 0.0, 1.0) * tf.cast(per_sample_finite, x.dtype)
+        weight = tf.clip_by_value(weight, 0.0, 1.0) * tf.cast(
+            per_sample_finite, x.dtype
+        )
         return x, y, weight
 
     def _noise_stddevs(self, variables, bounds) -> list:
         """Noise std per variable from the bounds (global or per-layer strategy)."""
         sigma = float(self.dp_parameters.noise_multiplier)
         if self.dp_parameters.noisify_strategy == "global":
-            sensitivity = tf.sqrt(tf.add_n([tf.square(bounds[v.path]) for v in variables]))
+            sensitivity = tf.sqrt(
+                tf.add_n([tf.square(bounds[v.path]) for v in variables])
+            )
             return [sigma * sensitivity for _ in variables]
         coefs = noise_coefficients(self.dp_layers)
         return [sigma * coefs[v.path] * bounds[v.path] for v in variables]
@@ -219,7 +243,10 @@ class _DPTrainer:
                 raise ValueError(f"Trainable variable '{v.path}' received no gradient.")
         stddevs = self._noise_stddevs(variables, bounds)
         return [
-            g + keras.random.normal(tf.shape(g), stddev=std, dtype=g.dtype, seed=self._noise_seed)
+            g
+            + keras.random.normal(
+                tf.shape(g), stddev=std, dtype=g.dtype, seed=self._noise_seed
+            )
             for g, std in zip(gradients, stddevs, strict=True)
         ]
 
@@ -237,7 +264,10 @@ class _DPTrainer:
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             per_sample = self._dp_loss.call(y, y_pred)
-            loss = tf.reduce_sum(per_sample * tf.cast(weight, per_sample.dtype)) / batch_size
+            loss = (
+                tf.reduce_sum(per_sample * tf.cast(weight, per_sample.dtype))
+                / batch_size
+            )
         variables = self.trainable_variables
         gradients = tape.gradient(loss, variables)
         bounds = self.compute_gradient_bounds(int(y_pred.shape[-1]))
@@ -268,9 +298,13 @@ class _DPTrainer:
 
     def _dp_config(self) -> dict:
         return {
-            "dp_parameters": None if self.dp_parameters is None else self.dp_parameters.to_dict(),
+            "dp_parameters": None
+            if self.dp_parameters is None
+            else self.dp_parameters.to_dict(),
             "dataset_metadata": (
-                None if self.dataset_metadata is None else self.dataset_metadata.to_dict()
+                None
+                if self.dataset_metadata is None
+                else self.dataset_metadata.to_dict()
             ),
         }
 
@@ -296,7 +330,9 @@ class DPSequential(_DPTrainer, keras.Sequential):
         ...                      dataset_metadata=meta)
     """
 
-    def __init__(self, layers=None, dp_parameters=None, dataset_metadata=None, **kwargs):
+    def __init__(
+        self, layers=None, dp_parameters=None, dataset_metadata=None, **kwargs
+    ):
         keras.Sequential.__init__(self, layers=layers, **kwargs)
         self._init_dp(dp_parameters, dataset_metadata)
 
@@ -317,10 +353,12 @@ class DPSequential(_DPTrainer, keras.Sequential):
         return model
 
     def _set_dp_config(self, dp_parameters, metadata) -> None:
-        self.dp_parameters = None if dp_parameters is None else DPParameters.from_dict(
-            dp_parameters
+        self.dp_parameters = (
+            None if dp_parameters is None else DPParameters.from_dict(dp_parameters)
         )
-        self.dataset_metadata = None if metadata is None else DatasetMetadata.from_dict(metadata)
+        self.dataset_metadata = (
+            None if metadata is None else DatasetMetadata.from_dict(metadata)
+        )
 
 
 def _functional_chain(model: keras.Model) -> list:
@@ -340,7 +378,8 @@ def _functional_chain(model: keras.Model) -> list:
         if isinstance(op, keras.layers.InputLayer):
             continue
         nodes = [
-            n for i, n in enumerate(op._inbound_nodes)  # noqa: SLF001
+            n
+            for i, n in enumerate(op._inbound_nodes)  # noqa: SLF001
             if make_node_key(op, i) in model._nodes  # noqa: SLF001
         ]
         if len(nodes) != 1:
@@ -348,7 +387,9 @@ def _functional_chain(model: keras.Model) -> list:
                 f"Layer '{op.name}' is called {len(nodes)} times in the DPModel graph: "
                 "DP models must be a chain that calls each layer once."
             )
-        parents = {id(t._keras_history.operation) for t in nodes[0].arguments.keras_tensors}
+        parents = {
+            id(t._keras_history.operation) for t in nodes[0].arguments.keras_tensors
+        }
         if parents != {id(previous)}:
             raise ValueError(
                 f"Layer '{op.name}' does not take its input from the layer before it "
@@ -386,7 +427,9 @@ class DPModel(_DPTrainer, Functional):
         dp_layers = kwargs.pop("dp_layers", None)
         Functional.__init__(self, inputs=inputs, outputs=outputs, name=name, **kwargs)
         self._chain = _functional_chain(self)
-        if dp_layers is not None and [id(x) for x in dp_layers] != [id(x) for x in self._chain]:
+        if dp_layers is not None and [id(x) for x in dp_layers] != [
+            id(x) for x in self._chain
+        ]:
             raise ValueError(
                 "`dp_layers` does not match the layers of the graph, in call order. "
                 f"Received: {[x.name for x in dp_layers]}; graph: "
@@ -411,14 +454,23 @@ class DPModel(_DPTrainer, Functional):
         return model
 
     def _init_dp_from_config(self, dp_parameters, metadata) -> None:
-        self.dp_parameters = None if dp_parameters is None else DPParameters.from_dict(
-            dp_parameters
+        self.dp_parameters = (
+            None if dp_parameters is None else DPParameters.from_dict(dp_parameters)
         )
-        self.dataset_metadata = None if metadata is None else DatasetMetadata.from_dict(metadata)
+        self.dataset_metadata = (
+            None if metadata is None else DatasetMetadata.from_dict(metadata)
+        )
 
 
 DP_Sequential = DPSequential
 DP_Model = DPModel
 
-__all__ = ["DPParameters", "DPSequential", "DPModel", "DP_Sequential", "DP_Model",
-           "NOISIFY_STRATEGIES", "DP_BoundedInput"]
+__all__ = [
+    "DPParameters",
+    "DPSequential",
+    "DPModel",
+    "DP_Sequential",
+    "DP_Model",
+    "NOISIFY_STRATEGIES",
+    "DP_BoundedInput",
+]

@@ -46,7 +46,9 @@ class SensitivityReport:
     def table(self) -> str:
         lines = [f"{'variable':<60} {'max |g|':>11} {'bound':>11} {'ratio':>7}"]
         for r in self.rows:
-            lines.append(f"{r.path:<60} {r.max_norm:11.4e} {r.bound:11.4e} {r.ratio:7.4f}")
+            lines.append(
+                f"{r.path:<60} {r.max_norm:11.4e} {r.bound:11.4e} {r.ratio:7.4f}"
+            )
         return "\n".join(lines)
 
 
@@ -58,7 +60,11 @@ def per_sample_gradient_norms(model, x, y, weight=None) -> dict[str, tf.Tensor]:
     """
     x = tf.convert_to_tensor(x, tf.float32)
     y = tf.convert_to_tensor(y, tf.float32)
-    w = tf.ones(tf.shape(x)[:1]) if weight is None else tf.convert_to_tensor(weight, tf.float32)
+    w = (
+        tf.ones(tf.shape(x)[:1])
+        if weight is None
+        else tf.convert_to_tensor(weight, tf.float32)
+    )
     variables = model.trainable_variables
     batch_size = float(model.dataset_metadata.batch_size)
     with tf.GradientTape() as tape:
@@ -72,16 +78,19 @@ def per_sample_gradient_norms(model, x, y, weight=None) -> dict[str, tf.Tensor]:
 
 
 def _batches(data) -> Iterable:
-    if isinstance(data, tuple | list) and len(data) in (2, 3) and not isinstance(
-        data[0], tuple | list
+    if (
+        isinstance(data, tuple | list)
+        and len(data) in (2, 3)
+        and not isinstance(data[0], tuple | list)
     ):
         yield tuple(data)
         return
     yield from data
 
 
-def gradient_norm_check(model, data, *, max_batches: int | None = None,
-                        raise_on_violation: bool = True) -> SensitivityReport:
+def gradient_norm_check(
+    model, data, *, max_batches: int | None = None, raise_on_violation: bool = True
+) -> SensitivityReport:
     """Largest true per-sample gradient norm vs the analytic bound, per variable.
 
     Args:
@@ -143,12 +152,16 @@ def maximize_gradient_norm(model, x, y, *, steps: int = 20, step_size: float = 0
             objective = 0.0
             for i in range(int(x.shape[0])):
                 with tf.GradientTape() as inner:
-                    loss = model._dp_loss.call(y[i:i + 1], model(x[i:i + 1], training=True))  # noqa: SLF001
+                    loss = model._dp_loss.call(
+                        y[i : i + 1], model(x[i : i + 1], training=True)
+                    )  # noqa: SLF001
                     loss = tf.reduce_sum(loss) / batch_size
                 grads = inner.gradient(loss, variables)
                 for v, g in zip(variables, grads, strict=True):
                     if g is not None:
-                        objective += tf.reduce_sum(tf.square(g)) / tf.square(bounds[v.path])
+                        objective += tf.reduce_sum(tf.square(g)) / tf.square(
+                            bounds[v.path]
+                        )
         direction = outer.gradient(objective, x)
         if direction is None:
             break

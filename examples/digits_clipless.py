@@ -1,6 +1,6 @@
 """Clipless DP training on scikit-learn's bundled digits, epsilon <= 3.
 
-    python examples/digits_clipless.py
+python examples/digits_clipless.py
 """
 
 import keras
@@ -36,9 +36,14 @@ model.compile(
     metrics=["accuracy"],
 )
 history = model.fit(
-    train, epochs=EPOCHS, validation_data=test, verbose=2,
+    train,
+    epochs=EPOCHS,
+    validation_data=test,
+    verbose=2,
     callbacks=[callbacks.DP_Accountant(epsilon_budget=TARGET_EPSILON * 1.0001)],
 )
-print(f"sigma={sigma:.3f}  epsilon={history.history['epsilon'][-1]:.3f}  "
-      f"test accuracy={history.history['val_accuracy'][-1]:.3f}")
+print(
+    f"sigma={sigma:.3f}  epsilon={history.history['epsilon'][-1]:.3f}  "
+    f"test accuracy={history.history['val_accuracy'][-1]:.3f}"
+)
 print(gradient_norm_check(model, train, max_batches=1).table())

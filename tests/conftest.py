@@ -8,7 +8,10 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
-    "ci", deadline=None, max_examples=15, derandomize=True,
+    "ci",
+    deadline=None,
+    max_examples=15,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("ci")

@@ -3,22 +3,38 @@
 import keras
 import numpy as np
 
-from deel_lipdp_ext import DPParameters, DPSequential
+from deel_lipdp_ext import DPParameters, DPSequential, losses
 from deel_lipdp_ext import layers as L
-from deel_lipdp_ext import losses
 from deel_lipdp_ext.data import DatasetMetadata
 
 
-def metadata(input_shape=(8, 8, 1), num_classes=10, n=1000, batch_size=50, sampling="poisson"):
+def metadata(
+    input_shape=(8, 8, 1), num_classes=10, n=1000, batch_size=50, sampling="poisson"
+):
     return DatasetMetadata(
-        input_shape=input_shape, num_classes=num_classes, nb_samples_train=n,
-        nb_samples_test=0, batch_size=batch_size,
-        nb_steps_per_epoch=-(-n // batch_size), sampling=sampling, input_bound=1.0,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        nb_samples_train=n,
+        nb_samples_test=0,
+        batch_size=batch_size,
+        nb_steps_per_epoch=-(-n // batch_size),
+        sampling=sampling,
+        input_bound=1.0,
     )
 
 
-def dp_model(layers, input_shape=(8, 8, 1), num_classes=10, loss=None, sigma=1.0,
-             strategy="global", batch_size=50, n=1000, optimizer=None, **compile_kw):
+def dp_model(
+    layers,
+    input_shape=(8, 8, 1),
+    num_classes=10,
+    loss=None,
+    sigma=1.0,
+    strategy="global",
+    batch_size=50,
+    n=1000,
+    optimizer=None,
+    **compile_kw,
+):
     model = DPSequential(
         [keras.Input(input_shape), *layers],
         dp_parameters=DPParameters(sigma, 1e-5, noisify_strategy=strategy, seed=0),
@@ -27,7 +43,8 @@ def dp_model(layers, input_shape=(8, 8, 1), num_classes=10, loss=None, sigma=1.0
     model.compile(
         optimizer=optimizer or keras.optimizers.SGD(0.1),
         loss=loss or losses.DP_TauCategoricalCrossentropy(8.0),
-        metrics=["accuracy"], **compile_kw,
+        metrics=["accuracy"],
+        **compile_kw,
     )
     return model
 
@@ -45,7 +62,9 @@ def small_cnn():
 
 def unit_samples(n, shape, seed=0):
     x = np.random.default_rng(seed).normal(size=(n, *shape)).astype(np.float32)
-    return x / np.linalg.norm(x.reshape(n, -1), axis=1).reshape((-1,) + (1,) * len(shape))
+    return x / np.linalg.norm(x.reshape(n, -1), axis=1).reshape(
+        (-1,) + (1,) * len(shape)
+    )
 
 
 def one_hot(labels, k=10):

@@ -22,14 +22,25 @@ def fit(model, epochs, callbacks):
 def test_epsilon_in_logs_equals_dp_accounting(accountant, tmp_path):
     model = dp_model(small_cnn(), sigma=1.3, n=200, batch_size=50)
     log = []
-    history = fit(model, 3, [DP_Accountant(accountant, log_fn=lambda e, r: log.append((e, r))),
-                             keras.callbacks.CSVLogger(str(tmp_path / "log.csv"))])
+    history = fit(
+        model,
+        3,
+        [
+            DP_Accountant(accountant, log_fn=lambda e, r: log.append((e, r))),
+            keras.callbacks.CSVLogger(str(tmp_path / "log.csv")),
+        ],
+    )
     q, steps_per_epoch = 50 / 200, 4
     for epoch, eps in enumerate(history.history["epsilon"], start=1):
-        acc = (rdp_privacy_accountant.RdpAccountant() if accountant == "rdp"
-               else pld_privacy_accountant.PLDAccountant())
-        acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.3)),
-                    epoch * steps_per_epoch)
+        acc = (
+            rdp_privacy_accountant.RdpAccountant()
+            if accountant == "rdp"
+            else pld_privacy_accountant.PLDAccountant()
+        )
+        acc.compose(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.3)),
+            epoch * steps_per_epoch,
+        )
         assert eps == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
     assert history.history["delta"] == [1e-5] * 3
     assert [e for e, _ in log] == [0, 1, 2]
@@ -39,7 +50,9 @@ def test_epsilon_in_logs_equals_dp_accounting(accountant, tmp_path):
 
 
 def test_budget_stops_at_the_last_epoch_within_budget():
-    spec_eps = [epsilon_for_spec(PrivacySpec(0.25, 4 * e, (1.3,), 1e-5)) for e in range(1, 20)]
+    spec_eps = [
+        epsilon_for_spec(PrivacySpec(0.25, 4 * e, (1.3,), 1e-5)) for e in range(1, 20)
+    ]
     budget = (spec_eps[4] + spec_eps[5]) / 2  # 5 epochs fit, 6 do not
     model = dp_model(small_cnn(), sigma=1.3, n=200, batch_size=50)
     history = fit(model, 19, [DP_Accountant(epsilon_budget=budget)])
@@ -57,7 +70,9 @@ def test_accountant_needs_a_dp_model():
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(loss="mse", optimizer="sgd")
     with pytest.raises(TypeError, match="DP model"):
-        model.fit(np.zeros((4, 2)), np.zeros((4, 1)), verbose=0, callbacks=[DP_Accountant()])
+        model.fit(
+            np.zeros((4, 2)), np.zeros((4, 1)), verbose=0, callbacks=[DP_Accountant()]
+        )
 
 
 def test_bad_accountant_name():

@@ -7,8 +7,24 @@ from deel_lipdp_ext import cli
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_a_tiny_setting(tmp_path, capsys):
-    assert cli.main(["demo", "--epochs", "2", "--target-epsilon", "1.0", "--batch-size", "400",
-                     "--output-dir", str(tmp_path), "--verbose", "0"]) == 0
+    assert (
+        cli.main(
+            [
+                "demo",
+                "--epochs",
+                "2",
+                "--target-epsilon",
+                "1.0",
+                "--batch-size",
+                "400",
+                "--output-dir",
+                str(tmp_path),
+                "--verbose",
+                "0",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["epochs"]) == 2
     assert report["final_epsilon"] <= 1.0
@@ -20,12 +36,38 @@ def test_demo_runs_end_to_end_on_a_tiny_setting(tmp_path, capsys):
 
 
 def test_epsilon_and_calibrate_commands(capsys):
-    assert cli.main(["epsilon", "--noise-multiplier", "1.1", "--sampling-rate", "0.004",
-                     "--epochs", "60", "--delta", "1e-5"]) == 0
+    assert (
+        cli.main(
+            [
+                "epsilon",
+                "--noise-multiplier",
+                "1.1",
+                "--sampling-rate",
+                "0.004",
+                "--epochs",
+                "60",
+                "--delta",
+                "1e-5",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("epsilon=") and "steps=15000" in out
     eps = float(out.split()[0].split("=")[1])
-    assert cli.main(["calibrate", "--target-epsilon", str(eps), "--sampling-rate", "0.004",
-                     "--epochs", "60"]) == 0
+    assert (
+        cli.main(
+            [
+                "calibrate",
+                "--target-epsilon",
+                str(eps),
+                "--sampling-rate",
+                "0.004",
+                "--epochs",
+                "60",
+            ]
+        )
+        == 0
+    )
     sigma = float(capsys.readouterr().out.split()[0].split("=")[1])
     assert sigma == pytest.approx(1.1, abs=2e-3)

@@ -12,7 +12,7 @@ def test_poisson_batches_follow_binomial_and_mask_padding():
     ds = data.poisson_batches(x, y, b, seed=3)
     sizes, seen = [], set()
     for _ in range(30):  # 30 epochs of 10 steps
-        for xb, yb, mask in ds:
+        for xb, _, mask in ds:
             m = mask.numpy()
             k = int(m.sum())
             assert np.all(m[:k] == 1) and np.all(m[k:] == 0)
@@ -49,7 +49,10 @@ def test_poisson_batches_are_reproducible_and_fresh_each_epoch():
 
 
 def test_max_poisson_batch_size():
-    assert data.max_poisson_batch_size(1000, 0.1) == 1000 * 0.1 + np.ceil(10 * np.sqrt(90)) + 10
+    assert (
+        data.max_poisson_batch_size(1000, 0.1)
+        == 1000 * 0.1 + np.ceil(10 * np.sqrt(90)) + 10
+    )
     assert data.max_poisson_batch_size(10, 0.9) == 10
 
 
@@ -60,7 +63,10 @@ def test_bounding_functions():
     np.testing.assert_allclose(norms, [0, 2, 2, 2, 2], rtol=1e-5)
     clipped = data.bound_clip_value(0.5)(x * 1e-3)
     np.testing.assert_allclose(clipped, x * 1e-3)  # inside the ball: unchanged
-    assert np.all(np.linalg.norm(data.bound_clip_value(0.5)(x).reshape(5, -1), axis=1) <= 0.5 + 1e-6)
+    assert np.all(
+        np.linalg.norm(data.bound_clip_value(0.5)(x).reshape(5, -1), axis=1)
+        <= 0.5 + 1e-6
+    )
 
 
 def test_load_digits_dataset():
@@ -71,8 +77,9 @@ def test_load_digits_dataset():
     assert meta.sampling_rate == pytest.approx(64 / meta.nb_samples_train)
     xb, yb, mask = next(iter(train))
     k = int(mask.numpy().sum())
-    np.testing.assert_allclose(np.linalg.norm(xb.numpy()[:k].reshape(k, -1), axis=1), 1.0,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        np.linalg.norm(xb.numpy()[:k].reshape(k, -1), axis=1), 1.0, rtol=1e-5
+    )
     np.testing.assert_allclose(yb.numpy()[:k].sum(axis=1), 1.0)
     xt, yt = next(iter(test))
     assert xt.shape[1:] == (8, 8, 1) and yt.shape[1] == 10
@@ -93,7 +100,9 @@ def test_from_numpy_refuses_nan_and_bad_options():
     with pytest.raises(ValueError, match="NaN"):
         data.from_numpy(x, np.zeros(10, int), batch_size=2)
     with pytest.raises(ValueError, match="'bernoulli'"):
-        data.from_numpy(np.ones((10, 2)), np.zeros(10, int), batch_size=2, sampling="bernoulli")
+        data.from_numpy(
+            np.ones((10, 2)), np.zeros(10, int), batch_size=2, sampling="bernoulli"
+        )
     with pytest.raises(ValueError, match="batch_size"):
         data.DatasetMetadata((2,), 2, 10, 0, 20, 1)
 
@@ -103,9 +112,13 @@ def test_load_npz_dataset(tmp_path):
         data.load_npz_dataset(tmp_path / "mnist.npz", batch_size=4)
     path = tmp_path / "tiny.npz"
     rng = np.random.default_rng(0)
-    np.savez(path, x_train=rng.integers(0, 255, (20, 5, 5), dtype=np.uint8),
-             y_train=rng.integers(0, 3, 20), x_test=rng.integers(0, 255, (6, 5, 5), dtype=np.uint8),
-             y_test=rng.integers(0, 3, 6))
+    np.savez(
+        path,
+        x_train=rng.integers(0, 255, (20, 5, 5), dtype=np.uint8),
+        y_train=rng.integers(0, 3, 20),
+        x_test=rng.integers(0, 255, (6, 5, 5), dtype=np.uint8),
+        y_test=rng.integers(0, 3, 6),
+    )
     train, test, meta = data.load_npz_dataset(path, batch_size=4, num_classes=3)
     assert meta.input_shape == (5, 5, 1) and meta.nb_samples_test == 6
     np.savez(tmp_path / "bad.npz", x_train=np.zeros((2, 2)))

@@ -3,9 +3,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deel_lipdp_ext import DPModel, DPParameters, DPSequential
+from deel_lipdp_ext import DPModel, DPParameters, DPSequential, losses
 from deel_lipdp_ext import layers as L
-from deel_lipdp_ext import losses
 from deel_lipdp_ext.accounting import epsilon_for_spec
 
 from .helpers import dp_model, metadata, one_hot, small_cnn, unit_samples
@@ -18,8 +17,13 @@ def data(n=100, shape=(8, 8, 1), k=10, seed=0):
 # ------------------------------------------------------------------ refusals
 def test_refuses_a_non_dp_layer_naming_it():
     with pytest.raises(TypeError, match="plain_dense"):
-        dp_model([L.DP_BoundedInput(upper_bound=1.0), L.DP_Flatten(),
-                  keras.layers.Dense(10, name="plain_dense")])
+        dp_model(
+            [
+                L.DP_BoundedInput(upper_bound=1.0),
+                L.DP_Flatten(),
+                keras.layers.Dense(10, name="plain_dense"),
+            ]
+        )
 
 
 def test_refuses_a_loss_without_get_L():
@@ -63,14 +67,22 @@ def test_refuses_sample_weights_above_one():
 
 
 def test_unchecked_bounded_input_refuses_samples_above_the_bound():
-    layers = [L.DP_BoundedInput(upper_bound=1.0, enforce_clipping=False), *small_cnn()[1:]]
+    layers = [
+        L.DP_BoundedInput(upper_bound=1.0, enforce_clipping=False),
+        *small_cnn()[1:],
+    ]
     model = dp_model(layers, jit_compile=False)
     x, y = data(4)
     with pytest.raises(tf.errors.InvalidArgumentError, match="enforce_clipping=False"):
         model.train_on_batch(x * 2.0, y)
     with pytest.raises(ValueError, match="XLA"):
-        dp_model([L.DP_BoundedInput(upper_bound=1.0, enforce_clipping=False),
-                  *small_cnn()[1:]], jit_compile=True)
+        dp_model(
+            [
+                L.DP_BoundedInput(upper_bound=1.0, enforce_clipping=False),
+                *small_cnn()[1:],
+            ],
+            jit_compile=True,
+        )
 
 
 def test_refuses_missing_dp_parameters():
@@ -85,8 +97,12 @@ def test_dpmodel_refuses_a_branching_graph():
     a = L.DP_QuickSpectralDense(4)(h)
     b = L.DP_QuickSpectralDense(4)(h)  # second branch from h, not a chain
     with pytest.raises(ValueError, match="chain"):
-        DPModel(inputs=inputs, outputs=keras.layers.Add()([a, b]),
-                dp_parameters=DPParameters(1.0, 1e-5), dataset_metadata=metadata((4,), 4))
+        DPModel(
+            inputs=inputs,
+            outputs=keras.layers.Add()([a, b]),
+            dp_parameters=DPParameters(1.0, 1e-5),
+            dataset_metadata=metadata((4,), 4),
+        )
 
 
 # ---------------------------------------------------------- noise calibration
@@ -95,12 +111,23 @@ def test_noise_std_matches_sigma_times_sensitivity(strategy, monkeypatch):
     """Zero data gradient (all weights 0), SGD lr 1, no projection: the update IS
     the noise; its std per variable must match the formula within 3%."""
     sigma = 1.7
-    layers = [L.DP_BoundedInput(upper_bound=1.0), L.DP_Flatten(),
-              L.DP_QuickSpectralDense(64, nm_coef=1.0), L.DP_GroupSort(2),
-              L.DP_QuickSpectralDense(64, nm_coef=2.0), L.DP_AddBias(1.0, nm_coef=0.5),
-              L.DP_QuickSpectralDense(64)]
-    model = dp_model(layers, input_shape=(8, 8, 1), num_classes=64, sigma=sigma,
-                     strategy=strategy, optimizer=keras.optimizers.SGD(1.0))
+    layers = [
+        L.DP_BoundedInput(upper_bound=1.0),
+        L.DP_Flatten(),
+        L.DP_QuickSpectralDense(64, nm_coef=1.0),
+        L.DP_GroupSort(2),
+        L.DP_QuickSpectralDense(64, nm_coef=2.0),
+        L.DP_AddBias(1.0, nm_coef=0.5),
+        L.DP_QuickSpectralDense(64),
+    ]
+    model = dp_model(
+        layers,
+        input_shape=(8, 8, 1),
+        num_classes=64,
+        sigma=sigma,
+        strategy=strategy,
+        optimizer=keras.optimizers.SGD(1.0),
+    )
     monkeypatch.setattr(model, "_project", lambda: None)
     bounds = {k: float(v) for k, v in model.compute_gradient_bounds().items()}
     coefs = {"kernel": 1.0}
@@ -108,11 +135,16 @@ def test_noise_std_matches_sigma_times_sensitivity(strategy, monkeypatch):
     x, y = data(8, k=64)
     model.train_on_batch(x, y, sample_weight=np.zeros(8, np.float32))
     global_std = sigma * np.sqrt(sum(b**2 for b in bounds.values()))
-    nm = {layer.bounded_variable.path: layer.nm_coef for layer in model.dp_layers
-          if layer.has_parameters()}
+    nm = {
+        layer.bounded_variable.path: layer.nm_coef
+        for layer in model.dp_layers
+        if layer.has_parameters()
+    }
     for v in model.trainable_variables:
         update = v.numpy() - before[v.path]
-        expected = global_std if strategy == "global" else sigma * bounds[v.path] * nm[v.path]
+        expected = (
+            global_std if strategy == "global" else sigma * bounds[v.path] * nm[v.path]
+        )
         tolerance = 0.03 if update.size >= 4096 else 0.35  # the 64-entry bias: looser
         assert np.std(update) == pytest.approx(expected, rel=tolerance), v.path
         assert abs(np.mean(update)) < 5 * expected / np.sqrt(update.size)
@@ -158,7 +190,9 @@ def test_projection_keeps_certified_constants_near_one():
     model.fit(x, y, batch_size=50, epochs=2, verbose=0)
     for layer in model.dp_layers:
         if hasattr(layer, "lipschitz_bound"):
-            assert float(layer.lipschitz_bound()) == pytest.approx(1.0, abs=0.02), layer.name
+            assert float(layer.lipschitz_bound()) == pytest.approx(1.0, abs=0.02), (
+                layer.name
+            )
 
 
 def test_save_load_round_trip_restores_weights_parameters_and_steps(tmp_path):
@@ -172,8 +206,12 @@ def test_save_load_round_trip_restores_weights_parameters_and_steps(tmp_path):
     assert loaded.dp_parameters == model.dp_parameters
     assert loaded.dataset_metadata == model.dataset_metadata
     assert int(loaded.dp_steps.numpy()) == int(model.dp_steps.numpy()) == 2
-    np.testing.assert_allclose(loaded.predict(x[:5], verbose=0), model.predict(x[:5], verbose=0),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(x[:5], verbose=0),
+        model.predict(x[:5], verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert loaded.privacy_spec() == model.privacy_spec()
 
 
@@ -187,7 +225,9 @@ def test_resume_gives_the_epsilon_of_the_whole_run(tmp_path):
     straight = dp_model(small_cnn(), sigma=1.0, n=200)
     straight.fit(x, y, batch_size=50, epochs=3, verbose=0)
     assert int(resumed.dp_steps.numpy()) == int(straight.dp_steps.numpy()) == 12
-    assert epsilon_for_spec(resumed.privacy_spec()) == epsilon_for_spec(straight.privacy_spec())
+    assert epsilon_for_spec(resumed.privacy_spec()) == epsilon_for_spec(
+        straight.privacy_spec()
+    )
 
 
 def test_dpmodel_functional_chain_trains_and_round_trips(tmp_path):
@@ -196,9 +236,13 @@ def test_dpmodel_functional_chain_trains_and_round_trips(tmp_path):
     chain = small_cnn()
     for layer in chain:
         h = layer(h)
-    model = DPModel(inputs=inputs, outputs=h, dp_layers=chain,
-                    dp_parameters=DPParameters(1.0, 1e-5, seed=0),
-                    dataset_metadata=metadata())
+    model = DPModel(
+        inputs=inputs,
+        outputs=h,
+        dp_layers=chain,
+        dp_parameters=DPParameters(1.0, 1e-5, seed=0),
+        dataset_metadata=metadata(),
+    )
     model.compile(optimizer="sgd", loss=losses.DP_TauCategoricalCrossentropy(4.0))
     x, y = data(100)
     model.fit(x, y, batch_size=50, epochs=1, verbose=0)
@@ -207,14 +251,24 @@ def test_dpmodel_functional_chain_trains_and_round_trips(tmp_path):
     assert isinstance(loaded, DPModel)
     assert [type(a) for a in loaded.dp_layers] == [type(b) for b in chain]
     assert int(loaded.dp_steps.numpy()) == 2
-    np.testing.assert_allclose(loaded.predict(x[:3], verbose=0), model.predict(x[:3], verbose=0),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(x[:3], verbose=0),
+        model.predict(x[:3], verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_residual_model_trains_with_per_layer_noise():
-    layers = [L.DP_BoundedInput(upper_bound=1.0), L.DP_QuickSpectralConv2D(4, 2, strides=2),
-              *L.make_residuals("1-lip-add", [L.DP_QuickSpectralConv2D(4, 3), L.DP_GroupSort(2)]),
-              L.DP_ScaledGlobalL2NormPooling2D(), L.DP_QuickSpectralDense(10)]
+    layers = [
+        L.DP_BoundedInput(upper_bound=1.0),
+        L.DP_QuickSpectralConv2D(4, 2, strides=2),
+        *L.make_residuals(
+            "1-lip-add", [L.DP_QuickSpectralConv2D(4, 3), L.DP_GroupSort(2)]
+        ),
+        L.DP_ScaledGlobalL2NormPooling2D(),
+        L.DP_QuickSpectralDense(10),
+    ]
     model = dp_model(layers, strategy="per-layer")
     x, y = data(100)
     model.fit(x, y, batch_size=50, epochs=1, verbose=0)

@@ -37,9 +37,22 @@ LOSS_FACTORIES = [
 
 
 def conv_block(draw, channels):
-    kind = draw(st.sampled_from(
-        ["qconv", "conv", "bias", "groupsort", "relu", "center", "maxpool", "l2pool",
-         "residual", "clip"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "qconv",
+                "conv",
+                "bias",
+                "groupsort",
+                "relu",
+                "center",
+                "maxpool",
+                "l2pool",
+                "residual",
+                "clip",
+            ]
+        )
+    )
     k = draw(st.sampled_from([1, 2, 3]))
     s = draw(st.sampled_from([1, 2]))
     pad = draw(st.sampled_from(["same", "valid"]))
@@ -62,12 +75,17 @@ def conv_block(draw, channels):
     if kind == "clip":
         return [L.DP_ClipGradient(clip_value=draw(st.sampled_from([0.01, 0.5, 10.0])))]
     policy = draw(st.sampled_from(["add", "1-lip-add"]))
-    return L.make_residuals(policy, [L.DP_QuickSpectralConv2D(channels, 3), L.DP_GroupSort(2)])
+    return L.make_residuals(
+        policy, [L.DP_QuickSpectralConv2D(channels, 3), L.DP_GroupSort(2)]
+    )
 
 
 def dense_block(draw, units):
-    kind = draw(st.sampled_from(["qdense", "dense", "frob", "bias", "groupsort", "residual",
-                                 "clip"]))
+    kind = draw(
+        st.sampled_from(
+            ["qdense", "dense", "frob", "bias", "groupsort", "residual", "clip"]
+        )
+    )
     if kind == "qdense":
         return [L.DP_QuickSpectralDense(units)]
     if kind == "dense":
@@ -89,9 +107,14 @@ def architectures(draw):
     shape = (size, size, draw(st.sampled_from([1, 2])))
     classes = draw(st.sampled_from([2, 3, 5]))
     channels = draw(st.sampled_from([2, 4]))
-    layers = [L.DP_BoundedInput(upper_bound=draw(st.sampled_from([0.5, 1.0, 3.0]))),
-              L.DP_QuickSpectralConv2D(channels, draw(st.sampled_from([2, 3])),
-                                       strides=draw(st.sampled_from([1, 2])))]
+    layers = [
+        L.DP_BoundedInput(upper_bound=draw(st.sampled_from([0.5, 1.0, 3.0]))),
+        L.DP_QuickSpectralConv2D(
+            channels,
+            draw(st.sampled_from([2, 3])),
+            strides=draw(st.sampled_from([1, 2])),
+        ),
+    ]
     for _ in range(draw(st.integers(0, 3))):
         layers += conv_block(draw, channels)
     if draw(st.booleans()):
@@ -111,8 +134,10 @@ def perturb_weights(model, scale, seed):
     """Move the weights off the constraint set: certified constants must follow."""
     rng = np.random.default_rng(seed)
     for v in model.trainable_variables:
-        v.assign(v.numpy() * scale * rng.uniform(0.5, 1.5) + rng.normal(
-            scale=0.05, size=v.shape).astype(np.float32))
+        v.assign(
+            v.numpy() * scale * rng.uniform(0.5, 1.5)
+            + rng.normal(scale=0.05, size=v.shape).astype(np.float32)
+        )
 
 
 def inputs_at_bound(shape, n, bound, rng):
@@ -156,8 +181,15 @@ def test_adversarial_inputs_never_exceed_the_bounds(arch, seed):
 
 def test_adversarial_search_approaches_the_dense_bound():
     """On a one-layer model the bound |x||g| is attainable; the attack gets close."""
-    model = dp_model([L.DP_BoundedInput(upper_bound=1.0), L.DP_Flatten(),
-                      L.DP_QuickSpectralDense(3)], input_shape=(2, 2, 1), num_classes=3)
+    model = dp_model(
+        [
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_Flatten(),
+            L.DP_QuickSpectralDense(3),
+        ],
+        input_shape=(2, 2, 1),
+        num_classes=3,
+    )
     x = np.random.default_rng(0).normal(size=(3, 2, 2, 1)).astype(np.float32) * 1e-3
     y = one_hot([0, 1, 2], 3)
     x_adv = maximize_gradient_norm(model, x, y, steps=30, step_size=0.3)
@@ -185,10 +217,22 @@ def test_constant_image_breaks_the_padding_factor_but_not_our_bound():
 def test_train_step_never_weights_a_sample_above_L_over_B(batch, monkeypatch):
     """Rule 1 in the REAL train step: one real sample in a short batch or a padded
     Poisson batch moves each variable by at most its bound (noise ~0, lr 1)."""
-    layers = [L.DP_BoundedInput(upper_bound=1.0), L.DP_Flatten(), L.DP_QuickSpectralDense(8),
-              L.DP_GroupSort(2), L.DP_QuickSpectralDense(4), L.DP_AddBias(1.0)]
-    model = dp_model(layers, input_shape=(4, 4, 1), num_classes=4, sigma=1e-9,
-                     batch_size=50, optimizer=keras.optimizers.SGD(1.0))
+    layers = [
+        L.DP_BoundedInput(upper_bound=1.0),
+        L.DP_Flatten(),
+        L.DP_QuickSpectralDense(8),
+        L.DP_GroupSort(2),
+        L.DP_QuickSpectralDense(4),
+        L.DP_AddBias(1.0),
+    ]
+    model = dp_model(
+        layers,
+        input_shape=(4, 4, 1),
+        num_classes=4,
+        sigma=1e-9,
+        batch_size=50,
+        optimizer=keras.optimizers.SGD(1.0),
+    )
     monkeypatch.setattr(model, "_project", lambda: None)
     bounds = {k: float(v) for k, v in model.compute_gradient_bounds().items()}
     before = {v.path: v.numpy().copy() for v in model.trainable_variables}
@@ -198,13 +242,17 @@ def test_train_step_never_weights_a_sample_above_L_over_B(batch, monkeypatch):
     if batch == "short":
         data = (x, y)
     else:  # padded to 7 with zero-weight rows
-        data = (np.concatenate([x, np.random.rand(6, 4, 4, 1).astype(np.float32)]),
-                np.concatenate([y, one_hot([0] * 6, 4)]),
-                np.array([1, 0, 0, 0, 0, 0, 0], np.float32))
+        data = (
+            np.concatenate([x, np.random.rand(6, 4, 4, 1).astype(np.float32)]),
+            np.concatenate([y, one_hot([0] * 6, 4)]),
+            np.array([1, 0, 0, 0, 0, 0, 0], np.float32),
+        )
     norms = per_sample_gradient_norms(model, x, y)  # before the step moves the weights
     model.train_on_batch(*data)
-    moved = {v.path: float(np.linalg.norm(v.numpy() - before[v.path]))
-             for v in model.trainable_variables}
+    moved = {
+        v.path: float(np.linalg.norm(v.numpy() - before[v.path]))
+        for v in model.trainable_variables
+    }
     assert max(moved.values()) > 0
     for path, delta in moved.items():
         assert delta <= bounds[path] * (1 + 1e-4), (path, delta, bounds[path])

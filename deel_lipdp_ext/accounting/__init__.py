@@ -10,6 +10,12 @@ from .epsilon import (
 from .events import PrivacySpec, effective_noise_multiplier, make_dp_event
 
 __all__ = [
-    "ACCOUNTANTS", "PrivacySpec", "calibrate_noise_multiplier", "compute_epsilon",
-    "effective_noise_multiplier", "epsilon_for_spec", "get_max_epochs", "make_dp_event",
+    "ACCOUNTANTS",
+    "PrivacySpec",
+    "calibrate_noise_multiplier",
+    "compute_epsilon",
+    "effective_noise_multiplier",
+    "epsilon_for_spec",
+    "get_max_epochs",
+    "make_dp_event",
 ]

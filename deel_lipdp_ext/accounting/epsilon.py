@@ -24,14 +24,20 @@ def _make_accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
         return rdp_privacy_accountant.RdpAccountant()
     if accountant == "pld":
         return pld_privacy_accountant.PLDAccountant()
-    raise ValueError(f"`accountant` must be 'rdp' or 'pld'. Received: accountant={accountant!r}")
+    raise ValueError(
+        f"`accountant` must be 'rdp' or 'pld'. Received: accountant={accountant!r}"
+    )
 
 
-def compute_epsilon(event: dp_accounting.DpEvent, delta: float, accountant: str = "rdp") -> float:
+def compute_epsilon(
+    event: dp_accounting.DpEvent, delta: float, accountant: str = "rdp"
+) -> float:
     """Epsilon of `event` at `delta` with the named dp-accounting accountant."""
     acc = _make_accountant(accountant)
     if not acc.supports(event):
-        raise ValueError(f"The {accountant!r} accountant does not support the event {event}")
+        raise ValueError(
+            f"The {accountant!r} accountant does not support the event {event}"
+        )
     return float(acc.compose(event).get_epsilon(delta))
 
 
@@ -40,7 +46,9 @@ def epsilon_for_spec(spec: PrivacySpec, accountant: str = "rdp") -> float:
     return compute_epsilon(make_dp_event(spec), spec.delta, accountant)
 
 
-def _epsilon(sigma: float, delta: float, q: float, steps: int, accountant: str) -> float:
+def _epsilon(
+    sigma: float, delta: float, q: float, steps: int, accountant: str
+) -> float:
     spec = PrivacySpec(q, steps, (sigma,), delta)
     return epsilon_for_spec(spec, accountant)
 
@@ -62,7 +70,8 @@ def calibrate_noise_multiplier(
     quantity monotone in sigma).
 
     Raises:
-        ValueError: bad arguments, or no sigma <= max_noise_multiplier reaches the target.
+        ValueError: bad arguments, or no sigma <= max_noise_multiplier reaches
+            the target.
     """
     if not target_epsilon > 0:
         raise ValueError(f"`target_epsilon` must be > 0. Received: {target_epsilon!r}")
@@ -83,7 +92,8 @@ def calibrate_noise_multiplier(
             if hi > max_noise_multiplier:
                 raise ValueError(
                     f"No noise multiplier <= {max_noise_multiplier} reaches epsilon "
-                    f"{target_epsilon} (delta={delta}, q={sampling_rate}, steps={steps})."
+                    f"{target_epsilon} (delta={delta}, q={sampling_rate}, "
+                    f"steps={steps})."
                 )
     else:
         lo = hi / 2.0

@@ -67,7 +67,9 @@ def make_dp_event(spec: PrivacySpec) -> dp_accounting.DpEvent:
     """The dp-accounting event for `spec.steps` Poisson-subsampled Gaussian steps."""
     if spec.steps == 0:
         return dp_accounting.NoOpDpEvent()
-    gaussian = dp_accounting.GaussianDpEvent(effective_noise_multiplier(spec.noise_multipliers))
+    gaussian = dp_accounting.GaussianDpEvent(
+        effective_noise_multiplier(spec.noise_multipliers)
+    )
     step = (
         gaussian
         if spec.sampling_rate == 1.0

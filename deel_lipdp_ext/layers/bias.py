@@ -44,7 +44,9 @@ class DP_AddBias(keras.layers.Layer, DPLayer):
                     f"to bound its gradient. Received input shape: {input_shape}"
                 )
             self.positions *= int(dim)
-        self.bias = self.add_weight(name="bias", shape=(input_shape[-1],), initializer="zeros")
+        self.bias = self.add_weight(
+            name="bias", shape=(input_shape[-1],), initializer="zeros"
+        )
 
     def call(self, inputs):
         return inputs + self.bias
@@ -73,7 +75,13 @@ class DP_AddBias(keras.layers.Layer, DPLayer):
 
     def project(self) -> None:
         norm = tf.norm(self.bias)
-        self.bias.assign(self.bias * tf.minimum(1.0, self.norm_max / tf.maximum(norm, 1e-30)))
+        self.bias.assign(
+            self.bias * tf.minimum(1.0, self.norm_max / tf.maximum(norm, 1e-30))
+        )
 
     def get_config(self):
-        return {**super().get_config(), "norm_max": self.norm_max, "nm_coef": self.nm_coef}
+        return {
+            **super().get_config(),
+            "norm_max": self.norm_max,
+            "nm_coef": self.nm_coef,
+        }

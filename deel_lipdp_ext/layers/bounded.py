@@ -32,7 +32,9 @@ class DP_BoundedInput(keras.layers.Layer, DPLayer):
 
     def __init__(self, upper_bound: float, enforce_clipping: bool = True, **kwargs):
         super().__init__(**kwargs)
-        self.upper_bound = require_positive("upper_bound", upper_bound, "DP_BoundedInput")
+        self.upper_bound = require_positive(
+            "upper_bound", upper_bound, "DP_BoundedInput"
+        )
         if not isinstance(enforce_clipping, bool):
             raise ValueError(
                 "`enforce_clipping` of DP_BoundedInput must be a bool. "
@@ -49,7 +51,7 @@ class DP_BoundedInput(keras.layers.Layer, DPLayer):
         return inputs * tf.cast(scale, inputs.dtype)
 
     def check_bound(self, inputs) -> tf.Operation:
-        """Raise (outside XLA) when a sample exceeds the bound; used when not clipping."""
+        """Raise (outside XLA) when a sample exceeds the bound (no-clipping mode)."""
         return tf.debugging.assert_less_equal(
             sample_norms(inputs),
             tf.cast(self.upper_bound * (1.0 + 1e-6), inputs.dtype),

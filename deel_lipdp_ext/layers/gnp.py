@@ -1,4 +1,5 @@
-"""Gradient-norm-preserving (GNP) layers: parameter-free, 1-Lipschitz, ||f(x)|| <= ||x||.
+"""Gradient-norm-preserving (GNP) layers: parameter-free, 1-Lipschitz and
+||f(x)|| <= ||x||.
 
 `DP_GNP_Factory(layer_cls)` turns a Keras layer class with those properties
 into a DP layer that leaves the bounds unchanged. The caller certifies the
@@ -41,9 +42,17 @@ def DP_GNP_Factory(layer_cls: type, name: str | None = None) -> type:
                 "be parameter-free."
             )
 
-    cls = type(cls_name, (layer_cls, GNPLayer), {"build": build, "__doc__": (
-        f"`{layer_cls.__name__}` as a DP layer (GNP: bounds pass through unchanged)."
-    )})
+    cls = type(
+        cls_name,
+        (layer_cls, GNPLayer),
+        {
+            "build": build,
+            "__doc__": (
+                f"`{layer_cls.__name__}` as a DP layer (GNP: bounds pass through "
+                "unchanged)."
+            ),
+        },
+    )
     cls.__module__ = __name__
     return keras.saving.register_keras_serializable(package=_PACKAGE)(cls)
 
@@ -69,7 +78,8 @@ class DP_ReLU(keras.layers.ReLU, GNPLayer):
     def __init__(self, max_value=None, negative_slope=0.0, threshold=0.0, **kwargs):
         if threshold != 0.0:
             raise ValueError(
-                f"DP_ReLU needs threshold=0 to be Lipschitz. Received: threshold={threshold!r}"
+                "DP_ReLU needs threshold=0 to be Lipschitz. "
+                f"Received: threshold={threshold!r}"
             )
         if not 0.0 <= float(negative_slope) <= 1.0:
             raise ValueError(
@@ -88,9 +98,13 @@ class DP_MaxPool2D(keras.layers.MaxPooling2D, GNPLayer):
     """
 
     def __init__(self, pool_size=(2, 2), strides=None, padding="valid", **kwargs):
-        pool = (pool_size, pool_size) if isinstance(pool_size, int) else tuple(pool_size)
-        stride = pool if strides is None else (
-            (strides, strides) if isinstance(strides, int) else tuple(strides)
+        pool = (
+            (pool_size, pool_size) if isinstance(pool_size, int) else tuple(pool_size)
+        )
+        stride = (
+            pool
+            if strides is None
+            else ((strides, strides) if isinstance(strides, int) else tuple(strides))
         )
         if stride != pool:
             raise ValueError(
@@ -117,7 +131,9 @@ class DP_GroupSort(keras.layers.Layer, GNPLayer):
     def __init__(self, n: int = 2, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"`n` of DP_GroupSort must be an int >= 1. Received: n={n!r}")
+            raise ValueError(
+                f"`n` of DP_GroupSort must be an int >= 1. Received: n={n!r}"
+            )
         self.n = n
 
     def build(self, input_shape):

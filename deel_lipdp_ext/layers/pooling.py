@@ -49,7 +49,8 @@ class _L2NormPooling(keras.layers.Layer, GNPLayer):
             )
         if padding not in ("valid", "same"):
             raise ValueError(
-                f"`padding` of {layer} must be 'valid' or 'same'. Received: padding={padding!r}"
+                f"`padding` of {layer} must be 'valid' or 'same'. "
+                f"Received: padding={padding!r}"
             )
         self.padding = padding
 
@@ -83,7 +84,11 @@ class _L2NormPooling(keras.layers.Layer, GNPLayer):
         return (*out, input_shape[-1])
 
     def get_config(self):
-        return {**super().get_config(), "pool_size": self.pool_size, "padding": self.padding}
+        return {
+            **super().get_config(),
+            "pool_size": self.pool_size,
+            "padding": self.padding,
+        }
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

@@ -84,7 +84,10 @@ class DP_WrappedResidual(keras.layers.Layer, DPLayer):
         self.layer.set_expected_batch_size(batch_size)
 
     def get_config(self):
-        return {**super().get_config(), "layer": keras.saving.serialize_keras_object(self.layer)}
+        return {
+            **super().get_config(),
+            "layer": keras.saving.serialize_keras_object(self.layer),
+        }
 
     @classmethod
     def from_config(cls, config):

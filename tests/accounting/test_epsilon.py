@@ -16,35 +16,51 @@ from deel_lipdp_ext.accounting import (
 
 
 def reference_epsilon(q, sigma, steps, delta, accountant):
-    acc = (rdp_privacy_accountant.RdpAccountant() if accountant == "rdp"
-           else pld_privacy_accountant.PLDAccountant())
+    acc = (
+        rdp_privacy_accountant.RdpAccountant()
+        if accountant == "rdp"
+        else pld_privacy_accountant.PLDAccountant()
+    )
     event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
     acc.compose(event, steps)
     return acc.get_epsilon(delta)
 
 
 def test_golden_value_from_design_doc():
-    # DESIGN §4, checked on this machine: q=256/60000, sigma=1.1, 14040 steps, delta=1e-5.
+    # DESIGN §4, checked on this machine:
+    # q=256/60000, sigma=1.1, 14040 steps, delta=1e-5.
     spec = PrivacySpec(256 / 60000, 14040, (1.1,), 1e-5)
     assert epsilon_for_spec(spec, "rdp") == pytest.approx(2.594, abs=1e-3)
     assert epsilon_for_spec(spec, "pld") == pytest.approx(2.380, abs=1e-3)
 
 
-@given(st.floats(1e-3, 0.5), st.floats(0.6, 5.0), st.integers(1, 2000),
-       st.sampled_from([1e-3, 1e-5, 1e-7]))
+@given(
+    st.floats(1e-3, 0.5),
+    st.floats(0.6, 5.0),
+    st.integers(1, 2000),
+    st.sampled_from([1e-3, 1e-5, 1e-7]),
+)
 def test_epsilon_equals_dp_accounting_rdp(q, sigma, steps, delta):
     ours = epsilon_for_spec(PrivacySpec(q, steps, (sigma,), delta), "rdp")
-    assert ours == pytest.approx(reference_epsilon(q, sigma, steps, delta, "rdp"), rel=1e-9)
+    assert ours == pytest.approx(
+        reference_epsilon(q, sigma, steps, delta, "rdp"), rel=1e-9
+    )
 
 
 # PLD's cost grows quickly with q and 1/sigma: a smaller range, fewer examples.
 @settings(max_examples=5)
-@given(st.floats(1e-3, 0.05), st.floats(0.8, 3.0), st.integers(1, 300),
-       st.sampled_from([1e-3, 1e-5]))
+@given(
+    st.floats(1e-3, 0.05),
+    st.floats(0.8, 3.0),
+    st.integers(1, 300),
+    st.sampled_from([1e-3, 1e-5]),
+)
 def test_epsilon_equals_dp_accounting_pld(q, sigma, steps, delta):
     accountant = "pld"
     ours = epsilon_for_spec(PrivacySpec(q, steps, (sigma,), delta), accountant)
-    assert ours == pytest.approx(reference_epsilon(q, sigma, steps, delta, accountant), rel=1e-9)
+    assert ours == pytest.approx(
+        reference_epsilon(q, sigma, steps, delta, accountant), rel=1e-9
+    )
 
 
 def test_per_layer_composition_equals_explicit_composition():
@@ -57,10 +73,15 @@ def test_per_layer_composition_equals_explicit_composition():
     eff = effective_noise_multiplier(sigmas)
     assert eff == pytest.approx((1 + 1 / 4 + 1 / 2.25) ** -0.5)
     acc = rdp_privacy_accountant.RdpAccountant()
-    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(eff)), steps)
+    acc.compose(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(eff)),
+        steps,
+    )
     assert ours == pytest.approx(acc.get_epsilon(delta), rel=1e-12)
     # Without subsampling, RDP of composed Gaussians adds exactly: same number.
-    composed = dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(s) for s in sigmas])
+    composed = dp_accounting.ComposedDpEvent(
+        [dp_accounting.GaussianDpEvent(s) for s in sigmas]
+    )
     acc2 = rdp_privacy_accountant.RdpAccountant()
     acc2.compose(composed, steps)
     full = epsilon_for_spec(PrivacySpec(1.0, steps, sigmas, delta), "rdp")
@@ -69,7 +90,9 @@ def test_per_layer_composition_equals_explicit_composition():
 
 def test_zero_steps_is_zero_epsilon():
     assert epsilon_for_spec(PrivacySpec(0.1, 0, (1.0,), 1e-5)) == 0.0
-    assert isinstance(make_dp_event(PrivacySpec(0.1, 0, (1.0,), 1e-5)), dp_accounting.NoOpDpEvent)
+    assert isinstance(
+        make_dp_event(PrivacySpec(0.1, 0, (1.0,), 1e-5)), dp_accounting.NoOpDpEvent
+    )
 
 
 @given(st.floats(0.005, 0.3), st.integers(10, 500), st.floats(1.0, 4.0))
@@ -93,10 +116,15 @@ def test_pld_calibration_never_overshoots_and_is_tight(target, q, steps):
 
 def _check_calibration(accountant, target, q, steps):
     tol = 1e-2
-    sigma = calibrate_noise_multiplier(target, 1e-5, q, steps, accountant, tolerance=tol)
+    sigma = calibrate_noise_multiplier(
+        target, 1e-5, q, steps, accountant, tolerance=tol
+    )
     assert epsilon_for_spec(PrivacySpec(q, steps, (sigma,), 1e-5), accountant) <= target
     if sigma - tol > 0:
-        assert epsilon_for_spec(PrivacySpec(q, steps, (sigma - tol,), 1e-5), accountant) > target
+        assert (
+            epsilon_for_spec(PrivacySpec(q, steps, (sigma - tol,), 1e-5), accountant)
+            > target
+        )
 
 
 def test_max_epochs_guarantee():

@@ -53,7 +53,9 @@ def test_config_round_trip_same_function(factory, shape):
     layer = factory()
     x = tf.constant(np.random.default_rng(0).normal(size=(3, *shape)), tf.float32)
     out = _call(layer, x)
-    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    clone = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(layer)
+    )
     assert type(clone) is type(layer)
     assert clone.get_config() == layer.get_config()
     clone_out = _call(clone, x)
@@ -66,24 +68,38 @@ def test_config_round_trip_same_function(factory, shape):
 
 def test_every_layer_round_trips_in_a_saved_model(tmp_path):
     layers = [
-        L.DP_BoundedInput(upper_bound=1.0), L.DP_QuickSpectralConv2D(4, 3),
-        L.DP_AddBias(1.0), L.DP_GroupSort(2), L.DP_ReLU(), L.DP_LayerCentering(),
-        L.DP_SpectralConv2D(4, 2), L.DP_ClipGradient(1.0),
+        L.DP_BoundedInput(upper_bound=1.0),
+        L.DP_QuickSpectralConv2D(4, 3),
+        L.DP_AddBias(1.0),
+        L.DP_GroupSort(2),
+        L.DP_ReLU(),
+        L.DP_LayerCentering(),
+        L.DP_SpectralConv2D(4, 2),
+        L.DP_ClipGradient(1.0),
         *L.make_residuals("add", [L.DP_QuickSpectralConv2D(4, 3), L.DP_AddBias(0.5)]),
-        L.DP_ScaledL2NormPooling2D(2), L.DP_MaxPool2D(2), L.DP_Permute((2, 1, 3)),
-        L.DP_Reshape((4, 4)), L.DP_ScaledL2NormPooling1D(2), L.DP_Flatten(),
-        L.DP_SpectralDense(4), L.DP_QuickFrobeniusDense(4), L.DP_QuickSpectralDense(3),
+        L.DP_ScaledL2NormPooling2D(2),
+        L.DP_MaxPool2D(2),
+        L.DP_Permute((2, 1, 3)),
+        L.DP_Reshape((4, 4)),
+        L.DP_ScaledL2NormPooling1D(2),
+        L.DP_Flatten(),
+        L.DP_SpectralDense(4),
+        L.DP_QuickFrobeniusDense(4),
+        L.DP_QuickSpectralDense(3),
     ]
     model = dp_model(layers, input_shape=(8, 8, 1), num_classes=3)
     x, y = unit_samples(20, (8, 8, 1)), one_hot(np.arange(20), 3)
     model.fit(x, y, batch_size=10, epochs=1, verbose=0)
     model.save(tmp_path / "all.keras")
     loaded = keras.models.load_model(tmp_path / "all.keras")
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6
+    )
     b1, b2 = model.compute_gradient_bounds(), loaded.compute_gradient_bounds()
     in_order = [float(b1[v.path]) for v in model.trainable_variables]
-    assert in_order == pytest.approx([float(b2[v.path]) for v in loaded.trainable_variables])
+    assert in_order == pytest.approx(
+        [float(b2[v.path]) for v in loaded.trainable_variables]
+    )
 
 
 GNP_LAYERS = [(f, s) for f, s in LAYERS if isinstance(f(), GNP)]
@@ -94,7 +110,9 @@ def test_gnp_layers_are_norm_non_increasing_and_1_lipschitz(factory, shape):
     layer = factory()
     rng = np.random.default_rng(1)
     a = tf.constant(rng.normal(size=(64, *shape)), tf.float32)
-    b = a + tf.constant(rng.normal(size=(64, *shape)) * rng.choice([1e-3, 1.0]), tf.float32)
+    b = a + tf.constant(
+        rng.normal(size=(64, *shape)) * rng.choice([1e-3, 1.0]), tf.float32
+    )
 
     def norms(t):
         return np.linalg.norm(np.reshape(t, (64, -1)), axis=1)
@@ -123,10 +141,13 @@ def _empirical_lipschitz(layer, shape, iters=60):
     return float(tf.sqrt(tf.norm(v)))  # ||J^T J v|| -> sigma_max^2 for unit v
 
 
-@pytest.mark.parametrize("kernel,strides,padding", [(3, 1, "same"), (3, 2, "same"),
-                                                     (2, 2, "valid"), (5, 1, "valid"),
-                                                     (3, 2, "valid")])
-def test_conv_certified_constant_bounds_the_true_operator_norm(kernel, strides, padding):
+@pytest.mark.parametrize(
+    "kernel,strides,padding",
+    [(3, 1, "same"), (3, 2, "same"), (2, 2, "valid"), (5, 1, "valid"), (3, 2, "valid")],
+)
+def test_conv_certified_constant_bounds_the_true_operator_norm(
+    kernel, strides, padding
+):
     conv = L.DP_QuickSpectralConv2D(3, kernel, strides=strides, padding=padding)
     shape = (10, 10, 2)
     conv.build((None, *shape))
@@ -137,10 +158,13 @@ def test_conv_certified_constant_bounds_the_true_operator_norm(kernel, strides, 
 
 
 def test_projection_makes_dense_and_conv_certified_constants_about_one():
-    for layer, shape in [(L.DP_QuickSpectralDense(6), (9,)), (L.DP_SpectralDense(6), (9,)),
-                         (L.DP_QuickFrobeniusDense(6), (9,)),
-                         (L.DP_QuickSpectralConv2D(4, 3), (6, 6, 2)),
-                         (L.DP_SpectralConv2D(4, 3, strides=2), (6, 6, 2))]:
+    for layer, shape in [
+        (L.DP_QuickSpectralDense(6), (9,)),
+        (L.DP_SpectralDense(6), (9,)),
+        (L.DP_QuickFrobeniusDense(6), (9,)),
+        (L.DP_QuickSpectralConv2D(4, 3), (6, 6, 2)),
+        (L.DP_SpectralConv2D(4, 3, strides=2), (6, 6, 2)),
+    ]:
         layer.build((None, *shape))
         layer.kernel.assign(layer.kernel * 5.0)
         layer.project()
@@ -194,22 +218,25 @@ def test_add_bias_bounds_with_positions():
     assert float(bias.backpropagate_params(1.0, 0.5)) == pytest.approx(4.0 * 0.5)
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: L.DP_BoundedInput(upper_bound=-1.0), "upper_bound=-1.0"),
-    (lambda: L.DP_ClipGradient(clip_value=1.0, mode="auto"), "mode='auto'"),
-    (lambda: L.DP_AddBias(norm_max=0), "norm_max=0"),
-    (lambda: L.DP_QuickSpectralDense(0), "units=0"),
-    (lambda: L.DP_QuickSpectralConv2D(4, 3, padding="causal"), "padding='causal'"),
-    (lambda: L.DP_QuickSpectralConv2D(4, 3, use_bias=True), "use_bias"),
-    (lambda: L.DP_QuickSpectralConv2D(4, 3, dilation_rate=2), "dilation_rate"),
-    (lambda: L.DP_MaxPool2D(2, strides=1), "strides == pool_size"),
-    (lambda: L.DP_ScaledL2NormPooling2D(2, strides=1), "strides == pool_size"),
-    (lambda: L.DP_ReLU(threshold=0.5), "threshold=0.5"),
-    (lambda: L.DP_ReLU(negative_slope=2.0), "negative_slope=2.0"),
-    (lambda: L.DP_MergeResidual("concat"), "'concat'"),
-    (lambda: L.DP_WrappedResidual(keras.layers.Dense(3, name="plain")), "plain"),
-    (lambda: L.DP_GroupSort(0), "n=0"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: L.DP_BoundedInput(upper_bound=-1.0), "upper_bound=-1.0"),
+        (lambda: L.DP_ClipGradient(clip_value=1.0, mode="auto"), "mode='auto'"),
+        (lambda: L.DP_AddBias(norm_max=0), "norm_max=0"),
+        (lambda: L.DP_QuickSpectralDense(0), "units=0"),
+        (lambda: L.DP_QuickSpectralConv2D(4, 3, padding="causal"), "padding='causal'"),
+        (lambda: L.DP_QuickSpectralConv2D(4, 3, use_bias=True), "use_bias"),
+        (lambda: L.DP_QuickSpectralConv2D(4, 3, dilation_rate=2), "dilation_rate"),
+        (lambda: L.DP_MaxPool2D(2, strides=1), "strides == pool_size"),
+        (lambda: L.DP_ScaledL2NormPooling2D(2, strides=1), "strides == pool_size"),
+        (lambda: L.DP_ReLU(threshold=0.5), "threshold=0.5"),
+        (lambda: L.DP_ReLU(negative_slope=2.0), "negative_slope=2.0"),
+        (lambda: L.DP_MergeResidual("concat"), "'concat'"),
+        (lambda: L.DP_WrappedResidual(keras.layers.Dense(3, name="plain")), "plain"),
+        (lambda: L.DP_GroupSort(0), "n=0"),
+    ],
+)
 def test_bad_arguments_are_refused_naming_them(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
@@ -224,4 +251,6 @@ def test_gnp_factory_refuses_a_layer_with_weights():
 def test_dp_lambda_bounds_scale_with_its_constant():
     layer = L.DP_Lambda(lambda t: 2.0 * tf.tanh(t), lipschitz=2.0)
     assert float(layer.propagate_inputs(tf.constant(1.5))) == pytest.approx(3.0)
-    assert float(layer.backpropagate_inputs(1.0, tf.constant(0.5))) == pytest.approx(1.0)
+    assert float(layer.backpropagate_inputs(1.0, tf.constant(0.5))) == pytest.approx(
+        1.0
+    )

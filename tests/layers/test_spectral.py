@@ -6,7 +6,9 @@ from hypothesis import strategies as st
 from deel_lipdp_ext.layers.spectral import conv_overlap, spectral_norm_upper_bound
 
 
-@given(st.integers(1, 40), st.integers(1, 40), st.integers(0, 10_000), st.floats(1e-3, 1e3))
+@given(
+    st.integers(1, 40), st.integers(1, 40), st.integers(0, 10_000), st.floats(1e-3, 1e3)
+)
 def test_gram_bound_is_an_upper_bound_and_tight(m, n, seed, scale):
     w = np.random.default_rng(seed).normal(size=(m, n)) * scale
     true = np.linalg.norm(w, 2)
