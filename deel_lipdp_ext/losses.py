@@ -28,9 +28,24 @@ class DPLoss(keras.losses.Loss):
         """Upper bound of ||d loss / d logits|| (L2) for one sample."""
         raise NotImplementedError
 
-    @staticmethod
-    def _classes(y_pred) -> int:
-        return int(y_pred.shape[-1])
+    def _labels(self, y_true, y_pred) -> tf.Tensor:
+        """Labels cast to the logits' dtype, refusing shapes that would broadcast.
+
+        Broadcasting (B, 1) integer labels against (B, C) logits would give a
+        label of norm up to sqrt(C) and break `get_L`, so shapes must match.
+        """
+        y_true = tf.convert_to_tensor(y_true)
+        if (
+            len(y_true.shape) != 2
+            or len(y_pred.shape) != 2
+            or (y_true.shape[-1] != y_pred.shape[-1])
+        ):
+            raise ValueError(
+                f"{self.name} needs labels and logits of the same shape (batch, "
+                f"outputs), e.g. one-hot labels. Received: labels {y_true.shape}, "
+                f"logits {y_pred.shape}"
+            )
+        return tf.cast(y_true, y_pred.dtype)
 
 
 def _positive(name: str, value, loss: str) -> float:
@@ -70,7 +85,7 @@ class DP_TauCategoricalCrossentropy(DPLoss):
         self.tau = _positive("tau", tau, "DP_TauCategoricalCrossentropy")
 
     def call(self, y_true, y_pred):
-        y = tf.clip_by_value(tf.cast(y_true, y_pred.dtype), 0.0, 1.0)
+        y = tf.clip_by_value(self._labels(y_true, y_pred), 0.0, 1.0)
         y = y / tf.maximum(1.0, tf.reduce_sum(y, axis=-1, keepdims=True))
         log_p = tf.nn.log_softmax(self.tau * y_pred, axis=-1)
         return -tf.reduce_sum(y * log_p, axis=-1) / self.tau
@@ -99,7 +114,7 @@ class DP_TauBCE(DPLoss):
         self.tau = _positive("tau", tau, "DP_TauBCE")
 
     def call(self, y_true, y_pred):
-        y = tf.clip_by_value(tf.cast(y_true, y_pred.dtype), 0.0, 1.0)
+        y = tf.clip_by_value(self._labels(y_true, y_pred), 0.0, 1.0)
         per_output = tf.nn.sigmoid_cross_entropy_with_logits(
             labels=y, logits=self.tau * y_pred
         )
@@ -129,7 +144,7 @@ class DP_KCosineSimilarity(DPLoss):
         self.K = _positive("K", K, "DP_KCosineSimilarity")
 
     def call(self, y_true, y_pred):
-        y = tf.cast(y_true, y_pred.dtype)
+        y = self._labels(y_true, y_pred)
         y_norm = tf.norm(y, axis=-1, keepdims=True)
         y = y / tf.where(y_norm > 0, y_norm, tf.ones_like(y_norm))
         z_norm = tf.norm(y_pred, axis=-1, keepdims=True)
@@ -180,7 +195,7 @@ class DP_MulticlassKR(DPLoss):
         super().__init__(name=name, **kw)
 
     def call(self, y_true, y_pred):
-        return -_kr_term(_one_hot_labels(y_true, y_pred), y_pred)
+        return -_kr_term(_one_hot_labels(self._labels(y_true, y_pred), y_pred), y_pred)
 
     def get_L(self, num_classes=None):
         _check_classes(num_classes, "DP_MulticlassKR")
@@ -207,7 +222,8 @@ class DP_MulticlassHinge(DPLoss):
         self.min_margin = _positive("min_margin", min_margin, "DP_MulticlassHinge")
 
     def call(self, y_true, y_pred):
-        return _hinge_term(_one_hot_labels(y_true, y_pred), y_pred, self.min_margin)
+        onehot = _one_hot_labels(self._labels(y_true, y_pred), y_pred)
+        return _hinge_term(onehot, y_pred, self.min_margin)
 
     def get_L(self, num_classes=None):
         _check_classes(num_classes, "DP_MulticlassHinge")
@@ -249,7 +265,7 @@ class DP_MulticlassHKR(DPLoss):
         self.min_margin = _positive("min_margin", min_margin, "DP_MulticlassHKR")
 
     def call(self, y_true, y_pred):
-        onehot = _one_hot_labels(y_true, y_pred)
+        onehot = _one_hot_labels(self._labels(y_true, y_pred), y_pred)
         return self.alpha * _hinge_term(onehot, y_pred, self.min_margin) - _kr_term(
             onehot, y_pred
         )
@@ -277,7 +293,7 @@ class DP_MeanAbsoluteError(DPLoss):
         super().__init__(name=name, **kw)
 
     def call(self, y_true, y_pred):
-        return tf.reduce_mean(tf.abs(tf.cast(y_true, y_pred.dtype) - y_pred), axis=-1)
+        return tf.reduce_mean(tf.abs(self._labels(y_true, y_pred) - y_pred), axis=-1)
 
     def get_L(self, num_classes=None):
         return 1.0 if num_classes is None else 1.0 / math.sqrt(num_classes)

@@ -263,6 +263,12 @@ class _DPTrainer:
         batch_size = float(self.dataset_metadata.batch_size)
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
+            if y_pred.shape.rank != 2:
+                raise ValueError(
+                    "A DP model's output must have shape (batch, outputs): a loss "
+                    "summed over more axes would exceed the per-sample bound. "
+                    f"Received output shape: {y_pred.shape}"
+                )
             per_sample = self._dp_loss.call(y, y_pred)
             loss = (
                 tf.reduce_sum(per_sample * tf.cast(weight, per_sample.dtype))

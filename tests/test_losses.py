@@ -114,3 +114,11 @@ def test_lipschitz_constant_refuses_plain_keras_loss():
         )
     with pytest.raises(TypeError, match="mse"):
         losses.lipschitz_constant("mse")
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=lambda loss: loss.name)
+def test_labels_that_would_broadcast_are_refused(loss):
+    """(B, 1) labels against (B, C) logits would broadcast to a label of norm
+    sqrt(C) and break get_L: refused, naming the shapes."""
+    with pytest.raises(ValueError, match="same shape"):
+        loss.call(tf.ones((4, 1)), tf.zeros((4, 3)))

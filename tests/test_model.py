@@ -273,3 +273,12 @@ def test_residual_model_trains_with_per_layer_noise():
     x, y = data(100)
     model.fit(x, y, batch_size=50, epochs=1, verbose=0)
     assert len(model.privacy_spec().noise_multipliers) == 3
+
+
+def test_refuses_outputs_with_extra_axes():
+    """A (batch, T, C) output would sum T per-position losses per sample."""
+    layers = [L.DP_BoundedInput(upper_bound=1.0), L.DP_Reshape((8, 8))]
+    model = dp_model(layers, num_classes=8)
+    x = unit_samples(4, (8, 8, 1))
+    with pytest.raises(ValueError, match=r"\(batch, outputs\)"):
+        model.train_on_batch(x, np.zeros((4, 8, 8), np.float32))
