@@ -238,16 +238,19 @@ class _DPTrainer:
         return [sigma * coefs[v.path] * bounds[v.path] for v in variables]
 
     def _add_noise(self, gradients, variables, bounds):
+        """Add the Gaussian noise: ONE draw per step, split across variables, so
+        the noise of different variables is independent by construction (two
+        variables sharing a seed would let their difference cancel the noise)."""
         for g, v in zip(gradients, variables, strict=True):
             if g is None:
                 raise ValueError(f"Trainable variable '{v.path}' received no gradient.")
+        sizes = [int(v.shape.num_elements()) for v in variables]
+        standard = keras.random.normal((sum(sizes),), seed=self._noise_seed)
+        pieces = tf.split(standard, sizes)
         stddevs = self._noise_stddevs(variables, bounds)
         return [
-            g
-            + keras.random.normal(
-                tf.shape(g), stddev=std, dtype=g.dtype, seed=self._noise_seed
-            )
-            for g, std in zip(gradients, stddevs, strict=True)
+            g + tf.cast(tf.reshape(z, tf.shape(g)) * std, g.dtype)
+            for g, z, std in zip(gradients, pieces, stddevs, strict=True)
         ]
 
     def _project(self) -> None:
@@ -302,6 +305,13 @@ class _DPTrainer:
             sampling=meta.sampling,
         )
 
+    def _restore_dp_config(self, dp_parameters: dict | None, metadata: dict | None):
+        """Set the DP configuration read back by `from_config`."""
+        if dp_parameters is not None:
+            self.dp_parameters = DPParameters.from_dict(dp_parameters)
+        if metadata is not None:
+            self.dataset_metadata = DatasetMetadata.from_dict(metadata)
+
     def _dp_config(self) -> dict:
         return {
             "dp_parameters": None
@@ -355,16 +365,8 @@ class DPSequential(_DPTrainer, keras.Sequential):
         dp_parameters = config.pop("dp_parameters", None)
         metadata = config.pop("dataset_metadata", None)
         model = super().from_config(config, custom_objects=custom_objects)
-        model._set_dp_config(dp_parameters, metadata)
+        model._restore_dp_config(dp_parameters, metadata)
         return model
-
-    def _set_dp_config(self, dp_parameters, metadata) -> None:
-        self.dp_parameters = (
-            None if dp_parameters is None else DPParameters.from_dict(dp_parameters)
-        )
-        self.dataset_metadata = (
-            None if metadata is None else DatasetMetadata.from_dict(metadata)
-        )
 
 
 def _functional_chain(model: keras.Model) -> list:
@@ -456,16 +458,8 @@ class DPModel(_DPTrainer, Functional):
         dp_parameters = config.pop("dp_parameters", None)
         metadata = config.pop("dataset_metadata", None)
         model = functional_from_config(cls, config, custom_objects=custom_objects)
-        model._init_dp_from_config(dp_parameters, metadata)
+        model._restore_dp_config(dp_parameters, metadata)
         return model
-
-    def _init_dp_from_config(self, dp_parameters, metadata) -> None:
-        self.dp_parameters = (
-            None if dp_parameters is None else DPParameters.from_dict(dp_parameters)
-        )
-        self.dataset_metadata = (
-            None if metadata is None else DatasetMetadata.from_dict(metadata)
-        )
 
 
 DP_Sequential = DPSequential

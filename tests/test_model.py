@@ -151,6 +151,33 @@ def test_noise_std_matches_sigma_times_sensitivity(strategy, monkeypatch):
     assert coefs
 
 
+def test_noise_is_independent_across_variables_and_steps(monkeypatch):
+    """Same-shape variables must not share noise: the difference of their updates
+    would cancel it. Correlations across variables and steps must be ~0."""
+    layers = [
+        L.DP_BoundedInput(upper_bound=1.0),
+        L.DP_Flatten(),
+        L.DP_QuickSpectralDense(64),
+        L.DP_QuickSpectralDense(64),
+        L.DP_QuickSpectralDense(64),
+    ]
+    model = dp_model(layers, num_classes=64, optimizer=keras.optimizers.SGD(1.0))
+    monkeypatch.setattr(model, "_project", lambda: None)
+    x, y = data(4, k=64)
+    updates = []
+    for _ in range(2):
+        before = [v.numpy().copy() for v in model.trainable_variables]
+        model.train_on_batch(x, y, sample_weight=np.zeros(4, np.float32))
+        updates += [
+            (v.numpy() - b).ravel()
+            for v, b in zip(model.trainable_variables, before, strict=True)
+        ]
+    flat = np.stack([u for u in updates if u.size == 4096])
+    corr = np.corrcoef(flat)
+    off_diagonal = corr[~np.eye(len(flat), dtype=bool)]
+    assert len(flat) == 6 and np.max(np.abs(off_diagonal)) < 5 / np.sqrt(4096)
+
+
 def test_noise_is_reproducible_with_a_seed(monkeypatch):
     updates = []
     for _ in range(2):

@@ -69,6 +69,43 @@ class GNPLayer(DPLayer):
         raise ValueError(f"Layer '{self.name}' has no parameters to bound.")
 
 
+class KernelLayer(DPLayer):
+    """A linear layer whose forward pass uses `self.kernel` directly.
+
+    Subclasses give `lipschitz_bound()` (certified, from the current weights)
+    and `backpropagate_params`; the forward and input-gradient bounds follow.
+    """
+
+    def _add_kernel(self, shape: tuple, out_features: int, initializer) -> None:
+        """Create `kernel` and the power-iteration vector `u` used by `project`."""
+        self.kernel = self.add_weight(
+            name="kernel", shape=shape, initializer=initializer
+        )
+        self.u = self.add_weight(
+            name="power_iteration_u",
+            shape=(1, out_features),
+            initializer=keras.initializers.RandomUniform(0.0, 1.0, seed=0),
+            trainable=False,
+        )
+
+    def lipschitz_bound(self) -> tf.Tensor:
+        """Certified upper bound of the layer's L2 Lipschitz constant."""
+        raise NotImplementedError
+
+    def propagate_inputs(self, input_bound: Bound) -> Bound:
+        return self.lipschitz_bound() * input_bound
+
+    def backpropagate_inputs(self, input_bound: Bound, gradient_bound: Bound) -> Bound:
+        return self.lipschitz_bound() * gradient_bound
+
+    def has_parameters(self) -> bool:
+        return True
+
+    @property
+    def bounded_variable(self) -> keras.Variable:
+        return self.kernel
+
+
 def sample_norms(x: tf.Tensor) -> tf.Tensor:
     """L2 norm of each sample of `x` over all non-batch axes. Shape (batch,)."""
     x = tf.reshape(x, (tf.shape(x)[0], -1))

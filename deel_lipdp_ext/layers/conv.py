@@ -23,7 +23,7 @@ import math
 import keras
 import tensorflow as tf
 
-from .base import DPLayer, require_positive
+from .base import KernelLayer, require_positive
 from .spectral import conv_overlap, spectral_norm_upper_bound, spectral_project
 
 _PACKAGE = "deel_lipdp_ext"
@@ -41,7 +41,7 @@ def _pair(name: str, value, layer: str) -> tuple[int, int]:
     return pair
 
 
-class _LipschitzConv2D(keras.layers.Layer, DPLayer):
+class _LipschitzConv2D(keras.layers.Layer, KernelLayer):
     """Shared code of the two convolutions (channels-last)."""
 
     orthogonalize = False
@@ -89,17 +89,8 @@ class _LipschitzConv2D(keras.layers.Layer, DPLayer):
                 f"{type(self).__name__} '{self.name}' expects (batch, H, W, C) "
                 f"inputs. Received: {input_shape}"
             )
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(*self.kernel_size, input_shape[-1], self.filters),
-            initializer=self.kernel_initializer,
-        )
-        self.u = self.add_weight(
-            name="power_iteration_u",
-            shape=(1, self.filters),
-            initializer=keras.initializers.RandomUniform(0.0, 1.0, seed=0),
-            trainable=False,
-        )
+        shape = (*self.kernel_size, input_shape[-1], self.filters)
+        self._add_kernel(shape, self.filters, self.kernel_initializer)
         self.project()
 
     def call(self, inputs):
@@ -124,21 +115,8 @@ class _LipschitzConv2D(keras.layers.Layer, DPLayer):
             self._kernel_matrix(self.kernel)
         )
 
-    def propagate_inputs(self, input_bound):
-        return self.lipschitz_bound() * input_bound
-
-    def backpropagate_inputs(self, input_bound, gradient_bound):
-        return self.lipschitz_bound() * gradient_bound
-
     def backpropagate_params(self, input_bound, gradient_bound):
         return math.sqrt(self.overlap) * input_bound * gradient_bound
-
-    def has_parameters(self) -> bool:
-        return True
-
-    @property
-    def bounded_variable(self):
-        return self.kernel
 
     def project(self) -> None:
         matrix = spectral_project(

@@ -12,13 +12,13 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from .base import DPLayer, require_positive
+from .base import KernelLayer, require_positive
 from .spectral import spectral_norm_upper_bound, spectral_project
 
 _PACKAGE = "deel_lipdp_ext"
 
 
-class _LipschitzDense(keras.layers.Layer, DPLayer):
+class _LipschitzDense(keras.layers.Layer, KernelLayer):
     """Shared code of the three dense layers; subclasses choose `_project_kernel`."""
 
     def __init__(
@@ -44,16 +44,8 @@ class _LipschitzDense(keras.layers.Layer, DPLayer):
                 f"{type(self).__name__} '{self.name}' expects inputs of shape "
                 f"(batch, features); flatten first. Received: {input_shape}"
             )
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(input_shape[-1], self.units),
-            initializer=self.kernel_initializer,
-        )
-        self.u = self.add_weight(
-            name="power_iteration_u",
-            shape=(1, self.units),
-            initializer=keras.initializers.RandomUniform(0.0, 1.0, seed=0),
-            trainable=False,
+        self._add_kernel(
+            (input_shape[-1], self.units), self.units, self.kernel_initializer
         )
         self.project()
 
@@ -67,21 +59,8 @@ class _LipschitzDense(keras.layers.Layer, DPLayer):
         """Certified upper bound of this layer's Lipschitz constant (L2)."""
         return spectral_norm_upper_bound(self.kernel)
 
-    def propagate_inputs(self, input_bound):
-        return self.lipschitz_bound() * input_bound
-
-    def backpropagate_inputs(self, input_bound, gradient_bound):
-        return self.lipschitz_bound() * gradient_bound
-
     def backpropagate_params(self, input_bound, gradient_bound):
         return input_bound * gradient_bound
-
-    def has_parameters(self) -> bool:
-        return True
-
-    @property
-    def bounded_variable(self):
-        return self.kernel
 
     def project(self) -> None:
         self.kernel.assign(self._project_kernel(self.kernel))
