@@ -254,3 +254,35 @@ def test_dp_lambda_bounds_scale_with_its_constant():
     assert float(layer.backpropagate_inputs(1.0, tf.constant(0.5))) == pytest.approx(
         1.0
     )
+
+
+def test_input_layer_and_lambda_round_trip_in_a_saved_model(tmp_path):
+    """DP_InputLayer starts the model; DP_Lambda saves its function (Keras needs
+    safe_mode=False to load a lambda) and its certified constant."""
+    from deel_lipdp_ext import DPParameters, DPSequential, losses
+
+    from ..helpers import metadata
+
+    model = DPSequential(
+        [
+            L.DP_InputLayer(shape=(4,)),
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_Lambda(lambda t: 0.5 * t, lipschitz=0.5),
+            L.DP_QuickSpectralDense(3),
+        ],
+        dp_parameters=DPParameters(1.0, 1e-5, seed=0),
+        dataset_metadata=metadata((4,), 3),
+    )
+    model.compile(optimizer="sgd", loss=losses.DP_TauCategoricalCrossentropy(2.0))
+    assert [type(x).__name__ for x in model.dp_layers][0] == "DP_BoundedInput"
+    x = unit_samples(5, (4,))
+    model.save(tmp_path / "lam.keras")
+    loaded = keras.models.load_model(tmp_path / "lam.keras", safe_mode=False)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6, atol=1e-6
+    )
+    assert loaded.dp_layers[1].lipschitz == 0.5
+    b1, b2 = model.compute_gradient_bounds(), loaded.compute_gradient_bounds()
+    assert sorted(float(v) for v in b1.values()) == pytest.approx(
+        sorted(float(v) for v in b2.values())
+    )
