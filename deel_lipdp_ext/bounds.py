@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from .layers.base import DPLayer, as_bound
+from .layers.base import DPLayer, as_bound, bound_pass
 from .layers.bounded import DP_BoundedInput
 
 
@@ -63,22 +63,23 @@ def compute_gradient_bounds(
         {variable.path: scalar float32 bound on ||one sample's gradient||}.
     """
     check_dp_chain(dp_layers)
-    input_bounds = []
-    bound = None
-    for layer in dp_layers:
-        input_bounds.append(bound)
-        bound = layer.propagate_inputs(bound)
-    gradient_bound = as_bound(loss_lipschitz / float(batch_size))
-    bounds: dict[str, tf.Tensor] = {}
-    for layer, input_bound in zip(
-        reversed(dp_layers), reversed(input_bounds), strict=True
-    ):
-        variable = layer.bounded_variable if layer.has_parameters() else None
-        if variable is not None and variable.trainable:
-            bounds[variable.path] = layer.backpropagate_params(
-                input_bound, gradient_bound
-            )
-        gradient_bound = layer.backpropagate_inputs(input_bound, gradient_bound)
+    with bound_pass():  # each layer's certificate is computed once per pass
+        input_bounds = []
+        bound = None
+        for layer in dp_layers:
+            input_bounds.append(bound)
+            bound = layer.propagate_inputs(bound)
+        gradient_bound = as_bound(loss_lipschitz / float(batch_size))
+        bounds: dict[str, tf.Tensor] = {}
+        for layer, input_bound in zip(
+            reversed(dp_layers), reversed(input_bounds), strict=True
+        ):
+            variable = layer.bounded_variable if layer.has_parameters() else None
+            if variable is not None and variable.trainable:
+                bounds[variable.path] = layer.backpropagate_params(
+                    input_bound, gradient_bound
+                )
+            gradient_bound = layer.backpropagate_inputs(input_bound, gradient_bound)
     return bounds
 
 

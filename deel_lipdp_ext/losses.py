@@ -15,6 +15,8 @@ import math
 import keras
 import tensorflow as tf
 
+from ._validation import require_positive
+
 _PACKAGE = "deel_lipdp_ext"
 
 
@@ -48,16 +50,6 @@ class DPLoss(keras.losses.Loss):
         return tf.cast(y_true, y_pred.dtype)
 
 
-def _positive(name: str, value, loss: str) -> float:
-    v = float(value)
-    if not (v > 0 and math.isfinite(v)):
-        raise ValueError(
-            f"`{name}` of {loss} must be a positive finite number. "
-            f"Received: {name}={value!r}"
-        )
-    return v
-
-
 def _one_hot_labels(y_true, y_pred):
     """Any label tensor -> the one-hot vector of its largest entry."""
     return tf.one_hot(
@@ -82,7 +74,7 @@ class DP_TauCategoricalCrossentropy(DPLoss):
         self, tau: float = 1.0, name: str = "DP_TauCategoricalCrossentropy", **kw
     ):
         super().__init__(name=name, **kw)
-        self.tau = _positive("tau", tau, "DP_TauCategoricalCrossentropy")
+        self.tau = require_positive("tau", tau, "DP_TauCategoricalCrossentropy")
 
     def call(self, y_true, y_pred):
         y = tf.clip_by_value(self._labels(y_true, y_pred), 0.0, 1.0)
@@ -111,7 +103,7 @@ class DP_TauBCE(DPLoss):
 
     def __init__(self, tau: float = 1.0, name: str = "DP_TauBCE", **kw):
         super().__init__(name=name, **kw)
-        self.tau = _positive("tau", tau, "DP_TauBCE")
+        self.tau = require_positive("tau", tau, "DP_TauBCE")
 
     def call(self, y_true, y_pred):
         y = tf.clip_by_value(self._labels(y_true, y_pred), 0.0, 1.0)
@@ -141,7 +133,7 @@ class DP_KCosineSimilarity(DPLoss):
 
     def __init__(self, K: float = 1.0, name: str = "DP_KCosineSimilarity", **kw):  # noqa: N803
         super().__init__(name=name, **kw)
-        self.K = _positive("K", K, "DP_KCosineSimilarity")
+        self.K = require_positive("K", K, "DP_KCosineSimilarity")
 
     def call(self, y_true, y_pred):
         y = self._labels(y_true, y_pred)
@@ -219,7 +211,9 @@ class DP_MulticlassHinge(DPLoss):
 
     def __init__(self, min_margin: float = 1.0, name: str = "DP_MulticlassHinge", **kw):
         super().__init__(name=name, **kw)
-        self.min_margin = _positive("min_margin", min_margin, "DP_MulticlassHinge")
+        self.min_margin = require_positive(
+            "min_margin", min_margin, "DP_MulticlassHinge"
+        )
 
     def call(self, y_true, y_pred):
         onehot = _one_hot_labels(self._labels(y_true, y_pred), y_pred)
@@ -262,7 +256,7 @@ class DP_MulticlassHKR(DPLoss):
                 f"Received: alpha={alpha!r}"
             )
         self.alpha = float(alpha)
-        self.min_margin = _positive("min_margin", min_margin, "DP_MulticlassHKR")
+        self.min_margin = require_positive("min_margin", min_margin, "DP_MulticlassHKR")
 
     def call(self, y_true, y_pred):
         onehot = _one_hot_labels(self._labels(y_true, y_pred), y_pred)

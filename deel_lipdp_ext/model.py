@@ -259,24 +259,40 @@ class _DPTrainer:
             if variable is not None and variable.trainable:
                 layer.project()
 
+    def scaled_per_sample_losses(self, y, y_pred, weight=None) -> tf.Tensor:
+        """`w_i * loss_i / B` for each sample, shape (batch,): the quantity whose
+        sum the train step differentiates (and the sensitivity tools audit).
+
+        B is the EXPECTED batch size (DESIGN §3 rule 1), and the loss must give
+        exactly one value per sample, from (batch, outputs) logits.
+
+        Raises:
+            ValueError: logits not (batch, outputs), or not one loss per sample.
+        """
+        if y_pred.shape.rank != 2:
+            raise ValueError(
+                "A DP model's output must have shape (batch, outputs): a loss "
+                "summed over more axes would exceed the per-sample bound. "
+                f"Received output shape: {y_pred.shape}"
+            )
+        per_sample = self._dp_loss.call(y, y_pred)
+        if per_sample.shape.rank != 1:
+            raise ValueError(
+                f"Loss {self._dp_loss.name!r} must return one value per sample, "
+                f"shape (batch,), for the per-sample bound to hold. Received: "
+                f"{per_sample.shape}"
+            )
+        if weight is not None:
+            per_sample = per_sample * tf.cast(weight, per_sample.dtype)
+        return per_sample / float(self.dataset_metadata.batch_size)
+
     def train_step(self, data):
         self._check_dp_ready()
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
         x, y, weight = self._sanitize_batch(x, y, sample_weight)
-        batch_size = float(self.dataset_metadata.batch_size)
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
-            if y_pred.shape.rank != 2:
-                raise ValueError(
-                    "A DP model's output must have shape (batch, outputs): a loss "
-                    "summed over more axes would exceed the per-sample bound. "
-                    f"Received output shape: {y_pred.shape}"
-                )
-            per_sample = self._dp_loss.call(y, y_pred)
-            loss = (
-                tf.reduce_sum(per_sample * tf.cast(weight, per_sample.dtype))
-                / batch_size
-            )
+            loss = tf.reduce_sum(self.scaled_per_sample_losses(y, y_pred, weight))
         variables = self.trainable_variables
         gradients = tape.gradient(loss, variables)
         bounds = self.compute_gradient_bounds(int(y_pred.shape[-1]))

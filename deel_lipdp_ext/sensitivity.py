@@ -66,10 +66,8 @@ def per_sample_gradient_norms(model, x, y, weight=None) -> dict[str, tf.Tensor]:
         else tf.convert_to_tensor(weight, tf.float32)
     )
     variables = model.trainable_variables
-    batch_size = float(model.dataset_metadata.batch_size)
     with tf.GradientTape() as tape:
-        y_pred = model(x, training=True)
-        per_sample = model._dp_loss.call(y, y_pred) * w / batch_size  # noqa: SLF001
+        per_sample = model.scaled_per_sample_losses(y, model(x, training=True), w)
     jacobians = tape.jacobian(per_sample, variables, experimental_use_pfor=True)
     norms = {}
     for v, jac in zip(variables, jacobians, strict=True):
@@ -146,16 +144,15 @@ def maximize_gradient_norm(model, x, y, *, steps: int = 20, step_size: float = 0
     y = tf.convert_to_tensor(y, tf.float32)
     bounds = model.compute_gradient_bounds()
     variables = model.trainable_variables
-    batch_size = float(model.dataset_metadata.batch_size)
     for _ in range(steps):
         with tf.GradientTape() as outer:
             objective = 0.0
             for i in range(int(x.shape[0])):
                 with tf.GradientTape() as inner:
-                    loss = model._dp_loss.call(
-                        y[i : i + 1], model(x[i : i + 1], training=True)
-                    )  # noqa: SLF001
-                    loss = tf.reduce_sum(loss) / batch_size
+                    y_pred = model(x[i : i + 1], training=True)
+                    loss = tf.reduce_sum(
+                        model.scaled_per_sample_losses(y[i : i + 1], y_pred)
+                    )
                 grads = inner.gradient(loss, variables)
                 for v, g in zip(variables, grads, strict=True):
                     if g is not None:

@@ -69,3 +69,18 @@ def unit_samples(n, shape, seed=0):
 
 def one_hot(labels, k=10):
     return np.eye(k, dtype=np.float32)[np.asarray(labels) % k]
+
+
+def step_updates(model, *batch, steps: int = 1):
+    """Switch the model's projection off, run `steps` train steps on `batch`, and
+    return each step's update (after - before) per variable path, so the update
+    is exactly -lr * (gradient + noise)."""
+    model._project = lambda: None
+    updates = []
+    for _ in range(steps):
+        before = {v.path: v.numpy().copy() for v in model.trainable_variables}
+        model.train_on_batch(*batch)
+        updates.append(
+            {v.path: v.numpy() - before[v.path] for v in model.trainable_variables}
+        )
+    return updates

@@ -7,7 +7,14 @@ from deel_lipdp_ext import DPModel, DPParameters, DPSequential, losses
 from deel_lipdp_ext import layers as L
 from deel_lipdp_ext.accounting import epsilon_for_spec
 
-from .helpers import dp_model, metadata, one_hot, small_cnn, unit_samples
+from .helpers import (
+    dp_model,
+    metadata,
+    one_hot,
+    small_cnn,
+    step_updates,
+    unit_samples,
+)
 
 
 def data(n=100, shape=(8, 8, 1), k=10, seed=0):
@@ -107,9 +114,10 @@ def test_dpmodel_refuses_a_branching_graph():
 
 # ---------------------------------------------------------- noise calibration
 @pytest.mark.parametrize("strategy", ["global", "per-layer"])
-def test_noise_std_matches_sigma_times_sensitivity(strategy, monkeypatch):
+def test_noise_std_matches_sigma_times_sensitivity(strategy):
     """Zero data gradient (all weights 0), SGD lr 1, no projection: the update IS
-    the noise; its std per variable must match the formula within 3%."""
+    the noise; its std per variable must match the formula within 3%, and the
+    accountant must be told the multipliers that were applied."""
     sigma = 1.7
     layers = [
         L.DP_BoundedInput(upper_bound=1.0),
@@ -128,12 +136,9 @@ def test_noise_std_matches_sigma_times_sensitivity(strategy, monkeypatch):
         strategy=strategy,
         optimizer=keras.optimizers.SGD(1.0),
     )
-    monkeypatch.setattr(model, "_project", lambda: None)
     bounds = {k: float(v) for k, v in model.compute_gradient_bounds().items()}
-    coefs = {"kernel": 1.0}
-    before = {v.path: v.numpy().copy() for v in model.trainable_variables}
     x, y = data(8, k=64)
-    model.train_on_batch(x, y, sample_weight=np.zeros(8, np.float32))
+    (updates,) = step_updates(model, x, y, np.zeros(8, np.float32))
     global_std = sigma * np.sqrt(sum(b**2 for b in bounds.values()))
     nm = {
         layer.bounded_variable.path: layer.nm_coef
@@ -141,17 +146,23 @@ def test_noise_std_matches_sigma_times_sensitivity(strategy, monkeypatch):
         if layer.has_parameters()
     }
     for v in model.trainable_variables:
-        update = v.numpy() - before[v.path]
+        update = updates[v.path]
         expected = (
             global_std if strategy == "global" else sigma * bounds[v.path] * nm[v.path]
         )
         tolerance = 0.03 if update.size >= 4096 else 0.35  # the 64-entry bias: looser
         assert np.std(update) == pytest.approx(expected, rel=tolerance), v.path
         assert abs(np.mean(update)) < 5 * expected / np.sqrt(update.size)
-    assert coefs
+    # epsilon is computed from privacy_spec(): it must describe this noise
+    applied = (
+        (sigma,)
+        if strategy == "global"
+        else tuple(sigma * nm[v.path] for v in model.trainable_variables)
+    )
+    assert model.privacy_spec().noise_multipliers == pytest.approx(applied)
 
 
-def test_noise_is_independent_across_variables_and_steps(monkeypatch):
+def test_noise_is_independent_across_variables_and_steps():
     """Same-shape variables must not share noise: the difference of their updates
     would cancel it. Correlations across variables and steps must be ~0."""
     layers = [
@@ -162,23 +173,17 @@ def test_noise_is_independent_across_variables_and_steps(monkeypatch):
         L.DP_QuickSpectralDense(64),
     ]
     model = dp_model(layers, num_classes=64, optimizer=keras.optimizers.SGD(1.0))
-    monkeypatch.setattr(model, "_project", lambda: None)
     x, y = data(4, k=64)
-    updates = []
-    for _ in range(2):
-        before = [v.numpy().copy() for v in model.trainable_variables]
-        model.train_on_batch(x, y, sample_weight=np.zeros(4, np.float32))
-        updates += [
-            (v.numpy() - b).ravel()
-            for v, b in zip(model.trainable_variables, before, strict=True)
-        ]
-    flat = np.stack([u for u in updates if u.size == 4096])
+    steps = step_updates(model, x, y, np.zeros(4, np.float32), steps=2)
+    flat = np.stack(
+        [u.ravel() for step in steps for u in step.values() if u.size == 4096]
+    )
     corr = np.corrcoef(flat)
     off_diagonal = corr[~np.eye(len(flat), dtype=bool)]
     assert len(flat) == 6 and np.max(np.abs(off_diagonal)) < 5 / np.sqrt(4096)
 
 
-def test_noise_is_reproducible_with_a_seed(monkeypatch):
+def test_noise_is_reproducible_with_a_seed():
     updates = []
     for _ in range(2):
         keras.utils.set_random_seed(1)
@@ -309,3 +314,16 @@ def test_refuses_outputs_with_extra_axes():
     x = unit_samples(4, (8, 8, 1))
     with pytest.raises(ValueError, match=r"\(batch, outputs\)"):
         model.train_on_batch(x, np.zeros((4, 8, 8), np.float32))
+
+
+def test_refuses_a_loss_without_one_value_per_sample():
+    """A get_L loss returning (batch, k) values would be summed over k per sample."""
+
+    class PerOutputMAE(losses.DP_MeanAbsoluteError):
+        def call(self, y_true, y_pred):
+            return tf.abs(y_true - y_pred)  # (batch, outputs): not per sample
+
+    model = dp_model(small_cnn(), loss=PerOutputMAE())
+    x, y = data(4)
+    with pytest.raises(ValueError, match="one value per sample"):
+        model.train_on_batch(x, y)

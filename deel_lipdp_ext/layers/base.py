@@ -7,6 +7,9 @@ computed in the train step's graph). Residual branches carry tuples of bounds.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -69,11 +72,32 @@ class GNPLayer(DPLayer):
         raise ValueError(f"Layer '{self.name}' has no parameters to bound.")
 
 
+_PASS_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "dp_bound_pass_cache", default=None
+)
+
+
+@contextlib.contextmanager
+def bound_pass() -> Iterator[None]:
+    """Within one bound pass, each layer's certificate is computed once.
+
+    The forward and backward passes both need a kernel layer's Lipschitz
+    certificate (a Gram iteration); the cache lives only for the pass, so it
+    can never serve a certificate of weights that have since changed.
+    """
+    token = _PASS_CACHE.set({})
+    try:
+        yield
+    finally:
+        _PASS_CACHE.reset(token)
+
+
 class KernelLayer(DPLayer):
     """A linear layer whose forward pass uses `self.kernel` directly.
 
-    Subclasses give `lipschitz_bound()` (certified, from the current weights)
-    and `backpropagate_params`; the forward and input-gradient bounds follow.
+    Subclasses give `_certify()` (a certified Lipschitz bound from the current
+    weights) and `backpropagate_params`; the forward and input-gradient
+    bounds follow.
     """
 
     def _add_kernel(self, shape: tuple, out_features: int, initializer) -> None:
@@ -90,6 +114,14 @@ class KernelLayer(DPLayer):
 
     def lipschitz_bound(self) -> tf.Tensor:
         """Certified upper bound of the layer's L2 Lipschitz constant."""
+        cache = _PASS_CACHE.get()
+        if cache is None:
+            return self._certify()
+        if id(self) not in cache:
+            cache[id(self)] = self._certify()
+        return cache[id(self)]
+
+    def _certify(self) -> tf.Tensor:
         raise NotImplementedError
 
     def propagate_inputs(self, input_bound: Bound) -> Bound:
@@ -115,17 +147,3 @@ def sample_norms(x: tf.Tensor) -> tf.Tensor:
 def as_bound(value: Any) -> tf.Tensor:
     """A bound as a scalar float32 tensor."""
     return tf.cast(tf.convert_to_tensor(value), tf.float32)
-
-
-def require_positive(name: str, value: Any, layer: str) -> float:
-    """Validate a positive finite float argument, naming it in the error."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = float("nan")
-    if not v > 0 or v == float("inf"):
-        raise ValueError(
-            f"`{name}` of {layer} must be a positive finite number. "
-            f"Received: {name}={value!r}"
-        )
-    return v

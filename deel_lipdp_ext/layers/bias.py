@@ -5,7 +5,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from .base import DPLayer, require_positive
+from .._validation import require_positive
+from .base import DPLayer
 
 _PACKAGE = "deel_lipdp_ext"
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from .base import DPLayer, as_bound, require_positive, sample_norms
+from .._validation import require_positive
+from .base import DPLayer, as_bound, sample_norms
 
 _PACKAGE = "deel_lipdp_ext"
 

@@ -23,22 +23,11 @@ import math
 import keras
 import tensorflow as tf
 
-from .base import KernelLayer, require_positive
+from .._validation import require_positive, require_positive_ints
+from .base import KernelLayer
 from .spectral import conv_overlap, spectral_norm_upper_bound, spectral_project
 
 _PACKAGE = "deel_lipdp_ext"
-
-
-def _pair(name: str, value, layer: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair
-    ):
-        raise ValueError(
-            f"`{name}` of {layer} must be a positive int or a pair of them. "
-            f"Received: {name}={value!r}"
-        )
-    return pair
 
 
 class _LipschitzConv2D(keras.layers.Layer, KernelLayer):
@@ -76,8 +65,8 @@ class _LipschitzConv2D(keras.layers.Layer, KernelLayer):
                 f"Received: padding={padding!r}"
             )
         self.filters = filters
-        self.kernel_size = _pair("kernel_size", kernel_size, layer)
-        self.strides = _pair("strides", strides, layer)
+        self.kernel_size = require_positive_ints("kernel_size", kernel_size, 2, layer)
+        self.strides = require_positive_ints("strides", strides, 2, layer)
         self.padding = padding
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.nm_coef = require_positive("nm_coef", nm_coef, layer)
@@ -109,7 +98,7 @@ class _LipschitzConv2D(keras.layers.Layer, KernelLayer):
     def _kernel_matrix(self, kernel):
         return tf.reshape(kernel, (-1, self.filters))
 
-    def lipschitz_bound(self) -> tf.Tensor:
+    def _certify(self) -> tf.Tensor:
         """Certified bound: sqrt(overlap) * ||M||_2 (see module docstring)."""
         return math.sqrt(self.overlap) * spectral_norm_upper_bound(
             self._kernel_matrix(self.kernel)

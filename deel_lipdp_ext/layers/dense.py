@@ -12,7 +12,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from .base import KernelLayer, require_positive
+from .._validation import require_positive
+from .base import KernelLayer
 from .spectral import spectral_norm_upper_bound, spectral_project
 
 _PACKAGE = "deel_lipdp_ext"
@@ -55,7 +56,7 @@ class _LipschitzDense(keras.layers.Layer, KernelLayer):
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.units)
 
-    def lipschitz_bound(self) -> tf.Tensor:
+    def _certify(self) -> tf.Tensor:
         """Certified upper bound of this layer's Lipschitz constant (L2)."""
         return spectral_norm_upper_bound(self.kernel)
 

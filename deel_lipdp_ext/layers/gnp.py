@@ -12,7 +12,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from .base import DPLayer, GNPLayer, as_bound, require_positive
+from .._validation import require_positive
+from .base import DPLayer, GNPLayer, as_bound
 
 _PACKAGE = "deel_lipdp_ext"
 

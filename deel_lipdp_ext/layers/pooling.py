@@ -12,6 +12,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from .._validation import require_positive_ints
 from .base import GNPLayer
 
 _PACKAGE = "deel_lipdp_ext"
@@ -23,26 +24,16 @@ def _safe_sqrt(s: tf.Tensor) -> tf.Tensor:
     return tf.where(positive, tf.sqrt(tf.where(positive, s, tf.ones_like(s))), 0.0)
 
 
-def _as_tuple(value, rank: int, name: str, layer: str) -> tuple[int, ...]:
-    t = (value,) * rank if isinstance(value, int) else tuple(value)
-    if len(t) != rank or not all(isinstance(v, int) and v > 0 for v in t):
-        raise ValueError(
-            f"`{name}` of {layer} must be a positive int or {rank} of them. "
-            f"Received: {name}={value!r}"
-        )
-    return t
-
-
 class _L2NormPooling(keras.layers.Layer, GNPLayer):
     rank = 2
 
     def __init__(self, pool_size=2, strides=None, padding: str = "valid", **kwargs):
         super().__init__(**kwargs)
         layer = type(self).__name__
-        self.pool_size = _as_tuple(pool_size, self.rank, "pool_size", layer)
-        if strides is not None and _as_tuple(strides, self.rank, "strides", layer) != (
-            self.pool_size
-        ):
+        self.pool_size = require_positive_ints("pool_size", pool_size, self.rank, layer)
+        if strides is not None and require_positive_ints(
+            "strides", strides, self.rank, layer
+        ) != (self.pool_size):
             raise ValueError(
                 f"{layer} needs strides == pool_size (non-overlapping windows). "
                 f"Received: pool_size={pool_size!r}, strides={strides!r}"

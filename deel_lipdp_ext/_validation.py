@@ -1,0 +1,36 @@
+"""Argument checks shared by layers and losses: errors name the argument, its
+owner and the value received."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def require_positive(name: str, value: Any, owner: str) -> float:
+    """`value` as a positive finite float, or a ValueError naming it."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(
+            f"`{name}` of {owner} must be a positive finite number. "
+            f"Received: {name}={value!r}"
+        )
+    return v
+
+
+def require_positive_ints(
+    name: str, value: Any, rank: int, owner: str
+) -> tuple[int, ...]:
+    """An int or `rank` positive ints, as a tuple; else a ValueError naming it."""
+    t = (value,) * rank if isinstance(value, int) else tuple(value)
+    if len(t) != rank or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in t
+    ):
+        raise ValueError(
+            f"`{name}` of {owner} must be a positive int or {rank} of them. "
+            f"Received: {name}={value!r}"
+        )
+    return t
