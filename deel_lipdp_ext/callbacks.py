@@ -1,4 +1,5 @@
-"""`DP_Accountant`: epsilon after every epoch, in the Keras logs, with a budget stop."""
+"""Callbacks: `DP_Accountant` (epsilon after every epoch, in the Keras logs, with a
+budget stop) and the dynamic-clipping callbacks (from `dynamic_clipping`)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,24 @@ from collections.abc import Callable
 import keras
 
 from .accounting import ACCOUNTANTS, epsilon_for_spec
+from .dynamic_clipping import (
+    AdaptiveQuantileClipping,
+    LaplaceAdaptiveLossGradientClipping,
+)
+
+__all__ = [
+    "DP_Accountant",
+    "AdaptiveQuantileClipping",
+    "LaplaceAdaptiveLossGradientClipping",
+]
 
 
 class DP_Accountant(keras.callbacks.Callback):
     """Writes `epsilon` and `delta` into the epoch logs; stops within a budget.
 
     The logs reach the progress bar, `History`, `CSVLogger` and `TensorBoard`.
+    Epsilon covers everything the model's `privacy_spec` holds: the gradient
+    steps and every release in its ledger (dynamic-clipping updates).
     With `epsilon_budget`, training stops at the end of the last epoch whose
     epsilon is within budget: after each epoch it checks whether ONE MORE
     epoch would exceed the budget, so the reported epsilon never does.
@@ -63,19 +76,26 @@ class DP_Accountant(keras.callbacks.Callback):
                 f"DP_Accountant: sampling={meta.sampling!r}; epsilon uses the Poisson "
                 "subsampling analysis, the usual heuristic for shuffled batches."
             )
-        if (
-            self.epsilon_budget is not None
-            and self._epsilon_after(1) > self.epsilon_budget
-        ):
-            raise ValueError(
-                f"One epoch already exceeds epsilon_budget={self.epsilon_budget} "
-                f"(epsilon would be {self._epsilon_after(1):.4g})."
-            )
+        if self.epsilon_budget is not None:
+            first = self._epsilon_after(next_epoch=0)
+            if first > self.epsilon_budget:
+                raise ValueError(
+                    f"One epoch already exceeds epsilon_budget={self.epsilon_budget} "
+                    f"(epsilon would be {first:.4g})."
+                )
 
-    def _epsilon_after(self, more_epochs: int) -> float:
-        steps = int(self.model.dp_steps.numpy())
-        steps += more_epochs * self.model.dataset_metadata.nb_steps_per_epoch
-        return epsilon_for_spec(self.model.privacy_spec(steps), self.accountant)
+    def _epsilon_after(self, next_epoch: int) -> float:
+        """Epsilon if epoch `next_epoch` runs too: its steps and the releases
+        the model's release schedules plan for it."""
+        model = self.model
+        steps = int(model.dp_steps.numpy()) + model.dataset_metadata.nb_steps_per_epoch
+        releases = list(model.privacy_ledger)
+        for schedule in model.release_schedules:
+            planned = schedule.scheduled_release(next_epoch)
+            if planned is not None:
+                releases.append(planned)
+        spec = model.privacy_spec(steps, tuple(releases))
+        return epsilon_for_spec(spec, self.accountant)
 
     def on_epoch_end(self, epoch, logs=None):
         spec = self.model.privacy_spec()
@@ -88,7 +108,7 @@ class DP_Accountant(keras.callbacks.Callback):
             self.log_fn(epoch, dict(record))
         if (
             self.epsilon_budget is not None
-            and self._epsilon_after(1) > self.epsilon_budget
+            and self._epsilon_after(next_epoch=epoch + 1) > self.epsilon_budget
         ):
             print(
                 f"DP_Accountant: epsilon={epsilon:.4g}; another epoch would exceed "

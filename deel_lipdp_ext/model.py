@@ -23,7 +23,7 @@ from keras.src.models.functional import Functional, functional_from_config
 from keras.src.ops.function import make_node_key
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from .accounting import PrivacySpec
+from .accounting import PrivacySpec, Release, merge_releases
 from .bounds import check_dp_chain, compute_gradient_bounds, noise_coefficients
 from .data import DatasetMetadata
 from .layers.bounded import DP_BoundedInput
@@ -98,6 +98,10 @@ class _DPTrainer:
                 )
         self.dp_parameters = dp_parameters
         self.dataset_metadata = dataset_metadata
+        # Private releases besides the gradient steps (dynamic clipping), saved
+        # with the model; and the callbacks that plan more (not saved).
+        self.privacy_ledger: tuple[Release, ...] = ()
+        self.release_schedules: list = []
         self._dp_loss = None
         self.dp_steps = keras.Variable(
             0, dtype="int64", trainable=False, name="dp_steps"
@@ -304,8 +308,18 @@ class _DPTrainer:
         return self.compute_metrics(x, y, y_pred, sample_weight=weight)
 
     # -------------------------------------------------------------- privacy
-    def privacy_spec(self, steps: int | None = None) -> PrivacySpec:
-        """The mechanism run so far (or for `steps` steps), for the accountant."""
+    def record_release(self, release: Release) -> None:
+        """Add a private release (e.g. a clipping update) to the ledger that
+        `privacy_spec` reports: nothing that reads the data is left out."""
+        if not isinstance(release, Release):
+            raise TypeError(f"Expected a Release. Received: {release!r}")
+        self.privacy_ledger = merge_releases((*self.privacy_ledger, release))
+
+    def privacy_spec(
+        self, steps: int | None = None, releases: tuple[Release, ...] | None = None
+    ) -> PrivacySpec:
+        """The mechanism run so far: `steps` gradient steps (default: the steps
+        taken) and `releases` (default: the ledger), for the accountant."""
         sigma = float(self.dp_parameters.noise_multiplier)
         if self.dp_parameters.noisify_strategy == "global":
             multipliers = (sigma,)
@@ -319,10 +333,14 @@ class _DPTrainer:
             noise_multipliers=multipliers,
             delta=float(self.dp_parameters.delta),
             sampling=meta.sampling,
+            releases=self.privacy_ledger if releases is None else tuple(releases),
         )
 
-    def _restore_dp_config(self, dp_parameters: dict | None, metadata: dict | None):
+    def _restore_dp_config(
+        self, dp_parameters: dict | None, metadata: dict | None, ledger: list
+    ):
         """Set the DP configuration read back by `from_config`."""
+        self.privacy_ledger = merge_releases([Release(**r) for r in ledger or ()])
         if dp_parameters is not None:
             self.dp_parameters = DPParameters.from_dict(dp_parameters)
         if metadata is not None:
@@ -338,6 +356,7 @@ class _DPTrainer:
                 if self.dataset_metadata is None
                 else self.dataset_metadata.to_dict()
             ),
+            "privacy_ledger": [r.to_dict() for r in self.privacy_ledger],
         }
 
 
@@ -380,8 +399,9 @@ class DPSequential(_DPTrainer, keras.Sequential):
         config = dict(config)
         dp_parameters = config.pop("dp_parameters", None)
         metadata = config.pop("dataset_metadata", None)
+        ledger = config.pop("privacy_ledger", [])
         model = super().from_config(config, custom_objects=custom_objects)
-        model._restore_dp_config(dp_parameters, metadata)
+        model._restore_dp_config(dp_parameters, metadata, ledger)
         return model
 
 
@@ -473,8 +493,9 @@ class DPModel(_DPTrainer, Functional):
         config = dict(config)
         dp_parameters = config.pop("dp_parameters", None)
         metadata = config.pop("dataset_metadata", None)
+        ledger = config.pop("privacy_ledger", [])
         model = functional_from_config(cls, config, custom_objects=custom_objects)
-        model._restore_dp_config(dp_parameters, metadata)
+        model._restore_dp_config(dp_parameters, metadata, ledger)
         return model
 
 

@@ -9,41 +9,252 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
+from typing import Protocol
 
 import dp_accounting
-from dp_accounting.pld import pld_privacy_accountant
+import dp_accounting.pld.common
+import numpy as np
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from .events import PrivacySpec, make_dp_event
+from .._validation import require_positive_ints
+from .events import (
+    PrivacySpec,
+    PureDpEvent,
+    Release,
+    make_dp_event,
+    training_step_event,
+)
 
 ACCOUNTANTS = ("rdp", "pld")
 
+#: RDP orders: dp-accounting's defaults, so epsilons equal `RdpAccountant`'s.
+RDP_ORDERS = np.asarray(rdp_privacy_accountant.DEFAULT_RDP_ORDERS, dtype=np.float64)
+#: PLD discretization: dp-accounting's `PLDAccountant` default.
+PLD_DISCRETIZATION = 1e-4
 
-def _make_accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
-    if accountant == "rdp":
-        return rdp_privacy_accountant.RdpAccountant()
-    if accountant == "pld":
-        return pld_privacy_accountant.PLDAccountant()
-    raise ValueError(
-        f"`accountant` must be 'rdp' or 'pld'. Received: accountant={accountant!r}"
-    )
+
+def _check_accountant(accountant: str) -> None:
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(
+            f"`accountant` must be 'rdp' or 'pld'. Received: accountant={accountant!r}"
+        )
+
+
+def flatten_event(
+    event: dp_accounting.DpEvent, count: int = 1
+) -> list[tuple[dp_accounting.DpEvent, int]]:
+    """The leaves of a composition tree with how many times each runs."""
+    if isinstance(event, dp_accounting.NoOpDpEvent):
+        return []
+    if isinstance(event, dp_accounting.SelfComposedDpEvent):
+        return flatten_event(event.event, count * event.count)
+    if isinstance(event, dp_accounting.ComposedDpEvent):
+        return [leaf for e in event.events for leaf in flatten_event(e, count)]
+    return [(event, count)] if count > 0 else []
+
+
+def pure_dp_rdp(epsilon: float, orders: np.ndarray) -> np.ndarray:
+    """Renyi DP of ANY epsilon-DP mechanism, tight: the Renyi divergence of
+    binary randomized response with ratio e^epsilon (Kairouz, Oh, Viswanath
+    2015: every epsilon-DP pair of output distributions is a post-processing
+    of that pair, and Renyi divergences shrink under post-processing):
+
+        r(a) = log((e^(a eps) + e^((1 - a) eps)) / (1 + e^eps)) / (a - 1)
+
+    It is <= min(eps, a eps^2 / 2).
+    """
+    orders = np.asarray(orders, dtype=np.float64)
+    log_num = np.logaddexp(orders * epsilon, (1.0 - orders) * epsilon)
+    return (log_num - np.logaddexp(0.0, epsilon)) / (orders - 1.0)
+
+
+def rdp_of_event(
+    event: dp_accounting.DpEvent, orders: np.ndarray = RDP_ORDERS
+) -> np.ndarray:
+    """Renyi DP of `event` at `orders`: dp-accounting's RDP accountant for
+    what it supports, plus `pure_dp_rdp` for pure-DP releases.
+
+    Raises:
+        ValueError: an event neither handles.
+    """
+    rdp = np.zeros_like(orders, dtype=np.float64)
+    standard = []
+    for leaf, count in flatten_event(event):
+        if isinstance(leaf, PureDpEvent):
+            rdp += count * pure_dp_rdp(leaf.epsilon, orders)
+        else:
+            standard.append(dp_accounting.SelfComposedDpEvent(leaf, count))
+    if standard:
+        acc = rdp_privacy_accountant.RdpAccountant(list(orders))
+        composed = dp_accounting.ComposedDpEvent(standard)
+        if not acc.supports(composed):
+            raise ValueError(f"The 'rdp' accountant does not support the event {event}")
+        acc.compose(composed)
+        # dp-accounting has no public getter for the RDP curve; `_rdp` is read
+        # here only (pinned dp-accounting version, checked by the tests).
+        rdp += acc._rdp  # noqa: SLF001
+    return rdp
+
+
+def epsilon_from_rdp(rdp: np.ndarray, delta: float, orders=RDP_ORDERS) -> float:
+    """The (epsilon, delta) conversion of dp-accounting's RDP accountant."""
+    return float(rdp_privacy_accountant.compute_epsilon(orders, rdp, delta)[0])
+
+
+def _pld_of_leaf(leaf: dp_accounting.DpEvent, count: int):
+    """The PLD of `count` runs of `leaf`, built as `PLDAccountant` builds it."""
+    kw = {"value_discretization_interval": PLD_DISCRETIZATION}
+    if isinstance(leaf, PureDpEvent):
+        # dp-accounting's pessimistic PLD of an (eps, 0)-DP mechanism: the
+        # randomized-response pair, which dominates every eps-DP mechanism.
+        params = dp_accounting.pld.common.DifferentialPrivacyParameters(leaf.epsilon, 0)
+        return pld_lib.from_privacy_parameters(params, **kw).self_compose(count)
+    if isinstance(leaf, dp_accounting.GaussianDpEvent):
+        return pld_lib.from_gaussian_mechanism(
+            standard_deviation=leaf.noise_multiplier / math.sqrt(count), **kw
+        )
+    if isinstance(leaf, dp_accounting.LaplaceDpEvent):
+        return pld_lib.from_laplace_mechanism(
+            parameter=leaf.noise_multiplier, **kw
+        ).self_compose(count)
+    if isinstance(leaf, dp_accounting.PoissonSampledDpEvent):
+        inner = leaf.event
+        if isinstance(inner, dp_accounting.GaussianDpEvent):
+            return pld_lib.from_gaussian_mechanism(
+                standard_deviation=inner.noise_multiplier,
+                sampling_prob=leaf.sampling_probability,
+                **kw,
+            ).self_compose(count)
+        if isinstance(inner, dp_accounting.LaplaceDpEvent):
+            return pld_lib.from_laplace_mechanism(
+                parameter=inner.noise_multiplier,
+                sampling_prob=leaf.sampling_probability,
+                **kw,
+            ).self_compose(count)
+    raise ValueError(f"The 'pld' accountant does not support the event {leaf}")
+
+
+def pld_of_event(event: dp_accounting.DpEvent):
+    """The privacy loss distribution of `event` (dp-accounting's PLD library)."""
+    pld = pld_lib.identity(value_discretization_interval=PLD_DISCRETIZATION)
+    for leaf, count in flatten_event(event):
+        pld = pld.compose(_pld_of_leaf(leaf, count))
+    return pld
 
 
 def compute_epsilon(
     event: dp_accounting.DpEvent, delta: float, accountant: str = "rdp"
 ) -> float:
-    """Epsilon of `event` at `delta` with the named dp-accounting accountant."""
-    acc = _make_accountant(accountant)
-    if not acc.supports(event):
-        raise ValueError(
-            f"The {accountant!r} accountant does not support the event {event}"
-        )
-    return float(acc.compose(event).get_epsilon(delta))
+    """Epsilon of `event` at `delta` with dp-accounting's RDP or PLD machinery.
+
+    Supports the events the library produces: (Poisson-subsampled) Gaussian
+    and Laplace mechanisms, pure-DP `PureDpEvent` releases, and
+    their compositions. For events without pure-DP releases the result equals
+    `RdpAccountant` / `PLDAccountant` exactly.
+    """
+    _check_accountant(accountant)
+    if accountant == "rdp":
+        return epsilon_from_rdp(rdp_of_event(event), delta)
+    return float(pld_of_event(event).get_epsilon_for_delta(delta))
 
 
 def epsilon_for_spec(spec: PrivacySpec, accountant: str = "rdp") -> float:
     """Epsilon of a training run described by `spec`."""
     return compute_epsilon(make_dp_event(spec), spec.delta, accountant)
+
+
+class ReleaseSchedule(Protocol):
+    """Anything that plans private releases per epoch (the dynamic-clipping
+    callbacks): the release at the start of epoch `epoch` (0-based), or None."""
+
+    def scheduled_release(self, epoch: int) -> Release | None: ...
+
+
+def _curve_components(
+    source, epochs: int, schedules: Sequence[ReleaseSchedule]
+) -> tuple[list[tuple[dp_accounting.DpEvent, np.ndarray]], float]:
+    """(event of one run, cumulative run count after each epoch) per mechanism."""
+    after = np.arange(1, epochs + 1, dtype=np.int64)
+    if isinstance(source, PrivacySpec):
+        spec, schedules = source, list(schedules)
+    elif hasattr(source, "privacy_spec") and hasattr(source, "dataset_metadata"):
+        steps = source.dataset_metadata.nb_steps_per_epoch
+        spec = dataclasses.replace(source.privacy_spec(steps), releases=())
+        schedules = list(schedules) or list(getattr(source, "release_schedules", []))
+    else:
+        raise TypeError(
+            "epsilon_curve needs a PrivacySpec (one epoch) or a DP model. "
+            f"Received: {type(source).__name__}"
+        )
+    components = []
+    if spec.steps > 0:
+        components.append((training_step_event(spec), spec.steps * after))
+    for release in spec.releases:
+        components.append((release.single_event(), release.count * after))
+    for schedule in schedules:
+        planned = [schedule.scheduled_release(k) for k in range(epochs)]
+        by_key: dict[tuple, tuple[Release, np.ndarray]] = {}
+        for k, release in enumerate(planned):
+            if release is None:
+                continue
+            first, runs = by_key.get(release.key, (release, np.zeros(epochs, np.int64)))
+            runs[k] += release.count
+            by_key[release.key] = (first, runs)
+        for release, runs in by_key.values():
+            components.append((release.single_event(), np.cumsum(runs)))
+    return components, spec.delta
+
+
+def epsilon_curve(
+    source,
+    epochs: int,
+    accountant: str = "rdp",
+    *,
+    schedules: Sequence[ReleaseSchedule] = (),
+) -> np.ndarray:
+    """Epsilon after each of `epochs` epochs of a fresh run, all at once.
+
+    Args:
+        source: a `PrivacySpec` of ONE epoch (`steps` per epoch; each release's
+            `count` is per epoch), or a DP model (steps per epoch from its
+            `dataset_metadata`; releases from `schedules`, or from the
+            dynamic-clipping callbacks attached to it).
+        epochs: number of epochs.
+        accountant: "rdp" (RDP is additive in the run counts: each mechanism's
+            RDP curve is computed once, then one conversion per epoch) or
+            "pld" (one PLD per epoch: ~0.1-0.5 s each).
+        schedules: release schedules (see `ReleaseSchedule`).
+
+    Returns:
+        float64 array of shape (epochs,): epsilon after epochs 1..epochs.
+    """
+    _check_accountant(accountant)
+    epochs = require_positive_ints("epochs", epochs, 1, "epsilon_curve")[0]
+    components, delta = _curve_components(source, epochs, schedules)
+    curve = np.zeros(epochs, dtype=np.float64)
+    if accountant == "rdp":
+        units = [rdp_of_event(event) for event, _ in components]
+        for k in range(epochs):
+            rdp = sum(
+                (
+                    runs[k] * unit
+                    for unit, (_, runs) in zip(units, components, strict=True)
+                ),
+                np.zeros_like(RDP_ORDERS),
+            )
+            curve[k] = epsilon_from_rdp(rdp, delta)
+        return curve
+    for k in range(epochs):
+        # Self-composing each mechanism from scratch is faster than composing
+        # the growing PLD with one more epoch, and equals `compute_epsilon`.
+        pld = pld_lib.identity(value_discretization_interval=PLD_DISCRETIZATION)
+        for event, runs in components:
+            if runs[k] > 0:
+                pld = pld.compose(_pld_of_leaf(event, int(runs[k])))
+        curve[k] = pld.get_epsilon_for_delta(delta)
+    return curve
 
 
 def _epsilon(
@@ -121,7 +332,8 @@ def get_max_epochs(
 
     Args:
         epsilon_budget: the budget.
-        spec_per_epoch: the run's spec with `steps` = steps in ONE epoch.
+        spec_per_epoch: the run's spec for ONE epoch (`steps` and each
+            release's `count` per epoch).
         accountant: "rdp" or "pld".
         max_epochs: search ceiling.
 
@@ -130,7 +342,13 @@ def get_max_epochs(
     """
 
     def eps(epochs: int) -> float:
-        spec = dataclasses.replace(spec_per_epoch, steps=epochs * spec_per_epoch.steps)
+        spec = dataclasses.replace(
+            spec_per_epoch,
+            steps=epochs * spec_per_epoch.steps,
+            releases=tuple(
+                r.with_count(epochs * r.count) for r in spec_per_epoch.releases
+            ),
+        )
         return epsilon_for_spec(spec, accountant)
 
     if eps(1) > epsilon_budget:

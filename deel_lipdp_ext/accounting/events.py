@@ -1,16 +1,119 @@
 """What ran, as a dp-accounting event (the single route to epsilon).
 
+A training run is the noisy gradient steps (Poisson-subsampled Gaussians)
+plus every auxiliary release that read the private data, such as the
+dynamic-clipping updates (`Release`). `make_dp_event` composes all of them.
+
 Reference: Google's dp-accounting (`GaussianDpEvent`, `PoissonSampledDpEvent`,
-`SelfComposedDpEvent`).
+`SelfComposedDpEvent`, `ComposedDpEvent`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+import attr
 import dp_accounting
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class PureDpEvent(dp_accounting.DpEvent):
+    """An `epsilon`-DP mechanism (delta = 0), e.g. the sparse vector technique.
+
+    dp-accounting 0.6 has no such event; `compute_epsilon` accounts it with the
+    randomized-response pair that dominates every epsilon-DP mechanism.
+    """
+
+    epsilon: float
+
+
+#: Mechanisms a `Release` can describe.
+RELEASE_MECHANISMS = ("gaussian", "pure_dp")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class Release:
+    """`count` runs of one private mechanism outside the gradient steps.
+
+    Args:
+        name: what released it (e.g. "adaptive_quantile_clipping").
+        mechanism: "gaussian": a Gaussian mechanism of noise multiplier
+            `parameter` (noise std / L2 sensitivity), Poisson-subsampled at
+            `sampling_rate` when that is < 1. "pure_dp": a mechanism that is
+            `parameter`-DP (pure epsilon, delta = 0), e.g. the sparse vector
+            technique; no amplification by subsampling is claimed for it.
+        parameter: the noise multiplier, or the pure-DP epsilon.
+        sampling_rate: Poisson rate of the data the mechanism read ("gaussian").
+        count: how many times it ran.
+    """
+
+    name: str
+    mechanism: str
+    parameter: float
+    sampling_rate: float = 1.0
+    count: int = 1
+
+    def __post_init__(self):
+        _require(
+            self.mechanism in RELEASE_MECHANISMS,
+            f"`mechanism` must be one of {RELEASE_MECHANISMS}. "
+            f"Received: {self.mechanism!r}",
+        )
+        _require(
+            self.parameter > 0 and math.isfinite(self.parameter),
+            f"`parameter` of release {self.name!r} must be a positive finite "
+            f"number. Received: {self.parameter!r}",
+        )
+        _require(
+            0 < self.sampling_rate <= 1,
+            f"`sampling_rate` must be in (0, 1]. Received: {self.sampling_rate!r}",
+        )
+        _require(
+            int(self.count) == self.count and self.count >= 0,
+            f"`count` must be an int >= 0. Received: {self.count!r}",
+        )
+        object.__setattr__(self, "parameter", float(self.parameter))
+        object.__setattr__(self, "sampling_rate", float(self.sampling_rate))
+        object.__setattr__(self, "count", int(self.count))
+
+    @property
+    def key(self) -> tuple:
+        """Releases with equal keys are the same mechanism: their counts add."""
+        return (self.name, self.mechanism, self.parameter, self.sampling_rate)
+
+    def with_count(self, count: int) -> Release:
+        return Release(
+            self.name, self.mechanism, self.parameter, self.sampling_rate, count
+        )
+
+    def single_event(self) -> dp_accounting.DpEvent:
+        """The event of ONE run of the mechanism."""
+        if self.mechanism == "pure_dp":
+            return PureDpEvent(self.parameter)
+        gaussian = dp_accounting.GaussianDpEvent(self.parameter)
+        if self.sampling_rate == 1.0:
+            return gaussian
+        return dp_accounting.PoissonSampledDpEvent(self.sampling_rate, gaussian)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def merge_releases(releases: Sequence[Release]) -> tuple[Release, ...]:
+    """Add up the counts of releases of the same mechanism (order kept)."""
+    merged: dict[tuple, Release] = {}
+    for release in releases:
+        if release.key in merged:
+            release = release.with_count(merged[release.key].count + release.count)
+        merged[release.key] = release
+    return tuple(r for r in merged.values() if r.count > 0)
 
 
 @dataclass(frozen=True)
@@ -25,6 +128,7 @@ class PrivacySpec:
             strategy, already multiplied by the layer's `nm_coef`).
         delta: target delta.
         sampling: "poisson" (exact) or "shuffle" (accounted as Poisson: heuristic).
+        releases: the other private releases (dynamic clipping updates...).
     """
 
     sampling_rate: float
@@ -32,24 +136,34 @@ class PrivacySpec:
     noise_multipliers: tuple[float, ...]
     delta: float
     sampling: str = "poisson"
+    releases: tuple[Release, ...] = ()
 
     def __post_init__(self):
-        if not 0 < self.sampling_rate <= 1:
-            raise ValueError(
-                f"`sampling_rate` must be in (0, 1]. Received: {self.sampling_rate!r}"
-            )
-        if int(self.steps) != self.steps or self.steps < 0:
-            raise ValueError(f"`steps` must be an int >= 0. Received: {self.steps!r}")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"`delta` must be in (0, 1). Received: {self.delta!r}")
+        _require(
+            0 < self.sampling_rate <= 1,
+            f"`sampling_rate` must be in (0, 1]. Received: {self.sampling_rate!r}",
+        )
+        _require(
+            int(self.steps) == self.steps and self.steps >= 0,
+            f"`steps` must be an int >= 0. Received: {self.steps!r}",
+        )
+        _require(
+            0 < self.delta < 1, f"`delta` must be in (0, 1). Received: {self.delta!r}"
+        )
         sigmas = tuple(float(s) for s in self.noise_multipliers)
-        if not sigmas or not all(s > 0 and math.isfinite(s) for s in sigmas):
-            raise ValueError(
-                "`noise_multipliers` must be positive finite numbers. "
-                f"Received: {self.noise_multipliers!r}"
-            )
+        _require(
+            bool(sigmas) and all(s > 0 and math.isfinite(s) for s in sigmas),
+            "`noise_multipliers` must be positive finite numbers. "
+            f"Received: {self.noise_multipliers!r}",
+        )
+        for release in self.releases:
+            if not isinstance(release, Release):
+                raise TypeError(
+                    f"`releases` must hold Release objects. Received: {release!r}"
+                )
         object.__setattr__(self, "noise_multipliers", sigmas)
         object.__setattr__(self, "steps", int(self.steps))
+        object.__setattr__(self, "releases", merge_releases(self.releases))
 
     @property
     def is_exact(self) -> bool:
@@ -63,16 +177,28 @@ def effective_noise_multiplier(noise_multipliers: Sequence[float]) -> float:
     return sum(s**-2.0 for s in noise_multipliers) ** -0.5
 
 
-def make_dp_event(spec: PrivacySpec) -> dp_accounting.DpEvent:
-    """The dp-accounting event for `spec.steps` Poisson-subsampled Gaussian steps."""
-    if spec.steps == 0:
-        return dp_accounting.NoOpDpEvent()
+def training_step_event(spec: PrivacySpec) -> dp_accounting.DpEvent:
+    """The event of ONE noisy gradient step of `spec`."""
     gaussian = dp_accounting.GaussianDpEvent(
         effective_noise_multiplier(spec.noise_multipliers)
     )
-    step = (
-        gaussian
-        if spec.sampling_rate == 1.0
-        else dp_accounting.PoissonSampledDpEvent(spec.sampling_rate, gaussian)
-    )
-    return dp_accounting.SelfComposedDpEvent(step, spec.steps)
+    if spec.sampling_rate == 1.0:
+        return gaussian
+    return dp_accounting.PoissonSampledDpEvent(spec.sampling_rate, gaussian)
+
+
+def make_dp_event(spec: PrivacySpec) -> dp_accounting.DpEvent:
+    """The dp-accounting event of everything `spec` describes: `spec.steps`
+    Poisson-subsampled Gaussian steps, composed with every release."""
+    parts = []
+    if spec.steps > 0:
+        parts.append(
+            dp_accounting.SelfComposedDpEvent(training_step_event(spec), spec.steps)
+        )
+    for release in spec.releases:
+        parts.append(
+            dp_accounting.SelfComposedDpEvent(release.single_event(), release.count)
+        )
+    if not parts:
+        return dp_accounting.NoOpDpEvent()
+    return parts[0] if len(parts) == 1 else dp_accounting.ComposedDpEvent(parts)

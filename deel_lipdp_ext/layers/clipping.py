@@ -45,12 +45,23 @@ class DP_ClipGradient(keras.layers.Layer, DPLayer):
             )
         self.mode = mode
         self._batch_size = None
+        self._probe: list | None = None
         self.clip_value = self.add_weight(
             name="clip_value",
             shape=(),
             initializer=keras.initializers.Constant(self.initial_clip_value),
             trainable=False,
         )
+
+    def set_clip_value(self, value: float) -> None:
+        """Set the clipping value (mode "dynamic" only: a clipping callback
+        sets it, and accounts the private release that chose it)."""
+        if self.mode != "dynamic":
+            raise ValueError(
+                f"DP_ClipGradient '{self.name}' has mode='fixed': only a "
+                "mode='dynamic' layer may have its clip value changed."
+            )
+        self.clip_value.assign(require_positive("clip_value", value, "DP_ClipGradient"))
 
     def set_expected_batch_size(self, batch_size: int) -> None:
         self._batch_size = int(batch_size)
@@ -78,7 +89,10 @@ class DP_ClipGradient(keras.layers.Layer, DPLayer):
 
             return tf.identity(x), grad
 
-        return clip(inputs)
+        outputs = clip(inputs)
+        if self._probe is not None:  # eager probing by the clipping callbacks
+            self._probe.append(outputs)
+        return outputs
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -1,0 +1,298 @@
+"""Dynamic clipping callbacks: their updates, their privacy cost, their refusals."""
+
+import dp_accounting
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from deel_lipdp_ext import layers as L
+from deel_lipdp_ext import losses
+from deel_lipdp_ext.accounting import Release, epsilon_curve, epsilon_for_spec
+from deel_lipdp_ext.accounting.epsilon import RDP_ORDERS, pure_dp_rdp
+from deel_lipdp_ext.callbacks import (
+    AdaptiveQuantileClipping,
+    DP_Accountant,
+    LaplaceAdaptiveLossGradientClipping,
+)
+from deel_lipdp_ext.data import poisson_batches
+from deel_lipdp_ext.dynamic_clipping import clip_layer_gradient_norms
+from deel_lipdp_ext.sensitivity import gradient_norm_check
+
+from .helpers import dp_model, one_hot, unit_samples
+
+N, B = 200, 50
+X, Y = unit_samples(N, (8, 8, 1)), one_hot(np.arange(N))
+
+
+def two_clip_model(sigma=1.0):
+    return dp_model(
+        [
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_Flatten(),
+            L.DP_QuickSpectralDense(16),
+            L.DP_ClipGradient(0.5, mode="dynamic"),
+            L.DP_GroupSort(2),
+            L.DP_QuickSpectralDense(10),
+            L.DP_ClipGradient(2.0, mode="dynamic"),
+        ],
+        sigma=sigma,
+        n=N,
+        batch_size=B,
+    )
+
+
+def loss_clip_model(clip=2.0):
+    return dp_model(
+        [
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_Flatten(),
+            L.DP_QuickSpectralDense(10),
+            L.DP_ClipGradient(clip, mode="dynamic"),
+        ],
+        n=N,
+        batch_size=B,
+    )
+
+
+def ds(seed=0):
+    return poisson_batches(X, Y, B, seed=seed)
+
+
+def gaussian_steps(q, sigma, steps):
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
+        steps,
+    )
+
+
+def test_probed_norms_equal_a_per_sample_loop():
+    model = loss_clip_model()
+    x, y = X[:6], Y[:6]
+    norms, included = clip_layer_gradient_norms(model, model.dp_layers[-1:], x, y)
+    loss = losses.DP_TauCategoricalCrossentropy(8.0)
+    for i in range(6):
+        logits = tf.Variable(model(x[i : i + 1]))
+        with tf.GradientTape() as tape:
+            value = loss.call(y[i : i + 1], logits)
+        g = tape.gradient(value, logits)
+        assert norms[0][i] == pytest.approx(float(tf.norm(g)), rel=1e-5)
+    np.testing.assert_array_equal(included, np.ones(6))
+    mask = np.array([1, 0, 1, 1, 0, 1], np.float32)
+    _, included = clip_layer_gradient_norms(model, model.dp_layers[-1:], x, y, mask)
+    np.testing.assert_array_equal(included, mask)
+
+
+def test_quantile_update_is_the_geometric_rule():
+    model = two_clip_model()
+    cb = AdaptiveQuantileClipping(
+        ds(), noise_multiplier=1e-9, quantile=0.7, learning_rate=0.5
+    )
+    cb.set_model(model)
+    layers = cb.target_layers()
+    x, y, mask = next(iter(ds(1)))
+    norms, included = clip_layer_gradient_norms(model, layers, x, y, mask)
+    before = [float(layer.clip_value.numpy()) for layer in layers]
+    cb.update(layers, norms, included)
+    for layer, n, c in zip(layers, norms, before, strict=True):
+        frac = np.sum(included * (n <= c)) / B
+        want = c * np.exp(-0.5 * (frac - 0.7))
+        assert float(layer.clip_value.numpy()) == pytest.approx(want, rel=1e-5)
+
+
+def test_quantile_clipping_converges_to_the_quantile_without_noise():
+    model = loss_clip_model(clip=5.0)
+    cb = AdaptiveQuantileClipping(
+        ds(), noise_multiplier=1e-9, quantile=0.3, learning_rate=0.2
+    )
+    cb.set_model(model)
+    layer = cb.target_layers()[0]
+    norms = np.random.default_rng(0).lognormal(size=B)
+    for _ in range(300):
+        cb.update([layer], [norms], np.ones(B))
+    unclipped = np.mean(norms <= float(layer.clip_value.numpy()))
+    assert unclipped == pytest.approx(0.3, abs=0.05)
+
+
+def test_quantile_clipping_costs_exactly_its_event():
+    sigma, sigma_b, q = 1.3, 4.0, B / N
+    model = two_clip_model(sigma)
+    cb = AdaptiveQuantileClipping(ds(1), patience=2, noise_multiplier=sigma_b, seed=0)
+    history = model.fit(ds(), epochs=3, verbose=0, callbacks=[cb, DP_Accountant()])
+    # Updates at epochs 0 and 2; two dynamic layers: sensitivity sqrt(2).
+    assert model.privacy_ledger == (
+        Release("adaptive_quantile_clipping", "gaussian", sigma_b / np.sqrt(2), q, 2),
+    )
+    steps_per_epoch = N // B
+    for epoch, eps in enumerate(history.history["epsilon"], start=1):
+        updates = 1 if epoch < 3 else 2
+        acc = rdp_privacy_accountant.RdpAccountant()
+        acc.compose(gaussian_steps(q, sigma, epoch * steps_per_epoch))
+        acc.compose(gaussian_steps(q, sigma_b / np.sqrt(2), updates))
+        assert eps == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    for layer in cb.target_layers():
+        assert len(history.history[f"clip_value_{layer.name}"]) == 3
+    # The curve of a fresh run plans the same updates.
+    np.testing.assert_allclose(
+        epsilon_curve(model, 3), history.history["epsilon"], rtol=1e-9
+    )
+
+
+def test_laplace_svt_costs_exactly_its_event():
+    model = loss_clip_model()
+    cb = LaplaceAdaptiveLossGradientClipping(ds(1), patience=1, epsilon=0.5, seed=0)
+    history = model.fit(ds(), epochs=2, verbose=0, callbacks=[cb, DP_Accountant()])
+    assert model.privacy_ledger == (
+        Release("laplace_svt_clipping", "pure_dp", 0.5, 1.0, 2),
+    )
+    for epoch, eps in enumerate(history.history["epsilon"], start=1):
+        acc = rdp_privacy_accountant.RdpAccountant()
+        acc.compose(gaussian_steps(B / N, 1.0, epoch * (N // B)))
+        rdp = acc._rdp + epoch * pure_dp_rdp(0.5, RDP_ORDERS)
+        want = rdp_privacy_accountant.compute_epsilon(RDP_ORDERS, rdp, 1e-5)[0]
+        assert eps == pytest.approx(want, rel=1e-9)
+    assert "clip_value" in history.history
+
+
+def test_svt_picks_the_grid_point_above_the_quantile_when_noise_vanishes():
+    model = loss_clip_model()
+    grid = [4.0, 2.0, 1.0, 0.5, 0.25, 0.125]
+    cb = LaplaceAdaptiveLossGradientClipping(
+        ds(), epsilon=1e9, quantile=0.8, candidates=grid, seed=0
+    )
+    cb.set_model(model)
+    norms = np.concatenate([np.full(38, 0.3), np.full(12, 1.5)])  # 24% above 1.0
+    # Threshold (1 - 0.8) * 50 = 10: above 2.0 -> 0, above 1.0 -> 12 (stop).
+    assert cb.choose(norms, np.ones(50)) == 2.0
+    assert cb.choose(np.full(50, 0.01), np.ones(50)) == 0.125  # never stops
+    assert cb.choose(np.full(50, 9.0), np.ones(50)) == 4.0  # stops at once
+
+
+def test_svt_output_distribution_is_epsilon_dp():
+    """Empirical check of AboveThreshold's guarantee on a neighbouring pair
+    built to move every count: P[out | D] <= e^eps P[out | D'] (+ sampling slack)."""
+    model = loss_clip_model()
+    grid = [1.0, 0.8, 0.6, 0.4, 0.2]
+    eps = 1.0
+    d = np.array([0.9] * 5 + [0.1] * 45)
+    d_prime = np.concatenate([d, [1e-9 + 0.99]])  # one more sample above every c
+    inc, inc_prime = np.ones(len(d)), np.ones(len(d_prime))
+    trials = 20000
+    outs = {}
+    for name, norms, included in (("d", d, inc), ("dp", d_prime, inc_prime)):
+        cb = LaplaceAdaptiveLossGradientClipping(
+            ds(), epsilon=eps, quantile=0.9, candidates=grid, seed=7
+        )
+        cb.set_model(model)
+        picks = [cb.choose(norms, included) for _ in range(trials)]
+        outs[name] = np.array([picks.count(c) for c in grid]) / trials
+    slack = 4 * np.sqrt(0.25 / trials)
+    assert np.all(outs["d"] <= np.exp(eps) * outs["dp"] + slack)
+    assert np.all(outs["dp"] <= np.exp(eps) * outs["d"] + slack)
+
+
+def test_bounds_follow_the_new_clip_value():
+    model = two_clip_model()
+    model.build((None, 8, 8, 1))
+    bounds = {k: float(v) for k, v in model.compute_gradient_bounds().items()}
+    first_clip = model.dp_layers[3]
+    first_clip.set_clip_value(0.05)
+    after = {k: float(v) for k, v in model.compute_gradient_bounds().items()}
+    first_kernel = model.dp_layers[2].kernel.path
+    assert after[first_kernel] < bounds[first_kernel]
+    # The per-sample gradients still respect the (smaller) bounds.
+    report = gradient_norm_check(model, (X[:32], Y[:32]))
+    assert report.max_ratio <= 1 + 1e-4
+
+
+def test_budget_stop_counts_the_next_planned_release():
+    model = loss_clip_model()
+    cb = LaplaceAdaptiveLossGradientClipping(ds(1), epsilon=2.0, seed=0)
+    spec1 = model.privacy_spec(
+        N // B, (Release("laplace_svt_clipping", "pure_dp", 2.0),)
+    )
+    spec2 = model.privacy_spec(
+        2 * (N // B), (Release("laplace_svt_clipping", "pure_dp", 2.0, count=2),)
+    )
+    e1, e2 = epsilon_for_spec(spec1), epsilon_for_spec(spec2)
+    without_release = epsilon_for_spec(model.privacy_spec(2 * (N // B), ()))
+    budget = (max(e1, without_release) + e2) / 2
+    assert without_release < budget < e2
+    history = model.fit(
+        ds(), epochs=5, verbose=0, callbacks=[cb, DP_Accountant(epsilon_budget=budget)]
+    )
+    assert len(history.history["epsilon"]) == 1
+    assert history.history["epsilon"][0] == pytest.approx(e1, rel=1e-9)
+
+
+def test_ledger_survives_save_and_load(tmp_path):
+    model = loss_clip_model()
+    cb = LaplaceAdaptiveLossGradientClipping(ds(1), epsilon=0.5, seed=0)
+    model.fit(ds(), epochs=1, verbose=0, callbacks=[cb])
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.privacy_ledger == model.privacy_ledger
+    assert loaded.privacy_spec() == model.privacy_spec()
+    assert float(loaded.dp_layers[-1].clip_value.numpy()) == pytest.approx(
+        float(model.dp_layers[-1].clip_value.numpy())
+    )
+
+
+def test_refusals_name_the_problem():
+    fixed = dp_model(
+        [
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_Flatten(),
+            L.DP_QuickSpectralDense(10),
+            L.DP_ClipGradient(1.0),
+        ],
+        n=N,
+        batch_size=B,
+    )
+    with pytest.raises(ValueError, match="mode='fixed'"):
+        fixed.dp_layers[-1].set_clip_value(0.5)
+    with pytest.raises(ValueError, match="DP_ClipGradient\\(mode='dynamic'\\)"):
+        fixed.fit(
+            ds(),
+            epochs=1,
+            verbose=0,
+            callbacks=[AdaptiveQuantileClipping(ds(), noise_multiplier=1.0)],
+        )
+    model = dp_model(
+        [
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_Flatten(),
+            L.DP_QuickSpectralDense(10),
+        ],
+        n=N,
+        batch_size=B,
+    )
+    with pytest.raises(ValueError, match="last layer"):
+        model.fit(
+            ds(),
+            epochs=1,
+            verbose=0,
+            callbacks=[LaplaceAdaptiveLossGradientClipping(ds(), epsilon=1.0)],
+        )
+    with pytest.raises(ValueError, match="positive"):
+        two_clip_model().dp_layers[-1].set_clip_value(float("nan"))
+    for kwargs, match in (
+        ({"noise_multiplier": 0.0}, "noise_multiplier"),
+        ({"noise_multiplier": 1.0, "quantile": 1.0}, "quantile"),
+        ({"noise_multiplier": 1.0, "patience": 0}, "patience"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            AdaptiveQuantileClipping(ds(), **kwargs)
+    with pytest.raises(ValueError, match="decreasing"):
+        LaplaceAdaptiveLossGradientClipping(ds(), epsilon=1.0, candidates=[1.0, 2.0])
+    with pytest.raises(ValueError, match="epsilon"):
+        LaplaceAdaptiveLossGradientClipping(ds(), epsilon=-1.0)
+    with pytest.raises(TypeError, match="tf.data.Dataset"):
+        AdaptiveQuantileClipping((X, Y), noise_multiplier=1.0)
+    plain = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten()])
+    with pytest.raises(TypeError, match="DP model"):
+        cb = AdaptiveQuantileClipping(ds(), noise_multiplier=1.0)
+        cb.set_model(plain)
+        cb.on_train_begin()
