@@ -71,3 +71,14 @@ def test_epsilon_and_calibrate_commands(capsys):
     )
     sigma = float(capsys.readouterr().out.split()[0].split("=")[1])
     assert sigma == pytest.approx(1.1, abs=2e-3)
+
+
+def test_epsilon_command_with_pld(capsys):
+    from deel_lipdp_ext.accounting import PrivacySpec, epsilon_for_spec
+
+    argv = ["epsilon", "--noise-multiplier", "1.1", "--sampling-rate", "0.004"]
+    assert cli.main([*argv, "--epochs", "60", "--accountant", "pld"]) == 0
+    out = capsys.readouterr().out
+    assert "accountant=pld" in out
+    want = epsilon_for_spec(PrivacySpec(0.004, 15000, (1.1,), 1e-5), "pld")
+    assert float(out.split()[0].split("=")[1]) == pytest.approx(want, abs=1e-6)

@@ -9,7 +9,13 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 from deel_lipdp_ext import layers as L
 from deel_lipdp_ext import losses
-from deel_lipdp_ext.accounting import Release, epsilon_curve, epsilon_for_spec
+from deel_lipdp_ext.accounting import (
+    Release,
+    compute_epsilon,
+    epsilon_curve,
+    epsilon_for_spec,
+    make_dp_event,
+)
 from deel_lipdp_ext.accounting.epsilon import RDP_ORDERS, pure_dp_rdp
 from deel_lipdp_ext.callbacks import (
     AdaptiveQuantileClipping,
@@ -133,6 +139,12 @@ def test_quantile_clipping_costs_exactly_its_event():
         assert eps == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
     for layer in cb.target_layers():
         assert len(history.history[f"clip_value_{layer.name}"]) == 3
+    # One function maps the trained model to the event of all it ran.
+    event = make_dp_event(model)
+    assert [e.count for e in event.events] == [3 * steps_per_epoch, 2]
+    assert compute_epsilon(event, 1e-5) == pytest.approx(
+        history.history["epsilon"][-1], rel=1e-12
+    )
     # The curve of a fresh run plans the same updates.
     np.testing.assert_allclose(
         epsilon_curve(model, 3), history.history["epsilon"], rtol=1e-9

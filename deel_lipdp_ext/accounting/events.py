@@ -187,9 +187,22 @@ def training_step_event(spec: PrivacySpec) -> dp_accounting.DpEvent:
     return dp_accounting.PoissonSampledDpEvent(spec.sampling_rate, gaussian)
 
 
-def make_dp_event(spec: PrivacySpec) -> dp_accounting.DpEvent:
-    """The dp-accounting event of everything `spec` describes: `spec.steps`
-    Poisson-subsampled Gaussian steps, composed with every release."""
+def make_dp_event(spec) -> dp_accounting.DpEvent:
+    """The dp-accounting event of everything that ran: `spec.steps`
+    Poisson-subsampled Gaussian steps composed with every release.
+
+    Args:
+        spec: a `PrivacySpec`, or a DP model (its `privacy_spec()`: the steps
+            taken, its noise multipliers and strategy, and its ledger of
+            dynamic-clipping releases).
+    """
+    if not isinstance(spec, PrivacySpec):
+        if not hasattr(spec, "privacy_spec"):
+            raise TypeError(
+                "make_dp_event needs a PrivacySpec or a DP model. "
+                f"Received: {type(spec).__name__}"
+            )
+        spec = spec.privacy_spec()
     parts = []
     if spec.steps > 0:
         parts.append(
