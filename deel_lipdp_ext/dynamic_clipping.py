@@ -85,8 +85,20 @@ class _DynamicClipping(keras.callbacks.Callback):
 
     name = "dynamic_clipping"
 
-    def __init__(self, ds_train: tf.data.Dataset, patience: int, seed: int | None):
+    def __init__(
+        self,
+        ds_train: tf.data.Dataset,
+        patience: int,
+        quantile: float,
+        seed: int | None,
+    ):
         super().__init__()
+        if not 0 < quantile < 1:
+            raise ValueError(
+                f"`quantile` of {type(self).__name__} must be in (0, 1). "
+                f"Received: quantile={quantile!r}"
+            )
+        self.quantile = float(quantile)
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(
                 f"`patience` of {type(self).__name__} must be an int >= 1. "
@@ -196,16 +208,11 @@ class AdaptiveQuantileClipping(_DynamicClipping):
         learning_rate: float = 0.2,
         seed: int | None = None,
     ):
-        super().__init__(ds_train, patience, seed)
+        super().__init__(ds_train, patience, quantile, seed)
         owner = "AdaptiveQuantileClipping"
         self.noise_multiplier = require_positive(
             "noise_multiplier", noise_multiplier, owner
         )
-        if not 0 < quantile < 1:
-            raise ValueError(
-                f"`quantile` of {owner} must be in (0, 1). Received: {quantile!r}"
-            )
-        self.quantile = float(quantile)
         self.learning_rate = require_positive("learning_rate", learning_rate, owner)
 
     def target_layers(self):
@@ -271,14 +278,9 @@ class LaplaceAdaptiveLossGradientClipping(_DynamicClipping):
         candidates: Sequence[float] | None = None,
         seed: int | None = None,
     ):
-        super().__init__(ds_train, patience, seed)
+        super().__init__(ds_train, patience, quantile, seed)
         owner = "LaplaceAdaptiveLossGradientClipping"
         self.epsilon = require_positive("epsilon", epsilon, owner)
-        if not 0 < quantile < 1:
-            raise ValueError(
-                f"`quantile` of {owner} must be in (0, 1). Received: {quantile!r}"
-            )
-        self.quantile = float(quantile)
         if candidates is not None:
             c = [require_positive("candidates", v, owner) for v in candidates]
             if not c or any(a <= b for a, b in zip(c, c[1:], strict=False)):

@@ -126,22 +126,19 @@ def _frac_series(a: tf.Tensor, q: tf.Tensor, sigma: tf.Tensor, terms: tf.Tensor)
     sign = tf.concat([zero + 1.0, tf.math.cumprod(tf.sign(a - k), axis=1)], axis=1)
     log_q, log_1mq = tf.math.log(q), tf.math.log1p(-q)
     scale = tf.sqrt(tf.constant(2.0, tf.float64)) * sigma
-    log_s0 = (
-        log_c
-        + i * log_q
-        + j * log_1mq
-        + (i * i - i) / (2 * sigma**2)
-        + _LOG_HALF
-        + _logerfc((i - z0) / scale)
-    )
-    log_s1 = (
-        log_c
-        + j * log_q
-        + i * log_1mq
-        + (j * j - j) / (2 * sigma**2)
-        + _LOG_HALF
-        + _logerfc((z0 - j) / scale)
-    )
+
+    def side(m, n, erfc_arg):  # log of C(a,i) q^m (1-q)^n e^((m^2-m)/2s^2) erfc/2
+        return (
+            log_c
+            + m * log_q
+            + n * log_1mq
+            + (m * m - m) / (2 * sigma**2)
+            + _LOG_HALF
+            + _logerfc(erfc_arg / scale)
+        )
+
+    log_s0 = side(i, j, i - z0)
+    log_s1 = side(j, i, z0 - j)
     small = tf.maximum(log_s0, log_s1) < _STOP_LOG
     return log_s0, log_s1, sign, small
 
