@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 import keras
 
-from .accounting import ACCOUNTANTS, epsilon_for_spec
+from .accounting import epsilon_for_spec
+from .accounting.epsilon import check_accountant
 from .dynamic_clipping import (
     AdaptiveQuantileClipping,
     LaplaceAdaptiveLossGradientClipping,
@@ -47,11 +48,7 @@ class DP_Accountant(keras.callbacks.Callback):
         log_fn: Callable[[int, dict], None] | None = None,
     ):
         super().__init__()
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(
-                "`accountant` must be 'rdp' or 'pld'. "
-                f"Received: accountant={accountant!r}"
-            )
+        check_accountant(accountant)
         if epsilon_budget is not None and not epsilon_budget > 0:
             raise ValueError(
                 f"`epsilon_budget` must be > 0. Received: {epsilon_budget!r}"

@@ -308,3 +308,24 @@ def test_refusals_name_the_problem():
         cb = AdaptiveQuantileClipping(ds(), noise_multiplier=1.0)
         cb.set_model(plain)
         cb.on_train_begin()
+
+
+def test_count_vector_sensitivity_is_at_most_sqrt_k():
+    """Tries to break the sqrt(k) claim: adding any one sample to a batch moves
+    the k per-layer counts by at most 1 each (other samples' norms unchanged)."""
+    model = two_clip_model()
+    layers = model.dp_layers[3], model.dp_layers[6]
+    x, y = X[:40], Y[:40]
+    base = np.ones(40, np.float32)
+    norms, included = clip_layer_gradient_norms(model, layers, x, y, base)
+    clips = [float(layer.clip_value.numpy()) for layer in layers]
+    for i in range(40):
+        without = base.copy()
+        without[i] = 0.0
+        n_wo, inc_wo = clip_layer_gradient_norms(model, layers, x, y, without)
+        diffs = []
+        for n, n2, c in zip(norms, n_wo, clips, strict=True):
+            others = np.arange(40) != i
+            np.testing.assert_allclose(n[others], n2[others], rtol=1e-5)
+            diffs.append(np.sum(included * (n <= c)) - np.sum(inc_wo * (n2 <= c)))
+        assert np.linalg.norm(diffs) <= np.sqrt(len(layers)) + 1e-12

@@ -35,7 +35,7 @@ RDP_ORDERS = np.asarray(rdp_privacy_accountant.DEFAULT_RDP_ORDERS, dtype=np.floa
 PLD_DISCRETIZATION = 1e-4
 
 
-def _check_accountant(accountant: str) -> None:
+def check_accountant(accountant: str) -> None:
     if accountant not in ACCOUNTANTS:
         raise ValueError(
             f"`accountant` must be 'rdp' or 'pld'. Received: accountant={accountant!r}"
@@ -154,7 +154,7 @@ def compute_epsilon(
     their compositions. For events without pure-DP releases the result equals
     `RdpAccountant` / `PLDAccountant` exactly.
     """
-    _check_accountant(accountant)
+    check_accountant(accountant)
     if accountant == "rdp":
         return epsilon_from_rdp(rdp_of_event(event), delta)
     return float(pld_of_event(event).get_epsilon_for_delta(delta))
@@ -230,7 +230,7 @@ def epsilon_curve(
     Returns:
         float64 array of shape (epochs,): epsilon after epochs 1..epochs.
     """
-    _check_accountant(accountant)
+    check_accountant(accountant)
     epochs = require_positive_ints("epochs", epochs, 1, "epsilon_curve")[0]
     components, delta = _curve_components(source, epochs, schedules)
     curve = np.zeros(epochs, dtype=np.float64)
