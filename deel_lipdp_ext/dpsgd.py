@@ -1,0 +1,264 @@
+"""Classical DP-SGD (per-example clipping) as a Keras 3 model wrapper.
+
+The baseline the clipless models are measured against (Abadi et al. 2016):
+each step computes every example's gradient (vectorised with a parallel-for
+Jacobian, not a Python loop), scales it to L2 norm at most ``l2_norm_clip``
+(norm over all trainable variables together), sums the clipped gradients,
+adds Gaussian noise of std ``noise_multiplier * l2_norm_clip`` per coordinate
+and divides by the *expected* batch size B (never the actual one: a short or
+Poisson batch cannot raise an example's weight above ``1 / B``).
+
+Its privacy event is the clipless models' (Poisson-subsampled Gaussian at
+``q = B / N``, one per step), so ``callbacks.DP_Accountant`` reports its
+epsilon unchanged.
+
+Example:
+    >>> model = DPSGDModel(net, DPParameters(1.1, 1e-5), meta, l2_norm_clip=1.0)
+    >>> model.compile(keras.optimizers.SGD(0.1), keras.losses.CategoricalCrossentropy())
+    >>> model.fit(ds_train, epochs=5, callbacks=[callbacks.DP_Accountant()])
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+from .accounting import PrivacySpec
+from .data import DatasetMetadata
+from .model import DPParameters
+
+_PACKAGE = "deel_lipdp_ext"
+_SAMPLE_MIXING = (keras.layers.BatchNormalization,)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class DPSGDModel(keras.Model):
+    """Wraps any Keras model to train it with per-example clipped, noised SGD.
+
+    Args:
+        model: the Keras model (any layers but those that mix examples, such as
+            BatchNormalization, which would make one example's gradient depend
+            on the others).
+        dp_parameters: ``DPParameters`` (noise multiplier sigma, delta, seed);
+            ``noisify_strategy`` must be ``"global"``.
+        dataset_metadata: ``DatasetMetadata``: expected batch size B, sampling
+            rate q and steps per epoch, as for the clipless models.
+        l2_norm_clip: C, the bound on each example's gradient norm (> 0).
+
+    Raises:
+        TypeError: wrong argument types.
+        ValueError: a non-positive clip norm, a per-layer noise strategy, a
+            layer that mixes examples, or a loss without per-example values.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        dp_parameters: DPParameters,
+        dataset_metadata: DatasetMetadata,
+        l2_norm_clip: float,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(model, keras.Model):
+            raise TypeError(
+                f"`model` must be a Keras model. Received: {type(model).__name__}"
+            )
+        if not isinstance(dp_parameters, DPParameters):
+            raise TypeError(
+                "`dp_parameters` must be DPParameters. "
+                f"Received: {type(dp_parameters).__name__}"
+            )
+        if not isinstance(dataset_metadata, DatasetMetadata):
+            raise TypeError(
+                "`dataset_metadata` must be DatasetMetadata. "
+                f"Received: {type(dataset_metadata).__name__}"
+            )
+        if dp_parameters.noisify_strategy != "global":
+            raise ValueError(
+                "DP-SGD clips the whole per-example gradient: noisify_strategy must "
+                f"be 'global'. Received: {dp_parameters.noisify_strategy!r}"
+            )
+        if not (
+            isinstance(l2_norm_clip, int | float)
+            and not isinstance(l2_norm_clip, bool)
+            and l2_norm_clip > 0
+            and math.isfinite(l2_norm_clip)
+        ):
+            raise ValueError(
+                "`l2_norm_clip` must be a positive finite number. "
+                f"Received: l2_norm_clip={l2_norm_clip!r}"
+            )
+        for layer in _all_layers(model):
+            if isinstance(layer, _SAMPLE_MIXING):
+                raise ValueError(
+                    f"Layer {layer.name!r} ({type(layer).__name__}) mixes the examples "
+                    "of a batch: per-example gradients would not be per example."
+                )
+        self.model = model
+        self.dp_parameters = dp_parameters
+        self.dataset_metadata = dataset_metadata
+        self.l2_norm_clip = float(l2_norm_clip)
+        self.privacy_ledger: tuple = ()
+        self.release_schedules: list = []
+        self.dp_steps = keras.Variable(
+            0, dtype="int64", trainable=False, name="dp_steps"
+        )
+        self._noise_seed = keras.random.SeedGenerator(
+            dp_parameters.seed, name="dpsgd_noise_seed"
+        )
+
+    # ------------------------------------------------------------- training
+    def call(self, inputs, training=None):
+        return self.model(inputs, training=training)
+
+    def build(self, input_shape):
+        if not self.model.built:
+            self.model.build(input_shape)
+        self.built = True
+
+    def _per_example_losses(self, y, y_pred) -> tf.Tensor:
+        loss = self.loss
+        if isinstance(loss, str):
+            loss = keras.losses.get(loss)
+        if isinstance(loss, keras.losses.Loss):
+            values = loss.call(y, y_pred)
+        elif callable(loss):
+            values = loss(y, y_pred)
+        else:
+            raise ValueError(
+                f"DPSGDModel needs one loss (a Keras loss or a function of "
+                f"(y_true, y_pred)). Received: {loss!r}"
+            )
+        values = tf.convert_to_tensor(values)
+        if values.shape.rank != 1:
+            raise ValueError(
+                "The loss must return one value per example (shape (batch,)) so "
+                "each example's gradient can be clipped. "
+                f"Received: shape {values.shape}"
+            )
+        return values
+
+    def per_example_gradients(self, x, y) -> tuple[list[tf.Tensor], tf.Tensor]:
+        """Every example's gradient, vectorised.
+
+        Returns:
+            ``(gradients, y_pred)``: one ``(batch, *variable.shape)`` tensor per
+            trainable variable (the gradient of example i's loss), and the
+            predictions.
+        """
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            losses = self._per_example_losses(y, y_pred)
+        jacobians = tape.jacobian(losses, variables, experimental_use_pfor=True)
+        gradients = []
+        for jac, v in zip(jacobians, variables, strict=True):
+            if jac is None:
+                raise ValueError(f"Trainable variable '{v.path}' received no gradient.")
+            gradients.append(jac)
+        return gradients, y_pred
+
+    def clip_per_example(self, gradients: list[tf.Tensor]) -> tuple[list, tf.Tensor]:
+        """Scales each example's gradient to norm at most C.
+
+        Returns:
+            ``(clipped gradients, norms before clipping (batch,))``; the norm is
+            over all variables together.
+        """
+        squares = [
+            tf.reduce_sum(tf.reshape(tf.square(g), (tf.shape(g)[0], -1)), axis=1)
+            for g in gradients
+        ]
+        norms = tf.sqrt(tf.add_n(squares))
+        scale = tf.minimum(1.0, self.l2_norm_clip / tf.maximum(norms, 1e-12))
+        clipped = [
+            g * tf.reshape(tf.cast(scale, g.dtype), [-1] + [1] * (len(g.shape) - 1))
+            for g in gradients
+        ]
+        return clipped, norms
+
+    def noisy_gradient(self, clipped: list[tf.Tensor], weight: tf.Tensor) -> list:
+        """``(sum_i w_i * clipped_i + N(0, (sigma C)^2 I)) / B`` per variable."""
+        sizes = [int(math.prod(g.shape[1:])) for g in clipped]
+        standard = keras.random.normal((sum(sizes),), seed=self._noise_seed)
+        std = self.dp_parameters.noise_multiplier * self.l2_norm_clip
+        batch = float(self.dataset_metadata.batch_size)
+        noisy = []
+        for g, z in zip(clipped, tf.split(standard, sizes), strict=True):
+            w = tf.reshape(tf.cast(weight, g.dtype), [-1] + [1] * (len(g.shape) - 1))
+            total = tf.reduce_sum(g * w, axis=0)
+            noise = tf.cast(tf.reshape(z, tf.shape(total)) * std, g.dtype)
+            noisy.append((total + noise) / batch)
+        return noisy
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        batch = tf.shape(x)[0]
+        if sample_weight is None:
+            weight = tf.ones((batch,), tf.float32)
+        else:
+            weight = tf.reshape(tf.cast(sample_weight, tf.float32), (-1,))
+            if not self.jit_compile:
+                tf.debugging.assert_less_equal(
+                    tf.reduce_max(tf.abs(weight)),
+                    1.0,
+                    message="DP-SGD: sample weights must lie in [0, 1].",
+                )
+            weight = tf.clip_by_value(weight, 0.0, 1.0)
+        gradients, y_pred = self.per_example_gradients(x, y)
+        clipped, _ = self.clip_per_example(gradients)
+        noisy = self.noisy_gradient(clipped, weight)
+        self.optimizer.apply(noisy, self.model.trainable_variables)
+        self.dp_steps.assign_add(1)
+        losses = self._per_example_losses(y, y_pred)
+        self._loss_tracker.update_state(
+            tf.reduce_sum(losses * tf.cast(weight, losses.dtype))
+            / tf.maximum(tf.reduce_sum(tf.cast(weight, losses.dtype)), 1.0)
+        )
+        return self.compute_metrics(x, y, y_pred, sample_weight=weight)
+
+    # -------------------------------------------------------------- privacy
+    def privacy_spec(self, steps: int | None = None, releases=None) -> PrivacySpec:
+        """The mechanism run so far, for the accountant (as the clipless models)."""
+        meta = self.dataset_metadata
+        return PrivacySpec(
+            sampling_rate=meta.sampling_rate,
+            steps=int(self.dp_steps.numpy()) if steps is None else int(steps),
+            noise_multipliers=(float(self.dp_parameters.noise_multiplier),),
+            delta=float(self.dp_parameters.delta),
+            sampling=meta.sampling,
+            releases=tuple(releases or ()),
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "model": keras.saving.serialize_keras_object(self.model),
+                "dp_parameters": self.dp_parameters.to_dict(),
+                "dataset_metadata": self.dataset_metadata.to_dict(),
+                "l2_norm_clip": self.l2_norm_clip,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        model = keras.saving.deserialize_keras_object(
+            config.pop("model"), custom_objects=custom_objects
+        )
+        dp_parameters = DPParameters.from_dict(config.pop("dp_parameters"))
+        metadata = DatasetMetadata.from_dict(config.pop("dataset_metadata"))
+        return cls(model, dp_parameters, metadata, **config)
+
+
+def _all_layers(layer) -> list:
+    found = []
+    for sub in getattr(layer, "layers", []):
+        found.append(sub)
+        found.extend(_all_layers(sub))
+    return found

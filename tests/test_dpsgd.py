@@ -1,0 +1,183 @@
+"""Classical DP-SGD: per-example gradients, clipping, noise and accounting."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given
+from hypothesis import strategies as st
+
+from deel_lipdp_ext import DPParameters, callbacks
+from deel_lipdp_ext.accounting import compute_epsilon, make_dp_event
+from deel_lipdp_ext.dpsgd import DPSGDModel
+from tests.helpers import metadata
+
+LOSS = keras.losses.CategoricalCrossentropy(from_logits=True)
+
+
+def _net():
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(3, 3, activation="tanh"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+def _model(clip=1.0, sigma=1.0, batch_size=16, seed=0, net=None):
+    model = DPSGDModel(
+        net or _net(),
+        DPParameters(sigma, 1e-5, seed=seed),
+        metadata(batch_size=batch_size),
+        l2_norm_clip=clip,
+    )
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    return model
+
+
+def _batch(n=6, scale=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (scale * rng.standard_normal((n, 8, 8, 1))).astype("float32")
+    y = np.eye(10, dtype="float32")[rng.integers(0, 10, n)]
+    return x, y
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 30.0])
+def test_vectorised_per_example_gradients_equal_a_one_example_loop(scale):
+    model = _model()
+    x, y = _batch(scale=scale)
+    model(x)
+    grads, _ = model.per_example_gradients(x, y)
+    variables = model.model.trainable_variables
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(LOSS.call(y[i : i + 1], model.model(x[i : i + 1])))
+        for g, ref in zip(grads, tape.gradient(loss, variables), strict=True):
+            np.testing.assert_allclose(g[i], ref, rtol=1e-4, atol=1e-6)
+
+
+@given(
+    clip=st.floats(1e-3, 10.0), scale=st.floats(1e-3, 100.0), seed=st.integers(0, 99)
+)
+def test_every_clipped_gradient_has_norm_at_most_c(clip, scale, seed):
+    model = _model(clip=clip)
+    x, y = _batch(n=5, scale=scale, seed=seed)
+    model(x)
+    grads, _ = model.per_example_gradients(x, y)
+    clipped, norms = model.clip_per_example(grads)
+    flat = tf.concat([tf.reshape(g, (5, -1)) for g in clipped], axis=1)
+    clipped_norms = tf.norm(flat, axis=1).numpy()
+    assert np.all(clipped_norms <= clip * (1 + 1e-5))
+    # Gradients already inside the ball are left unchanged.
+    small = norms.numpy() <= clip
+    raw = tf.concat([tf.reshape(g, (5, -1)) for g in grads], axis=1).numpy()
+    np.testing.assert_allclose(flat.numpy()[small], raw[small], rtol=1e-6)
+
+
+def test_a_sample_cannot_outweigh_one_over_b_in_a_short_batch():
+    # The sum is divided by the expected batch size B=16, not by the 2 examples.
+    model = _model(clip=1.0, sigma=0.0 + 1e-12, batch_size=16)
+    x, y = _batch(n=2, scale=50.0)
+    model(x)
+    grads, _ = model.per_example_gradients(x, y)
+    clipped, _ = model.clip_per_example(grads)
+    update = model.noisy_gradient(clipped, tf.ones(2))
+    norm = float(tf.linalg.global_norm(update))
+    assert norm <= 2 * 1.0 / 16 * (1 + 1e-5)
+
+
+@pytest.mark.slow
+def test_noise_std_is_sigma_c_over_b():
+    sigma, clip, batch = 1.3, 0.7, 8
+    model = _model(clip=clip, sigma=sigma, batch_size=batch, seed=1)
+    x, y = _batch(n=4)
+    model(x)
+    zeros = [tf.zeros((4, *v.shape)) for v in model.model.trainable_variables]
+    draws = np.concatenate(
+        [
+            np.concatenate(
+                [g.numpy().ravel() for g in model.noisy_gradient(zeros, tf.ones(4))]
+            )
+            for _ in range(40)
+        ]
+    )
+    # ~ 40 * 430 draws: the std within 2%, the mean within 5 standard errors.
+    expected = sigma * clip / batch
+    assert draws.std() == pytest.approx(expected, rel=0.02)
+    assert abs(draws.mean()) < 5 * expected / np.sqrt(draws.size)
+
+
+def test_fit_reports_the_clipless_event_through_dp_accountant():
+    model = _model(batch_size=50)
+    rng = np.random.default_rng(0)
+    x = rng.random((200, 8, 8, 1), dtype=np.float32)
+    y = np.eye(10, dtype="float32")[rng.integers(0, 10, 200)]
+    mask = (rng.random(200) < 0.9).astype("float32")
+    history = model.fit(
+        x,
+        y,
+        sample_weight=mask,
+        batch_size=50,
+        epochs=2,
+        verbose=0,
+        callbacks=[callbacks.DP_Accountant()],
+    )
+    assert int(model.dp_steps.numpy()) == 8
+    expected = compute_epsilon(make_dp_event(model.privacy_spec()), 1e-5)
+    assert history.history["epsilon"][-1] == pytest.approx(expected)
+    assert np.isfinite(history.history["loss"]).all()
+
+
+def test_training_learns_on_separable_data():
+    rng = np.random.default_rng(1)
+    x = rng.random((400, 8, 8, 1), dtype=np.float32)
+    labels = (x.mean(axis=(1, 2, 3)) > 0.5).astype(int)
+    x[labels == 1] += 0.5
+    y = np.eye(10, dtype="float32")[labels]
+    model = _model(clip=1.0, sigma=0.5, batch_size=50)
+    model.compile(keras.optimizers.SGD(0.5), LOSS, metrics=["accuracy"])
+    history = model.fit(x, y, batch_size=50, epochs=4, verbose=0)
+    assert history.history["accuracy"][-1] > 0.8
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = _model()
+    x, y = _batch()
+    model.fit(x, y, batch_size=6, verbose=0)
+    path = tmp_path / "dpsgd.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, DPSGDModel) and loaded.l2_norm_clip == 1.0
+    assert int(loaded.dp_steps.numpy()) == 1
+    np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6)
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="l2_norm_clip"):
+        _model(clip=0.0)
+    with pytest.raises(ValueError, match="global"):
+        DPSGDModel(
+            _net(),
+            DPParameters(1.0, 1e-5, noisify_strategy="per-layer"),
+            metadata(),
+            l2_norm_clip=1.0,
+        )
+    with pytest.raises(TypeError, match="dp_parameters"):
+        DPSGDModel(_net(), 1.0, metadata(), l2_norm_clip=1.0)
+    net = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.BatchNormalization(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10),
+        ]
+    )
+    with pytest.raises(ValueError, match="mixes the examples"):
+        DPSGDModel(net, DPParameters(1.0, 1e-5), metadata(), l2_norm_clip=1.0)
+    model = _model()
+    model.compile(keras.optimizers.SGD(0.1), keras.losses.CategoricalCrossentropy())
+    model.loss = lambda y, p: tf.reduce_mean(p)
+    with pytest.raises(ValueError, match="one value per example"):
+        model.fit(*_batch(), verbose=0)
