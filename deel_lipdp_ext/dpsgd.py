@@ -1,8 +1,8 @@
 """Classical DP-SGD (per-example clipping) as a Keras 3 model wrapper.
 
 The baseline the clipless models are measured against (Abadi et al. 2016):
-each step computes every example's gradient (vectorised with a parallel-for
-Jacobian, not a Python loop), scales it to L2 norm at most ``l2_norm_clip``
+each step computes every example's gradient (vectorised with
+``tf.vectorized_map``, not a Python loop), scales it to L2 norm at most ``l2_norm_clip``
 (norm over all trainable variables together), sums the clipped gradients,
 adds Gaussian noise of std ``noise_multiplier * l2_norm_clip`` per coordinate
 and divides by the *expected* batch size B (never the actual one: a short or
@@ -142,24 +142,28 @@ class DPSGDModel(keras.Model):
         return values
 
     def per_example_gradients(self, x, y) -> tuple[list[tf.Tensor], tf.Tensor]:
-        """Every example's gradient, vectorised.
+        """Every example's gradient, vectorised (``tf.vectorized_map`` over the
+        examples of a one-example forward and backward pass).
 
         Returns:
             ``(gradients, y_pred)``: one ``(batch, *variable.shape)`` tensor per
-            trainable variable (the gradient of example i's loss), and the
-            predictions.
+            trainable variable (the gradient of example i's loss; zeros for a
+            variable the loss does not reach), and the predictions.
         """
         variables = self.model.trainable_variables
-        with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            losses = self._per_example_losses(y, y_pred)
-        jacobians = tape.jacobian(losses, variables, experimental_use_pfor=True)
-        gradients = []
-        for jac, v in zip(jacobians, variables, strict=True):
-            if jac is None:
-                raise ValueError(f"Trainable variable '{v.path}' received no gradient.")
-            gradients.append(jac)
-        return gradients, y_pred
+
+        def one_example(example):
+            xi, yi = example
+            with tf.GradientTape() as tape:
+                prediction = self.model(xi[None], training=True)
+                loss = tf.reduce_sum(self._per_example_losses(yi[None], prediction))
+            gradients = tape.gradient(
+                loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            )
+            return gradients, prediction[0]
+
+        gradients, y_pred = tf.vectorized_map(one_example, (x, y))
+        return list(gradients), y_pred
 
     def clip_per_example(self, gradients: list[tf.Tensor]) -> tuple[list, tf.Tensor]:
         """Scales each example's gradient to norm at most C.

@@ -91,7 +91,9 @@ class MI_FACE:  # noqa: N801 (AIJack's name)
 
         Returns:
             ``(x, log)``: the final image (``input_shape``) and the cost before
-            each update (``num_itr`` floats). ``best_image`` / ``best_cost``
+            each update (``num_itr`` floats). The cost and its gradient run
+            as a ``tf.function`` (so ``auxterm_func`` must be TensorFlow code);
+            ``process_func`` runs eagerly. ``best_image`` / ``best_cost``
             hold the lowest-cost image seen.
         """
         x = (
@@ -106,12 +108,17 @@ class MI_FACE:  # noqa: N801 (AIJack's name)
             )
         log: list[float] = []
         self.log_image = []
-        self.best_image, self.best_cost = None, float("inf")
-        for i in range(self.num_itr):
+
+        @tf.function(reduce_retracing=True)
+        def cost_and_gradient(x):
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 c = self.cost(x)
-            grad = tape.gradient(c, x)
+            return c, tape.gradient(c, x)
+
+        self.best_image, self.best_cost = None, float("inf")
+        for i in range(self.num_itr):
+            c, grad = cost_and_gradient(x)
             cost = float(c)
             log.append(cost)
             if cost < self.best_cost:
