@@ -10,7 +10,10 @@ fresh subprocess: peak RSS during the epoch minus RSS before it), test
 accuracy and epsilon. Writes JSON.
 
     python benchmarks/clipless_vs_dpsgd.py [--epochs 10] [--batch-size 256]
-        [--out benchmarks/results/clipless_vs_dpsgd.json]
+        [--config digits|deep] [--out benchmarks/results/clipless_vs_dpsgd.json]
+
+``--config deep`` times the deeper network of benchmarks/speed.py on 28x28
+random images (accuracy there is chance: labels are random).
 """
 
 from __future__ import annotations
@@ -29,17 +32,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from speed import architecture as deep_architecture  # noqa: E402
 
 from deel_lipdp_ext import DPParameters, DPSequential, callbacks  # noqa: E402
 from deel_lipdp_ext import layers as L  # noqa: E402
-from deel_lipdp_ext.data import load_digits_dataset  # noqa: E402
+from deel_lipdp_ext.data import from_numpy, load_digits_dataset  # noqa: E402
 from deel_lipdp_ext.dpsgd import DPSGDModel  # noqa: E402
 from deel_lipdp_ext.losses import DP_TauCategoricalCrossentropy  # noqa: E402
 
 SIGMA, DELTA, CLIP = 2.0, 1e-5, 1.0
 
 
-def architecture():
+def small_architecture():
     """The Lipschitz network of examples/digits_clipless.py."""
     return [
         L.DP_SpectralConv2D(8, 2, strides=2, padding="valid"),
@@ -49,7 +53,23 @@ def architecture():
     ]
 
 
-def dpsgd_model(meta):
+ARCHITECTURES = {"digits": small_architecture, "deep": deep_architecture}
+
+
+def load(config: str, batch_size: int):
+    """``digits``: the bundled digits; ``deep``: 4096 random 28x28 images (time and
+    memory only: their labels are random)."""
+    if config == "digits":
+        return load_digits_dataset(batch_size=batch_size, input_bound=1.0)
+    rng = np.random.default_rng(0)
+    x = rng.random((4096, 28, 28, 1)).astype(np.float32)
+    y = rng.integers(0, 10, 4096)
+    return from_numpy(
+        x[:3584], y[:3584], x[3584:], y[3584:], batch_size=batch_size, num_classes=10
+    )
+
+
+def dpsgd_model(meta, architecture):
     """The same layers as a plain Sequential, trained with per-example clipping."""
     net = keras.Sequential([keras.Input(meta.input_shape), *architecture()])
     model = DPSGDModel(net, DPParameters(SIGMA, DELTA, seed=0), meta, l2_norm_clip=CLIP)
@@ -61,9 +81,10 @@ def dpsgd_model(meta):
     return model
 
 
-def build(kind: str, meta):
+def build(kind: str, meta, config: str):
+    architecture = ARCHITECTURES[config]
     if kind == "dpsgd":
-        return dpsgd_model(meta)
+        return dpsgd_model(meta, architecture)
     model = DPSequential(
         [
             keras.Input(meta.input_shape),
@@ -89,10 +110,10 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def measure_memory(kind: str, batch_size: int) -> None:
+def measure_memory(kind: str, batch_size: int, config: str) -> None:
     """Subprocess mode: peak RSS growth (MiB) of one epoch after a warm-up epoch."""
-    train, _, meta = load_digits_dataset(batch_size=batch_size, input_bound=1.0)
-    model = build(kind, meta)
+    train, _, meta = load(config, batch_size)
+    model = build(kind, meta, config)
     model.fit(train, epochs=1, verbose=0)  # trace, build the optimizer
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # reset the peak RSS (VmHWM) to the current RSS
@@ -101,9 +122,18 @@ def measure_memory(kind: str, batch_size: int) -> None:
     print(json.dumps({"peak_mib": (rss_kib("VmHWM") - before) / 1024}))
 
 
-def memory_in_subprocess(kind: str, batch_size: int) -> float:
+def memory_in_subprocess(kind: str, batch_size: int, config: str) -> float:
     out = subprocess.run(
-        [sys.executable, __file__, "--memory", kind, "--batch-size", str(batch_size)],
+        [
+            sys.executable,
+            __file__,
+            "--memory",
+            kind,
+            "--batch-size",
+            str(batch_size),
+            "--config",
+            config,
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -115,15 +145,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--config", choices=tuple(ARCHITECTURES), default="digits")
     parser.add_argument("--memory", choices=("clipless", "dpsgd"))
     parser.add_argument("--out", default="benchmarks/results/clipless_vs_dpsgd.json")
     args = parser.parse_args()
     if args.memory:
-        measure_memory(args.memory, args.batch_size)
+        measure_memory(args.memory, args.batch_size, args.config)
         return
     keras.utils.set_random_seed(0)
-    train, test, meta = load_digits_dataset(batch_size=args.batch_size, input_bound=1.0)
-    models = {kind: build(kind, meta) for kind in ("clipless", "dpsgd")}
+    train, test, meta = load(args.config, args.batch_size)
+    models = {kind: build(kind, meta, args.config) for kind in ("clipless", "dpsgd")}
     times = {kind: [] for kind in models}
     for epoch in range(args.epochs + 1):  # epoch 0 traces: not timed
         for kind, model in models.items():  # alternate, so drift hits both alike
@@ -140,7 +171,7 @@ def main():
         rows[kind] = {
             "wall_s": statistics.median(t[0] for t in times[kind]),
             "cpu_s": statistics.median(t[1] for t in times[kind]),
-            "peak_mib": memory_in_subprocess(kind, args.batch_size),
+            "peak_mib": memory_in_subprocess(kind, args.batch_size, args.config),
             "test_accuracy": float(accuracy),
             "epsilon": float(epsilon),
             "steps": int(model.dp_steps.numpy()),

@@ -367,3 +367,34 @@ def test_plots():
     )
     with pytest.raises(ValueError, match="same image"):
         mad_imshow_all(m1_min, m2_min, m1_max, other)
+
+
+def _rewrite(path, edit):
+    """Rewrites a saved file's JSON metadata with ``edit(meta)``."""
+    import json
+
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(str(arrays.pop("__metadata__")))
+    edit(meta)
+    with open(path, "wb") as handle:
+        np.savez(handle, __metadata__=np.array(json.dumps(meta)), **arrays)
+
+
+def test_load_checks_the_object_name_and_the_attribute_set(tmp_path):
+    path = str(tmp_path / "mad.npz")
+    mad = _mad()
+    mad.synthesize(max_iter=1)
+    mad.save(path)
+    renamed = str(tmp_path / "renamed.npz")
+    mad.save(renamed)
+    _rewrite(renamed, lambda m: m["save_metadata"].update(synthesis_object="Metamer"))
+    with pytest.raises(ValueError, match="Saved object was a Metamer"):
+        _mad().load(renamed)
+
+    def drop(meta):
+        del meta["attributes"]["_penalties"]
+
+    _rewrite(path, drop)
+    with pytest.raises(ValueError, match="attributes differ"):
+        _mad().load(path)
