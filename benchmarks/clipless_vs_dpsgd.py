@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,8 +30,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from speed import architecture as deep_architecture  # noqa: E402
+from speed import write_result  # noqa: E402
 
 from deel_lipdp_ext import DPParameters, DPSequential, callbacks  # noqa: E402
 from deel_lipdp_ext import layers as L  # noqa: E402
@@ -196,28 +195,8 @@ def main():
         f"{ratios['dpsgd_over_clipless_cpu']:.2f}x CPU; clipless / DP-SGD peak "
         f"memory: {ratios['clipless_over_dpsgd_memory']:.3f}"
     )
-    result = {
-        "config": {
-            **vars(args),
-            "sigma": SIGMA,
-            "delta": DELTA,
-            "l2_norm_clip": CLIP,
-            "dataset": "sklearn digits (Poisson batches)",
-        },
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "numpy": np.__version__,
-        },
-        "rows": rows,
-        "ratios": ratios,
-    }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    config = {**vars(args), "sigma": SIGMA, "delta": DELTA, "l2_norm_clip": CLIP}
+    write_result(args.out, {"config": config, "rows": rows, "ratios": ratios})
 
 
 if __name__ == "__main__":

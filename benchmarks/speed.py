@@ -135,20 +135,25 @@ def main():
                 f"{r['sampling']:<9} {kind:<5} {r[f'non_private_{kind}_s']:>19.3f} "
                 f"{r[f'clipless_{kind}_s']:>17.3f} {r[f'{kind}_ratio']:>7.3f}"
             )
+    write_result(args.out, {"config": vars(args), "rows": rows})
+
+
+def write_result(path: str, result: dict) -> None:
+    """Writes ``result`` with a description of the machine as JSON."""
     result = {
-        "config": vars(args),
+        **result,
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
+            "numpy": np.__version__,
         },
-        "rows": rows,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

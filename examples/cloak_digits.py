@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 MEAN, STD = 0.5, 0.5  # inputs are normalised as (x01 - 0.5) / 0.5
 
 
-def load_data():
+def load_digits_split():
     digits = load_digits()
     x01 = (digits.images / 16.0).astype("float32")[..., None]
     x = (x01 - MEAN) / STD
@@ -148,7 +148,7 @@ def main():
     args = parser.parse_args()
     os.makedirs(args.output_dir, exist_ok=True)
     keras.utils.set_random_seed(0)
-    data = load_data()
+    data = load_digits_split()
     x_train, x_test, y_train, y_test = data
     classifier = train_classifier(x_train, y_train)
     _, clean_accuracy = classifier.evaluate(x_test, y_test, verbose=0)
