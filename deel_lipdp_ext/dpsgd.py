@@ -109,6 +109,8 @@ class DPSGDModel(keras.Model):
         self._noise_seed = keras.random.SeedGenerator(
             dp_parameters.seed, name="dpsgd_noise_seed"
         )
+        if model.built:  # the wrapper owns no weights of its own to build
+            self.built = True
 
     # ------------------------------------------------------------- training
     def call(self, inputs, training=None):

@@ -181,3 +181,13 @@ def test_refusals():
     model.loss = lambda y, p: tf.reduce_mean(p)
     with pytest.raises(ValueError, match="one value per example"):
         model.fit(*_batch(), verbose=0)
+
+
+def test_a_sample_weight_above_one_is_refused():
+    # A weight of 2 would double an example's share: over the bound 1/B.
+    model = _model()
+    x, y = _batch(n=4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="sample weights"):
+        model.fit(
+            x, y, sample_weight=np.array([1.0, 2.0, 1.0, 1.0]), batch_size=4, verbose=0
+        )
