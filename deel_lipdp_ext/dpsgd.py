@@ -25,9 +25,10 @@ import math
 import keras
 import tensorflow as tf
 
+from ._keras_utils import nested_layers
 from .accounting import PrivacySpec
 from .data import DatasetMetadata
-from .model import DPParameters
+from .model import DPParameters, sanitize_batch
 
 _PACKAGE = "deel_lipdp_ext"
 _SAMPLE_MIXING = (keras.layers.BatchNormalization,)
@@ -91,7 +92,7 @@ class DPSGDModel(keras.Model):
                 "`l2_norm_clip` must be a positive finite number. "
                 f"Received: l2_norm_clip={l2_norm_clip!r}"
             )
-        for layer in _all_layers(model):
+        for layer in nested_layers(model):
             if isinstance(layer, _SAMPLE_MIXING):
                 raise ValueError(
                     f"Layer {layer.name!r} ({type(layer).__name__}) mixes the examples "
@@ -143,14 +144,17 @@ class DPSGDModel(keras.Model):
             )
         return values
 
-    def per_example_gradients(self, x, y) -> tuple[list[tf.Tensor], tf.Tensor]:
+    def per_example_gradients(
+        self, x, y
+    ) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
         """Every example's gradient, vectorised (``tf.vectorized_map`` over the
         examples of a one-example forward and backward pass).
 
         Returns:
-            ``(gradients, y_pred)``: one ``(batch, *variable.shape)`` tensor per
-            trainable variable (the gradient of example i's loss; zeros for a
-            variable the loss does not reach), and the predictions.
+            ``(gradients, y_pred, losses)``: one ``(batch, *variable.shape)``
+            tensor per trainable variable (the gradient of example i's loss;
+            zeros for a variable the loss does not reach), the predictions and
+            the per-example losses ``(batch,)``.
         """
         variables = self.model.trainable_variables
 
@@ -162,10 +166,10 @@ class DPSGDModel(keras.Model):
             gradients = tape.gradient(
                 loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
             )
-            return gradients, prediction[0]
+            return gradients, prediction[0], loss
 
-        gradients, y_pred = tf.vectorized_map(one_example, (x, y))
-        return list(gradients), y_pred
+        gradients, y_pred, losses = tf.vectorized_map(one_example, (x, y))
+        return list(gradients), y_pred, losses
 
     def clip_per_example(self, gradients: list[tf.Tensor]) -> tuple[list, tf.Tensor]:
         """Scales each example's gradient to norm at most C.
@@ -202,27 +206,17 @@ class DPSGDModel(keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        batch = tf.shape(x)[0]
-        if sample_weight is None:
-            weight = tf.ones((batch,), tf.float32)
-        else:
-            weight = tf.reshape(tf.cast(sample_weight, tf.float32), (-1,))
-            if not self.jit_compile:
-                tf.debugging.assert_less_equal(
-                    tf.reduce_max(tf.abs(weight)),
-                    1.0,
-                    message="DP-SGD: sample weights must lie in [0, 1].",
-                )
-            weight = tf.clip_by_value(weight, 0.0, 1.0)
-        gradients, y_pred = self.per_example_gradients(x, y)
+        x, y, weight = sanitize_batch(
+            x, y, sample_weight, run_asserts=not self.jit_compile
+        )
+        gradients, y_pred, losses = self.per_example_gradients(x, y)
         clipped, _ = self.clip_per_example(gradients)
         noisy = self.noisy_gradient(clipped, weight)
         self.optimizer.apply(noisy, self.model.trainable_variables)
         self.dp_steps.assign_add(1)
-        losses = self._per_example_losses(y, y_pred)
+        weight = tf.cast(weight, losses.dtype)
         self._loss_tracker.update_state(
-            tf.reduce_sum(losses * tf.cast(weight, losses.dtype))
-            / tf.maximum(tf.reduce_sum(tf.cast(weight, losses.dtype)), 1.0)
+            tf.reduce_sum(losses * weight) / tf.maximum(tf.reduce_sum(weight), 1.0)
         )
         return self.compute_metrics(x, y, y_pred, sample_weight=weight)
 
@@ -260,11 +254,3 @@ class DPSGDModel(keras.Model):
         dp_parameters = DPParameters.from_dict(config.pop("dp_parameters"))
         metadata = DatasetMetadata.from_dict(config.pop("dataset_metadata"))
         return cls(model, dp_parameters, metadata, **config)
-
-
-def _all_layers(layer) -> list:
-    found = []
-    for sub in getattr(layer, "layers", []):
-        found.append(sub)
-        found.extend(_all_layers(sub))
-    return found

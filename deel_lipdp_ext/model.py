@@ -79,6 +79,57 @@ class DPParameters:
         return cls(**d)
 
 
+def _finite_rows(t: tf.Tensor) -> tf.Tensor:
+    """(batch,) bool: every value of the row is finite (always True for integers)."""
+    if not t.dtype.is_floating:
+        return tf.ones(tf.shape(t)[:1], tf.bool)
+    return tf.reduce_all(tf.math.is_finite(tf.reshape(t, (tf.shape(t)[0], -1))), axis=1)
+
+
+def sanitize_batch(x, y, sample_weight, *, run_asserts: bool = True, extra_checks=()):
+    """The batch a DP train step may use, and the per-sample weights in [0, 1].
+
+    Raises (through `tf.debugging` asserts, when `run_asserts`) on NaN/Inf in an
+    input or label, or on a weight outside [0, 1] (a larger weight would exceed
+    the per-sample bound); since XLA drops asserts, such samples are also zeroed
+    (weight 0) so they can never reach the gradient. `extra_checks` are further
+    assert ops everything downstream must depend on.
+    """
+    finite = _finite_rows(x) & _finite_rows(y)
+    dtype = x.dtype if x.dtype.is_floating else tf.float32
+    weight = (
+        tf.ones(tf.shape(x)[:1], dtype)
+        if sample_weight is None
+        else tf.reshape(tf.cast(sample_weight, dtype), (-1,))
+    )
+    checks = list(extra_checks)
+    if run_asserts:
+        checks.append(
+            tf.debugging.Assert(
+                tf.reduce_all(finite),
+                ["DP train step: an input or label contains NaN or Inf."],
+            )
+        )
+        checks.append(
+            tf.debugging.Assert(
+                tf.reduce_all((weight >= 0.0) & (weight <= 1.0)),
+                [
+                    "DP train step: sample weights must lie in [0, 1] (a larger "
+                    "weight would exceed the per-sample bound)."
+                ],
+            )
+        )
+    # Everything downstream (forward, gradients, update) depends on the checks.
+    with tf.control_dependencies(checks):
+        x, y, weight = tf.identity(x), tf.identity(y), tf.identity(weight)
+    keep = tf.reshape(finite, [-1] + [1] * (len(x.shape) - 1))
+    x = tf.where(keep, x, tf.zeros_like(x))
+    keep_y = tf.reshape(finite, [-1] + [1] * (len(y.shape) - 1))
+    y = tf.where(keep_y, y, tf.zeros_like(y))
+    weight = tf.clip_by_value(weight, 0.0, 1.0) * tf.cast(finite, dtype)
+    return x, y, weight
+
+
 class _DPTrainer:
     """The clipless DP train step and privacy bookkeeping, mixed into a Keras model."""
 
@@ -185,50 +236,18 @@ class _DPTrainer:
 
     # ------------------------------------------------------------- train step
     def _sanitize_batch(self, x, y, sample_weight):
-        """Raise on NaN/Inf or out-of-[0, 1] weights; and, since XLA drops
-        asserts, also zero such samples so they can never reach the gradient."""
-        per_sample_finite = tf.reduce_all(
-            tf.math.is_finite(tf.reshape(x, (tf.shape(x)[0], -1))), axis=1
-        ) & tf.reduce_all(
-            tf.math.is_finite(tf.reshape(y, (tf.shape(y)[0], -1))), axis=1
+        """`sanitize_batch`, plus the input-bound check of the first layer."""
+        bound_checks = []
+        first = self.dp_layers[0]
+        if not self.jit_compile and not first.enforce_clipping:
+            bound_checks.append(first.check_bound(x))
+        return sanitize_batch(
+            x,
+            y,
+            sample_weight,
+            run_asserts=not self.jit_compile,
+            extra_checks=bound_checks,
         )
-        weight = (
-            tf.ones(tf.shape(x)[:1], x.dtype)
-            if sample_weight is None
-            else tf.reshape(tf.cast(sample_weight, x.dtype), (-1,))
-        )
-        checks = []
-        if not self.jit_compile:
-            checks.append(
-                tf.debugging.Assert(
-                    tf.reduce_all(per_sample_finite),
-                    ["DP train step: an input or label contains NaN or Inf."],
-                )
-            )
-            checks.append(
-                tf.debugging.Assert(
-                    tf.reduce_all((weight >= 0.0) & (weight <= 1.0)),
-                    [
-                        "DP train step: sample weights must lie in [0, 1] (a "
-                        "larger weight "
-                        "would exceed the per-sample bound)."
-                    ],
-                )
-            )
-            first = self.dp_layers[0]
-            if not first.enforce_clipping:
-                checks.append(first.check_bound(x))
-        # Everything downstream (forward, gradients, update) depends on the checks.
-        with tf.control_dependencies(checks):
-            x, y, weight = tf.identity(x), tf.identity(y), tf.identity(weight)
-        keep = tf.reshape(per_sample_finite, [-1] + [1] * (len(x.shape) - 1))
-        x = tf.where(keep, x, tf.zeros_like(x))
-        keep_y = tf.reshape(per_sample_finite, [-1] + [1] * (len(y.shape) - 1))
-        y = tf.where(keep_y, y, tf.zeros_like(y))
-        weight = tf.clip_by_value(weight, 0.0, 1.0) * tf.cast(
-            per_sample_finite, x.dtype
-        )
-        return x, y, weight
 
     def _noise_stddevs(self, variables, bounds) -> list:
         """Noise std per variable from the bounds (global or per-layer strategy)."""

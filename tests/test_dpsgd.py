@@ -49,11 +49,12 @@ def test_vectorised_per_example_gradients_equal_a_one_example_loop(scale):
     model = _model()
     x, y = _batch(scale=scale)
     model(x)
-    grads, _ = model.per_example_gradients(x, y)
+    grads, _, losses = model.per_example_gradients(x, y)
     variables = model.model.trainable_variables
     for i in range(len(x)):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(LOSS.call(y[i : i + 1], model.model(x[i : i + 1])))
+        assert float(losses[i]) == pytest.approx(float(loss), rel=1e-5)
         for g, ref in zip(grads, tape.gradient(loss, variables), strict=True):
             np.testing.assert_allclose(g[i], ref, rtol=1e-4, atol=1e-6)
 
@@ -65,7 +66,7 @@ def test_every_clipped_gradient_has_norm_at_most_c(clip, scale, seed):
     model = _model(clip=clip)
     x, y = _batch(n=5, scale=scale, seed=seed)
     model(x)
-    grads, _ = model.per_example_gradients(x, y)
+    grads, _, _ = model.per_example_gradients(x, y)
     clipped, norms = model.clip_per_example(grads)
     flat = tf.concat([tf.reshape(g, (5, -1)) for g in clipped], axis=1)
     clipped_norms = tf.norm(flat, axis=1).numpy()
@@ -81,7 +82,7 @@ def test_a_sample_cannot_outweigh_one_over_b_in_a_short_batch():
     model = _model(clip=1.0, sigma=0.0 + 1e-12, batch_size=16)
     x, y = _batch(n=2, scale=50.0)
     model(x)
-    grads, _ = model.per_example_gradients(x, y)
+    grads, _, _ = model.per_example_gradients(x, y)
     clipped, _ = model.clip_per_example(grads)
     update = model.noisy_gradient(clipped, tf.ones(2))
     norm = float(tf.linalg.global_norm(update))
@@ -191,3 +192,22 @@ def test_a_sample_weight_above_one_is_refused():
         model.fit(
             x, y, sample_weight=np.array([1.0, 2.0, 1.0, 1.0]), batch_size=4, verbose=0
         )
+
+
+def test_a_nan_input_is_refused():
+    model = _model()
+    x, y = _batch(n=4)
+    x[2, 0, 0, 0] = np.nan
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or Inf"):
+        model.fit(x, y, batch_size=4, verbose=0)
+
+
+def test_integer_labels_work_with_a_sparse_loss():
+    model = _model()
+    model.compile(
+        keras.optimizers.SGD(0.1),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = _batch(n=8)
+    history = model.fit(x, np.argmax(y, axis=1), batch_size=8, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()

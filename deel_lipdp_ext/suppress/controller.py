@@ -24,6 +24,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from .._keras_utils import nested_layers
 from ._checks import check_positive_int, check_type, check_value
 from .masks import DeWeight, GradMask, MaskLayerDes
 
@@ -506,22 +507,15 @@ class SuppressCtrl:
 def _conv_kernels(networks) -> list:
     """Kernels of the layers named conv1/conv2, else of the first two convolutions."""
     conv_types = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
-    convs = [layer for layer in _walk(networks) if isinstance(layer, conv_types)]
+    convs = [
+        layer for layer in nested_layers(networks) if isinstance(layer, conv_types)
+    ]
     named = {layer.name: layer for layer in convs}
     picked = []
     for i, name in enumerate(("conv1", "conv2")):
         layer = named.get(name) or (convs[i] if i < len(convs) else None)
         picked.append(None if layer is None else layer.kernel)
     return picked
-
-
-def _walk(layer) -> list:
-    """Every layer nested in ``layer`` (depth first, in order)."""
-    found = []
-    for sub in getattr(layer, "layers", []):
-        found.append(sub)
-        found.extend(_walk(sub))
-    return found
 
 
 class SuppressPrivacyFactory:

@@ -1,32 +1,11 @@
 """The MI-FACE and MAD examples run end to end and print their tables."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def _run(script, tmp_path, *args):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), "--output-dir", str(tmp_path), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [line.split() for line in result.stdout.splitlines()]
 
 
 @pytest.mark.slow
-def test_mad_example_moves_each_metric_and_holds_the_other(tmp_path):
-    rows = _run("mad_competition.py", tmp_path, "--iterations", "60")
+def test_mad_example_moves_each_metric_and_holds_the_other(run_example, tmp_path):
+    rows = run_example("mad_competition.py", "--iterations", "60")
     table = {
         f"{r[0]} {r[1]}": [float(v) for v in r[2:]]
         for r in rows
@@ -44,8 +23,8 @@ def test_mad_example_moves_each_metric_and_holds_the_other(tmp_path):
 
 
 @pytest.mark.slow
-def test_mi_face_example_prints_epsilon_accuracy_and_similarity(tmp_path):
-    rows = _run("mi_face_vs_dpsgd.py", tmp_path)
+def test_mi_face_example_prints_epsilon_accuracy_and_similarity(run_example, tmp_path):
+    rows = run_example("mi_face_vs_dpsgd.py")
     table = {
         r[0]: r[1:] for r in rows if r and r[0] in ("non-private", "DP-SGD", "clipless")
     }
