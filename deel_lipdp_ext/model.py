@@ -95,6 +95,7 @@ def sanitize_batch(x, y, sample_weight, *, run_asserts: bool = True, extra_check
     (weight 0) so they can never reach the gradient. `extra_checks` are further
     assert ops everything downstream must depend on.
     """
+    x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
     finite = _finite_rows(x) & _finite_rows(y)
     dtype = x.dtype if x.dtype.is_floating else tf.float32
     weight = (
