@@ -27,3 +27,16 @@ __all__ = [
     "DP_Sequential",
     "__version__",
 ]
+
+
+def __getattr__(name):
+    # Modules that moved, still reachable at their old paths (imported lazily).
+    if name == "metrics":
+        from .imaging import metrics
+
+        return metrics
+    if name == "dpsgd_manager":
+        from .aijack import dpsgd_manager
+
+        return dpsgd_manager
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

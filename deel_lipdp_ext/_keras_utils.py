@@ -12,3 +12,18 @@ def nested_layers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
         found.append(sub)
         found.extend(nested_layers(sub))
     return found
+
+
+def pop_keras_objects(
+    config: dict, keys: tuple[str, ...], custom_objects=None
+) -> tuple[dict, list]:
+    """Split a wrapper's saved config: (the config without `keys`, the Keras
+    objects (models, layers) saved under them, deserialised, in order)."""
+    config = dict(config)
+    objects = [
+        keras.saving.deserialize_keras_object(
+            config.pop(key), custom_objects=custom_objects
+        )
+        for key in keys
+    ]
+    return config, objects

@@ -1,16 +1,19 @@
-"""Per-sample gradient bounds of a chain of DP layers (DESIGN §3).
+"""Per-sample gradient bounds of a chain of DP layers (docs/design.md, "The
+bound contract").
 
 Forward: from the `DP_BoundedInput` bound, each layer's `propagate_inputs`
-bounds the next input. Backward: from `L / B` (the loss's Lipschitz constant
-over the expected batch size: one sample's share of the batch gradient),
-`backpropagate_inputs` walks back, and `backpropagate_params` bounds each
-trainable variable. Bounds are keyed by `variable.path` (unique in Keras 3,
-unlike `variable.name`).
+bounds the next input. Backward: from L (the loss's Lipschitz constant: the
+bound on one sample's loss gradient w.r.t. the logits), `backpropagate_inputs`
+walks back, and `backpropagate_params` bounds each trainable variable. The
+train step differentiates the SUM of the per-sample losses, so these are the
+bounds of one sample's contribution to that sum: the sensitivity of the
+summed gradient to adding or removing the sample. Bounds are keyed by
+`variable.path` (unique in a checked chain).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import keras
 import tensorflow as tf
@@ -19,57 +22,100 @@ from .layers.base import DPLayer, as_bound, bound_pass
 from .layers.bounded import DP_BoundedInput
 
 
+def _walk(layers: Sequence, depth: int = 0) -> Iterator[tuple[object, int]]:
+    """Every layer of the chain and, depth first, the DP layers it wraps."""
+    for layer in layers:
+        yield layer, depth
+        if isinstance(layer, DPLayer):
+            yield from _walk(layer.sublayers(), depth + 1)
+
+
 def check_dp_chain(dp_layers: Sequence[keras.layers.Layer]) -> None:
-    """Refuse a chain that cannot be bounded, naming the culprit.
+    """Refuse a chain that cannot be bounded, naming every culprit at once.
 
     Raises:
-        TypeError: a layer is not a DP layer.
-        ValueError: the chain does not start with DP_BoundedInput.
+        TypeError: a layer (or a wrapped layer) is not a DP layer.
+        ValueError: the chain is empty or does not start with DP_BoundedInput;
+            a DP_BoundedInput anywhere else (inside wrappers too: only the
+            first one's input norm is checked); a layer used twice, or a
+            variable shared by two layers (each use would add a gradient the
+            one bound does not cover); two variables with one path.
     """
     if not dp_layers:
         raise ValueError("A DP model needs at least one layer. Received: no layers")
-    for layer in dp_layers:
-        if not isinstance(layer, DPLayer):
-            raise TypeError(
-                f"Layer '{layer.name}' ({type(layer).__name__}) is not a DP layer: its "
-                "per-sample gradient cannot be bounded. Use the DP_ layers of "
-                "deel_lipdp_ext.layers (or DP_GNP_Factory for a parameter-free "
-                "1-Lipschitz layer)."
-            )
+    not_dp = [
+        f"'{layer.name}' ({type(layer).__name__})"
+        for layer, _ in _walk(dp_layers)
+        if not isinstance(layer, DPLayer)
+    ]
+    if not_dp:
+        raise TypeError(
+            f"Layer(s) {', '.join(not_dp)} are not DP layers: their per-sample "
+            "gradients cannot be bounded. Use the DP_ layers of "
+            "deel_lipdp_ext.layers (or DP_GNP_Factory for a parameter-free "
+            "1-Lipschitz layer)."
+        )
+    problems = []
     if not isinstance(dp_layers[0], DP_BoundedInput):
-        raise ValueError(
-            "A DP model must start with DP_BoundedInput, which fixes the input norm "
-            f"bound. Received first layer: '{dp_layers[0].name}' "
+        problems.append(
+            "a DP model must start with DP_BoundedInput, which fixes the input norm "
+            f"bound; received first layer '{dp_layers[0].name}' "
             f"({type(dp_layers[0]).__name__})"
         )
-    for layer in dp_layers[1:]:
-        if isinstance(layer, DP_BoundedInput):
-            raise ValueError(
-                f"DP_BoundedInput '{layer.name}' must be the first layer only."
+    seen_layers: dict[int, str] = {}
+    owner_of: dict[int, str] = {}
+    paths: dict[str, str] = {}
+    for position, (layer, depth) in enumerate(_walk(dp_layers)):
+        if isinstance(layer, DP_BoundedInput) and (position > 0 or depth > 0):
+            problems.append(
+                f"DP_BoundedInput '{layer.name}' must be the first layer only "
+                "(its input-norm bound is checked only there)"
             )
+        if id(layer) in seen_layers:
+            problems.append(
+                f"layer '{layer.name}' is used twice: the bound of one use does "
+                "not cover the gradient of both"
+            )
+            continue
+        seen_layers[id(layer)] = layer.name
+        for variable in layer.trainable_variables if depth == 0 else ():
+            if id(variable) in owner_of and owner_of[id(variable)] != layer.name:
+                problems.append(
+                    f"variable '{variable.path}' is shared by layers "
+                    f"'{owner_of[id(variable)]}' and '{layer.name}'"
+                )
+            owner_of[id(variable)] = layer.name
+            if paths.get(variable.path, layer.name) != layer.name:
+                problems.append(
+                    f"two variables have the path '{variable.path}' (layers "
+                    f"'{paths[variable.path]}' and '{layer.name}'): rename a layer"
+                )
+            paths[variable.path] = layer.name
+    if problems:
+        raise ValueError("Invalid DP chain: " + "; ".join(dict.fromkeys(problems)))
 
 
 def compute_gradient_bounds(
-    dp_layers: Sequence[DPLayer], loss_lipschitz: float, batch_size: int
+    dp_layers: Sequence[DPLayer], loss_lipschitz: float
 ) -> dict[str, tf.Tensor]:
     """One bound per bounded trainable variable, keyed by `variable.path`.
 
     Args:
-        dp_layers: the model's DP layers in call order (checked by `check_dp_chain`).
+        dp_layers: the model's DP layers in call order, checked by
+            `check_dp_chain` (the DP models check once per traced step).
         loss_lipschitz: L, from `loss.get_L(num_classes)`.
-        batch_size: the expected batch size B (the loss denominator).
 
     Returns:
-        {variable.path: scalar float32 bound on ||one sample's gradient||}.
+        {variable.path: scalar float32 bound on the norm of one sample's
+        gradient of its own loss}.
     """
-    check_dp_chain(dp_layers)
     with bound_pass():  # each layer's certificate is computed once per pass
         input_bounds = []
         bound = None
         for layer in dp_layers:
             input_bounds.append(bound)
             bound = layer.propagate_inputs(bound)
-        gradient_bound = as_bound(loss_lipschitz / float(batch_size))
+        gradient_bound = as_bound(loss_lipschitz)
         bounds: dict[str, tf.Tensor] = {}
         for layer, input_bound in zip(
             reversed(dp_layers), reversed(input_bounds), strict=True

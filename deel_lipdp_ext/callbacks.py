@@ -7,12 +7,12 @@ from collections.abc import Callable
 
 import keras
 
-from .accounting import epsilon_for_spec
 from .accounting.epsilon import check_accountant
 from .dynamic_clipping import (
     AdaptiveQuantileClipping,
     LaplaceAdaptiveLossGradientClipping,
 )
+from .privacy_plan import privacy_plan_of
 
 __all__ = [
     "DP_Accountant",
@@ -25,11 +25,12 @@ class DP_Accountant(keras.callbacks.Callback):
     """Writes `epsilon` and `delta` into the epoch logs; stops within a budget.
 
     The logs reach the progress bar, `History`, `CSVLogger` and `TensorBoard`.
-    Epsilon covers everything the model's `privacy_spec` holds: the gradient
-    steps and every release in its ledger (dynamic-clipping updates).
-    With `epsilon_budget`, training stops at the end of the last epoch whose
-    epsilon is within budget: after each epoch it checks whether ONE MORE
-    epoch would exceed the budget, so the reported epsilon never does.
+    Epsilon is that of the model's privacy plan: every mechanism in its ledger
+    as it ran (the gradient steps with their noise multipliers and sampling,
+    dynamic-clipping releases). With `epsilon_budget`, training stops at the
+    end of the last epoch whose epsilon is within budget: after each epoch it
+    checks whether ONE MORE epoch (its steps and the releases planned for it)
+    would exceed the budget, so the reported epsilon never does.
 
     Args:
         accountant: "rdp" or "pld".
@@ -38,7 +39,9 @@ class DP_Accountant(keras.callbacks.Callback):
             a logging service's function; none is required.
 
     Attributes:
-        history: list of dicts (epoch, steps, epsilon, delta) per epoch.
+        history: list of dicts (epoch, steps, epsilon, delta, sampling, exact)
+            per epoch; `sampling` lists the samplings the steps ran on, and
+            `exact` says whether all were secret Poisson batches.
     """
 
     def __init__(
@@ -58,54 +61,49 @@ class DP_Accountant(keras.callbacks.Callback):
         self.log_fn = log_fn
         self.history: list[dict] = []
 
-    def _check_model(self):
-        if not hasattr(self.model, "privacy_spec"):
-            raise TypeError(
-                "DP_Accountant needs a DP model (DPSequential/DPModel). "
-                f"Received: {type(self.model).__name__}"
-            )
+    def _plan_after(self, next_epoch: int) -> float:
+        """Epsilon if epoch `next_epoch` runs too."""
+        plan = privacy_plan_of(self.model)
+        return plan.epsilon(
+            self.accountant, plan.planned_ledger(1, first_epoch=next_epoch)
+        )
 
     def on_train_begin(self, logs=None):
-        self._check_model()
-        meta = self.model.dataset_metadata
-        if meta.sampling != "poisson":
+        plan = privacy_plan_of(self.model)
+        if plan.dataset_metadata.sampling != "poisson":
             print(
-                f"DP_Accountant: sampling={meta.sampling!r}; epsilon uses the Poisson "
-                "subsampling analysis, the usual heuristic for shuffled batches."
+                f"DP_Accountant: sampling={plan.dataset_metadata.sampling!r}; epsilon "
+                "uses the Poisson subsampling analysis, the usual heuristic for "
+                "shuffled batches."
             )
         if self.epsilon_budget is not None:
-            first = self._epsilon_after(next_epoch=0)
+            first = self._plan_after(next_epoch=plan.completed_epochs())
             if first > self.epsilon_budget:
                 raise ValueError(
                     f"One epoch already exceeds epsilon_budget={self.epsilon_budget} "
                     f"(epsilon would be {first:.4g})."
                 )
 
-    def _epsilon_after(self, next_epoch: int) -> float:
-        """Epsilon if epoch `next_epoch` runs too: its steps and the releases
-        the model's release schedules plan for it."""
-        model = self.model
-        steps = int(model.dp_steps.numpy()) + model.dataset_metadata.nb_steps_per_epoch
-        releases = list(model.privacy_ledger)
-        for schedule in model.release_schedules:
-            planned = schedule.scheduled_release(next_epoch)
-            if planned is not None:
-                releases.append(planned)
-        spec = model.privacy_spec(steps, tuple(releases))
-        return epsilon_for_spec(spec, self.accountant)
-
     def on_epoch_end(self, epoch, logs=None):
-        spec = self.model.privacy_spec()
-        epsilon = epsilon_for_spec(spec, self.accountant)
-        record = {"epsilon": epsilon, "delta": spec.delta}
+        plan = privacy_plan_of(self.model)
+        epsilon = plan.epsilon(self.accountant)
+        record = {"epsilon": epsilon, "delta": plan.delta}
         if logs is not None:
             logs.update(record)
-        self.history.append({"epoch": epoch, "steps": spec.steps, **record})
+        self.history.append(
+            {
+                "epoch": epoch,
+                "steps": int(plan.steps.numpy()),
+                **record,
+                "sampling": plan.samplings(),
+                "exact": plan.is_exact(),
+            }
+        )
         if self.log_fn is not None:
             self.log_fn(epoch, dict(record))
         if (
             self.epsilon_budget is not None
-            and self._epsilon_after(next_epoch=epoch + 1) > self.epsilon_budget
+            and self._plan_after(next_epoch=epoch + 1) > self.epsilon_budget
         ):
             print(
                 f"DP_Accountant: epsilon={epsilon:.4g}; another epoch would exceed "

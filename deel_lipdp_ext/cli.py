@@ -22,7 +22,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--learning-rate", type=float, default=0.3)
     demo.add_argument("--output-dir", default="runs/demo")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="fix the noise and the batches (reproducible, not secret); "
+        "default: operating-system entropy",
+    )
     demo.add_argument("--accountant", choices=["rdp", "pld"], default="rdp")
     demo.add_argument("--verbose", type=int, default=1)
     for name in ("epsilon", "calibrate"):
@@ -58,9 +64,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         return 0
-    from .accounting import PrivacySpec, calibrate_noise_multiplier, epsilon_for_spec
+    from .accounting import (
+        PrivacySpec,
+        calibrate_noise_multiplier,
+        epsilon_for_spec,
+        steps_per_epoch,
+    )
 
-    steps = round(args.epochs / args.sampling_rate)
+    steps = args.epochs * steps_per_epoch(args.sampling_rate)
     if args.command == "epsilon":
         spec = PrivacySpec(
             args.sampling_rate, steps, (args.noise_multiplier,), args.delta

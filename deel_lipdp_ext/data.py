@@ -12,17 +12,28 @@ Sampling:
 * "shuffle": a fresh permutation cut into batches each epoch. The accountant
   still uses the Poisson analysis: the usual heuristic, not a proof; the
   epsilon report says so.
+
+Seeds default to the operating system's entropy: amplification by subsampling
+needs the batches to be secret. A fixed seed gives reproducible batches, and
+the report says the sampling was "seeded: not secret".
+
+The datasets built here carry their provenance (`sampling_provenance`), which
+a DP model's `fit` checks against its `DatasetMetadata`; a dataset built
+elsewhere is refused unless the user vouches for it (`declare_sampling`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import secrets
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import tensorflow as tf
+
+from .accounting import steps_per_epoch
 
 SAMPLINGS = ("poisson", "shuffle")
 
@@ -37,7 +48,8 @@ class DatasetMetadata:
         nb_samples_train: N, the number of training samples.
         nb_samples_test: number of test samples.
         batch_size: the EXPECTED batch size B (the loss denominator).
-        nb_steps_per_epoch: optimizer steps in one epoch.
+        nb_steps_per_epoch: optimizer steps in one epoch (default: ceil(N / B),
+            from `accounting.steps_per_epoch`).
         sampling: "poisson" or "shuffle".
         input_bound: L2 norm bound of one sample after preprocessing, if known.
     """
@@ -47,13 +59,13 @@ class DatasetMetadata:
     nb_samples_train: int
     nb_samples_test: int
     batch_size: int
-    nb_steps_per_epoch: int
+    nb_steps_per_epoch: int | None = None
     sampling: str = "poisson"
     input_bound: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
-        for name in ("nb_samples_train", "batch_size", "nb_steps_per_epoch"):
+        for name in ("nb_samples_train", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int | np.integer) or value <= 0:
                 raise ValueError(
@@ -65,6 +77,16 @@ class DatasetMetadata:
                 "`batch_size` of DatasetMetadata cannot exceed nb_samples_train. "
                 f"Received: batch_size={self.batch_size}, "
                 f"nb_samples_train={self.nb_samples_train}"
+            )
+        steps = self.nb_steps_per_epoch
+        if steps is None:
+            object.__setattr__(
+                self, "nb_steps_per_epoch", steps_per_epoch(self.sampling_rate)
+            )
+        elif not isinstance(steps, int | np.integer) or steps <= 0:
+            raise ValueError(
+                "`nb_steps_per_epoch` of DatasetMetadata must be a positive int. "
+                f"Received: nb_steps_per_epoch={steps!r}"
             )
         if self.sampling not in SAMPLINGS:
             raise ValueError(
@@ -128,6 +150,77 @@ def max_poisson_batch_size(n: int, q: float) -> int:
     return int(min(n, math.ceil(mean + 10.0 * math.sqrt(mean * (1.0 - q)) + 10)))
 
 
+@dataclass(frozen=True)
+class SamplingProvenance:
+    """How a dataset's batches are drawn, attached by the builders here.
+
+    Args:
+        sampling: "poisson" or "shuffle".
+        nb_samples: N, the samples it draws from.
+        batch_size: the expected batch size B.
+        seeded: a user seed fixed the sampling (reproducible, not secret).
+        declared: the user vouches for it (`declare_sampling`), unchecked.
+    """
+
+    sampling: str
+    nb_samples: int
+    batch_size: int
+    seeded: bool
+    declared: bool = False
+
+
+_PROVENANCE_ATTRIBUTE = "_deel_lipdp_sampling"
+
+
+def _with_provenance(ds: tf.data.Dataset, provenance: SamplingProvenance):
+    setattr(ds, _PROVENANCE_ATTRIBUTE, provenance)
+    return ds
+
+
+def sampling_provenance(data) -> SamplingProvenance | None:
+    """The provenance of a dataset built by this module (None otherwise; a
+    dataset transformed after it was built has none)."""
+    if not isinstance(data, tf.data.Dataset):
+        return None
+    return getattr(data, _PROVENANCE_ATTRIBUTE, None)
+
+
+def declare_sampling(dataset: tf.data.Dataset, metadata: DatasetMetadata):
+    """Vouch that `dataset` samples as `metadata` says (its sampling, N and B).
+
+    For pipelines built outside this module. Nothing is checked: the epsilon
+    is only as true as this declaration, and the report says "declared".
+
+    Returns:
+        `dataset`, marked.
+    """
+    if not isinstance(dataset, tf.data.Dataset):
+        raise TypeError(
+            f"declare_sampling takes a tf.data.Dataset. Received: "
+            f"{type(dataset).__name__}"
+        )
+    if not isinstance(metadata, DatasetMetadata):
+        raise TypeError(
+            f"declare_sampling needs the DatasetMetadata it declares. Received: "
+            f"{type(metadata).__name__}"
+        )
+    return _with_provenance(
+        dataset,
+        SamplingProvenance(
+            metadata.sampling,
+            metadata.nb_samples_train,
+            metadata.batch_size,
+            seeded=False,
+            declared=True,
+        ),
+    )
+
+
+def _secret_seed(seed: int | None) -> int:
+    """`seed`, or 63 bits of operating-system entropy when it is None."""
+    return secrets.randbits(63) if seed is None else int(seed)
+
+
 def poisson_batches(
     x: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None = None
 ) -> tf.data.Dataset:
@@ -135,13 +228,17 @@ def poisson_batches(
 
     One epoch has ceil(N / batch_size) steps; each step includes every sample
     independently with probability q = batch_size / N. Iterating the dataset
-    again (next epoch) draws fresh batches from the same seeded generator.
+    again (next epoch) draws fresh batches from the same generator.
+
+    Args:
+        seed: None (default): operating-system entropy, so the batches are
+            secret. An int: reproducible batches, reported as not secret.
     """
     n = len(x)
     q = batch_size / n
-    steps = math.ceil(n / batch_size)
+    steps = steps_per_epoch(q)
     padded = max_poisson_batch_size(n, q)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(_secret_seed(seed))
 
     def generate():
         for _ in range(steps):
@@ -165,25 +262,58 @@ def poisson_batches(
         tf.TensorSpec((padded,), tf.float32),
     )
     ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
-    return ds.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
+    return _with_provenance(
+        ds, SamplingProvenance("poisson", n, int(batch_size), seed is not None)
+    )
 
 
 def shuffled_batches(
     x: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None = None
 ) -> tf.data.Dataset:
-    """A fresh permutation each epoch, cut into batches (the last may be short)."""
+    """A fresh permutation each epoch, cut into batches (the last may be short).
+
+    Args:
+        seed: None (default): operating-system entropy (not TensorFlow's global
+            seed). An int: reproducible order.
+    """
     ds = tf.data.Dataset.from_tensor_slices(
         (x.astype(np.float32), y.astype(np.float32))
     )
-    ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(2)
+    ds = ds.shuffle(len(x), seed=_secret_seed(seed), reshuffle_each_iteration=True)
+    return _with_provenance(
+        ds.batch(batch_size).prefetch(2),
+        SamplingProvenance("shuffle", len(x), int(batch_size), seed is not None),
+    )
 
 
 def _one_hot(y: np.ndarray, num_classes: int | None) -> np.ndarray:
+    """Labels as one-hot rows: (N, C) rows are kept; (N,) or (N, 1) must hold
+    class indices (integers, or floats with integer values).
+
+    Raises:
+        ValueError: fractional labels of shape (N,) or (N, 1) (a probability
+            per sample is not a class index), or labels out of range.
+    """
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] > 1:
         return y.astype(np.float32)
-    y = y.reshape(-1).astype(np.int64)
+    if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
+        raise ValueError(
+            f"Labels must have shape (N,), (N, 1) or (N, classes). Received: {y.shape}"
+        )
+    y = y.reshape(-1)
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+            bad = y[~np.isfinite(y) | (y != np.round(y))][:3]
+            raise ValueError(
+                "Labels of shape (N,) or (N, 1) are class indices and must be "
+                "whole numbers; for soft or binary probabilities pass (N, classes) "
+                f"rows. Received values such as {bad.tolist()}"
+            )
+    elif y.dtype.kind not in "iub":
+        raise ValueError(f"Labels must be numbers. Received dtype {y.dtype}")
+    y = y.astype(np.int64)
     k = int(num_classes or (y.max() + 1))
     if y.min() < 0 or y.max() >= k:
         raise ValueError(
@@ -203,7 +333,7 @@ def from_numpy(
     preprocessing: str = "normalize",
     sampling: str = "poisson",
     num_classes: int | None = None,
-    seed: int | None = 0,
+    seed: int | None = None,
 ) -> tuple[tf.data.Dataset, tf.data.Dataset | None, DatasetMetadata]:
     """Wrap arrays as DP-ready datasets.
 
@@ -216,7 +346,8 @@ def from_numpy(
             or "clip" (samples projected onto the ball).
         sampling: "poisson" or "shuffle".
         num_classes: number of classes if the labels are integers.
-        seed: seed of the batch sampling.
+        seed: seed of the batch sampling; None (default): operating-system
+            entropy (secret batches); an int: reproducible, not secret.
 
     Returns:
         (train dataset, test dataset or None, DatasetMetadata).
@@ -258,7 +389,6 @@ def from_numpy(
         nb_samples_train=len(x_train),
         nb_samples_test=n_test,
         batch_size=int(batch_size),
-        nb_steps_per_epoch=math.ceil(len(x_train) / batch_size),
         sampling=sampling,
         input_bound=float(input_bound),
     )
@@ -272,12 +402,15 @@ def load_digits_dataset(
     test_size: float = 0.2,
     sampling: str = "poisson",
     preprocessing: str = "normalize",
-    seed: int = 0,
+    seed: int | None = None,
+    split_seed: int = 0,
 ) -> tuple[tf.data.Dataset, tf.data.Dataset, DatasetMetadata]:
     """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), offline.
 
     Pixels are scaled to [0, 1], images shaped (8, 8, 1), labels one-hot,
-    a stratified train/test split made with `seed`, then each image bounded.
+    a stratified train/test split made with `split_seed` (public), then each
+    image bounded. `seed` is the batch sampling's (None: secret, from the
+    operating system's entropy).
 
     Returns:
         (train dataset, test dataset, DatasetMetadata).
@@ -288,7 +421,11 @@ def load_digits_dataset(
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[..., None]
     x_tr, x_te, y_tr, y_te = train_test_split(
-        x, digits.target, test_size=test_size, stratify=digits.target, random_state=seed
+        x,
+        digits.target,
+        test_size=test_size,
+        stratify=digits.target,
+        random_state=split_seed,
     )
     return from_numpy(
         x_tr,

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import keras
 
 from . import layers as L
-from .accounting import calibrate_noise_multiplier
 from .callbacks import DP_Accountant
 from .data import load_digits_dataset
 from .losses import DP_TauCategoricalCrossentropy
@@ -27,7 +26,7 @@ class DemoConfig:
     batch_size: int | None = None  # None: the whole training set (q = 1)
     learning_rate: float = 0.3
     output_dir: str = "runs/demo"
-    seed: int = 0
+    seed: int | None = None  # None: secret noise and batches (OS entropy)
     accountant: str = "rdp"
     verbose: int = 1
 
@@ -57,27 +56,26 @@ def run_demo(config: DemoConfig) -> dict:
     Returns:
         The report dict (sigma, per-epoch epsilon and accuracies, tightness).
     """
-    keras.utils.set_random_seed(config.seed)
+    if config.seed is not None:
+        keras.utils.set_random_seed(config.seed)
     _, _, full = load_digits_dataset(batch_size=1, seed=config.seed)
     batch_size = config.batch_size or full.nb_samples_train
     train, test, meta = load_digits_dataset(
         batch_size=batch_size, input_bound=1.0, sampling="poisson", seed=config.seed
     )
-    steps = config.epochs * meta.nb_steps_per_epoch
-    sigma = calibrate_noise_multiplier(
-        config.target_epsilon,
-        config.delta,
-        meta.sampling_rate,
-        steps,
-        config.accountant,
+    model = build_model(meta, DPParameters(1.0, config.delta, seed=config.seed))
+    # Calibrate the mechanism that runs: the model's own privacy plan.
+    sigma = model.privacy_plan.calibrate_noise_multiplier(
+        config.target_epsilon, config.epochs, config.accountant
     )
+    model.set_noise_multiplier(sigma)
+    steps = config.epochs * meta.nb_steps_per_epoch
     print(
         f"Calibrated noise multiplier sigma={sigma:.4f} for "
         f"epsilon<={config.target_epsilon}"
         f" (delta={config.delta}, q={meta.sampling_rate:.4f}, {steps} steps, "
         f"{config.accountant.upper()})"
     )
-    model = build_model(meta, DPParameters(sigma, config.delta, seed=config.seed))
     model.compile(
         optimizer=keras.optimizers.SGD(config.learning_rate, momentum=0.9),
         loss=DP_TauCategoricalCrossentropy(tau=16.0),
@@ -110,7 +108,8 @@ def run_demo(config: DemoConfig) -> dict:
         "noise_multiplier": sigma,
         "delta": config.delta,
         "accountant": config.accountant,
-        "sampling": meta.sampling,
+        "sampling": list(model.privacy_plan.samplings()),
+        "seed": config.seed,
         "sampling_rate": meta.sampling_rate,
         "batch_size": meta.batch_size,
         "train_seconds": seconds,

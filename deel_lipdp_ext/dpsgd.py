@@ -8,9 +8,11 @@ adds Gaussian noise of std ``noise_multiplier * l2_norm_clip`` per coordinate
 and divides by the *expected* batch size B (never the actual one: a short or
 Poisson batch cannot raise an example's weight above ``1 / B``).
 
-Its privacy event is the clipless models' (Poisson-subsampled Gaussian at
-``q = B / N``, one per step), so ``callbacks.DP_Accountant`` reports its
-epsilon unchanged.
+Noise, the division by B and the accounting go through the same privacy plan
+as the clipless models' (one Poisson-subsampled Gaussian at ``q = B / N`` per
+step, recorded in the ledger as it runs), so ``callbacks.DP_Accountant``
+reports its epsilon unchanged. An example whose gradient is not finite (an
+input that overflows in the forward pass) is dropped from the step.
 
 Example:
     >>> model = DPSGDModel(net, DPParameters(1.1, 1e-5), meta, l2_norm_clip=1.0)
@@ -25,24 +27,23 @@ import math
 import keras
 import tensorflow as tf
 
-from ._keras_utils import nested_layers
-from .accounting import PrivacySpec
+from ._keras_utils import nested_layers, pop_keras_objects
 from .data import DatasetMetadata
-from .model import DPParameters, sanitize_batch
+from .model import DPParameters, PrivateModel, check_float32_compute, sanitize_batch
 
 _PACKAGE = "deel_lipdp_ext"
 _SAMPLE_MIXING = (keras.layers.BatchNormalization,)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class DPSGDModel(keras.Model):
+class DPSGDModel(PrivateModel, keras.Model):
     """Wraps any Keras model to train it with per-example clipped, noised SGD.
 
     Args:
         model: the Keras model (any layers but those that mix examples, such as
             BatchNormalization, which would make one example's gradient depend
             on the others).
-        dp_parameters: ``DPParameters`` (noise multiplier sigma, delta, seed);
+        dp_parameters: ``DPParameters`` (noise multiplier sigma, delta);
             ``noisify_strategy`` must be ``"global"``.
         dataset_metadata: ``DatasetMetadata``: expected batch size B, sampling
             rate q and steps per epoch, as for the clipless models.
@@ -98,18 +99,10 @@ class DPSGDModel(keras.Model):
                     f"Layer {layer.name!r} ({type(layer).__name__}) mixes the examples "
                     "of a batch: per-example gradients would not be per example."
                 )
+        check_float32_compute([model, *nested_layers(model)], "DPSGDModel")
         self.model = model
-        self.dp_parameters = dp_parameters
-        self.dataset_metadata = dataset_metadata
         self.l2_norm_clip = float(l2_norm_clip)
-        self.privacy_ledger: tuple = ()
-        self.release_schedules: list = []
-        self.dp_steps = keras.Variable(
-            0, dtype="int64", trainable=False, name="dp_steps"
-        )
-        self._noise_seed = keras.random.SeedGenerator(
-            dp_parameters.seed, name="dpsgd_noise_seed"
-        )
+        self._init_privacy(dp_parameters, dataset_metadata)
         if model.built:  # the wrapper owns no weights of its own to build
             self.built = True
 
@@ -174,10 +167,30 @@ class DPSGDModel(keras.Model):
     def clip_per_example(self, gradients: list[tf.Tensor]) -> tuple[list, tf.Tensor]:
         """Scales each example's gradient to norm at most C.
 
+        An example whose gradient has a NaN or Inf (its forward pass
+        overflowed) is zeroed: it contributes nothing rather than NaN.
+
         Returns:
             ``(clipped gradients, norms before clipping (batch,))``; the norm is
             over all variables together.
         """
+        finite = tf.reduce_all(
+            tf.stack(
+                [
+                    tf.reduce_all(
+                        tf.math.is_finite(tf.reshape(g, (tf.shape(g)[0], -1))), axis=1
+                    )
+                    for g in gradients
+                ]
+            ),
+            axis=0,
+        )
+        gradients = [
+            tf.where(
+                tf.reshape(finite, [-1] + [1] * (len(g.shape) - 1)), g, tf.zeros_like(g)
+            )
+            for g in gradients
+        ]
         squares = [
             tf.reduce_sum(tf.reshape(tf.square(g), (tf.shape(g)[0], -1)), axis=1)
             for g in gradients
@@ -191,55 +204,50 @@ class DPSGDModel(keras.Model):
         return clipped, norms
 
     def noisy_gradient(self, clipped: list[tf.Tensor], weight: tf.Tensor) -> list:
-        """``(sum_i w_i * clipped_i + N(0, (sigma C)^2 I)) / B`` per variable."""
-        sizes = [int(math.prod(g.shape[1:])) for g in clipped]
-        standard = keras.random.normal((sum(sizes),), seed=self._noise_seed)
-        std = self.dp_parameters.noise_multiplier * self.l2_norm_clip
-        batch = float(self.dataset_metadata.batch_size)
-        noisy = []
-        for g, z in zip(clipped, tf.split(standard, sizes), strict=True):
+        """``(sum_i w_i * clipped_i + N(0, (sigma C)^2 I)) / B`` per variable,
+        through the privacy plan (which records the step)."""
+        summed = []
+        for g in clipped:
             w = tf.reshape(tf.cast(weight, g.dtype), [-1] + [1] * (len(g.shape) - 1))
-            total = tf.reduce_sum(g * w, axis=0)
-            noise = tf.cast(tf.reshape(z, tf.shape(total)) * std, g.dtype)
-            noisy.append((total + noise) / batch)
-        return noisy
+            summed.append(tf.reduce_sum(g * w, axis=0))
+        variables = self.model.trainable_variables
+        plan = self.privacy_plan
+        return plan.privatize(
+            summed, variables, plan.joint_noise_group(variables, self.l2_norm_clip)
+        )
+
+    def compile(self, *args, **kwargs):
+        """As `keras.Model.compile`, then the checks a DP model needs."""
+        super().compile(*args, **kwargs)
+        self.privacy_plan.check_ready("DPSGDModel")
+        self._check_strategy()
 
     def train_step(self, data):
+        self._check_strategy()
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x, y, weight = sanitize_batch(
-            x, y, sample_weight, run_asserts=not self.jit_compile
+            x,
+            y,
+            sample_weight,
+            run_asserts=not self.jit_compile,
+            extra_checks=self.privacy_plan.batch_size_check(tf.convert_to_tensor(x)),
         )
         gradients, y_pred, losses = self.per_example_gradients(x, y)
         clipped, _ = self.clip_per_example(gradients)
         noisy = self.noisy_gradient(clipped, weight)
         self.optimizer.apply(noisy, self.model.trainable_variables)
-        self.dp_steps.assign_add(1)
         weight = tf.cast(weight, losses.dtype)
         self._loss_tracker.update_state(
             tf.reduce_sum(losses * weight) / tf.maximum(tf.reduce_sum(weight), 1.0)
         )
         return self.compute_metrics(x, y, y_pred, sample_weight=weight)
 
-    # -------------------------------------------------------------- privacy
-    def privacy_spec(self, steps: int | None = None, releases=None) -> PrivacySpec:
-        """The mechanism run so far, for the accountant (as the clipless models)."""
-        meta = self.dataset_metadata
-        return PrivacySpec(
-            sampling_rate=meta.sampling_rate,
-            steps=int(self.dp_steps.numpy()) if steps is None else int(steps),
-            noise_multipliers=(float(self.dp_parameters.noise_multiplier),),
-            delta=float(self.dp_parameters.delta),
-            sampling=meta.sampling,
-            releases=tuple(releases or ()),
-        )
-
     def get_config(self):
         config = super().get_config()
         config.update(
             {
                 "model": keras.saving.serialize_keras_object(self.model),
-                "dp_parameters": self.dp_parameters.to_dict(),
-                "dataset_metadata": self.dataset_metadata.to_dict(),
+                **self._dp_config(),
                 "l2_norm_clip": self.l2_norm_clip,
             }
         )
@@ -247,10 +255,11 @@ class DPSGDModel(keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        model = keras.saving.deserialize_keras_object(
-            config.pop("model"), custom_objects=custom_objects
+        config, dp = cls._split_dp_config(config)
+        config, (model,) = pop_keras_objects(config, ("model",), custom_objects)
+        return cls(
+            model,
+            DPParameters.from_dict(dp["dp_parameters"]),
+            DatasetMetadata.from_dict(dp["dataset_metadata"]),
+            **config,
         )
-        dp_parameters = DPParameters.from_dict(config.pop("dp_parameters"))
-        metadata = DatasetMetadata.from_dict(config.pop("dataset_metadata"))
-        return cls(model, dp_parameters, metadata, **config)

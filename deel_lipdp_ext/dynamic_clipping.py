@@ -1,11 +1,11 @@
 """Dynamic clipping: callbacks that privately update `DP_ClipGradient(mode="dynamic")`.
 
 A clipping value chosen from the data is a private release. Each callback
-spends its own privacy budget on it, records the release in the model's
-ledger (so `DP_Accountant` and `privacy_spec` include it) and announces its
-schedule (so budgets and `epsilon_curve` can plan for it). The new value
-only changes the sensitivity bounds of later steps, whose noise follows:
-a post-processing of the release.
+spends its own privacy budget on it, records the release in the ledger of the
+model's privacy plan (so `DP_Accountant` includes it) and announces its
+schedule to the plan (so budgets, calibration and `epsilon_curve` plan for
+it). The new value only changes the sensitivity bounds of later steps, whose
+noise follows: a post-processing of the release.
 
 - `AdaptiveQuantileClipping`: geometric update towards a target quantile of
   the per-sample gradient norms (Andrew, Thakkar, McMahan, Ramaswamy 2021),
@@ -18,6 +18,7 @@ a post-processing of the release.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import keras
@@ -27,16 +28,34 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 
 from ._validation import require_positive
 from .accounting import Release
+from .data import sampling_provenance
 from .layers.base import sample_norms
 from .layers.clipping import DP_ClipGradient
-from .losses import lipschitz_constant
+from .model import _DPTrainer
+from .privacy_plan import (
+    DECLARED,
+    POISSON,
+    POISSON_SEEDED,
+    SAMPLING_LABELS,
+    SHUFFLE,
+    privacy_plan_of,
+)
+
+
+def _clipless_model(model, owner: str) -> _DPTrainer:
+    if not isinstance(model, _DPTrainer):
+        raise TypeError(
+            f"{owner} needs a clipless DP model (DPSequential/DPModel). "
+            f"Received: {type(model).__name__}"
+        )
+    return model
 
 
 def dynamic_clip_layers(model) -> list[DP_ClipGradient]:
     """The model's `DP_ClipGradient` layers with mode "dynamic", in call order."""
     return [
         layer
-        for layer in getattr(model, "dp_layers", [])
+        for layer in _clipless_model(model, "dynamic_clip_layers").dp_layers
         if isinstance(layer, DP_ClipGradient) and layer.mode == "dynamic"
     ]
 
@@ -48,34 +67,26 @@ def clip_layer_gradient_norms(
 
     The norms are those of the gradient of sample i's (weighted) loss at the
     layer's output, as the train step computes it (later clipping layers
-    included), rescaled by the expected batch size B so that they compare
-    with `clip_value`.
+    included): the quantity `clip_value` clips.
 
     Returns:
         (one array of shape (batch,) per layer, the 0/1 inclusion mask (batch,)).
     """
-    x, y, weight = model._sanitize_batch(x, y, weight)  # noqa: SLF001
-    for layer in layers:
-        layer._probe = []  # noqa: SLF001
-    try:
+    model = _clipless_model(model, "clip_layer_gradient_norms")
+    x, y, weight = model.sanitize_batch(x, y, weight)
+    with contextlib.ExitStack() as stack:
+        recorded = [stack.enter_context(layer.recording_outputs()) for layer in layers]
         with tf.GradientTape() as tape:
             y_pred = model(x, training=True)
-            loss = tf.reduce_sum(model.scaled_per_sample_losses(y, y_pred, weight))
-        outputs = []
-        for layer in layers:
-            probe = layer._probe  # noqa: SLF001
-            if len(probe) != 1:
+            loss = tf.reduce_sum(model.per_sample_losses(y, y_pred, weight))
+        for layer, outputs in zip(layers, recorded, strict=True):
+            if len(outputs) != 1:
                 raise ValueError(
-                    f"DP_ClipGradient '{layer.name}' ran {len(probe)} times in one "
+                    f"DP_ClipGradient '{layer.name}' ran {len(outputs)} times in one "
                     "forward pass; dynamic clipping needs exactly one."
                 )
-            outputs.append(probe[0])
-        gradients = tape.gradient(loss, outputs)
-    finally:
-        for layer in layers:
-            layer._probe = None  # noqa: SLF001
-    scale = float(model.dataset_metadata.batch_size)
-    norms = [sample_norms(g).numpy() * scale for g in gradients]
+        gradients = tape.gradient(loss, [outputs[0] for outputs in recorded])
+    norms = [sample_norms(g).numpy() for g in gradients]
     return norms, (weight.numpy() > 0).astype(np.float64)
 
 
@@ -125,20 +136,27 @@ class _DynamicClipping(keras.callbacks.Callback):
 
     def set_model(self, model):
         super().set_model(model)
-        schedules = getattr(model, "release_schedules", None)
-        if schedules is not None and self not in schedules:
-            schedules.append(self)
+        schedules = privacy_plan_of(_clipless_model(model, type(self).__name__))
+        if self not in schedules.release_schedules:
+            schedules.release_schedules.append(self)
+
+    def sampling_label(self) -> str:
+        """How `ds_train` samples (the ledger's label for this release)."""
+        provenance = sampling_provenance(self.ds_train)
+        if provenance is None:
+            return ""
+        if provenance.declared:
+            return SAMPLING_LABELS[DECLARED]
+        if provenance.sampling == "shuffle":
+            return SAMPLING_LABELS[SHUFFLE]
+        return SAMPLING_LABELS[POISSON_SEEDED if provenance.seeded else POISSON]
 
     # ------------------------------------------------------------- training
     def target_layers(self) -> list[DP_ClipGradient]:  # pragma: no cover
         raise NotImplementedError
 
     def on_train_begin(self, logs=None):
-        if not hasattr(self.model, "record_release"):
-            raise TypeError(
-                f"{type(self).__name__} needs a DP model (DPSequential/DPModel). "
-                f"Received: {type(self.model).__name__}"
-            )
+        _clipless_model(self.model, type(self).__name__)
         self.target_layers()  # raises if the model has no suitable layer
 
     def _next_batch(self):
@@ -159,7 +177,7 @@ class _DynamicClipping(keras.callbacks.Callback):
         norms, included = clip_layer_gradient_norms(self.model, layers, x, y, weight)
         release = self.release()
         self.update(layers, norms, included)
-        self.model.record_release(release)
+        privacy_plan_of(self.model).record_release(release, self.sampling_label())
         self.updates += 1
 
     def update(self, layers, norms, included) -> None:  # pragma: no cover
@@ -230,11 +248,11 @@ class AdaptiveQuantileClipping(_DynamicClipping):
             self.name,
             "gaussian",
             self.noise_multiplier / np.sqrt(k),
-            self.model.dataset_metadata.sampling_rate,
+            privacy_plan_of(self.model).dataset_metadata.sampling_rate,
         )
 
     def update(self, layers, norms, included) -> None:
-        expected = float(self.model.dataset_metadata.batch_size)
+        expected = float(privacy_plan_of(self.model).expected_batch_size)
         for layer, n in zip(layers, norms, strict=True):
             clip = float(layer.clip_value.numpy())
             count = float(np.sum(included * (n <= clip)))
@@ -307,13 +325,14 @@ class LaplaceAdaptiveLossGradientClipping(_DynamicClipping):
     def grid(self) -> list[float]:
         if self.candidates is not None:
             return list(self.candidates)
-        top = lipschitz_constant(self.model._dp_loss, self.model._num_outputs())  # noqa: SLF001
+        top = self.model.loss_lipschitz_constant()
         return [top * 0.8**j for j in range(20)]
 
     def choose(self, norms: np.ndarray, included: np.ndarray) -> float:
         """AboveThreshold over the grid (see the class docstring)."""
         grid = self.grid()
-        threshold = (1.0 - self.quantile) * self.model.dataset_metadata.batch_size
+        expected = privacy_plan_of(self.model).expected_batch_size
+        threshold = (1.0 - self.quantile) * expected
         noisy_threshold = threshold + self.rng.laplace(0.0, 2.0 / self.epsilon)
         for j, c in enumerate(grid):
             above = float(np.sum(included * (norms > c)))

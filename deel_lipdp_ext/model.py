@@ -1,21 +1,25 @@
 """DP model wrappers: `DPSequential`, `DPModel`, and their clipless DP train step.
 
-The train step (DESIGN §3 rules 1-3):
-  1. per-sample losses (times a 0/1 sample weight) summed and divided by the
-     EXPECTED batch size B, so no batch, short or Poisson, gives a sample
-     more than L / B weight;
-  2. gradients of the variables the forward pass used, bounded by
-     `compute_gradient_bounds` (keyed by `variable.path`);
-  3. Gaussian noise added once per step: global `sigma * sqrt(sum_l b_l^2)`
-     or per-layer `sigma * b_l * nm_coef_l`;
-  4. optimizer step, then the layers' projections (post-processing);
-  5. a step counter (a model variable, saved with it) for the accountant.
+The train step (docs/design.md, "The rules that make the guarantee true"):
+  1. the batch is sanitised (finite after the cast to float32, equal leading
+     dimensions, sample weights in [0, 1], at most as many samples as the
+     declared sampling can produce);
+  2. per-sample losses (times the sample weights) are SUMMED, and their
+     gradient taken: one sample's share is its own gradient;
+  3. each variable's per-sample bound comes from `compute_gradient_bounds`
+     (keyed by `variable.path`), starting from the loss's Lipschitz constant;
+  4. the privacy plan adds Gaussian noise (global or per-layer groups), divides
+     by the expected batch size B and records the step in its ledger;
+  5. optimizer step, then the layers' projections (post-processing).
+
+`PrivateModel` is the part shared with `DPSGDModel`: the privacy plan, the
+checks of `fit`'s data against the declared sampling, the DP configuration
+saved with the model.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+import inspect
 
 import keras
 import tensorflow as tf
@@ -23,60 +27,19 @@ from keras.src.models.functional import Functional, functional_from_config
 from keras.src.ops.function import make_node_key
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from .accounting import PrivacySpec, Release, merge_releases
-from .bounds import check_dp_chain, compute_gradient_bounds, noise_coefficients
+from .bounds import _walk, check_dp_chain, compute_gradient_bounds, noise_coefficients
 from .data import DatasetMetadata
 from .layers.bounded import DP_BoundedInput
 from .losses import lipschitz_constant
+from .privacy_plan import (
+    NOISIFY_STRATEGIES,
+    DPParameters,
+    HasPrivacyPlan,
+    PrivacyPlan,
+)
 
-NOISIFY_STRATEGIES = ("global", "per-layer")
 _PACKAGE = "deel_lipdp_ext"
-
-
-@dataclass(frozen=True)
-class DPParameters:
-    """Noise and privacy target of a DP model.
-
-    Args:
-        noise_multiplier: sigma; noise std = sigma * sensitivity.
-        delta: the delta of the (epsilon, delta) report.
-        noisify_strategy: "global" (one sensitivity for all variables) or
-            "per-layer" (each variable its own, scaled by its layer's nm_coef).
-        seed: seed of the noise generator (None: random).
-    """
-
-    noise_multiplier: float
-    delta: float
-    noisify_strategy: str = "global"
-    seed: int | None = None
-
-    def __post_init__(self):
-        sigma = self.noise_multiplier
-        if (
-            isinstance(sigma, bool)
-            or not isinstance(sigma, int | float)
-            or not (sigma > 0 and math.isfinite(sigma))
-        ):
-            raise ValueError(
-                "`noise_multiplier` must be a positive finite number. "
-                f"Received: noise_multiplier={sigma!r}"
-            )
-        if not isinstance(self.delta, int | float) or not 0 < self.delta < 1:
-            raise ValueError(
-                f"`delta` must be in (0, 1). Received: delta={self.delta!r}"
-            )
-        if self.noisify_strategy not in NOISIFY_STRATEGIES:
-            raise ValueError(
-                "`noisify_strategy` must be 'global' or 'per-layer'. "
-                f"Received: {self.noisify_strategy!r}"
-            )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DPParameters:
-        return cls(**d)
+_DP_CONFIG_KEYS = ("dp_parameters", "dataset_metadata")
 
 
 def _finite_rows(t: tf.Tensor) -> tf.Tensor:
@@ -86,25 +49,57 @@ def _finite_rows(t: tf.Tensor) -> tf.Tensor:
     return tf.reduce_all(tf.math.is_finite(tf.reshape(t, (tf.shape(t)[0], -1))), axis=1)
 
 
+def _as_float32(t) -> tf.Tensor:
+    """Floating tensors in the float32 compute dtype (a finite float64 above the
+    float32 maximum becomes inf here, where the finiteness check sees it)."""
+    t = tf.convert_to_tensor(t)
+    return tf.cast(t, tf.float32) if t.dtype.is_floating else t
+
+
 def sanitize_batch(x, y, sample_weight, *, run_asserts: bool = True, extra_checks=()):
     """The batch a DP train step may use, and the per-sample weights in [0, 1].
 
-    Raises (through `tf.debugging` asserts, when `run_asserts`) on NaN/Inf in an
-    input or label, or on a weight outside [0, 1] (a larger weight would exceed
-    the per-sample bound); since XLA drops asserts, such samples are also zeroed
-    (weight 0) so they can never reach the gradient. `extra_checks` are further
-    assert ops everything downstream must depend on.
+    Inputs and labels are cast to float32 first, then checked. Raises (through
+    `tf.debugging` asserts, when `run_asserts`) on NaN/Inf in an input or
+    label, on a non-finite weight or one outside [0, 1] (a larger weight would
+    exceed the per-sample bound), and on leading dimensions of x, y and the
+    weights that differ (they would broadcast: one sample counted many times).
+    Unequal static dimensions raise a ValueError at once. Since XLA drops
+    asserts, offending samples are also zeroed (weight 0) so they never reach
+    the gradient. `extra_checks` are further assert ops everything downstream
+    must depend on.
     """
-    x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
-    finite = _finite_rows(x) & _finite_rows(y)
-    dtype = x.dtype if x.dtype.is_floating else tf.float32
+    x, y = _as_float32(x), _as_float32(y)
     weight = (
-        tf.ones(tf.shape(x)[:1], dtype)
+        tf.ones(tf.shape(x)[:1], tf.float32)
         if sample_weight is None
-        else tf.reshape(tf.cast(sample_weight, dtype), (-1,))
+        else tf.reshape(tf.cast(sample_weight, tf.float32), (-1,))
     )
+    static = {"x": x.shape[0], "y": y.shape[0], "sample_weight": weight.shape[0]}
+    if sample_weight is None:
+        del static["sample_weight"]
+    if len({v for v in static.values() if v is not None}) > 1:
+        raise ValueError(
+            "x, y and sample_weight must have the same leading (batch) dimension: "
+            f"they would broadcast. Received: {static}"
+        )
+    n = tf.shape(x)[0]
+    same_length = (tf.shape(y)[0] == n) & (tf.shape(weight)[0] == n)
+    finite = _finite_rows(x) & _finite_rows(y)
     checks = list(extra_checks)
     if run_asserts:
+        checks.append(
+            tf.debugging.Assert(
+                same_length,
+                [
+                    "DP train step: x, y and sample_weight have different leading "
+                    "dimensions (they would broadcast).",
+                    tf.shape(x)[0],
+                    tf.shape(y)[0],
+                    tf.shape(weight)[0],
+                ],
+            )
+        )
         checks.append(
             tf.debugging.Assert(
                 tf.reduce_all(finite),
@@ -115,8 +110,8 @@ def sanitize_batch(x, y, sample_weight, *, run_asserts: bool = True, extra_check
             tf.debugging.Assert(
                 tf.reduce_all((weight >= 0.0) & (weight <= 1.0)),
                 [
-                    "DP train step: sample weights must lie in [0, 1] (a larger "
-                    "weight would exceed the per-sample bound)."
+                    "DP train step: sample weights must be finite and lie in [0, 1] "
+                    "(a larger weight would exceed the per-sample bound)."
                 ],
             )
         )
@@ -127,44 +122,148 @@ def sanitize_batch(x, y, sample_weight, *, run_asserts: bool = True, extra_check
     x = tf.where(keep, x, tf.zeros_like(x))
     keep_y = tf.reshape(finite, [-1] + [1] * (len(y.shape) - 1))
     y = tf.where(keep_y, y, tf.zeros_like(y))
-    weight = tf.clip_by_value(weight, 0.0, 1.0) * tf.cast(finite, dtype)
+    weight = tf.where(tf.math.is_finite(weight), weight, tf.zeros_like(weight))
+    weight = tf.clip_by_value(weight, 0.0, 1.0) * tf.cast(finite, tf.float32)
     return x, y, weight
 
 
-class _DPTrainer:
-    """The clipless DP train step and privacy bookkeeping, mixed into a Keras model."""
+def check_float32_compute(layers, owner: str) -> None:
+    """Refuse layers that compute or store variables in another dtype than
+    float32 (mixed precision): the bounds are proved for float32 arithmetic.
+
+    Raises:
+        ValueError: naming every such layer and its dtype policy.
+    """
+    bad = [
+        f"'{layer.name}' ({layer.dtype_policy.name})"
+        for layer in layers
+        if isinstance(layer, keras.layers.Layer)
+        and (
+            layer.dtype_policy.compute_dtype != "float32"
+            or layer.dtype_policy.variable_dtype != "float32"
+        )
+    ]
+    if bad:
+        raise ValueError(
+            f"{owner} trains in float32 only: the sensitivity bounds and the noise "
+            "are proved for float32 arithmetic (a bfloat16/float16 gradient can "
+            "exceed its bound by rounding). Use the 'float32' dtype policy. "
+            f"Received: {', '.join(bad)}"
+        )
+
+
+class PrivateModel(HasPrivacyPlan):
+    """What every DP model shares: its privacy plan, the check of `fit`'s data
+    against the declared sampling, and the DP configuration it saves."""
+
+    def _init_privacy(self, dp_parameters, dataset_metadata, noise_coefficients=None):
+        self._privacy_plan = PrivacyPlan(
+            dp_parameters, dataset_metadata, noise_coefficients
+        )
+        # The state variables are the model's attributes, so every save and
+        # checkpoint path (save, save_weights, tf.train.Checkpoint) holds them.
+        for name, variable in self._privacy_plan.state_variables.items():
+            setattr(self, name, variable)
+
+    @property
+    def dp_parameters(self) -> DPParameters | None:
+        return self._privacy_plan.dp_parameters
+
+    @property
+    def dataset_metadata(self) -> DatasetMetadata | None:
+        return self._privacy_plan.dataset_metadata
+
+    @property
+    def dp_steps(self) -> keras.Variable:
+        """Noisy steps taken (a saved variable)."""
+        return self._privacy_plan.steps
+
+    def set_noise_multiplier(self, noise_multiplier: float) -> None:
+        """Use a new noise multiplier (e.g. from
+        `privacy_plan.calibrate_noise_multiplier`) for the steps to come; the
+        train function is traced again and the ledger keeps the old steps'."""
+        self._privacy_plan.set_noise_multiplier(noise_multiplier)
+        self.train_function = None
+
+    def _check_strategy(self) -> None:
+        if tf.distribute.has_strategy() and (
+            tf.distribute.get_strategy().num_replicas_in_sync > 1
+        ):
+            raise NotImplementedError(
+                "DP training under a multi-replica tf.distribute strategy is not "
+                "supported yet: per-replica noise would not match the accounting."
+            )
+
+    def fit(self, *args, **kwargs):
+        """As `keras.Model.fit`, after checking that the data can come from the
+        sampling `dataset_metadata` declares (see `PrivacyPlan.check_training_data`);
+        the sampling that runs is recorded with every step."""
+        bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        plan = self._privacy_plan
+        plan.check_ready(type(self).__name__)
+        plan.check_training_data(
+            a["x"],
+            batch_size=a["batch_size"],
+            shuffle=a["shuffle"],
+            validation_split=a["validation_split"],
+        )
+        try:
+            return super().fit(*args, **kwargs)
+        finally:
+            plan.use_unverified_sampling()
+
+    def train_on_batch(self, *args, **kwargs):
+        """As `keras.Model.train_on_batch`; its steps are recorded with the
+        sampling 'unverified' (the caller vouches for the batches)."""
+        self._privacy_plan.use_unverified_sampling()
+        return super().train_on_batch(*args, **kwargs)
+
+    def _dp_config(self) -> dict:
+        plan = self._privacy_plan
+        return {
+            "dp_parameters": None
+            if plan.dp_parameters is None
+            else plan.dp_parameters.to_dict(),
+            "dataset_metadata": None
+            if plan.dataset_metadata is None
+            else plan.dataset_metadata.to_dict(),
+        }
+
+    @staticmethod
+    def _split_dp_config(config: dict) -> tuple[dict, dict]:
+        """(the Keras part of a saved config, the DP keyword arguments)."""
+        config = dict(config)
+        config.pop("privacy_ledger", None)  # older files: the ledger is a weight now
+        return config, {k: config.pop(k, None) for k in _DP_CONFIG_KEYS}
+
+
+class _DPTrainer(PrivateModel):
+    """The clipless DP train step, mixed into a Keras model."""
 
     def _init_dp(self, dp_parameters, dataset_metadata) -> None:
-        if isinstance(dp_parameters, dict):
-            dp_parameters = DPParameters.from_dict(dp_parameters)
-        if isinstance(dataset_metadata, dict):
-            dataset_metadata = DatasetMetadata.from_dict(dataset_metadata)
-        for name, value, cls in (
-            ("dp_parameters", dp_parameters, DPParameters),
-            ("dataset_metadata", dataset_metadata, DatasetMetadata),
-        ):
-            if value is not None and not isinstance(value, cls):
-                raise TypeError(
-                    f"`{name}` must be a {cls.__name__}. "
-                    f"Received: {type(value).__name__}"
-                )
-        self.dp_parameters = dp_parameters
-        self.dataset_metadata = dataset_metadata
-        # Private releases besides the gradient steps (dynamic clipping), saved
-        # with the model; and the callbacks that plan more (not saved).
-        self.privacy_ledger: tuple[Release, ...] = ()
-        self.release_schedules: list = []
         self._dp_loss = None
-        self.dp_steps = keras.Variable(
-            0, dtype="int64", trainable=False, name="dp_steps"
+        self._init_privacy(
+            dp_parameters,
+            dataset_metadata,
+            noise_coefficients=lambda: [
+                self._coefficients()[v.path] for v in self.trainable_variables
+            ],
         )
-        seed = dp_parameters.seed if dp_parameters is not None else None
-        self._noise_seed = keras.random.SeedGenerator(seed, name="dp_noise_seed")
 
     # ----------------------------------------------------------------- checks
     @property
     def dp_layers(self) -> list:
         raise NotImplementedError
+
+    @property
+    def dp_loss(self):
+        """The compiled DP loss (None before `compile`)."""
+        return self._dp_loss
+
+    def _coefficients(self) -> dict[str, float]:
+        return noise_coefficients([layer for layer, _ in _walk(self.dp_layers)])
 
     def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
         """As `keras.Model.compile`; the loss must be a DP loss (with `get_L`)."""
@@ -182,22 +281,16 @@ class _DPTrainer:
             self.optimizer.build(self.trainable_variables)
 
     def _check_dp_ready(self) -> None:
-        """Refuse (DESIGN §3 rule 6) anything that would train unbounded."""
-        if self.dp_parameters is None or self.dataset_metadata is None:
-            raise ValueError(
-                f"{type(self).__name__} needs `dp_parameters` (DPParameters) and "
-                "`dataset_metadata` (DatasetMetadata). Received: "
-                f"dp_parameters={self.dp_parameters!r}, "
-                f"dataset_metadata={self.dataset_metadata!r}"
-            )
+        """Refuse (docs/design.md, rule 6) anything that would train unbounded."""
+        plan = self._privacy_plan
+        if plan.dp_parameters is None or plan.dataset_metadata is None:
+            plan.check_ready(type(self).__name__)
         check_dp_chain(self.dp_layers)
-        if tf.distribute.has_strategy() and (
-            tf.distribute.get_strategy().num_replicas_in_sync > 1
-        ):
-            raise NotImplementedError(
-                "DP training under a multi-replica tf.distribute strategy is not "
-                "supported yet: per-replica noise would not match the accounting."
-            )
+        check_float32_compute(
+            [self, *(layer for layer, _ in _walk(self.dp_layers))],
+            type(self).__name__,
+        )
+        self._check_strategy()
         first = self.dp_layers[0]
         if not first.enforce_clipping and self.compiled and self.jit_compile:
             raise ValueError(
@@ -205,10 +298,19 @@ class _DPTrainer:
                 "input-norm check cannot run under XLA (jit_compile=True). Use "
                 "enforce_clipping=True or compile with jit_compile=False."
             )
-        for layer in self.dp_layers:
-            layer.set_expected_batch_size(self.dataset_metadata.batch_size)
+        declared = self.dataset_metadata.input_bound
+        if (
+            not first.enforce_clipping
+            and declared is not None
+            and declared > first.upper_bound * (1.0 + 1e-6)
+        ):
+            raise ValueError(
+                f"The data's input bound ({declared}, dataset_metadata) exceeds "
+                f"DP_BoundedInput '{first.name}'s upper_bound ({first.upper_bound}) "
+                "and enforce_clipping=False: every batch would be refused."
+            )
         if self.built:
-            bounded = noise_coefficients(self.dp_layers)
+            bounded = self._coefficients()
             for variable in self.trainable_variables:
                 if variable.path not in bounded:
                     raise ValueError(
@@ -220,62 +322,35 @@ class _DPTrainer:
     def _num_outputs(self) -> int:
         return int(self.outputs[0].shape[-1])
 
-    def compute_gradient_bounds(
-        self, num_outputs: int | None = None
-    ) -> dict[str, tf.Tensor]:
-        """Per-sample gradient bound of each trainable variable, keyed by path."""
+    def loss_lipschitz_constant(self, num_outputs: int | None = None) -> float:
+        """L: the bound on one sample's loss gradient w.r.t. the logits."""
         if self._dp_loss is None:
             raise ValueError(
                 "Compile the model with a DP loss before computing bounds."
             )
-        num_outputs = num_outputs or self._num_outputs()
+        return lipschitz_constant(self._dp_loss, num_outputs or self._num_outputs())
+
+    def compute_gradient_bounds(
+        self, num_outputs: int | None = None
+    ) -> dict[str, tf.Tensor]:
+        """Bound on the norm of one sample's gradient (of its own loss) for each
+        trainable variable, keyed by path."""
         return compute_gradient_bounds(
-            self.dp_layers,
-            lipschitz_constant(self._dp_loss, num_outputs),
-            self.dataset_metadata.batch_size,
+            self.dp_layers, self.loss_lipschitz_constant(num_outputs)
         )
 
     # ------------------------------------------------------------- train step
-    def _sanitize_batch(self, x, y, sample_weight):
-        """`sanitize_batch`, plus the input-bound check of the first layer."""
-        bound_checks = []
+    def sanitize_batch(self, x, y, sample_weight):
+        """`sanitize_batch`, plus the checks the model knows: the first layer's
+        input bound (when it trusts the data) and the batch size the declared
+        sampling allows."""
+        checks = list(self._privacy_plan.batch_size_check(tf.convert_to_tensor(x)))
         first = self.dp_layers[0]
         if not self.jit_compile and not first.enforce_clipping:
-            bound_checks.append(first.check_bound(x))
+            checks.append(first.check_bound(_as_float32(x)))
         return sanitize_batch(
-            x,
-            y,
-            sample_weight,
-            run_asserts=not self.jit_compile,
-            extra_checks=bound_checks,
+            x, y, sample_weight, run_asserts=not self.jit_compile, extra_checks=checks
         )
-
-    def _noise_stddevs(self, variables, bounds) -> list:
-        """Noise std per variable from the bounds (global or per-layer strategy)."""
-        sigma = float(self.dp_parameters.noise_multiplier)
-        if self.dp_parameters.noisify_strategy == "global":
-            sensitivity = tf.sqrt(
-                tf.add_n([tf.square(bounds[v.path]) for v in variables])
-            )
-            return [sigma * sensitivity for _ in variables]
-        coefs = noise_coefficients(self.dp_layers)
-        return [sigma * coefs[v.path] * bounds[v.path] for v in variables]
-
-    def _add_noise(self, gradients, variables, bounds):
-        """Add the Gaussian noise: ONE draw per step, split across variables, so
-        the noise of different variables is independent by construction (two
-        variables sharing a seed would let their difference cancel the noise)."""
-        for g, v in zip(gradients, variables, strict=True):
-            if g is None:
-                raise ValueError(f"Trainable variable '{v.path}' received no gradient.")
-        sizes = [int(v.shape.num_elements()) for v in variables]
-        standard = keras.random.normal((sum(sizes),), seed=self._noise_seed)
-        pieces = tf.split(standard, sizes)
-        stddevs = self._noise_stddevs(variables, bounds)
-        return [
-            g + tf.cast(tf.reshape(z, tf.shape(g)) * std, g.dtype)
-            for g, z, std in zip(gradients, pieces, stddevs, strict=True)
-        ]
 
     def _project(self) -> None:
         for layer in self.dp_layers:
@@ -283,12 +358,9 @@ class _DPTrainer:
             if variable is not None and variable.trainable:
                 layer.project()
 
-    def scaled_per_sample_losses(self, y, y_pred, weight=None) -> tf.Tensor:
-        """`w_i * loss_i / B` for each sample, shape (batch,): the quantity whose
-        sum the train step differentiates (and the sensitivity tools audit).
-
-        B is the EXPECTED batch size (DESIGN §3 rule 1), and the loss must give
-        exactly one value per sample, from (batch, outputs) logits.
+    def per_sample_losses(self, y, y_pred, weight=None) -> tf.Tensor:
+        """`w_i * loss_i` for each sample, shape (batch,): the quantity whose SUM
+        the train step differentiates (and the sensitivity tools audit).
 
         Raises:
             ValueError: logits not (batch, outputs), or not one loss per sample.
@@ -308,76 +380,29 @@ class _DPTrainer:
             )
         if weight is not None:
             per_sample = per_sample * tf.cast(weight, per_sample.dtype)
-        return per_sample / float(self.dataset_metadata.batch_size)
+        return per_sample
 
     def train_step(self, data):
         self._check_dp_ready()
+        plan = self._privacy_plan
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-        x, y, weight = self._sanitize_batch(x, y, sample_weight)
+        x, y, weight = self.sanitize_batch(x, y, sample_weight)
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
-            loss = tf.reduce_sum(self.scaled_per_sample_losses(y, y_pred, weight))
+            loss = tf.reduce_sum(self.per_sample_losses(y, y_pred, weight))
         variables = self.trainable_variables
-        gradients = tape.gradient(loss, variables)
+        summed = tape.gradient(loss, variables)
         bounds = self.compute_gradient_bounds(int(y_pred.shape[-1]))
-        noisy = self._add_noise(gradients, variables, bounds)
-        self.optimizer.apply(noisy, variables)
-        self._project()
-        self.dp_steps.assign_add(1)
-        self._loss_tracker.update_state(loss)
-        return self.compute_metrics(x, y, y_pred, sample_weight=weight)
-
-    # -------------------------------------------------------------- privacy
-    def record_release(self, release: Release) -> None:
-        """Add a private release (e.g. a clipping update) to the ledger that
-        `privacy_spec` reports: nothing that reads the data is left out."""
-        if not isinstance(release, Release):
-            raise TypeError(f"Expected a Release. Received: {release!r}")
-        self.privacy_ledger = merge_releases((*self.privacy_ledger, release))
-
-    def privacy_spec(
-        self, steps: int | None = None, releases: tuple[Release, ...] | None = None
-    ) -> PrivacySpec:
-        """The mechanism run so far: `steps` gradient steps (default: the steps
-        taken) and `releases` (default: the ledger), for the accountant."""
-        sigma = float(self.dp_parameters.noise_multiplier)
-        if self.dp_parameters.noisify_strategy == "global":
-            multipliers = (sigma,)
-        else:
-            coefs = noise_coefficients(self.dp_layers)
-            multipliers = tuple(sigma * coefs[v.path] for v in self.trainable_variables)
-        meta = self.dataset_metadata
-        return PrivacySpec(
-            sampling_rate=meta.sampling_rate,
-            steps=int(self.dp_steps.numpy()) if steps is None else int(steps),
-            noise_multipliers=multipliers,
-            delta=float(self.dp_parameters.delta),
-            sampling=meta.sampling,
-            releases=self.privacy_ledger if releases is None else tuple(releases),
+        coefficients = self._coefficients()
+        groups = plan.noise_groups(
+            variables,
+            [bounds[v.path] for v in variables],
+            [coefficients[v.path] for v in variables],
         )
-
-    def _restore_dp_config(
-        self, dp_parameters: dict | None, metadata: dict | None, ledger: list
-    ):
-        """Set the DP configuration read back by `from_config`."""
-        self.privacy_ledger = merge_releases([Release(**r) for r in ledger or ()])
-        if dp_parameters is not None:
-            self.dp_parameters = DPParameters.from_dict(dp_parameters)
-        if metadata is not None:
-            self.dataset_metadata = DatasetMetadata.from_dict(metadata)
-
-    def _dp_config(self) -> dict:
-        return {
-            "dp_parameters": None
-            if self.dp_parameters is None
-            else self.dp_parameters.to_dict(),
-            "dataset_metadata": (
-                None
-                if self.dataset_metadata is None
-                else self.dataset_metadata.to_dict()
-            ),
-            "privacy_ledger": [r.to_dict() for r in self.privacy_ledger],
-        }
+        self.optimizer.apply(plan.privatize(summed, variables, groups), variables)
+        self._project()
+        self._loss_tracker.update_state(loss / tf.maximum(tf.reduce_sum(weight), 1.0))
+        return self.compute_metrics(x, y, y_pred, sample_weight=weight)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -387,7 +412,7 @@ class DPSequential(_DPTrainer, keras.Sequential):
     Args:
         layers: DP layers, starting with `DP_BoundedInput` (an `keras.Input`
             or `DP_InputLayer` may come first).
-        dp_parameters: `DPParameters` (noise multiplier, delta, strategy, seed).
+        dp_parameters: `DPParameters` (noise multiplier, delta, strategy).
         dataset_metadata: `DatasetMetadata` of the training data (expected
             batch size, number of samples, sampling).
         name: model name.
@@ -416,12 +441,9 @@ class DPSequential(_DPTrainer, keras.Sequential):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        dp_parameters = config.pop("dp_parameters", None)
-        metadata = config.pop("dataset_metadata", None)
-        ledger = config.pop("privacy_ledger", [])
+        config, dp = cls._split_dp_config(config)
         model = super().from_config(config, custom_objects=custom_objects)
-        model._restore_dp_config(dp_parameters, metadata, ledger)
+        model.privacy_plan.configure(**dp)
         return model
 
 
@@ -510,12 +532,9 @@ class DPModel(_DPTrainer, Functional):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        dp_parameters = config.pop("dp_parameters", None)
-        metadata = config.pop("dataset_metadata", None)
-        ledger = config.pop("privacy_ledger", [])
+        config, dp = cls._split_dp_config(config)
         model = functional_from_config(cls, config, custom_objects=custom_objects)
-        model._restore_dp_config(dp_parameters, metadata, ledger)
+        model.privacy_plan.configure(**dp)
         return model
 
 
@@ -524,6 +543,7 @@ DP_Model = DPModel
 
 __all__ = [
     "DPParameters",
+    "PrivateModel",
     "DPSequential",
     "DPModel",
     "DP_Sequential",

@@ -2,7 +2,7 @@
 
 `gradient_norm_check` computes TRUE per-sample gradients (vectorised with a
 Jacobian over the batch) of exactly the quantity the train step
-differentiates, `w_i * loss_i / B`, and compares their norms with
+differentiates (the SUM of `w_i * loss_i`), and compares their norms with
 `compute_gradient_bounds`. A ratio above 1 means the privacy claim is false.
 `maximize_gradient_norm` searches inputs on the input-bound sphere that push
 those norms up (projected gradient ascent), to attack the bound.
@@ -53,7 +53,7 @@ class SensitivityReport:
 
 
 def per_sample_gradient_norms(model, x, y, weight=None) -> dict[str, tf.Tensor]:
-    """L2 norm of each sample's gradient of `w_i * loss_i / B`, per variable.
+    """L2 norm of each sample's gradient of `w_i * loss_i`, per variable.
 
     Returns:
         {variable.path: tensor of shape (batch,)}.
@@ -67,7 +67,7 @@ def per_sample_gradient_norms(model, x, y, weight=None) -> dict[str, tf.Tensor]:
     )
     variables = model.trainable_variables
     with tf.GradientTape() as tape:
-        per_sample = model.scaled_per_sample_losses(y, model(x, training=True), w)
+        per_sample = model.per_sample_losses(y, model(x, training=True), w)
     jacobians = tape.jacobian(per_sample, variables, experimental_use_pfor=True)
     norms = {}
     for v, jac in zip(variables, jacobians, strict=True):
@@ -150,9 +150,7 @@ def maximize_gradient_norm(model, x, y, *, steps: int = 20, step_size: float = 0
             for i in range(int(x.shape[0])):
                 with tf.GradientTape() as inner:
                     y_pred = model(x[i : i + 1], training=True)
-                    loss = tf.reduce_sum(
-                        model.scaled_per_sample_losses(y[i : i + 1], y_pred)
-                    )
+                    loss = tf.reduce_sum(model.per_sample_losses(y[i : i + 1], y_pred))
                 grads = inner.gradient(loss, variables)
                 for v, g in zip(variables, grads, strict=True):
                     if g is not None:

@@ -17,7 +17,7 @@ import matplotlib
 import tensorflow as tf
 from skimage import data
 
-from deel_lipdp_ext import metrics
+from deel_lipdp_ext.imaging import metrics
 from deel_lipdp_ext.synthesis import MADCompetition, mad_imshow_all, mad_loss_all
 
 matplotlib.use("Agg")

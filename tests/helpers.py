@@ -33,12 +33,16 @@ def dp_model(
     batch_size=50,
     n=1000,
     optimizer=None,
+    sampling="poisson",
     **compile_kw,
 ):
+    """A compiled DPSequential. Its metadata describes `n` samples drawn in
+    batches of expected size `batch_size`: a test that fits arrays passes
+    sampling="shuffle" and its own n and batch size (fit checks them)."""
     model = DPSequential(
         [keras.Input(input_shape), *layers],
         dp_parameters=DPParameters(sigma, 1e-5, noisify_strategy=strategy, seed=0),
-        dataset_metadata=metadata(input_shape, num_classes, n, batch_size),
+        dataset_metadata=metadata(input_shape, num_classes, n, batch_size, sampling),
     )
     model.compile(
         optimizer=optimizer or keras.optimizers.SGD(0.1),
@@ -74,7 +78,7 @@ def one_hot(labels, k=10):
 def step_updates(model, *batch, steps: int = 1):
     """Switch the model's projection off, run `steps` train steps on `batch`, and
     return each step's update (after - before) per variable path, so the update
-    is exactly -lr * (gradient + noise)."""
+    is exactly -lr * (summed gradient + noise) / B."""
     model._project = lambda: None
     updates = []
     for _ in range(steps):

@@ -20,7 +20,7 @@ def fit(model, epochs, callbacks):
 
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
 def test_epsilon_in_logs_equals_dp_accounting(accountant, tmp_path):
-    model = dp_model(small_cnn(), sigma=1.3, n=200, batch_size=50)
+    model = dp_model(small_cnn(), sigma=1.3, n=200, batch_size=50, sampling="shuffle")
     log = []
     history = fit(
         model,
@@ -54,14 +54,14 @@ def test_budget_stops_at_the_last_epoch_within_budget():
         epsilon_for_spec(PrivacySpec(0.25, 4 * e, (1.3,), 1e-5)) for e in range(1, 20)
     ]
     budget = (spec_eps[4] + spec_eps[5]) / 2  # 5 epochs fit, 6 do not
-    model = dp_model(small_cnn(), sigma=1.3, n=200, batch_size=50)
+    model = dp_model(small_cnn(), sigma=1.3, n=200, batch_size=50, sampling="shuffle")
     history = fit(model, 19, [DP_Accountant(epsilon_budget=budget)])
     assert len(history.history["epsilon"]) == 5
     assert history.history["epsilon"][-1] <= budget
 
 
 def test_budget_too_small_for_one_epoch_refuses():
-    model = dp_model(small_cnn(), sigma=1.3, n=200, batch_size=50)
+    model = dp_model(small_cnn(), sigma=1.3, n=200, batch_size=50, sampling="shuffle")
     with pytest.raises(ValueError, match="One epoch already exceeds"):
         fit(model, 2, [DP_Accountant(epsilon_budget=1e-3)])
 

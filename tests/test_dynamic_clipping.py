@@ -10,11 +10,11 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from deel_lipdp_ext import layers as L
 from deel_lipdp_ext import losses
 from deel_lipdp_ext.accounting import (
+    GRADIENT_STEPS,
+    PrivacySpec,
     Release,
     compute_epsilon,
-    epsilon_curve,
     epsilon_for_spec,
-    make_dp_event,
 )
 from deel_lipdp_ext.accounting.epsilon import RDP_ORDERS, pure_dp_rdp
 from deel_lipdp_ext.callbacks import (
@@ -24,6 +24,7 @@ from deel_lipdp_ext.callbacks import (
 )
 from deel_lipdp_ext.data import poisson_batches
 from deel_lipdp_ext.dynamic_clipping import clip_layer_gradient_norms
+from deel_lipdp_ext.privacy_plan import POISSON_SEEDED, SAMPLING_LABELS
 from deel_lipdp_ext.sensitivity import gradient_norm_check
 
 from .helpers import dp_model, one_hot, unit_samples
@@ -127,10 +128,12 @@ def test_quantile_clipping_costs_exactly_its_event():
     cb = AdaptiveQuantileClipping(ds(1), patience=2, noise_multiplier=sigma_b, seed=0)
     history = model.fit(ds(), epochs=3, verbose=0, callbacks=[cb, DP_Accountant()])
     # Updates at epochs 0 and 2; two dynamic layers: sensitivity sqrt(2).
-    assert model.privacy_ledger == (
-        Release("adaptive_quantile_clipping", "gaussian", sigma_b / np.sqrt(2), q, 2),
-    )
     steps_per_epoch = N // B
+    seeded = SAMPLING_LABELS[POISSON_SEEDED]  # ds(seed) fixes the batches
+    assert model.privacy_plan.ledger() == (
+        Release("gaussian", "gaussian", sigma_b / np.sqrt(2), q, 2, seeded),
+        Release(GRADIENT_STEPS, "gaussian", sigma, q, 3 * steps_per_epoch, seeded),
+    )
     for epoch, eps in enumerate(history.history["epsilon"], start=1):
         updates = 1 if epoch < 3 else 2
         acc = rdp_privacy_accountant.RdpAccountant()
@@ -139,15 +142,15 @@ def test_quantile_clipping_costs_exactly_its_event():
         assert eps == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
     for layer in cb.target_layers():
         assert len(history.history[f"clip_value_{layer.name}"]) == 3
-    # One function maps the trained model to the event of all it ran.
-    event = make_dp_event(model)
-    assert [e.count for e in event.events] == [3 * steps_per_epoch, 2]
+    # The plan maps the trained model to the event of all it ran.
+    event = model.privacy_plan.event()
+    assert sorted(e.count for e in event.events) == [2, 3 * steps_per_epoch]
     assert compute_epsilon(event, 1e-5) == pytest.approx(
         history.history["epsilon"][-1], rel=1e-12
     )
     # The curve of a fresh run plans the same updates.
     np.testing.assert_allclose(
-        epsilon_curve(model, 3), history.history["epsilon"], rtol=1e-9
+        model.privacy_plan.epsilon_curve(3), history.history["epsilon"], rtol=1e-9
     )
 
 
@@ -155,9 +158,8 @@ def test_laplace_svt_costs_exactly_its_event():
     model = loss_clip_model()
     cb = LaplaceAdaptiveLossGradientClipping(ds(1), patience=1, epsilon=0.5, seed=0)
     history = model.fit(ds(), epochs=2, verbose=0, callbacks=[cb, DP_Accountant()])
-    assert model.privacy_ledger == (
-        Release("laplace_svt_clipping", "pure_dp", 0.5, 1.0, 2),
-    )
+    (release,) = [r for r in model.privacy_plan.ledger() if r.name != GRADIENT_STEPS]
+    assert (release.mechanism, release.parameter, release.count) == ("pure_dp", 0.5, 2)
     for epoch, eps in enumerate(history.history["epsilon"], start=1):
         acc = rdp_privacy_accountant.RdpAccountant()
         acc.compose(gaussian_steps(B / N, 1.0, epoch * (N // B)))
@@ -221,14 +223,13 @@ def test_bounds_follow_the_new_clip_value():
 def test_budget_stop_counts_the_next_planned_release():
     model = loss_clip_model()
     cb = LaplaceAdaptiveLossGradientClipping(ds(1), epsilon=2.0, seed=0)
-    spec1 = model.privacy_spec(
-        N // B, (Release("laplace_svt_clipping", "pure_dp", 2.0),)
-    )
-    spec2 = model.privacy_spec(
-        2 * (N // B), (Release("laplace_svt_clipping", "pure_dp", 2.0, count=2),)
+    svt = Release("laplace_svt_clipping", "pure_dp", 2.0)
+    spec1 = PrivacySpec(B / N, N // B, (1.0,), 1e-5, releases=(svt,))
+    spec2 = PrivacySpec(
+        B / N, 2 * (N // B), (1.0,), 1e-5, releases=(svt.with_count(2),)
     )
     e1, e2 = epsilon_for_spec(spec1), epsilon_for_spec(spec2)
-    without_release = epsilon_for_spec(model.privacy_spec(2 * (N // B), ()))
+    without_release = epsilon_for_spec(PrivacySpec(B / N, 2 * (N // B), (1.0,), 1e-5))
     budget = (max(e1, without_release) + e2) / 2
     assert without_release < budget < e2
     history = model.fit(
@@ -245,8 +246,9 @@ def test_ledger_survives_save_and_load(tmp_path):
     path = tmp_path / "m.keras"
     model.save(path)
     loaded = keras.models.load_model(path)
-    assert loaded.privacy_ledger == model.privacy_ledger
-    assert loaded.privacy_spec() == model.privacy_spec()
+    assert len(model.privacy_plan.ledger()) == 2
+    assert loaded.privacy_plan.ledger() == model.privacy_plan.ledger()
+    assert loaded.privacy_plan.epsilon() == model.privacy_plan.epsilon()
     assert float(loaded.dp_layers[-1].clip_value.numpy()) == pytest.approx(
         float(model.dp_layers[-1].clip_value.numpy())
     )

@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from deel_lipdp_ext import DPModel, DPParameters, DPSequential, losses
 from deel_lipdp_ext import layers as L
-from deel_lipdp_ext.accounting import epsilon_for_spec
+from deel_lipdp_ext.accounting import effective_noise_multiplier
 
 from .helpers import (
     dp_model,
@@ -139,6 +139,8 @@ def test_noise_std_matches_sigma_times_sensitivity(strategy):
     bounds = {k: float(v) for k, v in model.compute_gradient_bounds().items()}
     x, y = data(8, k=64)
     (updates,) = step_updates(model, x, y, np.zeros(8, np.float32))
+    b = model.dataset_metadata.batch_size  # the noisy sum is divided by B
+    bounds = {k: v / b for k, v in bounds.items()}
     global_std = sigma * np.sqrt(sum(b**2 for b in bounds.values()))
     nm = {
         layer.bounded_variable.path: layer.nm_coef
@@ -153,13 +155,15 @@ def test_noise_std_matches_sigma_times_sensitivity(strategy):
         tolerance = 0.03 if update.size >= 4096 else 0.35  # the 64-entry bias: looser
         assert np.std(update) == pytest.approx(expected, rel=tolerance), v.path
         assert abs(np.mean(update)) < 5 * expected / np.sqrt(update.size)
-    # epsilon is computed from privacy_spec(): it must describe this noise
+    # epsilon is computed from the plan's ledger: it must describe this noise
     applied = (
         (sigma,)
         if strategy == "global"
         else tuple(sigma * nm[v.path] for v in model.trainable_variables)
     )
-    assert model.privacy_spec().noise_multipliers == pytest.approx(applied)
+    (steps,) = model.privacy_plan.ledger()
+    assert steps.count == 1
+    assert steps.parameter == pytest.approx(effective_noise_multiplier(applied))
 
 
 def test_noise_is_independent_across_variables_and_steps():
@@ -198,7 +202,7 @@ def test_noise_is_reproducible_with_a_seed():
 # -------------------------------------------------------------- keras usage
 @pytest.mark.parametrize("jit", [False, True])
 def test_fit_evaluate_predict_and_metrics_in_logs(jit):
-    model = dp_model(small_cnn(), sigma=0.5, jit_compile=jit)
+    model = dp_model(small_cnn(), sigma=0.5, jit_compile=jit, n=200, sampling="shuffle")
     x, y = data(200)
     history = model.fit(x, y, batch_size=50, epochs=2, verbose=0)
     assert set(history.history) >= {"loss", "accuracy"}
@@ -217,7 +221,13 @@ def test_jit_sanitises_nan_samples_instead_of_training_on_them():
 
 
 def test_projection_keeps_certified_constants_near_one():
-    model = dp_model(small_cnn(), sigma=0.5, optimizer=keras.optimizers.SGD(2.0))
+    model = dp_model(
+        small_cnn(),
+        sigma=0.5,
+        optimizer=keras.optimizers.SGD(2.0),
+        n=100,
+        sampling="shuffle",
+    )
     x, y = data(100)
     model.fit(x, y, batch_size=50, epochs=2, verbose=0)
     for layer in model.dp_layers:
@@ -228,14 +238,14 @@ def test_projection_keeps_certified_constants_near_one():
 
 
 def test_save_load_round_trip_restores_weights_parameters_and_steps(tmp_path):
-    model = dp_model(small_cnn(), sigma=0.8)
+    model = dp_model(small_cnn(), sigma=0.8, n=100, sampling="shuffle")
     x, y = data(100)
     model.fit(x, y, batch_size=50, epochs=1, verbose=0)
     path = tmp_path / "m.keras"
     model.save(path)
     loaded = keras.models.load_model(path)
     assert isinstance(loaded, DPSequential)
-    assert loaded.dp_parameters == model.dp_parameters
+    assert loaded.dp_parameters.to_dict() == model.dp_parameters.to_dict()
     assert loaded.dataset_metadata == model.dataset_metadata
     assert int(loaded.dp_steps.numpy()) == int(model.dp_steps.numpy()) == 2
     np.testing.assert_allclose(
@@ -244,22 +254,20 @@ def test_save_load_round_trip_restores_weights_parameters_and_steps(tmp_path):
         rtol=1e-5,
         atol=1e-6,
     )
-    assert loaded.privacy_spec() == model.privacy_spec()
+    assert loaded.privacy_plan.ledger() == model.privacy_plan.ledger()
 
 
 def test_resume_gives_the_epsilon_of_the_whole_run(tmp_path):
     x, y = data(200)
-    model = dp_model(small_cnn(), sigma=1.0, n=200)
+    model = dp_model(small_cnn(), sigma=1.0, n=200, sampling="shuffle")
     model.fit(x, y, batch_size=50, epochs=2, verbose=0)
     model.save(tmp_path / "m.keras")
     resumed = keras.models.load_model(tmp_path / "m.keras")
     resumed.fit(x, y, batch_size=50, epochs=1, verbose=0)
-    straight = dp_model(small_cnn(), sigma=1.0, n=200)
+    straight = dp_model(small_cnn(), sigma=1.0, n=200, sampling="shuffle")
     straight.fit(x, y, batch_size=50, epochs=3, verbose=0)
     assert int(resumed.dp_steps.numpy()) == int(straight.dp_steps.numpy()) == 12
-    assert epsilon_for_spec(resumed.privacy_spec()) == epsilon_for_spec(
-        straight.privacy_spec()
-    )
+    assert resumed.privacy_plan.epsilon() == straight.privacy_plan.epsilon()
 
 
 def test_dpmodel_functional_chain_trains_and_round_trips(tmp_path):
@@ -273,7 +281,7 @@ def test_dpmodel_functional_chain_trains_and_round_trips(tmp_path):
         outputs=h,
         dp_layers=chain,
         dp_parameters=DPParameters(1.0, 1e-5, seed=0),
-        dataset_metadata=metadata(),
+        dataset_metadata=metadata(n=100, sampling="shuffle"),
     )
     model.compile(optimizer="sgd", loss=losses.DP_TauCategoricalCrossentropy(4.0))
     x, y = data(100)
@@ -301,10 +309,11 @@ def test_residual_model_trains_with_per_layer_noise():
         L.DP_ScaledGlobalL2NormPooling2D(),
         L.DP_QuickSpectralDense(10),
     ]
-    model = dp_model(layers, strategy="per-layer")
+    model = dp_model(layers, strategy="per-layer", n=100, sampling="shuffle")
     x, y = data(100)
     model.fit(x, y, batch_size=50, epochs=1, verbose=0)
-    assert len(model.privacy_spec().noise_multipliers) == 3
+    (steps,) = model.privacy_plan.ledger()
+    assert steps.parameter == pytest.approx(effective_noise_multiplier([1.0] * 3))
 
 
 def test_refuses_outputs_with_extra_axes():

@@ -233,7 +233,10 @@ def test_train_step_never_weights_a_sample_above_L_over_B(batch):
         batch_size=50,
         optimizer=keras.optimizers.SGD(1.0),
     )
-    bounds = {k: float(v) for k, v in model.compute_gradient_bounds().items()}
+    # The step moves a variable by (summed gradient + noise) / B, B = 50: one
+    # sample's share is at most its bound / B.
+    b = model.dataset_metadata.batch_size
+    bounds = {k: float(v) / b for k, v in model.compute_gradient_bounds().items()}
     x = np.zeros((1, 4, 4, 1), np.float32)
     x[0, 0, 0, 0] = 1.0
     y = one_hot([1], 4)
@@ -252,6 +255,6 @@ def test_train_step_never_weights_a_sample_above_L_over_B(batch):
     for path, delta in moved.items():
         assert delta <= bounds[path] * (1 + 1e-4), (path, delta, bounds[path])
     # The step divided by the EXPECTED batch size (50), not the actual one (1):
-    # the move equals the per-sample gradient norm of loss/B computed alone.
+    # the move equals the sample's own gradient norm over B.
     for path, delta in moved.items():
-        assert delta == pytest.approx(float(norms[path][0]), rel=1e-3, abs=1e-7)
+        assert delta == pytest.approx(float(norms[path][0]) / b, rel=1e-3, abs=1e-7)

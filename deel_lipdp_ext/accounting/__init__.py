@@ -1,14 +1,16 @@
 """Privacy accounting: dp-accounting events and epsilon, framework-free (no Keras).
 
 `GeneralMomentAccountant` (AIJack's API, TensorFlow math) lives in
-`moment_accountant` and is imported lazily, so importing this package does
-not import TensorFlow.
+`deel_lipdp_ext.aijack.moment_accountant`; the name is kept here and imported
+lazily, so importing this package does not import TensorFlow.
 """
 
 from .epsilon import (
     ACCOUNTANTS,
+    EventAccountant,
     ReleaseSchedule,
     calibrate_noise_multiplier,
+    calibrate_parameter,
     compute_epsilon,
     epsilon_curve,
     epsilon_for_spec,
@@ -16,23 +18,28 @@ from .epsilon import (
     pure_dp_rdp,
 )
 from .events import (
+    GRADIENT_STEPS,
     PrivacySpec,
     PureDpEvent,
     Release,
     effective_noise_multiplier,
     make_dp_event,
     merge_releases,
+    steps_per_epoch,
     training_step_event,
 )
 
 __all__ = [
     "ACCOUNTANTS",
+    "EventAccountant",
+    "GRADIENT_STEPS",
     "GeneralMomentAccountant",
     "PrivacySpec",
     "PureDpEvent",
     "Release",
     "ReleaseSchedule",
     "calibrate_noise_multiplier",
+    "calibrate_parameter",
     "compute_epsilon",
     "effective_noise_multiplier",
     "epsilon_curve",
@@ -41,13 +48,14 @@ __all__ = [
     "make_dp_event",
     "merge_releases",
     "pure_dp_rdp",
+    "steps_per_epoch",
     "training_step_event",
 ]
 
 
 def __getattr__(name):
     if name == "GeneralMomentAccountant":
-        from .moment_accountant import GeneralMomentAccountant
+        from ..aijack.moment_accountant import GeneralMomentAccountant
 
         return GeneralMomentAccountant
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,6 @@
-"""Epsilon from an event, noise calibration and epoch budgets (bisection).
+"""Epsilon from an event, and the one search routine (`calibrate_parameter`,
+dp-accounting's `calibrate_dp_mechanism`) behind noise calibration and epoch
+budgets.
 
 Reference: dp-accounting's `RdpAccountant` (Mironov 2017; Mironov, Talwar,
 Zhang 2019) and `PLDAccountant` (privacy loss distributions, Meiser & Mohammadi
@@ -7,14 +9,16 @@ Zhang 2019) and `PLDAccountant` (privacy loss distributions, Meiser & Mohammadi
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import dp_accounting
 import dp_accounting.pld.common
 import numpy as np
+from dp_accounting import mechanism_calibration, privacy_accountant
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant
 
@@ -24,7 +28,7 @@ from .events import (
     PureDpEvent,
     Release,
     make_dp_event,
-    training_step_event,
+    merge_releases,
 )
 
 ACCOUNTANTS = ("rdp", "pld")
@@ -91,11 +95,26 @@ def rdp_of_event(
         composed = dp_accounting.ComposedDpEvent(standard)
         if not acc.supports(composed):
             raise ValueError(f"The 'rdp' accountant does not support the event {event}")
-        acc.compose(composed)
+        with _quiet_absl():
+            acc.compose(composed)
         # dp-accounting has no public getter for the RDP curve; `_rdp` is read
         # here only (pinned dp-accounting version, checked by the tests).
         rdp += acc._rdp  # noqa: SLF001
     return rdp
+
+
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """Silence dp-accounting's warning that a fractional RDP order did not
+    converge and is excluded: dropping an order only loosens the bound (the
+    minimum is over fewer orders), and the warning floods every epoch log."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def epsilon_from_rdp(rdp: np.ndarray, delta: float, orders=RDP_ORDERS) -> float:
@@ -173,26 +192,14 @@ class ReleaseSchedule(Protocol):
 
 
 def _curve_components(
-    source, epochs: int, schedules: Sequence[ReleaseSchedule]
-) -> tuple[list[tuple[dp_accounting.DpEvent, np.ndarray]], float]:
+    per_epoch: Sequence[Release], epochs: int, schedules: Sequence[ReleaseSchedule]
+) -> list[tuple[dp_accounting.DpEvent, np.ndarray]]:
     """(event of one run, cumulative run count after each epoch) per mechanism."""
     after = np.arange(1, epochs + 1, dtype=np.int64)
-    if isinstance(source, PrivacySpec):
-        spec, schedules = source, list(schedules)
-    elif hasattr(source, "privacy_spec") and hasattr(source, "dataset_metadata"):
-        steps = source.dataset_metadata.nb_steps_per_epoch
-        spec = dataclasses.replace(source.privacy_spec(steps), releases=())
-        schedules = list(schedules) or list(getattr(source, "release_schedules", []))
-    else:
-        raise TypeError(
-            "epsilon_curve needs a PrivacySpec (one epoch) or a DP model. "
-            f"Received: {type(source).__name__}"
-        )
-    components = []
-    if spec.steps > 0:
-        components.append((training_step_event(spec), spec.steps * after))
-    for release in spec.releases:
-        components.append((release.single_event(), release.count * after))
+    components = [
+        (release.single_event(), release.count * after)
+        for release in merge_releases(per_epoch)
+    ]
     for schedule in schedules:
         planned = [schedule.scheduled_release(k) for k in range(epochs)]
         by_key: dict[tuple, tuple[Release, np.ndarray]] = {}
@@ -204,35 +211,53 @@ def _curve_components(
             by_key[release.key] = (first, runs)
         for release, runs in by_key.values():
             components.append((release.single_event(), np.cumsum(runs)))
-    return components, spec.delta
+    return components
 
 
 def epsilon_curve(
-    source,
+    source: PrivacySpec | Sequence[Release],
     epochs: int,
     accountant: str = "rdp",
     *,
     schedules: Sequence[ReleaseSchedule] = (),
+    delta: float | None = None,
 ) -> np.ndarray:
     """Epsilon after each of `epochs` epochs of a fresh run, all at once.
 
     Args:
         source: a `PrivacySpec` of ONE epoch (`steps` per epoch; each release's
-            `count` is per epoch), or a DP model (steps per epoch from its
-            `dataset_metadata`; releases from `schedules`, or from the
-            dynamic-clipping callbacks attached to it).
+            `count` is per epoch), or the ledger of one epoch (a sequence of
+            `Release`, with `delta`); a privacy plan's `epsilon_curve` passes
+            its own.
         epochs: number of epochs.
         accountant: "rdp" (RDP is additive in the run counts: each mechanism's
             RDP curve is computed once, then one conversion per epoch) or
             "pld" (one PLD per epoch: ~0.1-0.5 s each).
         schedules: release schedules (see `ReleaseSchedule`).
+        delta: the delta, when `source` is a ledger.
 
     Returns:
         float64 array of shape (epochs,): epsilon after epochs 1..epochs.
+
+    Raises:
+        TypeError: `source` is neither (or a ledger comes without `delta`).
     """
     check_accountant(accountant)
     epochs = require_positive_ints("epochs", epochs, 1, "epsilon_curve")[0]
-    components, delta = _curve_components(source, epochs, schedules)
+    if isinstance(source, PrivacySpec):
+        per_epoch, delta = source.ledger(), source.delta
+    elif (
+        isinstance(source, Sequence)
+        and all(isinstance(r, Release) for r in source)
+        and delta is not None
+    ):
+        per_epoch = tuple(source)
+    else:
+        raise TypeError(
+            "epsilon_curve needs a PrivacySpec of one epoch, or the ledger of one "
+            f"epoch and `delta`. Received: {type(source).__name__}, delta={delta!r}"
+        )
+    components = _curve_components(per_epoch, epochs, schedules)
     curve = np.zeros(epochs, dtype=np.float64)
     if accountant == "rdp":
         units = [rdp_of_event(event) for event, _ in components]
@@ -257,28 +282,98 @@ def epsilon_curve(
     return curve
 
 
-def _epsilon(
-    sigma: float, delta: float, q: float, steps: int, accountant: str
+class EventAccountant(dp_accounting.PrivacyAccountant):
+    """dp-accounting's accountant interface over `compute_epsilon`: the RDP or
+    PLD machinery of dp-accounting, plus pure-DP releases (`PureDpEvent`).
+
+    It lets dp-accounting's `calibrate_dp_mechanism` search any parameter of
+    the mechanisms this library runs.
+
+    Args:
+        accountant: "rdp" or "pld".
+    """
+
+    def __init__(self, accountant: str = "rdp"):
+        check_accountant(accountant)
+        super().__init__(privacy_accountant.NeighboringRelation.ADD_OR_REMOVE_ONE)
+        self.accountant = accountant
+        self._events: list[dp_accounting.DpEvent] = []
+
+    def _maybe_compose(self, event, count, do_compose):
+        mechanisms = (dp_accounting.GaussianDpEvent, dp_accounting.LaplaceDpEvent)
+        for leaf, _ in flatten_event(event):
+            supported = isinstance(leaf, (PureDpEvent, *mechanisms))
+            if isinstance(leaf, dp_accounting.PoissonSampledDpEvent):
+                supported = isinstance(leaf.event, mechanisms)
+            if not supported:
+                return self.CompositionErrorDetails(
+                    leaf, f"the {self.accountant!r} accountant does not support it"
+                )
+        if do_compose and count > 0:
+            self._events.append(dp_accounting.SelfComposedDpEvent(event, count))
+        return None
+
+    def get_epsilon(self, target_delta: float) -> float:
+        return compute_epsilon(
+            dp_accounting.ComposedDpEvent(self._events), target_delta, self.accountant
+        )
+
+
+def calibrate_parameter(
+    make_event: Callable[[float], dp_accounting.DpEvent],
+    target_epsilon: float,
+    delta: float,
+    accountant: str = "rdp",
+    *,
+    lower: float,
+    upper: float,
+    tolerance: float,
+    discrete: bool = False,
 ) -> float:
-    spec = PrivacySpec(q, steps, (sigma,), delta)
-    return epsilon_for_spec(spec, accountant)
+    """The one search routine: the parameter in [lower, upper] at which the
+    epsilon of `make_event(parameter)` crosses `target_epsilon`, on the side
+    where epsilon <= target (dp-accounting's `calibrate_dp_mechanism`: Brent's
+    method, then a check that the returned value is within budget).
+
+    Epsilon must be monotone in the parameter (decreasing for a noise
+    multiplier, increasing for a number of epochs), with
+    epsilon(lower) - target and epsilon(upper) - target of opposite signs.
+
+    Returns:
+        A parameter whose epsilon is <= target_epsilon, within `tolerance` of
+        the crossing (an integer when `discrete`).
+    """
+    return mechanism_calibration.calibrate_dp_mechanism(
+        lambda: EventAccountant(accountant),
+        make_event,
+        target_epsilon,
+        delta,
+        mechanism_calibration.ExplicitBracketInterval(lower, upper),
+        discrete=discrete,
+        tol=tolerance,
+    )
 
 
 def calibrate_noise_multiplier(
-    target_epsilon: float,
+    target_epsilon: float | Callable[[float], dp_accounting.DpEvent],
     delta: float,
-    sampling_rate: float,
-    steps: int,
+    sampling_rate: float | None = None,
+    steps: int | None = None,
     accountant: str = "rdp",
     *,
+    make_event: Callable[[float], dp_accounting.DpEvent] | None = None,
     tolerance: float = 1e-3,
     max_noise_multiplier: float = 1e4,
 ) -> float:
     """Smallest noise multiplier (within `tolerance`) whose epsilon is <= target.
 
+    By default the mechanism is `steps` Poisson-subsampled Gaussian steps at
+    `sampling_rate`; `make_event(sigma)` gives any other (a privacy plan passes
+    its own: per-layer multipliers, planned releases).
+
     Guarantee: the returned sigma gives epsilon <= target_epsilon, and
-    sigma - tolerance gives epsilon > target_epsilon (bisection on a
-    quantity monotone in sigma).
+    sigma - tolerance gives epsilon > target_epsilon (epsilon is decreasing
+    in sigma).
 
     Raises:
         ValueError: bad arguments, or no sigma <= max_noise_multiplier reaches
@@ -288,44 +383,54 @@ def calibrate_noise_multiplier(
         raise ValueError(f"`target_epsilon` must be > 0. Received: {target_epsilon!r}")
     if not tolerance > 0:
         raise ValueError(f"`tolerance` must be > 0. Received: {tolerance!r}")
+    if make_event is None:
+        if sampling_rate is None or steps is None:
+            raise ValueError(
+                "calibrate_noise_multiplier needs `sampling_rate` and `steps`, or "
+                f"`make_event`. Received: sampling_rate={sampling_rate!r}, "
+                f"steps={steps!r}"
+            )
+
+        def make_event(sigma: float) -> dp_accounting.DpEvent:
+            return make_dp_event(PrivacySpec(sampling_rate, steps, (sigma,), delta))
 
     def eps(sigma: float) -> float:
-        return _epsilon(sigma, delta, sampling_rate, steps, accountant)
+        return compute_epsilon(make_event(sigma), delta, accountant)
 
     # Bracket [lo, hi] with eps(lo) > target >= eps(hi), starting from sigma = 1
     # and moving outward, so only sigmas near the answer are evaluated (PLD is
-    # very slow for tiny sigmas).
-    hi = 1.0
+    # very slow for tiny sigmas); the search inside is `calibrate_parameter`.
+    lo, hi = 1.0, 1.0
     if eps(hi) > target_epsilon:
-        lo = hi
         while eps(hi) > target_epsilon:
             lo, hi = hi, hi * 2.0
             if hi > max_noise_multiplier:
                 raise ValueError(
                     f"No noise multiplier <= {max_noise_multiplier} reaches epsilon "
-                    f"{target_epsilon} (delta={delta}, q={sampling_rate}, "
-                    f"steps={steps})."
+                    f"{target_epsilon} (delta={delta})."
                 )
     else:
-        lo = hi / 2.0
         while eps(lo) <= target_epsilon:
             hi, lo = lo, lo / 2.0
             if hi <= tolerance:
                 return hi
-    while hi - lo > tolerance:
-        mid = 0.5 * (lo + hi)
-        if _epsilon(mid, delta, sampling_rate, steps, accountant) <= target_epsilon:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return calibrate_parameter(
+        make_event,
+        target_epsilon,
+        delta,
+        accountant,
+        lower=lo,
+        upper=hi,
+        tolerance=tolerance,
+    )
 
 
 def get_max_epochs(
     epsilon_budget: float,
-    spec_per_epoch: PrivacySpec,
+    spec_per_epoch: PrivacySpec | Callable[[int], dp_accounting.DpEvent],
     accountant: str = "rdp",
     *,
+    delta: float | None = None,
     max_epochs: int = 10_000,
 ) -> int:
     """Largest number of epochs whose epsilon stays <= `epsilon_budget`.
@@ -333,34 +438,51 @@ def get_max_epochs(
     Args:
         epsilon_budget: the budget.
         spec_per_epoch: the run's spec for ONE epoch (`steps` and each
-            release's `count` per epoch).
+            release's `count` per epoch), or a function epochs -> event of a
+            run of that many epochs (with `delta`).
         accountant: "rdp" or "pld".
+        delta: the delta, when `spec_per_epoch` is a function.
         max_epochs: search ceiling.
 
     Returns:
         An int >= 0 (0 when even one epoch exceeds the budget).
     """
+    if isinstance(spec_per_epoch, PrivacySpec):
+        spec, delta = spec_per_epoch, spec_per_epoch.delta
+
+        def make_event(epochs: int) -> dp_accounting.DpEvent:
+            return make_dp_event(
+                [r.with_count(epochs * r.count) for r in spec.ledger()]
+            )
+
+    elif callable(spec_per_epoch) and delta is not None:
+        make_event = spec_per_epoch
+    else:
+        raise TypeError(
+            "get_max_epochs needs a PrivacySpec of one epoch, or a function "
+            "epochs -> event and `delta`. "
+            f"Received: {type(spec_per_epoch).__name__}, delta={delta!r}"
+        )
 
     def eps(epochs: int) -> float:
-        spec = dataclasses.replace(
-            spec_per_epoch,
-            steps=epochs * spec_per_epoch.steps,
-            releases=tuple(
-                r.with_count(epochs * r.count) for r in spec_per_epoch.releases
-            ),
-        )
-        return epsilon_for_spec(spec, accountant)
+        return compute_epsilon(make_event(int(epochs)), delta, accountant)
 
     if eps(1) > epsilon_budget:
         return 0
-    lo, hi = 1, 2
-    while hi <= max_epochs and eps(hi) <= epsilon_budget:
-        lo, hi = hi, hi * 2
-    hi = min(hi, max_epochs + 1)
-    while hi - lo > 1:  # eps(lo) <= budget < eps(hi), or hi is past the ceiling
-        mid = (lo + hi) // 2
-        if eps(mid) <= epsilon_budget:
-            lo = mid
-        else:
-            hi = mid
-    return lo if math.isfinite(lo) else max_epochs
+    if eps(max_epochs) <= epsilon_budget:
+        return max_epochs
+    epochs = int(
+        calibrate_parameter(
+            make_event,
+            epsilon_budget,
+            delta,
+            accountant,
+            lower=1,
+            upper=max_epochs,
+            tolerance=1,
+            discrete=True,
+        )
+    )
+    while epochs < max_epochs and eps(epochs + 1) <= epsilon_budget:
+        epochs += 1  # the search stops within one epoch of the crossing
+    return epochs

@@ -10,6 +10,7 @@ Reference: Google's dp-accounting (`GaussianDpEvent`, `PoissonSampledDpEvent`,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -33,9 +34,32 @@ class PureDpEvent(dp_accounting.DpEvent):
 RELEASE_MECHANISMS = ("gaussian", "pure_dp")
 
 
+#: The release name of the noisy gradient steps in a ledger.
+GRADIENT_STEPS = "gradient_steps"
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _check_sampling_rate(value: float) -> float:
+    """A Poisson sampling rate q in (0, 1], as a float."""
+    _require(
+        0 < value <= 1,
+        f"`sampling_rate` must be in (0, 1]. Received: sampling_rate={value!r}",
+    )
+    return float(value)
+
+
+def steps_per_epoch(sampling_rate: float) -> int:
+    """Gradient steps in one epoch at Poisson rate q: ceil(1 / q) (= ceil(N / B)).
+
+    The single place where steps per epoch are derived (the data module, the
+    command line and the privacy plan all call it).
+    """
+    q = _check_sampling_rate(sampling_rate)
+    return math.ceil(round(1.0 / q, 9))
 
 
 @dataclass(frozen=True)
@@ -52,6 +76,8 @@ class Release:
         parameter: the noise multiplier, or the pure-DP epsilon.
         sampling_rate: Poisson rate of the data the mechanism read ("gaussian").
         count: how many times it ran.
+        sampling: how the data it read was sampled, as run (a label for the
+            report, e.g. "poisson" or "shuffle"; "" when not recorded).
     """
 
     name: str
@@ -59,6 +85,7 @@ class Release:
     parameter: float
     sampling_rate: float = 1.0
     count: int = 1
+    sampling: str = ""
 
     def __post_init__(self):
         _require(
@@ -71,27 +98,28 @@ class Release:
             f"`parameter` of release {self.name!r} must be a positive finite "
             f"number. Received: {self.parameter!r}",
         )
-        _require(
-            0 < self.sampling_rate <= 1,
-            f"`sampling_rate` must be in (0, 1]. Received: {self.sampling_rate!r}",
-        )
+        rate = _check_sampling_rate(self.sampling_rate)
         _require(
             int(self.count) == self.count and self.count >= 0,
             f"`count` must be an int >= 0. Received: {self.count!r}",
         )
         object.__setattr__(self, "parameter", float(self.parameter))
-        object.__setattr__(self, "sampling_rate", float(self.sampling_rate))
+        object.__setattr__(self, "sampling_rate", rate)
         object.__setattr__(self, "count", int(self.count))
 
     @property
     def key(self) -> tuple:
         """Releases with equal keys are the same mechanism: their counts add."""
-        return (self.name, self.mechanism, self.parameter, self.sampling_rate)
+        return (
+            self.name,
+            self.mechanism,
+            self.parameter,
+            self.sampling_rate,
+            self.sampling,
+        )
 
     def with_count(self, count: int) -> Release:
-        return Release(
-            self.name, self.mechanism, self.parameter, self.sampling_rate, count
-        )
+        return dataclasses.replace(self, count=count)
 
     def single_event(self) -> dp_accounting.DpEvent:
         """The event of ONE run of the mechanism."""
@@ -139,10 +167,7 @@ class PrivacySpec:
     releases: tuple[Release, ...] = ()
 
     def __post_init__(self):
-        _require(
-            0 < self.sampling_rate <= 1,
-            f"`sampling_rate` must be in (0, 1]. Received: {self.sampling_rate!r}",
-        )
+        _check_sampling_rate(self.sampling_rate)
         _require(
             int(self.steps) == self.steps and self.steps >= 0,
             f"`steps` must be an int >= 0. Received: {self.steps!r}",
@@ -170,6 +195,21 @@ class PrivacySpec:
         """Whether the Poisson analysis matches the sampling that ran."""
         return self.sampling == "poisson"
 
+    def step_release(self) -> Release:
+        """The `steps` noisy gradient steps as one ledger entry."""
+        return Release(
+            GRADIENT_STEPS,
+            "gaussian",
+            effective_noise_multiplier(self.noise_multipliers),
+            self.sampling_rate,
+            self.steps,
+            self.sampling,
+        )
+
+    def ledger(self) -> tuple[Release, ...]:
+        """Everything the spec describes as ledger entries: steps, then releases."""
+        return merge_releases((self.step_release(), *self.releases))
+
 
 def effective_noise_multiplier(noise_multipliers: Sequence[float]) -> float:
     """Gaussians on disjoint coordinates, each with its own noise multiplier,
@@ -179,39 +219,32 @@ def effective_noise_multiplier(noise_multipliers: Sequence[float]) -> float:
 
 def training_step_event(spec: PrivacySpec) -> dp_accounting.DpEvent:
     """The event of ONE noisy gradient step of `spec`."""
-    gaussian = dp_accounting.GaussianDpEvent(
-        effective_noise_multiplier(spec.noise_multipliers)
-    )
-    if spec.sampling_rate == 1.0:
-        return gaussian
-    return dp_accounting.PoissonSampledDpEvent(spec.sampling_rate, gaussian)
+    return spec.step_release().single_event()
 
 
-def make_dp_event(spec) -> dp_accounting.DpEvent:
-    """The dp-accounting event of everything that ran: `spec.steps`
-    Poisson-subsampled Gaussian steps composed with every release.
+def make_dp_event(source: PrivacySpec | Sequence[Release]) -> dp_accounting.DpEvent:
+    """The dp-accounting event of everything that ran: each ledger entry
+    self-composed `count` times, all composed.
 
     Args:
-        spec: a `PrivacySpec`, or a DP model (its `privacy_spec()`: the steps
-            taken, its noise multipliers and strategy, and its ledger of
-            dynamic-clipping releases).
+        source: a `PrivacySpec`, or a ledger (a sequence of `Release`, e.g. a
+            privacy plan's `ledger()`, gradient steps included).
+
+    Raises:
+        TypeError: anything else.
     """
-    if not isinstance(spec, PrivacySpec):
-        if not hasattr(spec, "privacy_spec"):
-            raise TypeError(
-                "make_dp_event needs a PrivacySpec or a DP model. "
-                f"Received: {type(spec).__name__}"
-            )
-        spec = spec.privacy_spec()
-    parts = []
-    if spec.steps > 0:
-        parts.append(
-            dp_accounting.SelfComposedDpEvent(training_step_event(spec), spec.steps)
+    if isinstance(source, PrivacySpec):
+        ledger = source.ledger()
+    elif isinstance(source, Sequence) and all(isinstance(r, Release) for r in source):
+        ledger = merge_releases(source)
+    else:
+        raise TypeError(
+            "make_dp_event needs a PrivacySpec or a sequence of Release. "
+            f"Received: {type(source).__name__}"
         )
-    for release in spec.releases:
-        parts.append(
-            dp_accounting.SelfComposedDpEvent(release.single_event(), release.count)
-        )
+    parts = [
+        dp_accounting.SelfComposedDpEvent(r.single_event(), r.count) for r in ledger
+    ]
     if not parts:
         return dp_accounting.NoOpDpEvent()
     return parts[0] if len(parts) == 1 else dp_accounting.ComposedDpEvent(parts)

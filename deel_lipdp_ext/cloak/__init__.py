@@ -1,8 +1,9 @@
 """Stained-Glass-style input transforms: noise layers, ``NoisyModel`` and cloak losses.
 
 Reference: Protopia AI's Stained Glass Transform (``stainedglass_core``, closed
-source: the API follows its public docs; definitions its docs leave open are
-those of ``SEED_SPECS.md`` section 3) and Cloak (Mireshghallah et al., 2021).
+source: the API follows its public docs; the definitions its docs leave open
+are ours, written out in ``docs/ports.md``) and Cloak (Mireshghallah et al.,
+2021).
 This is input obfuscation, not differential privacy: no (epsilon, delta) is
 claimed for a trained transform.
 """

@@ -4,11 +4,12 @@ An attacker who sees a transformed image may post-process it (clamp, rescale,
 detect edges, blur, change gamma, denoise, standardise) before looking for the
 original's structure. The privacy loss applies each of these fixed transforms
 to both the noisy and the clean image and measures what survives with MS-SSIM
-and squared Pearson correlation (``deel_lipdp_ext.metrics``).
+and squared Pearson correlation (``deel_lipdp_ext.imaging.metrics``).
 
-Reference: Stained Glass ``loss/image_similarity`` (closed source); the
-battery is the concrete definition of ``SEED_SPECS.md`` section 3.4. Images
-are channels-last ``(B, H, W, C)`` in ``[0, 1]``; every statistic is per sample.
+Reference: Stained Glass ``loss/image_similarity`` (closed source: its docs
+name the transforms, not their parameters; the definitions used here are in
+``docs/ports.md``). Images are channels-last ``(B, H, W, C)`` in ``[0, 1]``;
+every statistic is per sample.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from .. import metrics
-from .._image import filter_2d, gaussian_blur, pad_2d, safe_sqrt
+from ..imaging import metrics
+from ..imaging._ops import filter_2d, gaussian_blur, pad_2d, safe_sqrt
 
 Transform = Callable[[tf.Tensor], tf.Tensor]
 

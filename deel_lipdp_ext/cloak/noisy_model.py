@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import keras
 import tensorflow as tf
 
+from .._keras_utils import pop_keras_objects
 from .noise_layers import NoiseLayer
 
 _PACKAGE = "deel_lipdp_ext"
@@ -112,11 +113,7 @@ class NoisyModel(keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        base_model = keras.saving.deserialize_keras_object(
-            config.pop("base_model"), custom_objects=custom_objects
-        )
-        noise_layer = keras.saving.deserialize_keras_object(
-            config.pop("noise_layer"), custom_objects=custom_objects
+        config, (base_model, noise_layer) = pop_keras_objects(
+            config, ("base_model", "noise_layer"), custom_objects
         )
         return cls(base_model, noise_layer, **config)

@@ -19,7 +19,7 @@ Bound = Any  # a scalar tensor, or a tuple of them on residual branches
 
 
 class DPLayer:
-    """Mixin every DP layer implements (see DESIGN §3).
+    """Mixin every DP layer implements (see docs/design.md, "The bound contract").
 
     Attributes:
         nm_coef: the layer's share of noise under the per-layer strategy: its
@@ -52,8 +52,10 @@ class DPLayer:
     def project(self) -> None:
         """Post-step projection onto the constraint set (post-processing)."""
 
-    def set_expected_batch_size(self, batch_size: int) -> None:
-        """Told by the DP model; only gradient-clipping layers use it."""
+    def sublayers(self) -> list:
+        """The DP layers this layer calls (a wrapper's inner layer), so the
+        model's checks see every layer of the chain."""
+        return []
 
 
 class GNPLayer(DPLayer):
@@ -67,9 +69,6 @@ class GNPLayer(DPLayer):
 
     def backpropagate_inputs(self, input_bound: Bound, gradient_bound: Bound) -> Bound:
         return gradient_bound
-
-    def backpropagate_params(self, input_bound: Bound, gradient_bound: Bound) -> Bound:
-        raise ValueError(f"Layer '{self.name}' has no parameters to bound.")
 
 
 _PASS_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar(

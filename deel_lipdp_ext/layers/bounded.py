@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 from .._validation import require_positive
-from .base import DPLayer, as_bound, sample_norms
+from .base import DPLayer, as_bound
 
 _PACKAGE = "deel_lipdp_ext"
 
@@ -46,16 +46,19 @@ class DP_BoundedInput(keras.layers.Layer, DPLayer):
     def call(self, inputs):
         if not self.enforce_clipping:
             return inputs
-        norms = sample_norms(inputs)
-        scale = tf.minimum(1.0, self.upper_bound / tf.maximum(norms, 1e-30))
-        scale = tf.reshape(scale, [-1] + [1] * (len(inputs.shape) - 1))
-        return inputs * tf.cast(scale, inputs.dtype)
+        peak, unit, unit_norm = _peak_unit_norms(inputs)
+        bound = tf.cast(self.upper_bound, peak.dtype)
+        # ||x|| / bound = (peak / bound) * ||x / peak||: no overflow to a wrong side
+        inside = (peak / bound) * unit_norm <= 1.0
+        on_sphere = tf.cast(unit * _per_sample(bound / unit_norm, unit), inputs.dtype)
+        return tf.where(_per_sample(inside, inputs), inputs, on_sphere)
 
     def check_bound(self, inputs) -> tf.Operation:
         """Raise (outside XLA) when a sample exceeds the bound (no-clipping mode)."""
+        peak, _, unit_norm = _peak_unit_norms(inputs)
         return tf.debugging.assert_less_equal(
-            sample_norms(inputs),
-            tf.cast(self.upper_bound * (1.0 + 1e-6), inputs.dtype),
+            (peak / tf.cast(self.upper_bound, peak.dtype)) * unit_norm,
+            tf.cast(1.0 + 1e-6, peak.dtype),
             message=(
                 f"DP_BoundedInput '{self.name}' has enforce_clipping=False but an "
                 f"input sample has L2 norm above upper_bound={self.upper_bound}"
@@ -71,12 +74,38 @@ class DP_BoundedInput(keras.layers.Layer, DPLayer):
     def backpropagate_inputs(self, input_bound, gradient_bound):
         return gradient_bound
 
-    def backpropagate_params(self, input_bound, gradient_bound):
-        raise ValueError("DP_BoundedInput has no parameters to bound.")
-
     def get_config(self):
         return {
             **super().get_config(),
             "upper_bound": self.upper_bound,
             "enforce_clipping": self.enforce_clipping,
         }
+
+
+def _per_sample(values: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+    """Per-sample `values` (batch,), shaped to broadcast against `like`."""
+    return tf.reshape(values, [-1] + [1] * (len(like.shape) - 1))
+
+
+def _peak_unit_norms(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Each sample as `peak * unit`, with `peak` its max |value|, so that
+    `||x|| = peak * ||unit||` with `1 <= ||unit|| <= sqrt(size)`: neither
+    overflows or underflows for any finite sample, unlike the sum of squares.
+
+    Computed in float32 (float64 for float64 inputs). An all-zero sample has
+    `peak = 0` and `unit` all ones, so nothing divides by 0.
+
+    Returns:
+        `peak` (batch,), `unit` (shaped like `x`) and `||unit||` (batch,).
+    """
+    dtype = tf.float64 if x.dtype == tf.float64 else tf.float32
+    x = tf.cast(x, dtype)
+    batch = tf.shape(x)[0]
+    peak = tf.reduce_max(tf.abs(tf.reshape(x, (batch, -1))), axis=1)
+    nonzero = peak > 0
+    safe_peak = tf.where(nonzero, peak, tf.ones_like(peak))
+    unit = tf.where(
+        _per_sample(nonzero, x), x / _per_sample(safe_peak, x), tf.ones_like(x)
+    )
+    unit_norm = tf.norm(tf.reshape(unit, (batch, -1)), axis=1)
+    return peak, unit, unit_norm

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import keras
 import tensorflow as tf
 
@@ -13,16 +16,15 @@ _PACKAGE = "deel_lipdp_ext"
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class DP_ClipGradient(keras.layers.Layer, DPLayer):
-    """Identity forward; backward, clips each sample's gradient to `clip_value / B`.
+    """Identity forward; backward, clips each sample's gradient to `clip_value`.
 
-    The train step divides the summed per-sample losses by the expected batch
-    size B, so a sample's gradient w.r.t. this layer's output carries a factor
-    1/B. Clipping it to `clip_value / B` keeps the bound on the same scale:
-    `backpropagate_inputs` returns `min(gradient_bound, clip_value / B)`.
+    The DP train step differentiates the SUM of the per-sample losses, so the
+    gradient reaching this layer for sample i is sample i's own (in units of
+    the loss gradient); clipping it to norm `clip_value` makes
+    `backpropagate_inputs` return `min(gradient_bound, clip_value)`.
 
     Args:
-        clip_value: per-sample gradient norm (in units of the loss gradient,
-            before the 1/B factor) to clip to.
+        clip_value: per-sample gradient norm to clip to (> 0).
         mode: "fixed", or "dynamic" to let a clipping callback change the
             value during training (its privacy cost is accounted by that
             callback).
@@ -44,8 +46,7 @@ class DP_ClipGradient(keras.layers.Layer, DPLayer):
                 f"Received: mode={mode!r}"
             )
         self.mode = mode
-        self._batch_size = None
-        self._probe: list | None = None
+        self._recorded: list | None = None
         self.clip_value = self.add_weight(
             name="clip_value",
             shape=(),
@@ -63,21 +64,21 @@ class DP_ClipGradient(keras.layers.Layer, DPLayer):
             )
         self.clip_value.assign(require_positive("clip_value", value, "DP_ClipGradient"))
 
-    def set_expected_batch_size(self, batch_size: int) -> None:
-        self._batch_size = int(batch_size)
-
-    def _scaled_clip(self):
-        if self._batch_size is None:
-            raise ValueError(
-                f"DP_ClipGradient '{self.name}' does not know the expected batch "
-                "size: use it inside DPSequential/DPModel, which sets it."
-            )
-        return as_bound(self.clip_value) / float(self._batch_size)
+    @contextlib.contextmanager
+    def recording_outputs(self) -> Iterator[list]:
+        """Within the context (eager), every output of a training call is
+        appended to the yielded list, so a caller can take the per-sample
+        gradients this layer clips (the dynamic-clipping callbacks do)."""
+        self._recorded = []
+        try:
+            yield self._recorded
+        finally:
+            self._recorded = None
 
     def call(self, inputs, training=None):
         if not training:
             return inputs
-        limit = self._scaled_clip()
+        limit = as_bound(self.clip_value)
 
         @tf.custom_gradient
         def clip(x):
@@ -90,8 +91,8 @@ class DP_ClipGradient(keras.layers.Layer, DPLayer):
             return tf.identity(x), grad
 
         outputs = clip(inputs)
-        if self._probe is not None:  # eager probing by the clipping callbacks
-            self._probe.append(outputs)
+        if self._recorded is not None:
+            self._recorded.append(outputs)
         return outputs
 
     def compute_output_shape(self, input_shape):
@@ -101,10 +102,7 @@ class DP_ClipGradient(keras.layers.Layer, DPLayer):
         return input_bound
 
     def backpropagate_inputs(self, input_bound, gradient_bound):
-        return tf.minimum(gradient_bound, self._scaled_clip())
-
-    def backpropagate_params(self, input_bound, gradient_bound):
-        raise ValueError("DP_ClipGradient has no parameters to bound.")
+        return tf.minimum(gradient_bound, as_bound(self.clip_value))
 
     def get_config(self):
         return {

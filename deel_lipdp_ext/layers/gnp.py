@@ -3,13 +3,16 @@
 
 `DP_GNP_Factory(layer_cls)` turns a Keras layer class with those properties
 into a DP layer that leaves the bounds unchanged. The caller certifies the
-properties; the layers defined here have them by construction, and their
-constructors refuse arguments that would break them.
+properties; the factory refuses the Keras classes known not to have them, the
+arguments that break them (when built), and any weight. The layers defined
+here have them by construction, and their constructors refuse arguments that
+would break them.
 """
 
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from .._validation import require_positive
@@ -18,11 +21,288 @@ from .base import DPLayer, GNPLayer, as_bound
 _PACKAGE = "deel_lipdp_ext"
 
 
+def _keras_layers(*names: str) -> tuple[type, ...]:
+    """The `keras.layers` classes of these names that this Keras version has."""
+    found = (getattr(keras.layers, n, None) for n in names)
+    return tuple(c for c in found if isinstance(c, type))
+
+
+# Keras classes that are not GNP per-sample maps (nor are their subclasses), and
+# why. Layers that are GNP only for some arguments are checked at build time
+# (`_CONFIG_CHECKS`).
+_NOT_GNP: tuple[tuple[tuple[type, ...], str], ...] = (
+    (
+        (keras.Model, *_keras_layers("Wrapper", "Pipeline", "RNN", "StackedRNNCells")),
+        "it runs sub-layers (a model, wrapper, pipeline or RNN) that the factory "
+        "cannot check; wrap each parameter-free layer separately",
+    ),
+    (
+        _keras_layers("Lambda", "TFSMLayer", "JaxLayer", "TorchModuleWrapper"),
+        "it runs arbitrary code; use DP_Lambda, which takes its certified "
+        "Lipschitz constant",
+    ),
+    (
+        _keras_layers(
+            "BatchNormalization",
+            "LayerNormalization",
+            "GroupNormalization",
+            "UnitNormalization",
+            "RMSNormalization",
+            "Normalization",
+        ),
+        "it normalises with statistics of the data (of the batch, which mixes "
+        "samples and keeps un-noised moving statistics in the model, or of the "
+        "sample itself): not 1-Lipschitz",
+    ),
+    (
+        _keras_layers("Dropout", "GaussianDropout", "AlphaDropout", "GaussianNoise"),
+        "dropout and noise layers rescale or shift the sample (Dropout scales the "
+        "kept entries by 1/(1-rate)), so per-sample gradients can exceed their "
+        "bound",
+    ),
+    (_keras_layers("MixUp", "CutMix"), "it mixes samples across the batch"),
+    (
+        _keras_layers("ActivityRegularization"),
+        "it adds a loss on the activations whose gradient the DP bounds do not cover",
+    ),
+    (
+        _keras_layers("Masking"),
+        "its data-dependent mask changes what later layers compute (pooling then "
+        "averages over the unmasked steps only), which is not Lipschitz",
+    ),
+    (
+        _keras_layers(
+            "Add",
+            "Subtract",
+            "Multiply",
+            "Average",
+            "Maximum",
+            "Minimum",
+            "Concatenate",
+            "Dot",
+        ),
+        "it merges several inputs; use DP_MergeResidual for residual branches",
+    ),
+    (
+        _keras_layers(
+            "Softmax",
+            "Attention",
+            "AdditiveAttention",
+            "MultiHeadAttention",
+            "GroupQueryAttention",
+        ),
+        "it is not 1-Lipschitz with f(0) = 0",
+    ),
+    (
+        _keras_layers("UpSampling1D", "UpSampling2D", "UpSampling3D", "RepeatVector"),
+        "it repeats entries, which multiplies the norm",
+    ),
+    (
+        _keras_layers(
+            "AdaptiveAveragePooling1D",
+            "AdaptiveAveragePooling2D",
+            "AdaptiveAveragePooling3D",
+            "AdaptiveMaxPooling1D",
+            "AdaptiveMaxPooling2D",
+            "AdaptiveMaxPooling3D",
+        ),
+        "its bins overlap or repeat entries unless the input size is a multiple "
+        "of the output size, so the norm can grow; use a pooling layer with "
+        "strides == pool_size",
+    ),
+    (
+        _keras_layers(
+            "CategoryEncoding",
+            "Discretization",
+            "Hashing",
+            "HashedCrossing",
+            "IntegerLookup",
+            "StringLookup",
+            "TextVectorization",
+            "MelSpectrogram",
+            "STFTSpectrogram",
+        ),
+        "it encodes, discretises or turns the data into a spectrogram: not a "
+        "1-Lipschitz map with f(0) = 0",
+    ),
+    (
+        _keras_layers(
+            "AugMix",
+            "AutoContrast",
+            "CenterCrop",
+            "ContrastLimitedAdaptiveHistogramEqualization",
+            "Equalization",
+            "MaxNumBoundingBoxes",
+            "RandAugment",
+            "RandomBrightness",
+            "RandomColorDegeneration",
+            "RandomColorJitter",
+            "RandomContrast",
+            "RandomCrop",
+            "RandomElasticTransform",
+            "RandomErasing",
+            "RandomGaussianBlur",
+            "RandomGrayscale",
+            "RandomHue",
+            "RandomInvert",
+            "RandomPerspective",
+            "RandomPosterization",
+            "RandomRotation",
+            "RandomSaturation",
+            "RandomSharpness",
+            "RandomShear",
+            "RandomTranslation",
+            "RandomZoom",
+            "Resizing",
+            "Solarization",
+        ),
+        "it resamples, resizes or re-colours pixels (interpolation, contrast, "
+        "brightness, histograms), which can raise the norm or move 0; augment in "
+        "the input pipeline instead (Cropping2D and RandomFlip are GNP)",
+    ),
+)
+
+# The activations of `keras.layers.Activation` that are 1-Lipschitz with f(0) = 0
+# (hence |f(x)| <= |x|), with their default arguments.
+_GNP_ACTIVATIONS = tuple(
+    getattr(keras.activations, n)
+    for n in (
+        "linear",
+        "relu",
+        "relu6",
+        "leaky_relu",
+        "elu",
+        "celu",
+        "tanh",
+        "hard_tanh",
+        "softsign",
+        "soft_shrink",
+        "tanh_shrink",
+    )
+    if hasattr(keras.activations, n)
+)
+
+
+def _class_refusal(layer_cls: type) -> str | None:
+    """Why `layer_cls` is known not to be a GNP per-sample map, else None."""
+    if issubclass(layer_cls, DPLayer):
+        return f"{layer_cls.__name__}: it is already a DP layer, with its own bounds"
+    for classes, why in _NOT_GNP:
+        for known in classes:
+            if issubclass(layer_cls, known):
+                kind = "" if layer_cls is known else f" (a {known.__name__})"
+                return f"{layer_cls.__name__}{kind}: {why}"
+    return None
+
+
+def _within(values, low: float, high: float) -> bool:
+    v = np.asarray(values, dtype=np.float64)
+    return bool(np.all((v >= low) & (v <= high)))
+
+
+def _check_rescaling(layer) -> str | None:
+    if _within(np.abs(layer.scale), 0.0, 1.0) and _within(layer.offset, 0.0, 0.0):
+        return None
+    return (
+        "needs |scale| <= 1 and offset == 0 (1-Lipschitz with f(0) = 0). "
+        f"Received: scale={layer.scale!r}, offset={layer.offset!r}"
+    )
+
+
+def _check_activation(layer) -> str | None:
+    if any(layer.activation is f for f in _GNP_ACTIVATIONS):
+        return None
+    names = ", ".join(f.__name__ for f in _GNP_ACTIVATIONS)
+    return (
+        f"needs an activation that is 1-Lipschitz with f(0) = 0 ({names}); use "
+        f"DP_Lambda for another one. Received: activation={layer.activation!r}"
+    )
+
+
+def _check_relu(layer) -> str | None:
+    if layer.threshold == 0 and _within(layer.negative_slope, 0.0, 1.0):
+        return None
+    return (
+        "needs threshold == 0 and 0 <= negative_slope <= 1. "
+        f"Received: threshold={layer.threshold!r}, "
+        f"negative_slope={layer.negative_slope!r}"
+    )
+
+
+def _check_leaky_relu(layer) -> str | None:
+    if _within(layer.negative_slope, 0.0, 1.0):
+        return None
+    return (
+        "needs 0 <= negative_slope <= 1. "
+        f"Received: negative_slope={layer.negative_slope!r}"
+    )
+
+
+def _check_elu(layer) -> str | None:
+    if _within(layer.alpha, 0.0, 1.0):
+        return None
+    return f"needs 0 <= alpha <= 1. Received: alpha={layer.alpha!r}"
+
+
+def _check_pooling(layer) -> str | None:
+    """No entry in two windows (max), or that or no padding (average)."""
+    apart = all(s >= p for s, p in zip(layer.strides, layer.pool_size, strict=True))
+    average = layer.pool_mode == "average"
+    if apart or (average and layer.padding == "valid"):
+        return None
+    need = "strides >= pool_size" + (" or padding='valid'" if average else "")
+    return (
+        f"needs {need}: overlapping windows can raise the norm. "
+        f"Received: pool_size={layer.pool_size!r}, strides={layer.strides!r}, "
+        f"padding={layer.padding!r}"
+    )
+
+
+# Layers that are GNP only for some arguments: checked when the layer is built.
+_CONFIG_CHECKS = (
+    (_keras_layers("Rescaling"), _check_rescaling),
+    (_keras_layers("Activation"), _check_activation),
+    (_keras_layers("ReLU"), _check_relu),
+    (_keras_layers("LeakyReLU"), _check_leaky_relu),
+    (_keras_layers("ELU"), _check_elu),
+    (
+        _keras_layers(
+            "MaxPooling1D",
+            "MaxPooling2D",
+            "MaxPooling3D",
+            "AveragePooling1D",
+            "AveragePooling2D",
+            "AveragePooling3D",
+        ),
+        _check_pooling,
+    ),
+)
+
+
+def _config_refusal(layer, layer_cls: type) -> str | None:
+    """Why this configured layer is not GNP (its class being allowed), else None."""
+    if layer.activity_regularizer is not None:
+        return (
+            "an activity_regularizer adds a loss whose gradient the DP bounds do not "
+            f"cover. Received: activity_regularizer={layer.activity_regularizer!r}"
+        )
+    for classes, check in _CONFIG_CHECKS:
+        if any(issubclass(layer_cls, c) for c in classes):
+            return check(layer)
+    return None
+
+
 def DP_GNP_Factory(layer_cls: type, name: str | None = None) -> type:
     """Wrap a parameter-free Keras layer class that is 1-Lipschitz and maps 0 to 0.
 
     Such a layer keeps ||f(x)|| <= ||x|| and ||J^T g|| <= ||g||, so both bound
-    passes go through it unchanged. Building a layer with trainable weights
+    passes go through it unchanged. The caller certifies those properties for
+    its own layers; Keras classes known not to have them (normalisation,
+    dropout and noise, sample mixing, merges, attention, up-sampling, most
+    preprocessing, composites; see `_NOT_GNP`) are refused here, and layers
+    that have them only for some arguments (Rescaling, Activation, ReLU,
+    LeakyReLU, ELU, max and average pooling) are checked when built. Building a
+    layer that has any weight, trainable or not, or an activity regulariser
     raises.
 
     Args:
@@ -31,16 +311,36 @@ def DP_GNP_Factory(layer_cls: type, name: str | None = None) -> type:
 
     Returns:
         A registered, serialisable subclass of `layer_cls`.
+
+    Raises:
+        TypeError: `layer_cls` is not a Keras layer class.
+        ValueError: `layer_cls` is known not to be a GNP per-sample map.
     """
+    if not (isinstance(layer_cls, type) and issubclass(layer_cls, keras.layers.Layer)):
+        raise TypeError(
+            "`layer_cls` of DP_GNP_Factory must be a keras.layers.Layer subclass. "
+            f"Received: layer_cls={layer_cls!r}"
+        )
+    refusal = _class_refusal(layer_cls)
+    if refusal is not None:
+        raise ValueError(
+            f"DP_GNP_Factory cannot wrap {refusal}. Received: layer_cls={layer_cls!r}"
+        )
     cls_name = name or f"DP_{layer_cls.__name__}"
 
     def build(self, input_shape):
-        layer_cls.build(self, input_shape)
-        if self.trainable_weights:
+        refusal = _config_refusal(self, layer_cls)
+        if refusal is not None:
             raise ValueError(
-                f"{cls_name} '{self.name}' wraps a layer with trainable weights "
-                f"({[v.path for v in self.trainable_weights]}); a GNP layer must "
-                "be parameter-free."
+                f"{cls_name} '{self.name}' ({layer_cls.__name__}) is not GNP: {refusal}"
+            )
+        layer_cls.build(self, input_shape)
+        if self.weights:
+            paths = [v.path for v in self.weights]
+            raise ValueError(
+                f"{cls_name} '{self.name}' wraps a layer with weights; a GNP layer "
+                "must be parameter-free (no weight, trainable or not). "
+                f"Received: weights={paths}"
             )
 
     cls = type(

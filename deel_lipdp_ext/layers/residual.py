@@ -80,8 +80,8 @@ class DP_WrappedResidual(keras.layers.Layer, DPLayer):
     def project(self) -> None:
         self.layer.project()
 
-    def set_expected_batch_size(self, batch_size: int) -> None:
-        self.layer.set_expected_batch_size(batch_size)
+    def sublayers(self) -> list:
+        return [self.layer]
 
     def get_config(self):
         return {

@@ -4,7 +4,7 @@ Reference: MindArmour ``mindarmour.privacy.sup_privacy`` (``SuppressCtrl``,
 ``SuppressPrivacyFactory``), ported to Keras 3. Parameters are the network's
 ``weights`` (trainable and not, in order) matched by substring on
 ``variable.path``; ``grad_idx`` indexes ``network.trainable_variables``.
-The rules and constants are MindArmour's (``SEED_SPECS.md`` section 1).
+The rules and constants are MindArmour's (restated in ``docs/ports.md``).
 
 Departures, each refusing instead of guessing:
 

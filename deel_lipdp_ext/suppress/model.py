@@ -21,6 +21,7 @@ import math
 import keras
 import tensorflow as tf
 
+from .._keras_utils import pop_keras_objects
 from ._checks import check_type
 from .controller import SuppressCtrl
 
@@ -246,10 +247,7 @@ class SuppressModel(keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        network = keras.saving.deserialize_keras_object(
-            config.pop("network"), custom_objects=custom_objects
-        )
+        config, (network,) = pop_keras_objects(config, ("network",), custom_objects)
         ctrl_config = config.pop("suppress_ctrl", None)
         lr = ctrl_config["lr"] if ctrl_config else 0.05
         # The compiled loss and optimizer state are restored by load_model.

@@ -1,4 +1,4 @@
-"""SuppressCtrl: the schedule and layer-update vectors of SEED_SPECS 1.11, the
+"""SuppressCtrl: the schedule and layer-update vectors of docs/ports.md, the
 update rule against a literal one-weight-at-a-time reference, validations."""
 
 import keras
@@ -45,7 +45,7 @@ def _ctrl(net=None, layers=None, **kwargs):
 
 
 def test_schedule_a_vectors():
-    # SEED_SPECS 1.11 schedule A (the upstream unit-test config), to 1e-6.
+    # docs/ports.md, schedule A (the upstream unit-test config), to 1e-6.
     net = _network()
     net.layers[0].kernel.assign(np.linspace(-1, 1, 12).reshape(3, 4))
     ctrl = _ctrl(
@@ -96,7 +96,7 @@ def test_default_mask_times_masks_every_step():
 
 
 def _literal_update(w, mul, thd, stop, wmax, lr, min_num, lower, noise, ub):
-    """SEED_SPECS 1.7, one weight at a time (noise off)."""
+    """MindArmour's per-weight rules (docs/ports.md), one weight at a time."""
     mul, add = mul.astype(float).copy(), np.zeros_like(w)
     m = n = p = q = 0
     lb = 0.005
@@ -147,7 +147,7 @@ def _literal_update(w, mul, thd, stop, wmax, lr, min_num, lower, noise, ub):
     ],
 )
 def test_layer_update_vectors(stop, thd, mul, add, counts, after):
-    # SEED_SPECS 1.11 layer update, lr 0.05, ub 1.2, lower clip on, no noise.
+    # docs/ports.md layer update, lr 0.05, ub 1.2, lower clip on, no noise.
     assert float(np.partition(np.abs(W), stop - 1)[stop - 1]) == thd
     got_mul, got_add, got_counts = update_layer_masks(
         W,

@@ -1,4 +1,4 @@
-"""MADCompetition: SEED_SPECS 4.x structure, objective, auto-lambda, progress,
+"""MADCompetition (docs/ports.md): structure, objective, auto-lambda, progress,
 save/load checks, penalty/metric validation and the plots."""
 
 import warnings
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deel_lipdp_ext import metrics
+from deel_lipdp_ext.imaging import metrics
 from deel_lipdp_ext.synthesis import (
     LoadWarning,
     MADCompetition,

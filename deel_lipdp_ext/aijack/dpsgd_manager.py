@@ -7,6 +7,7 @@ Keras 3 optimizers so that AIJack's training loop can be written with a
 
     dp_optimizer_cls, lot_loader, batch_loader = manager.privatize(sigma)
     optimizer = dp_optimizer_cls(learning_rate=0.05, momentum=0.9)
+    optimizer.build(model.trainable_variables)  # needed if a lot may be empty
     for x_lot, y_lot in lot_loader(optimizer):
         for x_batch, y_batch in batch_loader((x_lot, y_lot)):
             optimizer.zero_grad()
@@ -20,16 +21,32 @@ variables) to ``l2_norm_clip`` and accumulates it, without updating;
 ``step_for_lot`` applies ``(acc + C sigma N(0, I)) * batch_size / lot_size``
 with the base optimizer and records one step in the accountant; the lot loader
 draws ``iterations`` Poisson lots (each example with probability
-``lot_size / N``; empty lots skipped), calls ``step_for_lot`` before fetching
-each lot but the first and once more when the loop ends normally (a ``break``
-drops the last lot), and ``zero_grad_for_lot`` after each fetch; batches are
-sequential with the last short one dropped. Clipping is per example only with
+``lot_size / N``), calls ``step_for_lot`` before fetching each lot but the
+first and once more when the loop ends normally (a ``break`` drops the last
+lot), and ``zero_grad_for_lot`` after each fetch; batches are sequential with
+the last short one dropped. Clipping is per example only with
 ``batch_size == 1``.
 
-Departures: PyTorch optimizers hold gradients, Keras ones do not, so ``step``
-takes ``(gradients, variables)`` and ``zero_grad`` has nothing to clear;
-the lots are drawn from a seeded NumPy generator (``seed``); DPLIS smoothing
-(``smoothing=True``) is not ported and raises NotImplementedError.
+Departures:
+
+- PyTorch optimizers hold gradients, Keras ones do not, so ``step`` takes
+  ``(gradients, variables)`` and ``zero_grad`` has nothing to clear.
+- Empty lots are not skipped (AIJack skips them): the loader yields every one
+  of the ``iterations`` lots, an empty one as arrays of length 0, and each is
+  a noisy step counted by the accountant. Skipping made the number of noisy
+  steps depend on the draw and revealed which lots were empty. A noise-only
+  step needs the variables: an optimizer that has had no ``step`` yet uses
+  those it was built with (``optimizer.build(var_list)``) and raises
+  otherwise.
+- ``privatize`` refuses ``noise_multiplier <= 0`` (AIJack accepts 0 and applies
+  a noise-free update) and the manager refuses ``l2_norm_clip <= 0``.
+- Randomness: lots come from a NumPy generator and each optimizer instance
+  draws its noise from its own Philox stream; all are derived from
+  ``np.random.SeedSequence(seed)``, the i-th optimizer from its i-th spawned
+  child, so two optimizers of one manager never share noise. ``seed=None``
+  takes operating-system entropy.
+- DPLIS smoothing (``smoothing=True``) is not ported and raises
+  NotImplementedError.
 """
 
 from __future__ import annotations
@@ -42,20 +59,41 @@ import numpy as np
 import tensorflow as tf
 
 
+def _positive_finite(name: str, value) -> float:
+    """``value`` as a float; ValueError unless it is finite and > 0."""
+    if isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a number. Received: {name}={value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"`{name}` must be a number. Received: {name}={value!r}"
+        ) from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(
+            f"`{name}` must be a positive finite number. Received: {name}={value!r}"
+        )
+    return number
+
+
 class DPSGDManager:
     """Builds the DP optimizer class and the lot / batch loaders.
 
     Args:
         accountant: an object with ``add_step_info(noise_params, q, steps)``
-            (e.g. ``accounting.GeneralMomentAccountant``).
+            (e.g. ``aijack.GeneralMomentAccountant``).
         optimizer_cls: a Keras optimizer class (e.g. ``keras.optimizers.SGD``).
-        l2_norm_clip: C, the clipping norm of each micro-batch gradient (>= 0).
+        l2_norm_clip: C > 0, the bound on the L2 norm of each micro-batch
+            gradient (global norm over all variables).
         dataset: ``(x, y)`` arrays with the same first dimension N.
         lot_size: expected lot size L (the Poisson rate is ``L / N``).
         batch_size: micro-batch size (1 for per-example clipping).
         iterations: lots drawn per pass of the lot loader.
         smoothing, smoothing_radius: DPLIS smoothing (not ported).
-        seed: seed of the lot sampler and of the noise.
+        seed: root of the lot sampler and of every optimizer's noise stream;
+            ``None`` (the default) uses operating-system entropy. A fixed seed
+            makes runs reproducible (for tests); the privacy guarantee then
+            assumes the seed is kept secret.
     """
 
     def __init__(
@@ -86,6 +124,7 @@ class DPSGDManager:
                 "`accountant` must have add_step_info (e.g. GeneralMomentAccountant). "
                 f"Received: {type(accountant).__name__}"
             )
+        _positive_finite("l2_norm_clip", l2_norm_clip)
         x, y = (np.asarray(a) for a in dataset)
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(
@@ -116,14 +155,33 @@ class DPSGDManager:
         self.smoothing = smoothing
         self.smoothing_radius = smoothing_radius
         self.seed = seed
-        self._rng = np.random.default_rng(seed)
+        # One root: the lots use it directly, optimizer i its i-th spawned child.
+        self._seed_sequence = np.random.SeedSequence(seed)
+        self._rng = np.random.default_rng(self._seed_sequence)
 
     @property
     def sampling_rate(self) -> float:
         return self.lot_size / len(self.x)
 
+    def _new_noise_generator(self) -> tf.random.Generator:
+        """A Philox generator on a stream of its own (the next spawned child)."""
+        (child,) = self._seed_sequence.spawn(1)
+        state = child.generate_state(3, np.uint64).view(np.int64)  # counter, key
+        return tf.random.Generator.from_state(state, alg="philox")
+
     def privatize(self, noise_multiplier: float):
-        """``(dp_optimizer_cls, lot_loader, batch_loader)`` for noise ``sigma``."""
+        """``(dp_optimizer_cls, lot_loader, batch_loader)`` for noise ``sigma``.
+
+        Args:
+            noise_multiplier: sigma > 0; the noise std is ``sigma * C`` on the
+                sum of a lot's clipped micro-batch gradients.
+
+        Raises:
+            ValueError: if ``noise_multiplier`` or ``l2_norm_clip`` is not a
+                positive finite number.
+        """
+        sigma = _positive_finite("noise_multiplier", noise_multiplier)
+        clip = _positive_finite("l2_norm_clip", self.l2_norm_clip)
         manager = self
         base = self.optimizer_cls
 
@@ -132,37 +190,27 @@ class DPSGDManager:
             applies their noisy mean once per lot."""
 
             def __init__(self, *args, **kwargs):
-                if noise_multiplier < 0:
-                    raise ValueError(
-                        f"Invalid noise_multiplier: {noise_multiplier} (must be >= 0)"
-                    )
-                if manager.l2_norm_clip < 0:
-                    raise ValueError(
-                        f"Invalid l2_norm_clip: {manager.l2_norm_clip} (must be >= 0)"
-                    )
                 super().__init__(*args, **kwargs)
-                self.noise_multiplier = float(noise_multiplier)
-                self.l2_norm_clip = float(manager.l2_norm_clip)
+                self.noise_multiplier = sigma
+                self.l2_norm_clip = clip
                 self._accumulators: list[tf.Variable] | None = None
                 self._dp_variables: list | None = None
-                self._noise = tf.random.Generator.from_seed(
-                    manager.seed
-                    if manager.seed is not None
-                    else int(manager._rng.integers(2**31))
-                )
+                self._noise = manager._new_noise_generator()
 
             def zero_grad(self) -> None:
                 """Nothing to clear: Keras optimizers do not hold gradients."""
+
+            def _track(self, variables, shapes_of) -> None:
+                self._dp_variables = list(variables)
+                self._accumulators = [
+                    tf.Variable(tf.zeros_like(t), trainable=False) for t in shapes_of
+                ]
 
             def step(self, gradients, variables) -> None:
                 """Clip the micro-batch gradient to C (global norm) and accumulate."""
                 gradients = [tf.convert_to_tensor(g) for g in gradients]
                 if self._accumulators is None:
-                    self._dp_variables = list(variables)
-                    self._accumulators = [
-                        tf.Variable(tf.zeros_like(g), trainable=False)
-                        for g in gradients
-                    ]
+                    self._track(variables, gradients)
                 norm = tf.linalg.global_norm(gradients)
                 scale = tf.minimum(self.l2_norm_clip / (norm + 1e-6), 1.0)
                 for acc, g in zip(self._accumulators, gradients, strict=True):
@@ -174,9 +222,26 @@ class DPSGDManager:
                         acc.assign(tf.zeros_like(acc))
 
             def step_for_lot(self) -> None:
-                """Noisy mean of the lot's clipped gradients, then the base step."""
+                """Noisy mean of the lot's clipped gradients, then the base step.
+
+                A lot without any ``step`` (an empty lot) is a noise-only step.
+
+                Raises:
+                    RuntimeError: if no ``step`` ran yet and the optimizer was not
+                        built, so the variables to noise are unknown.
+                """
                 if self._accumulators is None:
-                    return
+                    built = list(getattr(self, "_trainable_variables", []) or [])
+                    if not (self.built and built):
+                        raise RuntimeError(
+                            "A lot with no `step` (an empty lot) must still be a "
+                            "noisy step, but this optimizer does not know its "
+                            "variables yet: call "
+                            "`optimizer.build(model.trainable_variables)` before "
+                            "the loop. Received: an unbuilt optimizer before its "
+                            "first `step`"
+                        )
+                    self._track(built, [tf.convert_to_tensor(v) for v in built])
                 std = self.l2_norm_clip * self.noise_multiplier
                 factor = manager.batch_size / manager.lot_size
                 noisy = [
@@ -194,11 +259,11 @@ class DPSGDManager:
         return DPOptimizer, self.lot_loader, self.batch_loader
 
     def _lots(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``iterations`` Poisson lots, empty ones included (length-0 arrays)."""
         q = self.sampling_rate
         for _ in range(self.iterations):
             idx = np.flatnonzero(self._rng.random(len(self.x)) < q)
-            if len(idx):
-                yield self.x[idx], self.y[idx]
+            yield self.x[idx], self.y[idx]
 
     def lot_loader(self, dp_optimizer) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Poisson lots; applies each finished lot through ``dp_optimizer``."""

@@ -1,6 +1,7 @@
 """`GeneralMomentAccountant`: AIJack's moment (RDP) accountant API, TensorFlow math.
 
-Written from SEED_SPECS §2.1 (AIJack's documented algorithms): the per-step
+Reference: AIJack ``aijack.defense.dp.manager`` (``GeneralMomentAccountant``;
+its algorithms are restated in ``docs/ports.md``): the per-step
 Renyi DP of the sampled Gaussian mechanism (Mironov, Talwar, Zhang 2019,
 §3.3; integer and fractional orders), the Zhu & Wang 2019 bound (Thm 6/8),
 the Laplace mechanism's RDP, and the conversion to (epsilon, delta) of Balle

@@ -1,4 +1,4 @@
-"""GeneralMomentAccountant: SEED_SPECS §2.4 vectors, the fixes, the refusals."""
+"""GeneralMomentAccountant: the vectors of docs/ports.md, the fixes, the refusals."""
 
 import math
 
@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deel_lipdp_ext.accounting import GeneralMomentAccountant
-from deel_lipdp_ext.accounting.order_search import greedy, ternary, ternary_int
+from deel_lipdp_ext.aijack import GeneralMomentAccountant
+from deel_lipdp_ext.aijack.order_search import greedy, ternary, ternary_int
 
 TUTORIAL = dict(
     noise_type="Gaussian",

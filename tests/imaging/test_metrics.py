@@ -1,4 +1,4 @@
-"""Image metrics against golden values (SEED_SPECS 4.10) and an independent
+"""Image metrics against golden values (docs/ports.md) and an independent
 NumPy reference written from the SSIM definition (explicit window loops)."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import tensorflow as tf
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deel_lipdp_ext import metrics
+from deel_lipdp_ext.imaging import metrics
 
 
 def _reference_ssim_parts(a, b):
@@ -51,8 +51,8 @@ def _golden_pair():
     return a, a**2
 
 
-def test_ssim_check_values_of_seed_specs():
-    # SEED_SPECS 4.10: NumPy float64, valid convolution; tolerance rel 1e-12.
+def test_ssim_golden_values():
+    # docs/ports.md: NumPy float64, valid convolution; tolerance rel 1e-12.
     a, b = _golden_pair()
     assert float(metrics.ssim(a, b)[0, 0]) == pytest.approx(
         0.4209315435735542, rel=1e-12

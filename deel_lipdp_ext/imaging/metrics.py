@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from ._image import (
+from ._ops import (
     downsample_2x,
     filter_2d,
     gaussian_window,

@@ -1,4 +1,8 @@
-"""Order searches of AIJack's moment accountant (SEED_SPECS §2.1), in plain Python.
+"""Order searches of AIJack's moment accountant, in plain Python.
+
+Reference: AIJack's ``search.cpp`` (``ternary``, ``ternary_int``, ``greedy``,
+``greedy_frac``), restated in ``docs/ports.md``. ``ternary_int`` and
+``greedy`` fix upstream errors (each function says which).
 
 Each search minimises `f` over Renyi orders. Any order gives a valid bound,
 so a search only decides how tight the reported number is, never whether it

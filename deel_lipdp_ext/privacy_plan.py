@@ -1,0 +1,766 @@
+"""The privacy plan: the one object behind the noise a DP model adds and the
+epsilon it reports (see docs/design.md, "The privacy plan").
+
+A `PrivacyPlan` is built by every DP model (`DPSequential`, `DPModel`,
+`DPSGDModel`) from its `DPParameters` and `DatasetMetadata`. It owns:
+
+* the privacy state, as model variables (so `save`, `save_weights` /
+  `load_weights`, `BackupAndRestore` and `tf.train.Checkpoint` restore it):
+  the step counter and the LEDGER, one row per distinct mechanism that ran
+  (gradient steps at a noise multiplier and sampling rate, or a release such
+  as a dynamic-clipping update) with how many times it ran and which sampling
+  fed it;
+* the noise: `privatize` adds one Gaussian draw per step, split across the
+  noise groups, divides the noisy sum by the expected batch size B (the ONE
+  place B scales a gradient) and records the step in the ledger, in the same
+  traced graph, from the same multipliers;
+* the accounting: `ledger()`, `event()`, `epsilon()`, budget planning and
+  calibration, all from the ledger (what ran) plus, for planning, the
+  mechanism as configured now.
+
+The noise key is secret: drawn from the operating system's entropy (never
+Keras's global seed), never written to a config or a weight file. Step k's
+noise is drawn statelessly from (key, k, draw index in this process), so a
+resumed or rolled-back model never replays a noise value.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import dp_accounting
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .accounting import (
+    GRADIENT_STEPS,
+    Release,
+    ReleaseSchedule,
+    calibrate_noise_multiplier,
+    compute_epsilon,
+    effective_noise_multiplier,
+    epsilon_curve,
+    get_max_epochs,
+    make_dp_event,
+    merge_releases,
+)
+from .accounting.epsilon import check_accountant
+from .data import DatasetMetadata, max_poisson_batch_size, sampling_provenance
+
+NOISIFY_STRATEGIES = ("global", "per-layer")
+
+
+class ReproducibleNoiseWarning(UserWarning):
+    """A user-fixed seed makes the noise reproducible: the guarantee then
+    assumes the seed is kept secret."""
+
+
+@dataclass(frozen=True)
+class DPParameters:
+    """Noise and privacy target of a DP model.
+
+    Args:
+        noise_multiplier: sigma; noise std = sigma * sensitivity.
+        delta: the delta of the (epsilon, delta) report.
+        noisify_strategy: "global" (one sensitivity for all variables) or
+            "per-layer" (each variable its own, scaled by its layer's nm_coef).
+        seed: None (default): the noise key comes from the operating system's
+            entropy. An int fixes the noise stream (reproducible tests): the
+            guarantee then assumes the seed is secret. The seed is never saved
+            with the model.
+    """
+
+    noise_multiplier: float
+    delta: float
+    noisify_strategy: str = "global"
+    seed: int | None = None
+
+    def __post_init__(self):
+        sigma = self.noise_multiplier
+        if (
+            isinstance(sigma, bool)
+            or not isinstance(sigma, int | float)
+            or not (sigma > 0 and math.isfinite(sigma))
+        ):
+            raise ValueError(
+                "`noise_multiplier` must be a positive finite number. "
+                f"Received: noise_multiplier={sigma!r}"
+            )
+        if not isinstance(self.delta, int | float) or not 0 < self.delta < 1:
+            raise ValueError(
+                f"`delta` must be in (0, 1). Received: delta={self.delta!r}"
+            )
+        if self.noisify_strategy not in NOISIFY_STRATEGIES:
+            raise ValueError(
+                "`noisify_strategy` must be 'global' or 'per-layer'. "
+                f"Received: {self.noisify_strategy!r}"
+            )
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise ValueError(f"`seed` must be None or an int. Received: {self.seed!r}")
+
+    def to_dict(self) -> dict:
+        """The saved form: everything but the seed (a saved seed would let
+        whoever holds the file regenerate the noise)."""
+        d = asdict(self)
+        del d["seed"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DPParameters:
+        d = dict(d)
+        d.pop("seed", None)  # files of older versions: a public seed is no secret
+        return cls(**d)
+
+
+# --------------------------------------------------------------------- sampling
+#: How the training data of a step was sampled, as recorded in the ledger.
+SAMPLING_LABELS = (
+    "poisson",
+    "poisson (seeded: reproducible, sampling not secret)",
+    "shuffle (accounted as Poisson: heuristic)",
+    "declared by the user",
+    "unverified (train_on_batch or a custom loop)",
+)
+POISSON, POISSON_SEEDED, SHUFFLE, DECLARED, UNVERIFIED = range(5)
+
+# Ledger columns and mechanism codes.
+_MECHANISM, _PARAMETER, _RATE, _COUNT, _SAMPLING = range(5)
+_STEPS, _GAUSSIAN, _PURE_DP = 0.0, 1.0, 2.0
+_RELEASE_NAMES = {_STEPS: GRADIENT_STEPS, _GAUSSIAN: "gaussian", _PURE_DP: "pure_dp"}
+LEDGER_CAPACITY = 64
+
+
+@dataclass(frozen=True)
+class NoiseGroup:
+    """Variables that share one Gaussian: each coordinate gets noise of std
+    `noise_multiplier * sensitivity`.
+
+    Args:
+        variables: the variables (keras.Variable) of the group.
+        noise_multiplier: sigma_g (a Python float, fixed when the step is traced).
+        sensitivity: scalar float32 tensor, the L2 bound of one sample's
+            contribution to the group's summed gradient.
+    """
+
+    variables: tuple
+    noise_multiplier: float
+    sensitivity: tf.Tensor
+
+
+def step_noise_multiplier(
+    sigma: float, coefficients: Sequence[float] | None = None
+) -> float:
+    """The noise multiplier of ONE step as accounted.
+
+    Global strategy (`coefficients` None): sigma. Per-layer: the groups are
+    Gaussians on disjoint coordinates with multipliers sigma * c_l, which
+    compose to one Gaussian of multiplier (sum_l (sigma c_l)^-2)^(-1/2).
+    """
+    if coefficients is None:
+        return float(sigma)
+    return effective_noise_multiplier([sigma * c for c in coefficients])
+
+
+class PrivacyPlan:
+    """The privacy state and mechanism of one DP model.
+
+    Args:
+        dp_parameters: `DPParameters` (or None until the model is configured).
+        dataset_metadata: `DatasetMetadata` (or None likewise).
+        noise_coefficients: a function returning the per-layer noise
+            coefficients (`nm_coef`) of the trainable bounded variables, in
+            order; None for a model whose noise is one joint group (DP-SGD).
+
+    Attributes:
+        steps, ledger_table, ledger_size, sampling_code: the state variables;
+            the owning model holds them as attributes so they are saved.
+        release_schedules: callbacks that plan releases (not saved).
+    """
+
+    def __init__(
+        self,
+        dp_parameters: DPParameters | None,
+        dataset_metadata: DatasetMetadata | None,
+        noise_coefficients: Callable[[], list[float]] | None = None,
+    ):
+        self.configure(dp_parameters, dataset_metadata)
+        self._noise_coefficients = noise_coefficients
+        self.release_schedules: list[ReleaseSchedule] = []
+        self.steps = keras.Variable(0, dtype="int64", trainable=False, name="dp_steps")
+        self.ledger_table = keras.Variable(
+            np.zeros((LEDGER_CAPACITY, 5)),
+            dtype="float64",
+            trainable=False,
+            name="dp_privacy_ledger",
+        )
+        self.ledger_size = keras.Variable(
+            0, dtype="int64", trainable=False, name="dp_privacy_ledger_size"
+        )
+        self.sampling_code = keras.Variable(
+            UNVERIFIED, dtype="int64", trainable=False, name="dp_sampling"
+        )
+        # Never saved: a raw tf.Variable in a plain object is tracked by
+        # neither Keras saving nor tf.train.Checkpoint.
+        self._draws = tf.Variable(0, dtype=tf.int64, trainable=False)
+        seed = None if self.dp_parameters is None else self.dp_parameters.seed
+        self._key = _noise_key(seed)
+
+    # ---------------------------------------------------------------- state
+    def configure(
+        self,
+        dp_parameters: DPParameters | dict | None,
+        dataset_metadata: DatasetMetadata | dict | None,
+    ) -> None:
+        """Set the DP parameters and the metadata (dicts: their saved forms).
+        The state variables and the noise key are kept."""
+        if isinstance(dp_parameters, dict):
+            dp_parameters = DPParameters.from_dict(dp_parameters)
+        if isinstance(dataset_metadata, dict):
+            dataset_metadata = DatasetMetadata.from_dict(dataset_metadata)
+        for name, value, cls in (
+            ("dp_parameters", dp_parameters, DPParameters),
+            ("dataset_metadata", dataset_metadata, DatasetMetadata),
+        ):
+            if value is not None and not isinstance(value, cls):
+                raise TypeError(
+                    f"`{name}` must be a {cls.__name__}. "
+                    f"Received: {type(value).__name__}"
+                )
+        self.dp_parameters = dp_parameters
+        self.dataset_metadata = dataset_metadata
+
+    @property
+    def state_variables(self) -> dict[str, keras.Variable]:
+        """The variables the owning model must hold (attribute name: variable)."""
+        return {
+            "_dp_steps": self.steps,
+            "_dp_ledger_table": self.ledger_table,
+            "_dp_ledger_size": self.ledger_size,
+            "_dp_sampling": self.sampling_code,
+        }
+
+    def check_ready(self, owner: str) -> None:
+        """Raise unless the DP parameters and the dataset metadata are set."""
+        if self.dp_parameters is None or self.dataset_metadata is None:
+            raise ValueError(
+                f"{owner} needs `dp_parameters` (DPParameters) and "
+                "`dataset_metadata` (DatasetMetadata). Received: "
+                f"dp_parameters={self.dp_parameters!r}, "
+                f"dataset_metadata={self.dataset_metadata!r}"
+            )
+        if int(self.ledger_size.numpy()) >= LEDGER_CAPACITY:
+            raise ValueError(
+                f"The privacy ledger is full ({LEDGER_CAPACITY} distinct "
+                "mechanisms): no further step can be recorded, so none may run."
+            )
+
+    def set_noise_multiplier(self, noise_multiplier: float) -> None:
+        """Use `noise_multiplier` for the steps traced from now on (the steps
+        already run keep theirs in the ledger)."""
+        seed = self.dp_parameters.seed
+        self.dp_parameters = DPParameters(
+            noise_multiplier,
+            self.dp_parameters.delta,
+            self.dp_parameters.noisify_strategy,
+            seed,
+        )
+
+    # ----------------------------------------------------------- train step
+    @property
+    def expected_batch_size(self) -> int:
+        """B: the expected number of samples in a batch."""
+        return self.dataset_metadata.batch_size
+
+    def max_batch_size(self) -> int:
+        """The largest batch the declared sampling can produce: B for shuffled
+        batches; for Poisson, the padded size (exceeded with probability
+        < 1e-20)."""
+        meta = self.dataset_metadata
+        if meta.sampling == "poisson":
+            return max_poisson_batch_size(meta.nb_samples_train, meta.sampling_rate)
+        return meta.batch_size
+
+    def batch_size_check(self, x: tf.Tensor) -> list:
+        """Refuse a batch larger than the declared sampling can produce: at
+        trace time when the batch size is static, else an assert op."""
+        limit = self.max_batch_size()
+        size = x.shape[0]
+        message = (
+            f"A batch of more samples than the declared sampling can produce "
+            f"({self.dataset_metadata.sampling}, expected batch size "
+            f"{self.expected_batch_size}, at most {limit}): the accountant's "
+            "sampling rate would not describe what ran."
+        )
+        if size is not None:
+            if size > limit:
+                raise ValueError(f"{message} Received: batch of {size}")
+            return []
+        return [tf.debugging.assert_less_equal(tf.shape(x)[0], limit, message)]
+
+    def noise_groups(
+        self,
+        variables: Sequence[keras.Variable],
+        sensitivities: Sequence[tf.Tensor],
+        coefficients: Sequence[float] | None,
+    ) -> list[NoiseGroup]:
+        """Global strategy (or `coefficients` None): one group of every
+        variable, multiplier sigma and sensitivity sqrt(sum_l s_l^2). Per-layer:
+        one group per variable, multiplier sigma * c_l and sensitivity s_l."""
+        sigma = float(self.dp_parameters.noise_multiplier)
+        variables, sensitivities = tuple(variables), list(sensitivities)
+        if coefficients is None or self.dp_parameters.noisify_strategy == "global":
+            total = tf.sqrt(tf.add_n([tf.square(s) for s in sensitivities]))
+            return [NoiseGroup(variables, sigma, total)]
+        return [
+            NoiseGroup((v,), sigma * float(c), s)
+            for v, s, c in zip(variables, sensitivities, coefficients, strict=True)
+        ]
+
+    def joint_noise_group(self, variables, sensitivity: float) -> list[NoiseGroup]:
+        """One group of every variable with a given joint sensitivity (DP-SGD:
+        the clipping norm)."""
+        return [
+            NoiseGroup(
+                tuple(variables),
+                float(self.dp_parameters.noise_multiplier),
+                tf.constant(float(sensitivity), tf.float32),
+            )
+        ]
+
+    def _standard_normal(self, size: int) -> tf.Tensor:
+        """`size` standard normals, unique to (key, step, draw in this process)."""
+        seed = tf.random.experimental.stateless_fold_in(
+            tf.random.experimental.stateless_fold_in(
+                tf.constant(self._key, tf.int64), self.steps.value
+            ),
+            self._draws.read_value(),
+        )
+        with tf.control_dependencies([seed]):
+            increment = self._draws.assign_add(1)
+        with tf.control_dependencies([increment]):
+            return tf.random.stateless_normal((size,), seed=seed)
+
+    def privatize(
+        self,
+        summed_gradients: Sequence[tf.Tensor],
+        variables: Sequence[keras.Variable],
+        groups: Sequence[NoiseGroup],
+    ) -> list[tf.Tensor]:
+        """`(sum_i g_i + noise) / B` per variable, and the step recorded.
+
+        One standard-normal draw per step, split across the variables (so no
+        two variables share noise), scaled by each group's std; then divided
+        by the expected batch size B (the one place B scales a gradient).
+        The step's accounted multiplier comes from the same groups and is
+        written to the ledger in the same graph; if the ledger cannot take it,
+        the update is zeroed (nothing is released unrecorded).
+
+        Args:
+            summed_gradients: per variable, the sum over the batch of each
+                sample's (weighted, clipped) gradient.
+            variables: the trainable variables, in the same order.
+            groups: `noise_groups` / `joint_noise_group` of these variables.
+        """
+        for g, v in zip(summed_gradients, variables, strict=True):
+            if g is None:
+                raise ValueError(f"Trainable variable '{v.path}' received no gradient.")
+        std_of = {}
+        for group in groups:
+            for v in group.variables:
+                std_of[id(v)] = group.noise_multiplier * group.sensitivity
+        missing = [v.path for v in variables if id(v) not in std_of]
+        if missing:
+            raise ValueError(f"Trainable variables without a noise group: {missing}")
+        sizes = [int(np.prod(v.shape)) for v in variables]
+        pieces = tf.split(self._standard_normal(sum(sizes)), sizes)
+        recorded = self._record_step(
+            effective_noise_multiplier([g.noise_multiplier for g in groups])
+        )
+        keep = tf.cast(recorded, tf.float32)
+        scale = keep / float(self.expected_batch_size)
+        return [
+            tf.cast(
+                (tf.cast(g, tf.float32) + tf.reshape(z, tf.shape(g)) * std_of[id(v)])
+                * scale,
+                g.dtype,
+            )
+            for g, z, v in zip(summed_gradients, pieces, variables, strict=True)
+        ]
+
+    def _record_step(self, noise_multiplier: float) -> tf.Tensor:
+        """Count one gradient step in the ledger (graph); True if recorded."""
+        self.steps.assign_add(1)
+        return self._record(
+            _STEPS,
+            noise_multiplier,
+            self.dataset_metadata.sampling_rate,
+            1,
+            tf.cast(self.sampling_code.value, tf.float64),
+        )
+
+    def _record(self, mechanism, parameter, rate, count, sampling) -> tf.Tensor:
+        """Add `count` runs of a mechanism to its ledger row (a new row if it
+        never ran). Composition is commutative, so rows are a multiset."""
+        table = tf.convert_to_tensor(self.ledger_table.value)
+        size = tf.convert_to_tensor(self.ledger_size.value)
+        key = tf.stack(
+            [
+                tf.constant(mechanism, tf.float64),
+                tf.constant(parameter, tf.float64),
+                tf.constant(rate, tf.float64),
+                tf.cast(sampling, tf.float64),
+            ]
+        )
+        used = tf.range(LEDGER_CAPACITY, dtype=tf.int64) < size
+        columns = tf.gather(table, [_MECHANISM, _PARAMETER, _RATE, _SAMPLING], axis=1)
+        matches = tf.reduce_all(columns == key, axis=1) & used
+        found = tf.reduce_any(matches)
+        index = tf.where(found, tf.argmax(tf.cast(matches, tf.int64)), size)
+        recorded = index < LEDGER_CAPACITY
+        safe_index = tf.minimum(index, LEDGER_CAPACITY - 1)
+        old = tf.where(found, table[safe_index], tf.zeros(5, tf.float64))
+        row = tf.stack([key[0], key[1], key[2], old[_COUNT] + count, key[3]])
+        new_table = tf.tensor_scatter_nd_update(table, [[safe_index]], [row])
+        self.ledger_table.assign(tf.where(recorded, new_table, table))
+        self.ledger_size.assign(tf.where(recorded & ~found, size + 1, size))
+        return recorded
+
+    # --------------------------------------------------------------- data
+    def check_training_data(
+        self, x, *, batch_size=None, shuffle=True, validation_split=0.0
+    ) -> str:
+        """Check that `fit`'s data can come from the declared sampling and
+        record which sampling runs; returns its label.
+
+        Accepted: a dataset built by `data.poisson_batches` /
+        `data.shuffled_batches` / `data.from_numpy` (or one the user vouches
+        for with `data.declare_sampling`) whose sample count, expected batch
+        size and sampling match the metadata; or, for shuffled sampling,
+        arrays with `batch_size == B`, `shuffle=True` and N training rows.
+
+        Raises:
+            ValueError: anything else, naming the mismatch.
+        """
+        meta = self.dataset_metadata
+        provenance = sampling_provenance(x)
+        if provenance is not None:
+            mismatch = [
+                f"{name}: data {got!r} vs metadata {want!r}"
+                for name, got, want in (
+                    ("sampling", provenance.sampling, meta.sampling),
+                    ("nb_samples_train", provenance.nb_samples, meta.nb_samples_train),
+                    ("batch_size", provenance.batch_size, meta.batch_size),
+                )
+                if got != want
+            ]
+            if mismatch:
+                raise ValueError(
+                    "The training data does not match the model's "
+                    "dataset_metadata, so the accountant would describe another "
+                    f"mechanism. Received: {'; '.join(mismatch)}"
+                )
+            if provenance.declared:
+                code = DECLARED
+            elif provenance.sampling == "shuffle":
+                code = SHUFFLE
+            else:
+                code = POISSON_SEEDED if provenance.seeded else POISSON
+        elif isinstance(x, tf.data.Dataset):
+            raise ValueError(
+                "fit() received a tf.data.Dataset that deel_lipdp_ext did not "
+                "build (or that was transformed afterwards), so nothing says its "
+                f"batches are {meta.sampling} batches of expected size "
+                f"{meta.batch_size} over {meta.nb_samples_train} samples. Build it "
+                "with data.poisson_batches / data.shuffled_batches / "
+                "data.from_numpy, or vouch for it with "
+                "data.declare_sampling(dataset, dataset_metadata)."
+            )
+        elif isinstance(x, np.ndarray | tf.Tensor) or hasattr(x, "__array__"):
+            rows = int(np.shape(x)[0])
+            if validation_split:
+                rows = int(math.floor(rows * (1.0 - validation_split)))
+            batch = 32 if batch_size is None else batch_size
+            problems = []
+            if meta.sampling != "shuffle":
+                problems.append(
+                    f"fit() on arrays cuts shuffled batches but the metadata "
+                    f"declares {meta.sampling!r} sampling (use data.poisson_batches)"
+                )
+            if batch != meta.batch_size:
+                problems.append(
+                    f"batch_size={batch} but the metadata's B is {meta.batch_size}"
+                )
+            if shuffle is not True:
+                problems.append(f"shuffle={shuffle!r} (must be True)")
+            if rows != meta.nb_samples_train:
+                problems.append(
+                    f"{rows} training rows but the metadata's N is "
+                    f"{meta.nb_samples_train}"
+                )
+            if problems:
+                raise ValueError(
+                    "fit()'s data cannot come from the declared sampling, so the "
+                    f"epsilon would be false. Received: {'; '.join(problems)}"
+                )
+            code = SHUFFLE
+        else:
+            raise ValueError(
+                "A DP model's fit() takes arrays or a dataset built by "
+                "deel_lipdp_ext.data (generators and other inputs cannot be "
+                "checked against the declared sampling). "
+                f"Received: {type(x).__name__}"
+            )
+        self.sampling_code.assign(code)
+        return SAMPLING_LABELS[code]
+
+    def use_unverified_sampling(self) -> None:
+        """Steps run outside `fit` (train_on_batch, custom loops) are recorded
+        as 'unverified': the caller vouches for the sampling."""
+        self.sampling_code.assign(UNVERIFIED)
+
+    # ----------------------------------------------------------- accounting
+    def record_release(self, release: Release, sampling: str = "") -> None:
+        """Add a private release (e.g. a clipping update) to the ledger: nothing
+        that reads the data is left out. The name is a label only: rows are
+        keyed by the mechanism."""
+        if not isinstance(release, Release):
+            raise TypeError(f"Expected a Release. Received: {release!r}")
+        code = SAMPLING_LABELS.index(sampling) if sampling else UNVERIFIED
+        mechanism = _GAUSSIAN if release.mechanism == "gaussian" else _PURE_DP
+        if release.count == 0:
+            return
+        self.check_ready("record_release")
+        self._record(
+            mechanism,
+            release.parameter,
+            release.sampling_rate,
+            release.count,
+            code,
+        )
+
+    def ledger(self) -> tuple[Release, ...]:
+        """Everything that ran, one `Release` per distinct mechanism (gradient
+        steps included, under the name `GRADIENT_STEPS`)."""
+        size = int(self.ledger_size.numpy())
+        rows = self.ledger_table.numpy()[:size]
+        return tuple(
+            Release(
+                _RELEASE_NAMES[float(row[_MECHANISM])],
+                "pure_dp" if row[_MECHANISM] == _PURE_DP else "gaussian",
+                float(row[_PARAMETER]),
+                float(row[_RATE]),
+                int(row[_COUNT]),
+                SAMPLING_LABELS[int(row[_SAMPLING])],
+            )
+            for row in rows
+            if row[_COUNT] > 0
+        )
+
+    def samplings(self) -> tuple[str, ...]:
+        """The samplings of the gradient steps that ran."""
+        return tuple(
+            dict.fromkeys(r.sampling for r in self.ledger() if r.name == GRADIENT_STEPS)
+        )
+
+    def is_exact(self) -> bool:
+        """Whether every step ran on secret Poisson batches (the accountant's
+        assumption); False if any ran on shuffled, seeded or unverified data."""
+        return all(s == SAMPLING_LABELS[POISSON] for s in self.samplings())
+
+    def current_step_multiplier(self, noise_multiplier: float | None = None) -> float:
+        """The accounted multiplier of a step as the model is configured now."""
+        sigma = (
+            self.dp_parameters.noise_multiplier
+            if noise_multiplier is None
+            else noise_multiplier
+        )
+        coefficients = None
+        if (
+            self._noise_coefficients is not None
+            and self.dp_parameters.noisify_strategy == "per-layer"
+        ):
+            coefficients = self._noise_coefficients()
+        return step_noise_multiplier(sigma, coefficients)
+
+    def planned_ledger(
+        self,
+        epochs: int,
+        *,
+        first_epoch: int = 0,
+        noise_multiplier: float | None = None,
+        schedules: Sequence[ReleaseSchedule] | None = None,
+    ) -> tuple[Release, ...]:
+        """What `epochs` more epochs would add, starting at epoch `first_epoch`:
+        their steps at the current configuration and the releases the
+        schedules plan for them."""
+        meta = self.dataset_metadata
+        planned = [
+            Release(
+                GRADIENT_STEPS,
+                "gaussian",
+                self.current_step_multiplier(noise_multiplier),
+                meta.sampling_rate,
+                epochs * meta.nb_steps_per_epoch,
+                meta.sampling,
+            )
+        ]
+        for schedule in self.release_schedules if schedules is None else schedules:
+            for epoch in range(first_epoch, first_epoch + epochs):
+                release = schedule.scheduled_release(epoch)
+                if release is not None:
+                    planned.append(release)
+        return merge_releases(planned)
+
+    def event(self, planned: Sequence[Release] = ()) -> dp_accounting.DpEvent:
+        """The dp-accounting event of the ledger (what ran) and `planned`."""
+        return make_dp_event((*self.ledger(), *planned))
+
+    @property
+    def delta(self) -> float:
+        return float(self.dp_parameters.delta)
+
+    def epsilon(
+        self, accountant: str = "rdp", planned: Sequence[Release] = ()
+    ) -> float:
+        """Epsilon of what ran (and of `planned`, for budget checks)."""
+        return compute_epsilon(self.event(planned), self.delta, accountant)
+
+    def calibrate_noise_multiplier(
+        self,
+        target_epsilon: float,
+        epochs: int,
+        accountant: str = "rdp",
+        *,
+        schedules: Sequence[ReleaseSchedule] | None = None,
+        tolerance: float = 1e-3,
+    ) -> float:
+        """The smallest sigma for which what ran plus `epochs` more epochs of
+        THIS mechanism (strategy and nm_coefs, planned releases of the
+        schedules) stays within `target_epsilon`. Apply it with the model's
+        `set_noise_multiplier`."""
+        check_accountant(accountant)
+        first = self.completed_epochs()
+
+        def make_event(sigma: float) -> dp_accounting.DpEvent:
+            return self.event(
+                self.planned_ledger(
+                    epochs,
+                    first_epoch=first,
+                    noise_multiplier=sigma,
+                    schedules=schedules,
+                )
+            )
+
+        return calibrate_noise_multiplier(
+            target_epsilon,
+            self.delta,
+            accountant=accountant,
+            make_event=make_event,
+            tolerance=tolerance,
+        )
+
+    def max_epochs(
+        self,
+        epsilon_budget: float,
+        accountant: str = "rdp",
+        *,
+        schedules: Sequence[ReleaseSchedule] | None = None,
+        max_epochs: int = 10_000,
+    ) -> int:
+        """How many more epochs keep epsilon <= `epsilon_budget`."""
+        first = self.completed_epochs()
+
+        def make_event(epochs: int) -> dp_accounting.DpEvent:
+            if epochs == 0:
+                return self.event()
+            return self.event(
+                self.planned_ledger(epochs, first_epoch=first, schedules=schedules)
+            )
+
+        return get_max_epochs(
+            epsilon_budget,
+            make_event,
+            accountant,
+            delta=self.delta,
+            max_epochs=max_epochs,
+        )
+
+    def epsilon_curve(
+        self,
+        epochs: int,
+        accountant: str = "rdp",
+        *,
+        schedules: Sequence[ReleaseSchedule] | None = None,
+    ) -> np.ndarray:
+        """Epsilon after each of `epochs` epochs of a fresh run of this
+        mechanism (see `accounting.epsilon_curve`)."""
+        meta = self.dataset_metadata
+        one_epoch = Release(
+            GRADIENT_STEPS,
+            "gaussian",
+            self.current_step_multiplier(),
+            meta.sampling_rate,
+            meta.nb_steps_per_epoch,
+            meta.sampling,
+        )
+        return epsilon_curve(
+            [one_epoch],
+            epochs,
+            accountant,
+            schedules=self.release_schedules if schedules is None else schedules,
+            delta=self.delta,
+        )
+
+    def completed_epochs(self) -> int:
+        """Epochs' worth of steps taken so far (steps // steps per epoch)."""
+        return int(self.steps.numpy()) // self.dataset_metadata.nb_steps_per_epoch
+
+
+class HasPrivacyPlan:
+    """Base of every DP model: the one public accessor, `privacy_plan`."""
+
+    @property
+    def privacy_plan(self) -> PrivacyPlan:
+        return self._privacy_plan
+
+
+def privacy_plan_of(source) -> PrivacyPlan:
+    """The privacy plan of a DP model (or the plan itself).
+
+    Raises:
+        TypeError: `source` is neither.
+    """
+    if isinstance(source, PrivacyPlan):
+        return source
+    if isinstance(source, HasPrivacyPlan):
+        return source.privacy_plan
+    raise TypeError(
+        "Expected a DP model (DPSequential, DPModel, DPSGDModel) or a PrivacyPlan. "
+        f"Received: {type(source).__name__}"
+    )
+
+
+def _noise_key(seed: int | None) -> tuple[int, int]:
+    """The secret key of the noise stream: OS entropy, or derived from a
+    user seed (with a warning: the guarantee then assumes it is secret)."""
+    if seed is None:
+        return (secrets.randbits(63), secrets.randbits(63))
+    warnings.warn(
+        f"DPParameters(seed={seed}) fixes the noise stream: runs are reproducible, "
+        "and the privacy guarantee assumes the seed stays secret. Use seed=None "
+        "(default) for noise keyed by the operating system's entropy.",
+        ReproducibleNoiseWarning,
+        stacklevel=3,
+    )
+    words = np.random.SeedSequence(seed).generate_state(4, np.uint32)
+    return (
+        int(words[0]) << 31 | int(words[1]) >> 1,
+        int(words[2]) << 31 | int(words[3]) >> 1,
+    )
