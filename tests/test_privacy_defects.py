@@ -1,0 +1,529 @@
+"""Regression tests of the adversarial review's privacy defects (issue 11).
+
+Each test reproduces one situation in which the reported guarantee was false
+and checks that it is now refused or accounted as it ran. Items 9 (the AIJack
+DPSGDManager) and 14 (DP_GNP_Factory) live beside their modules, in
+tests/aijack/test_dpsgd_manager.py and tests/layers/test_gnp.py.
+"""
+
+import json
+import zipfile
+
+import dp_accounting
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from deel_lipdp_ext import DPParameters, DPSequential, losses
+from deel_lipdp_ext import layers as L
+from deel_lipdp_ext.callbacks import AdaptiveQuantileClipping, DP_Accountant
+from deel_lipdp_ext.data import (
+    declare_sampling,
+    from_numpy,
+    load_digits_dataset,
+    poisson_batches,
+    sampling_provenance,
+)
+from deel_lipdp_ext.dpsgd import DPSGDModel
+from deel_lipdp_ext.privacy_plan import ReproducibleNoiseWarning
+from deel_lipdp_ext.sensitivity import gradient_norm_check
+
+from .helpers import dp_model, metadata, one_hot, small_cnn, unit_samples
+
+
+def _epsilon(*segments, delta=1e-5):
+    """dp-accounting's RDP epsilon of (q, sigma, steps) segments composed."""
+    acc = rdp_privacy_accountant.RdpAccountant()
+    for q, sigma, steps in segments:
+        acc.compose(
+            dp_accounting.PoissonSampledDpEvent(
+                q, dp_accounting.GaussianDpEvent(sigma)
+            ),
+            steps,
+        )
+    return acc.get_epsilon(delta)
+
+
+# ------------------------------------------------------------ 1. layer reuse
+def test_a_layer_used_twice_is_refused():
+    """The same dense layer twice in a chain: its gradient is the sum of both
+    uses (ratio 1.18-1.41 in the review) but one use was bounded."""
+    d = L.DP_QuickSpectralDense(16)
+    with pytest.raises(ValueError, match="used twice"):
+        dp_model(
+            [
+                L.DP_BoundedInput(upper_bound=1.0),
+                L.DP_Flatten(),
+                L.DP_QuickSpectralDense(16),
+                d,
+                L.DP_ReLU(),
+                d,
+                L.DP_ReLU(),
+                L.DP_QuickFrobeniusDense(10),
+            ]
+        )
+    inner = L.DP_QuickSpectralDense(16)
+    with pytest.raises(ValueError, match="used twice"):
+        dp_model(
+            [
+                L.DP_BoundedInput(upper_bound=1.0),
+                L.DP_Flatten(),
+                L.DP_QuickSpectralDense(16),
+                inner,
+                *L.make_residuals("1-lip-add", [inner]),
+                L.DP_QuickFrobeniusDense(10),
+            ]
+        )
+
+
+class _TiedDense(L.DP_QuickSpectralDense):
+    """A dense layer that reuses another layer's kernel (weight tying)."""
+
+    def __init__(self, tied, **kwargs):
+        super().__init__(tied.units, **kwargs)
+        self._tied = lambda: tied  # not tracked as a sub-layer
+
+    def build(self, input_shape):
+        self.kernel, self.u = self._tied().kernel, self._tied().u
+
+
+def test_a_variable_shared_by_two_layers_is_refused():
+    a = L.DP_QuickSpectralDense(16)
+    with pytest.raises(ValueError, match="shared by layers"):
+        DPSequential(
+            [keras.Input((16,)), L.DP_BoundedInput(upper_bound=1.0), a, _TiedDense(a)],
+            dp_parameters=DPParameters(1.0, 1e-5),
+            dataset_metadata=metadata((16,), 16),
+        ).compile(loss=losses.DP_TauCategoricalCrossentropy(1.0))
+
+
+# ------------------------------------------------- 2. nested DP_BoundedInput
+def test_bounded_input_inside_a_wrapper_is_refused():
+    """A trusting DP_BoundedInput(1e-3) in a residual branch was never checked:
+    ratio 999.9 on the next kernel."""
+    with pytest.raises(ValueError, match="first layer only"):
+        dp_model(
+            [
+                L.DP_BoundedInput(upper_bound=1.0),
+                L.DP_Flatten(),
+                *L.make_residuals(
+                    "1-lip-add",
+                    [L.DP_BoundedInput(1e-3, enforce_clipping=False)],
+                ),
+                L.DP_QuickSpectralDense(10),
+            ]
+        )
+
+
+# --------------------------------------------------------- 3. noise replay
+def _noise_model(seed=None, n=40, batch=10):
+    """A model whose data gradient is zero (all sample weights 0) and whose
+    projection is off, so with SGD(1) each step's update is -noise / B."""
+    model = DPSequential(
+        [
+            keras.Input((8,)),
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_QuickSpectralDense(256),
+            L.DP_QuickSpectralDense(16),
+        ],
+        dp_parameters=DPParameters(1.0, 1e-5, seed=seed),
+        dataset_metadata=metadata((8,), 16, n=n, batch_size=batch, sampling="shuffle"),
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(1.0),
+        loss=losses.DP_TauCategoricalCrossentropy(1.0),
+    )
+    model._project = lambda: None
+    return model
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+class _RecordUpdates(keras.callbacks.Callback):
+    """Each train step's update of the first kernel (the noise)."""
+
+    def __init__(self, sink, interrupt_after=None):
+        super().__init__()
+        self.sink, self.interrupt_after = sink, interrupt_after
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.before = self.model.layers[1].kernel.numpy().copy()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.sink.append((self.model.layers[1].kernel.numpy() - self.before).ravel())
+        if self.interrupt_after is not None and len(self.sink) >= self.interrupt_after:
+            raise _Crash  # what BackupAndRestore recovers from
+
+
+def _fit(model, sink, epochs=1, **kwargs):
+    x = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    y = one_hot(np.arange(40), 16)
+    callbacks = kwargs.pop("callbacks", [])
+    model.fit(
+        x,
+        y,
+        sample_weight=np.zeros(40, np.float32),
+        batch_size=10,
+        epochs=epochs,
+        verbose=0,
+        callbacks=[*callbacks, _RecordUpdates(sink, kwargs.pop("interrupt", None))],
+    )
+
+
+def _max_correlation(first, second):
+    corr = np.corrcoef(np.stack([*first, *second]))
+    return np.max(np.abs(corr[: len(first), len(first) :]))
+
+
+@pytest.mark.parametrize("seed", [None, 7])
+def test_no_noise_value_repeats_across_resume_paths(tmp_path, seed):
+    """Resume by load_model, by load_weights into a new model, by
+    BackupAndRestore, by tf.train.Checkpoint, and by rolling the same model
+    back: the noise after resuming is uncorrelated with all noise before (the
+    review found cosine 1.000000 after load_weights)."""
+    keras.utils.set_random_seed(0)
+    before = []
+    model = _noise_model(seed)
+    _fit(model, before)  # 4 steps
+    model.save(tmp_path / "m.keras")
+    model.save_weights(tmp_path / "m.weights.h5")
+    checkpoint = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    threshold = 5 / np.sqrt(before[0].size)
+
+    def resumed(make):
+        keras.utils.set_random_seed(0)
+        resumed_model = make()
+        assert int(resumed_model.dp_steps.numpy()) == 4
+        after = []
+        _fit(resumed_model, after)
+        return after
+
+    def by_load_weights():
+        m = _noise_model(seed)
+        m.load_weights(tmp_path / "m.weights.h5")
+        m._project = lambda: None
+        return m
+
+    def by_checkpoint():
+        m = _noise_model(seed)
+        tf.train.Checkpoint(model=m).restore(checkpoint).expect_partial()
+        return m
+
+    def by_load_model():
+        m = keras.models.load_model(tmp_path / "m.keras")
+        m._project = lambda: None
+        return m
+
+    def by_rollback():
+        model.load_weights(tmp_path / "m.weights.h5")  # the same object
+        return model
+
+    for make in (by_load_model, by_load_weights, by_checkpoint, by_rollback):
+        after = resumed(make)
+        assert _max_correlation(before, after) < threshold, make.__name__
+    # BackupAndRestore: a run interrupted after 2 steps, resumed in a new model.
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    keras.utils.set_random_seed(0)
+    first_run, second_run = [], []
+    with pytest.raises(_Crash):
+        _fit(_noise_model(seed), first_run, epochs=3, callbacks=[backup], interrupt=6)
+    keras.utils.set_random_seed(0)
+    restarted = _noise_model(seed)
+    _fit(restarted, second_run, epochs=3, callbacks=[backup])
+    # Epoch 1 (4 steps) was backed up; epochs 2-3 ran again after the crash.
+    assert int(restarted.dp_steps.numpy()) == 12 and len(second_run) == 8
+    assert _max_correlation(first_run, second_run) < threshold
+
+
+def test_default_noise_seeds_differ_between_runs():
+    """Keras's global seed must not fix the noise: two runs after
+    set_random_seed(0) draw independent noise (the default seed is OS entropy)."""
+    runs = []
+    for _ in range(2):
+        keras.utils.set_random_seed(0)
+        sink = []
+        _fit(_noise_model(), sink)
+        runs.append(sink)
+    assert _max_correlation(*runs) < 5 / np.sqrt(runs[0][0].size)
+
+
+def test_the_noise_seed_is_never_saved_and_a_fixed_seed_warns(tmp_path):
+    with pytest.warns(ReproducibleNoiseWarning, match="secret"):
+        model = _noise_model(seed=123456789)
+    model.save(tmp_path / "m.keras")
+    with zipfile.ZipFile(tmp_path / "m.keras") as archive:
+        config = archive.read("config.json").decode()
+    assert "123456789" not in config
+    assert "seed" not in json.loads(config)["config"]["dp_parameters"]
+
+
+def test_dpsgd_noise_does_not_repeat_after_load_weights(tmp_path):
+    def make():
+        net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(64)])
+        model = DPSGDModel(
+            net,
+            DPParameters(1.0, 1e-5),
+            metadata((8,), 64, n=40, batch_size=10, sampling="shuffle"),
+            l2_norm_clip=1.0,
+        )
+        model.compile(keras.optimizers.SGD(1.0), keras.losses.MeanSquaredError())
+        return model
+
+    def steps(model, count):
+        out = []
+        for _ in range(count):
+            before = model.model.layers[0].kernel.numpy().copy()
+            model.train_on_batch(
+                np.ones((10, 8), np.float32),
+                np.zeros((10, 64), np.float32),
+                sample_weight=np.zeros(10, np.float32),
+            )
+            out.append((model.model.layers[0].kernel.numpy() - before).ravel())
+        return out
+
+    keras.utils.set_random_seed(0)
+    model = make()
+    before = steps(model, 3)
+    model.save_weights(tmp_path / "d.weights.h5")
+    keras.utils.set_random_seed(0)
+    resumed = make()
+    resumed.load_weights(tmp_path / "d.weights.h5")
+    assert int(resumed.dp_steps.numpy()) == 3
+    assert _max_correlation(before, steps(resumed, 3)) < 5 / np.sqrt(512)
+
+
+# ------------------------------------------- 4. batches vs declared sampling
+def test_batches_that_cannot_come_from_the_declared_sampling_are_refused():
+    """fit(x, y, batch_size=N) with B = 10 put every sample in every step while
+    the report said q = 0.01 (epsilon 1.21 instead of 96.1)."""
+    x, y = unit_samples(1000, (8, 8, 1)), one_hot(np.arange(1000))
+    model = dp_model(small_cnn(), n=1000, batch_size=10)  # declares Poisson
+    with pytest.raises(ValueError, match="declares 'poisson'"):
+        model.fit(x, y, batch_size=1000, verbose=0)
+    shuffled = dp_model(small_cnn(), n=1000, batch_size=10, sampling="shuffle")
+    with pytest.raises(ValueError, match="batch_size=1000"):
+        shuffled.fit(x, y, batch_size=1000, verbose=0)
+    with pytest.raises(ValueError, match="100 training rows"):
+        shuffled.fit(x[:100], y[:100], batch_size=10, verbose=0)
+    with pytest.raises(ValueError, match="did not build"):
+        model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(10), verbose=0)
+    with pytest.raises(ValueError, match="batch_size: data 20 vs metadata 10"):
+        model.fit(poisson_batches(x, y, 20), verbose=0)
+    # A step outside fit cannot exceed the declared sampling either.
+    with pytest.raises(ValueError, match="at most"):
+        model.train_on_batch(x, y)
+    assert int(model.dp_steps.numpy()) == 0
+
+
+def test_the_report_states_the_sampling_that_ran():
+    x, y = unit_samples(200, (8, 8, 1)), one_hot(np.arange(200))
+    model = dp_model(small_cnn(), sigma=1.0, n=200, batch_size=20)
+    accountant = DP_Accountant()
+    model.fit(poisson_batches(x, y, 20), epochs=1, verbose=0, callbacks=[accountant])
+    model.fit(poisson_batches(x, y, 20, seed=3), epochs=1, verbose=0)
+    declared = declare_sampling(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(20), model.dataset_metadata
+    )
+    model.fit(declared, epochs=1, verbose=0, callbacks=[accountant])
+    model.train_on_batch(x[:20], y[:20])
+    assert accountant.history[0]["sampling"] == ("poisson",)
+    assert accountant.history[0]["exact"]
+    samplings = model.privacy_plan.samplings()
+    assert samplings == (
+        "poisson",
+        "poisson (seeded: reproducible, sampling not secret)",
+        "declared by the user",
+        "unverified (train_on_batch or a custom loop)",
+    )
+    assert not model.privacy_plan.is_exact()
+    # Whatever the labels, epsilon is the composition of the 31 steps at q.
+    assert model.privacy_plan.epsilon() == pytest.approx(
+        _epsilon((0.1, 1.0, 31)), rel=1e-9
+    )
+
+
+# ---------------------------------------- 5. past steps keep their mechanism
+def test_epsilon_of_past_steps_survives_freezing_and_nm_coef_changes():
+    """Per-layer noise: freezing 2 of 3 layers after 100 steps lowered the
+    epsilon of those steps from 3.006 to 1.222; nm_coef=100 set afterwards
+    lowered it to 2.073. The ledger keeps each step's mechanism."""
+    layers = [
+        L.DP_BoundedInput(upper_bound=1.0),
+        L.DP_Flatten(),
+        L.DP_QuickSpectralDense(16),
+        L.DP_QuickSpectralDense(16),
+        L.DP_QuickSpectralDense(10),
+    ]
+    model = dp_model(layers, sigma=2.0, strategy="per-layer", n=200, batch_size=20)
+    x, y = unit_samples(20, (8, 8, 1)), one_hot(np.arange(20))
+    for _ in range(30):
+        model.train_on_batch(x, y)
+    three = 2.0 / np.sqrt(3)  # three per-layer Gaussians of sigma 2 compose
+    assert model.privacy_plan.epsilon() == pytest.approx(
+        _epsilon((0.1, three, 30)), rel=1e-9
+    )
+    model.dp_layers[2].trainable = False  # the first two dense layers
+    model.dp_layers[3].trainable = False
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=losses.DP_TauCategoricalCrossentropy(8.0),
+    )
+    for _ in range(10):
+        model.train_on_batch(x, y)
+    ran = _epsilon((0.1, three, 30), (0.1, 2.0, 10))
+    assert model.privacy_plan.epsilon() == pytest.approx(ran, rel=1e-9)
+    model.dp_layers[4].nm_coef = 100.0  # after compile: the traced step keeps 2.0
+    model.train_on_batch(x, y)
+    ran = _epsilon((0.1, three, 30), (0.1, 2.0, 11))
+    assert model.privacy_plan.epsilon() == pytest.approx(ran, rel=1e-9)
+    model.compile(  # a new trace: a new segment at 200, the old ones unchanged
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=losses.DP_TauCategoricalCrossentropy(8.0),
+    )
+    model.train_on_batch(x, y)
+    ran = _epsilon((0.1, three, 30), (0.1, 2.0, 11), (0.1, 200.0, 1))
+    assert model.privacy_plan.epsilon() == pytest.approx(ran, rel=1e-9)
+
+
+# ------------------------------------------------ 6. ledger and load_weights
+def test_load_weights_restores_the_ledger_of_releases(tmp_path):
+    """Resuming with load_weights kept the steps but lost the dynamic-clipping
+    releases: epsilon 6.251 before, 4.224 after."""
+
+    def make():
+        return dp_model(
+            [
+                L.DP_BoundedInput(upper_bound=1.0),
+                L.DP_Flatten(),
+                L.DP_QuickSpectralDense(10),
+                L.DP_ClipGradient(1.0, mode="dynamic"),
+            ],
+            n=200,
+            batch_size=50,
+        )
+
+    x, y = unit_samples(200, (8, 8, 1)), one_hot(np.arange(200))
+    model = make()
+    clipping = AdaptiveQuantileClipping(poisson_batches(x, y, 50), noise_multiplier=0.5)
+    model.fit(poisson_batches(x, y, 50), epochs=3, verbose=0, callbacks=[clipping])
+    assert len(model.privacy_plan.ledger()) == 2  # steps and clipping updates
+    model.save_weights(tmp_path / "w.weights.h5")
+    resumed = make()
+    resumed.load_weights(tmp_path / "w.weights.h5")
+    assert resumed.privacy_plan.ledger() == model.privacy_plan.ledger()
+    assert resumed.privacy_plan.epsilon() == model.privacy_plan.epsilon()
+
+
+# ------------------------------------------- 7. mismatched batch dimensions
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize(
+    "shapes", [(1, 16, None), (1, 1, 16), (16, 1, None)], ids=["y16", "w16", "x16"]
+)
+def test_mismatched_batch_dimensions_are_refused(jit, shapes):
+    """One x row with a 16-row y (or sample weight), or 16 x rows with one y
+    row: the loss broadcast and the batch gradient was 16x the bound."""
+    nx, ny, nw = shapes
+    x = unit_samples(nx, (8, 8, 1))
+    y = one_hot(np.zeros(ny, int))
+    elements = (x, y) if nw is None else (x, y, np.ones(nw, np.float32))
+    model = dp_model(small_cnn(), sigma=1e-9, jit_compile=jit, batch_size=16)
+    ds = declare_sampling(
+        tf.data.Dataset.from_tensors(elements).repeat(2), model.dataset_metadata
+    )
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    error = ValueError if jit else (ValueError, tf.errors.InvalidArgumentError)
+    with pytest.raises(error, match="leading|broadcast"):
+        model.fit(ds, verbose=0)
+    for b, v in zip(before, model.trainable_variables, strict=True):
+        np.testing.assert_array_equal(b, v.numpy())
+
+
+# ---------------------------------------------------- 8. Poisson seed default
+def test_poisson_sampling_is_secret_by_default():
+    """The sampler's seed defaulted to 0: anyone knowing the code knew each
+    record's steps (reported 2.970, 4.729 for the known participations)."""
+    x, y = unit_samples(500, (4,)), one_hot(np.arange(500), 4)
+    batches = []
+    for _ in range(2):
+        keras.utils.set_random_seed(0)
+        ds, _, _ = from_numpy(x, y, batch_size=50)
+        batches.append(next(iter(ds))[2].numpy())  # the first batch's mask
+        assert not sampling_provenance(ds).seeded
+    assert not np.array_equal(batches[0], batches[1])
+    seeded, _, _ = from_numpy(x, y, batch_size=50, seed=1)
+    assert sampling_provenance(seeded).seeded
+    train, _, _ = load_digits_dataset(batch_size=100)
+    assert not sampling_provenance(train).seeded
+
+
+# --------------------------------------------------- 10. overflow to float32
+def test_finite_inputs_above_the_float32_range_never_reach_the_update():
+    """Float64 inputs of 1e39 pass a float64 finiteness check, become inf under
+    the float32 cast and made NaN; in DP-SGD one float32 sample of 3e38 gave
+    NaN weights."""
+    model = dp_model(small_cnn(), sigma=1e-9)
+    x = unit_samples(4, (8, 8, 1)).astype(np.float64)
+    x[1] = 1e39
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or Inf"):
+        model.train_on_batch(x, one_hot(range(4)))
+    xla = dp_model(small_cnn(), sigma=1e-9, jit_compile=True)
+    xla.train_on_batch(x, one_hot(range(4)))
+    assert all(np.isfinite(v.numpy()).all() for v in xla.trainable_variables)
+    net = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(4)]
+    )
+    dpsgd = DPSGDModel(
+        net, DPParameters(1e-6, 1e-5), metadata((8,), 4, batch_size=4), l2_norm_clip=1.0
+    )
+    dpsgd.compile(keras.optimizers.SGD(0.1), keras.losses.MeanSquaredError())
+    xs = np.ones((4, 8), np.float32)
+    xs[2] = 3e38
+    dpsgd.train_on_batch(xs, np.zeros((4, 4), np.float32))
+    assert all(np.isfinite(v.numpy()).all() for v in net.trainable_variables)
+
+
+# ---------------------------------------------- 11. NaN weight under XLA
+def test_a_nan_sample_weight_under_xla_gives_a_finite_update():
+    model = dp_model(small_cnn(), sigma=1e-9, jit_compile=True)
+    weights = np.array([1.0, np.nan, 1.0, 1.0], np.float32)
+    model.train_on_batch(unit_samples(4, (8, 8, 1)), one_hot(range(4)), weights)
+    assert all(np.isfinite(v.numpy()).all() for v in model.trainable_variables)
+
+
+# ------------------------------------------------------ 12. float labels
+def test_fractional_column_labels_are_refused():
+    """(N, 1) float labels 0.9, 0.2 were read as one class, every label 1.0."""
+    x = unit_samples(10, (4,))
+    y = np.array([[0.9], [0.2]] * 5)
+    with pytest.raises(ValueError, match="whole numbers"):
+        from_numpy(x, y, batch_size=2)
+    _, _, meta = from_numpy(x, np.arange(10.0).reshape(-1, 1) % 3, batch_size=2)
+    assert meta.num_classes == 3  # integral floats are class indices
+
+
+# ---------------------------------------------------- 13. mixed precision
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_policies_are_refused(policy):
+    """bf16/fp16 trained with ratios 1.0065 / 1.0009 and crashed in graph mode."""
+    keras.config.set_dtype_policy(policy)
+    try:
+        with pytest.raises(ValueError, match="float32"):
+            dp_model(small_cnn())
+        net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+        with pytest.raises(ValueError, match="float32"):
+            DPSGDModel(net, DPParameters(1.0, 1e-5), metadata((8,), 4), 1.0)
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def test_bounds_still_hold_on_a_model_that_passed_every_check():
+    """The checks above refuse; what they accept keeps its bound."""
+    model = dp_model(small_cnn(), sigma=1.0)
+    report = gradient_norm_check(
+        model, (unit_samples(16, (8, 8, 1)), one_hot(range(16)))
+    )
+    assert report.max_ratio <= 1 + 1e-4
