@@ -22,12 +22,12 @@ from .layers.base import DPLayer, as_bound, bound_pass
 from .layers.bounded import DP_BoundedInput
 
 
-def _walk(layers: Sequence, depth: int = 0) -> Iterator[tuple[object, int]]:
+def walk_layers(layers: Sequence, depth: int = 0) -> Iterator[tuple[object, int]]:
     """Every layer of the chain and, depth first, the DP layers it wraps."""
     for layer in layers:
         yield layer, depth
         if isinstance(layer, DPLayer):
-            yield from _walk(layer.sublayers(), depth + 1)
+            yield from walk_layers(layer.sublayers(), depth + 1)
 
 
 def check_dp_chain(dp_layers: Sequence[keras.layers.Layer]) -> None:
@@ -45,7 +45,7 @@ def check_dp_chain(dp_layers: Sequence[keras.layers.Layer]) -> None:
         raise ValueError("A DP model needs at least one layer. Received: no layers")
     not_dp = [
         f"'{layer.name}' ({type(layer).__name__})"
-        for layer, _ in _walk(dp_layers)
+        for layer, _ in walk_layers(dp_layers)
         if not isinstance(layer, DPLayer)
     ]
     if not_dp:
@@ -65,7 +65,7 @@ def check_dp_chain(dp_layers: Sequence[keras.layers.Layer]) -> None:
     seen_layers: dict[int, str] = {}
     owner_of: dict[int, str] = {}
     paths: dict[str, str] = {}
-    for position, (layer, depth) in enumerate(_walk(dp_layers)):
+    for position, (layer, depth) in enumerate(walk_layers(dp_layers)):
         if isinstance(layer, DP_BoundedInput) and (position > 0 or depth > 0):
             problems.append(
                 f"DP_BoundedInput '{layer.name}' must be the first layer only "

@@ -31,7 +31,7 @@ from .accounting import Release
 from .data import sampling_provenance
 from .layers.base import sample_norms
 from .layers.clipping import DP_ClipGradient
-from .model import _DPTrainer
+from .model import DPTrainer
 from .privacy_plan import (
     DECLARED,
     POISSON,
@@ -42,8 +42,8 @@ from .privacy_plan import (
 )
 
 
-def _clipless_model(model, owner: str) -> _DPTrainer:
-    if not isinstance(model, _DPTrainer):
+def _clipless_model(model, owner: str) -> DPTrainer:
+    if not isinstance(model, DPTrainer):
         raise TypeError(
             f"{owner} needs a clipless DP model (DPSequential/DPModel). "
             f"Received: {type(model).__name__}"

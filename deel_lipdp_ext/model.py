@@ -27,7 +27,12 @@ from keras.src.models.functional import Functional, functional_from_config
 from keras.src.ops.function import make_node_key
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from .bounds import _walk, check_dp_chain, compute_gradient_bounds, noise_coefficients
+from .bounds import (
+    walk_layers,
+    check_dp_chain,
+    compute_gradient_bounds,
+    noise_coefficients,
+)
 from .data import DatasetMetadata
 from .layers.bounded import DP_BoundedInput
 from .losses import lipschitz_constant
@@ -239,7 +244,7 @@ class PrivateModel(HasPrivacyPlan):
         return config, {k: config.pop(k, None) for k in _DP_CONFIG_KEYS}
 
 
-class _DPTrainer(PrivateModel):
+class DPTrainer(PrivateModel):
     """The clipless DP train step, mixed into a Keras model."""
 
     def _init_dp(self, dp_parameters, dataset_metadata) -> None:
@@ -263,7 +268,7 @@ class _DPTrainer(PrivateModel):
         return self._dp_loss
 
     def _coefficients(self) -> dict[str, float]:
-        return noise_coefficients([layer for layer, _ in _walk(self.dp_layers)])
+        return noise_coefficients([layer for layer, _ in walk_layers(self.dp_layers)])
 
     def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
         """As `keras.Model.compile`; the loss must be a DP loss (with `get_L`)."""
@@ -287,7 +292,7 @@ class _DPTrainer(PrivateModel):
             plan.check_ready(type(self).__name__)
         check_dp_chain(self.dp_layers)
         check_float32_compute(
-            [self, *(layer for layer, _ in _walk(self.dp_layers))],
+            [self, *(layer for layer, _ in walk_layers(self.dp_layers))],
             type(self).__name__,
         )
         self._check_strategy()
@@ -406,7 +411,7 @@ class _DPTrainer(PrivateModel):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class DPSequential(_DPTrainer, keras.Sequential):
+class DPSequential(DPTrainer, keras.Sequential):
     """A `keras.Sequential` of DP layers trained with clipless DP-SGD.
 
     Args:
@@ -490,7 +495,7 @@ def _functional_chain(model: keras.Model) -> list:
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class DPModel(_DPTrainer, Functional):
+class DPModel(DPTrainer, Functional):
     """A functional Keras model of DP layers trained with clipless DP-SGD.
 
     The graph must be a single chain (residual blocks go through the

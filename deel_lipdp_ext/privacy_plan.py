@@ -642,9 +642,14 @@ class PrivacyPlan:
         tolerance: float = 1e-3,
     ) -> float:
         """The smallest sigma for which what ran plus `epochs` more epochs of
-        THIS mechanism (strategy and nm_coefs, planned releases of the
-        schedules) stays within `target_epsilon`. Apply it with the model's
-        `set_noise_multiplier`."""
+        THIS mechanism (strategy and nm_coefs, and the releases that the
+        schedules plan) stays within `target_epsilon`. Apply it with the
+        model's `set_noise_multiplier`.
+
+        Schedules default to the callbacks attached to the model (a
+        dynamic-clipping callback attaches itself in `set_model(model)`, which
+        `fit` calls; call it first to calibrate before fitting).
+        """
         check_accountant(accountant)
         first = self.completed_epochs()
 

@@ -197,7 +197,7 @@ def test_adversarial_search_approaches_the_dense_bound():
 
 
 def test_constant_image_breaks_the_padding_factor_but_not_our_bound():
-    """DESIGN §3 rule 4: 3x3 stride-1 'same' conv, 28x28 constant image and
+    """docs/design.md rule 4: 3x3 stride-1 'same' conv, 28x28 constant image and
     constant upstream gradient (both norm 1): kernel gradient norm ~2.86,
     above deel-lipdp's padding-corrected 1.02, below our sqrt(9) = 3."""
     conv = L.DP_QuickSpectralConv2D(1, 3, padding="same")

@@ -1,4 +1,4 @@
-"""DP layers: Keras 3 layers that bound their per-sample gradients (DESIGN §3)."""
+"""DP layers: Keras 3 layers that bound their per-sample gradients (docs/design.md)."""
 
 from .base import DPLayer, GNPLayer
 from .bias import DP_AddBias

@@ -9,7 +9,7 @@ rows are one sample's input patches. Each input pixel lies in at most
   layer's Lipschitz constant, zero padding included (padding only drops
   terms);
 * the kernel gradient is P^T @ G: ||P^T G||_F <= ||P||_F * ||G||_F
-  <= sqrt(n) * ||x|| * ||g||  (DESIGN §3 rule 4; no padding factor: the
+  <= sqrt(n) * ||x|| * ||g||  (docs/design.md rule 4; no padding factor: the
   constant image with a constant upstream gradient comes within 5% of it).
 
 The projection after each step scales M to spectral norm 1/sqrt(n), so the

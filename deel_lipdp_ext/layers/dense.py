@@ -1,7 +1,7 @@
 """Lipschitz dense layers without bias (the bias is `DP_AddBias`).
 
 The forward pass uses the kernel directly, `y = x @ K`, so one sample's kernel
-gradient is the outer product `x ⊗ g` with norm `||x|| * ||g||` (DESIGN §3
+gradient is the outer product `x ⊗ g` with norm `||x|| * ||g||` (docs/design.md,
 rule 2). The constraint is a projection applied after each optimizer step;
 the bound passes use a certified upper bound of `||K||_2` from the current
 weights (rule 5), never the hoped-for 1.
@@ -105,7 +105,7 @@ class DP_SpectralDense(_LipschitzDense):
     values ~1, so the layer preserves gradient norms (GNP). Unlike deel-lip's
     SpectralDense, the forward pass does not re-normalise the kernel: the
     projection is post-processing, and the simple `||x|| * ||g||` gradient
-    bound stays true (DESIGN §3 rule 2).
+    bound stays true (docs/design.md, rule 2).
 
     Args: as `DP_QuickSpectralDense`.
     """

@@ -27,7 +27,7 @@ def reference_epsilon(q, sigma, steps, delta, accountant):
 
 
 def test_golden_value_from_design_doc():
-    # DESIGN §4, checked on this machine:
+    # docs/index.md (accounting figures), checked on this machine:
     # q=256/60000, sigma=1.1, 14040 steps, delta=1e-5.
     spec = PrivacySpec(256 / 60000, 14040, (1.1,), 1e-5)
     assert epsilon_for_spec(spec, "rdp") == pytest.approx(2.594, abs=1e-3)
