@@ -2,7 +2,7 @@
 
 For RDP and PLD, our functions beside dp-accounting called directly on the
 same event (the floor: our layer should cost nothing on top). Setting: the
-reference run (docs/design.md, accounting), q = 256/60000, sigma = 1.1, 235 steps per epoch, delta = 1e-5.
+reference run, q = 256/60000, sigma = 1.1, 235 steps per epoch, delta = 1e-5.
 Each timing is the median of `--repeats` runs, side by side in one process.
 Writes JSON.
 

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from speed import architecture as deep_architecture  # noqa: E402
 from speed import write_result  # noqa: E402
 
-from deel_lipdp_ext import DPParameters, DPSequential, callbacks  # noqa: E402
+from deel_lipdp_ext import DPParameters, DPSequential  # noqa: E402
 from deel_lipdp_ext import layers as L  # noqa: E402
 from deel_lipdp_ext.data import from_numpy, load_digits_dataset  # noqa: E402
 from deel_lipdp_ext.dpsgd import DPSGDModel  # noqa: E402
@@ -166,7 +166,7 @@ def main():
     rows = {}
     for kind, model in models.items():
         _, accuracy = model.evaluate(test, verbose=0)
-        epsilon = callbacks.epsilon_for_spec(model.privacy_spec(), "rdp")
+        epsilon = model.privacy_plan.epsilon("rdp")
         rows[kind] = {
             "wall_s": statistics.median(t[0] for t in times[kind]),
             "cpu_s": statistics.median(t[1] for t in times[kind]),

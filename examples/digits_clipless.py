@@ -6,18 +6,14 @@ python examples/digits_clipless.py
 import keras
 
 from deel_lipdp_ext import DPParameters, DPSequential, callbacks, layers, losses
-from deel_lipdp_ext.accounting import calibrate_noise_multiplier
 from deel_lipdp_ext.data import load_digits_dataset
 from deel_lipdp_ext.sensitivity import gradient_norm_check
 
 EPOCHS, TARGET_EPSILON, DELTA = 30, 3.0, 1e-5
 
-keras.utils.set_random_seed(0)
+keras.utils.set_random_seed(0)  # the weights' initialisation; noise stays secret
 # Full batches (q = 1): on 1437 samples, large batches give the best signal/noise.
 train, test, meta = load_digits_dataset(batch_size=1437, input_bound=1.0)
-sigma = calibrate_noise_multiplier(
-    TARGET_EPSILON, DELTA, meta.sampling_rate, EPOCHS * meta.nb_steps_per_epoch
-)
 model = DPSequential(
     [
         keras.Input(meta.input_shape),
@@ -27,9 +23,12 @@ model = DPSequential(
         layers.DP_Flatten(),
         layers.DP_QuickSpectralDense(meta.num_classes),
     ],
-    dp_parameters=DPParameters(noise_multiplier=sigma, delta=DELTA, seed=0),
+    dp_parameters=DPParameters(noise_multiplier=1.0, delta=DELTA),
     dataset_metadata=meta,
 )
+# Calibrate the mechanism this model runs (its privacy plan), then use it.
+sigma = model.privacy_plan.calibrate_noise_multiplier(TARGET_EPSILON, EPOCHS)
+model.set_noise_multiplier(sigma)
 model.compile(
     optimizer=keras.optimizers.SGD(0.3, momentum=0.9),
     loss=losses.DP_TauCategoricalCrossentropy(tau=16.0),
