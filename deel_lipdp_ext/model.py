@@ -28,10 +28,10 @@ from keras.src.ops.function import make_node_key
 from keras.src.trainers.data_adapters import data_adapter_utils
 
 from .bounds import (
-    walk_layers,
     check_dp_chain,
     compute_gradient_bounds,
     noise_coefficients,
+    walk_layers,
 )
 from .data import DatasetMetadata
 from .layers.bounded import DP_BoundedInput
