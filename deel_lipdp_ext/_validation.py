@@ -34,3 +34,15 @@ def require_positive_ints(
             f"Received: {name}={value!r}"
         )
     return t
+
+
+def require_one_of(name: str, value: Any, choices: tuple, owner: str = "") -> Any:
+    """`value` if it is one of `choices`; else a ValueError naming the argument,
+    its owner, the choices and the value received."""
+    if value not in choices:
+        where = f" of {owner}" if owner else ""
+        allowed = " or ".join(repr(c) for c in choices)
+        raise ValueError(
+            f"`{name}`{where} must be {allowed}. Received: {name}={value!r}"
+        )
+    return value

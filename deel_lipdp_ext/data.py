@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import tensorflow as tf
 
+from ._validation import require_one_of
 from .accounting import steps_per_epoch
 
 SAMPLINGS = ("poisson", "shuffle")
@@ -88,11 +89,7 @@ class DatasetMetadata:
                 "`nb_steps_per_epoch` of DatasetMetadata must be a positive int. "
                 f"Received: nb_steps_per_epoch={steps!r}"
             )
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(
-                "`sampling` of DatasetMetadata must be 'poisson' or 'shuffle'. "
-                f"Received: sampling={self.sampling!r}"
-            )
+        require_one_of("sampling", self.sampling, SAMPLINGS, "DatasetMetadata")
 
     @property
     def sampling_rate(self) -> float:
@@ -352,19 +349,12 @@ def from_numpy(
     Returns:
         (train dataset, test dataset or None, DatasetMetadata).
     """
-    if sampling not in SAMPLINGS:
-        raise ValueError(
-            f"`sampling` must be 'poisson' or 'shuffle'. Received: {sampling!r}"
-        )
+    require_one_of("sampling", sampling, SAMPLINGS, "from_numpy")
+    require_one_of("preprocessing", preprocessing, ("normalize", "clip"), "from_numpy")
     if preprocessing == "normalize":
         bound = bound_normalize(input_bound)
-    elif preprocessing == "clip":
-        bound = bound_clip_value(input_bound)
     else:
-        raise ValueError(
-            "`preprocessing` must be 'normalize' or 'clip'. "
-            f"Received: {preprocessing!r}"
-        )
+        bound = bound_clip_value(input_bound)
     x_train = np.asarray(x_train, np.float32)
     if not np.all(np.isfinite(x_train)):
         raise ValueError("x_train contains NaN or Inf values.")

@@ -37,6 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ._validation import require_one_of
 from .accounting import (
     GRADIENT_STEPS,
     Release,
@@ -95,11 +96,12 @@ class DPParameters:
             raise ValueError(
                 f"`delta` must be in (0, 1). Received: delta={self.delta!r}"
             )
-        if self.noisify_strategy not in NOISIFY_STRATEGIES:
-            raise ValueError(
-                "`noisify_strategy` must be 'global' or 'per-layer'. "
-                f"Received: {self.noisify_strategy!r}"
-            )
+        require_one_of(
+            "noisify_strategy",
+            self.noisify_strategy,
+            NOISIFY_STRATEGIES,
+            "DPParameters",
+        )
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):

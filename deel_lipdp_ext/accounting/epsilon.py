@@ -22,7 +22,7 @@ from dp_accounting import mechanism_calibration, privacy_accountant
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from .._validation import require_positive_ints
+from .._validation import require_one_of, require_positive_ints
 from .events import (
     PrivacySpec,
     PureDpEvent,
@@ -40,10 +40,7 @@ PLD_DISCRETIZATION = 1e-4
 
 
 def check_accountant(accountant: str) -> None:
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(
-            f"`accountant` must be 'rdp' or 'pld'. Received: accountant={accountant!r}"
-        )
+    require_one_of("accountant", accountant, ACCOUNTANTS)
 
 
 def flatten_event(

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 import attr
 import dp_accounting
 
+from .._validation import require_one_of
+
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class PureDpEvent(dp_accounting.DpEvent):
@@ -88,11 +90,7 @@ class Release:
     sampling: str = ""
 
     def __post_init__(self):
-        _require(
-            self.mechanism in RELEASE_MECHANISMS,
-            f"`mechanism` must be one of {RELEASE_MECHANISMS}. "
-            f"Received: {self.mechanism!r}",
-        )
+        require_one_of("mechanism", self.mechanism, RELEASE_MECHANISMS, "Release")
         _require(
             self.parameter > 0 and math.isfinite(self.parameter),
             f"`parameter` of release {self.name!r} must be a positive finite "

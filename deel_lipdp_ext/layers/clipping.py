@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import keras
 import tensorflow as tf
 
-from .._validation import require_positive
+from .._validation import require_one_of, require_positive
 from .base import DPLayer, as_bound, sample_norms
 
 _PACKAGE = "deel_lipdp_ext"
@@ -40,12 +40,9 @@ class DP_ClipGradient(keras.layers.Layer, DPLayer):
         self.initial_clip_value = require_positive(
             "clip_value", clip_value, "DP_ClipGradient"
         )
-        if mode not in ("fixed", "dynamic"):
-            raise ValueError(
-                "`mode` of DP_ClipGradient must be 'fixed' or 'dynamic'. "
-                f"Received: mode={mode!r}"
-            )
-        self.mode = mode
+        self.mode = require_one_of(
+            "mode", mode, ("fixed", "dynamic"), "DP_ClipGradient"
+        )
         self._recorded: list | None = None
         self.clip_value = self.add_weight(
             name="clip_value",

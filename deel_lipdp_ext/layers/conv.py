@@ -23,7 +23,7 @@ import math
 import keras
 import tensorflow as tf
 
-from .._validation import require_positive, require_positive_ints
+from .._validation import require_one_of, require_positive, require_positive_ints
 from .base import KernelLayer
 from .spectral import conv_overlap, spectral_norm_upper_bound, spectral_project
 
@@ -59,15 +59,10 @@ class _LipschitzConv2D(keras.layers.Layer, KernelLayer):
                 f"`filters` of {layer} must be a positive integer. "
                 f"Received: filters={filters!r}"
             )
-        if padding not in ("same", "valid"):
-            raise ValueError(
-                f"`padding` of {layer} must be 'same' or 'valid'. "
-                f"Received: padding={padding!r}"
-            )
         self.filters = filters
         self.kernel_size = require_positive_ints("kernel_size", kernel_size, 2, layer)
         self.strides = require_positive_ints("strides", strides, 2, layer)
-        self.padding = padding
+        self.padding = require_one_of("padding", padding, ("same", "valid"), layer)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.nm_coef = require_positive("nm_coef", nm_coef, layer)
         self.overlap = conv_overlap(self.kernel_size, self.strides)

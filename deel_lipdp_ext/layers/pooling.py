@@ -12,7 +12,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from .._validation import require_positive_ints
+from .._validation import require_one_of, require_positive_ints
 from .base import GNPLayer
 
 _PACKAGE = "deel_lipdp_ext"
@@ -38,12 +38,7 @@ class _L2NormPooling(keras.layers.Layer, GNPLayer):
                 f"{layer} needs strides == pool_size (non-overlapping windows). "
                 f"Received: pool_size={pool_size!r}, strides={strides!r}"
             )
-        if padding not in ("valid", "same"):
-            raise ValueError(
-                f"`padding` of {layer} must be 'valid' or 'same'. "
-                f"Received: padding={padding!r}"
-            )
-        self.padding = padding
+        self.padding = require_one_of("padding", padding, ("valid", "same"), layer)
 
     def _pad(self, x):
         if self.padding == "valid":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import keras
 
+from .._validation import require_one_of
 from .base import DPLayer
 
 _PACKAGE = "deel_lipdp_ext"
@@ -108,12 +109,9 @@ class DP_MergeResidual(keras.layers.Layer, DPLayer):
 
     def __init__(self, merge_policy: str = "1-lip-add", **kwargs):
         super().__init__(**kwargs)
-        if merge_policy not in ("add", "1-lip-add"):
-            raise ValueError(
-                "`merge_policy` of DP_MergeResidual must be 'add' or '1-lip-add'. "
-                f"Received: merge_policy={merge_policy!r}"
-            )
-        self.merge_policy = merge_policy
+        self.merge_policy = require_one_of(
+            "merge_policy", merge_policy, ("add", "1-lip-add"), "DP_MergeResidual"
+        )
         self._factor = 1.0 if merge_policy == "add" else 0.5
 
     def call(self, inputs):
