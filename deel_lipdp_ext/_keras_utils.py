@@ -14,6 +14,13 @@ def nested_layers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
     return found
 
 
+def all_sublayers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """Every layer tracked anywhere inside `layer` (custom layers' attributes
+    and wrappers such as TimeDistributed included), through Keras's own walk
+    (`Layer._flatten_layers`, private API of Keras 3)."""
+    return layer._flatten_layers(include_self=False, recursive=True)  # noqa: SLF001
+
+
 def pop_keras_objects(
     config: dict, keys: tuple[str, ...], custom_objects=None
 ) -> tuple[dict, list]:

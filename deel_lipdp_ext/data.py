@@ -49,8 +49,8 @@ class DatasetMetadata:
         nb_samples_train: N, the number of training samples.
         nb_samples_test: number of test samples.
         batch_size: the EXPECTED batch size B (the loss denominator).
-        nb_steps_per_epoch: optimizer steps in one epoch (default: ceil(N / B),
-            from `accounting.steps_per_epoch`).
+        nb_steps_per_epoch: optimizer steps in one epoch; must be ceil(N / B)
+            (the default, from `accounting.steps_per_epoch`).
         sampling: "poisson" or "shuffle".
         input_bound: L2 norm bound of one sample after preprocessing, if known.
     """
@@ -84,10 +84,12 @@ class DatasetMetadata:
             object.__setattr__(
                 self, "nb_steps_per_epoch", steps_per_epoch(self.sampling_rate)
             )
-        elif not isinstance(steps, int | np.integer) or steps <= 0:
+        elif steps != steps_per_epoch(self.sampling_rate):
+            # Budgets and calibration plan epochs with it: it must be what runs.
             raise ValueError(
-                "`nb_steps_per_epoch` of DatasetMetadata must be a positive int. "
-                f"Received: nb_steps_per_epoch={steps!r}"
+                "`nb_steps_per_epoch` of DatasetMetadata must be ceil(N / B) = "
+                f"{steps_per_epoch(self.sampling_rate)} (the steps of one epoch of "
+                f"the samplers here). Received: nb_steps_per_epoch={steps!r}"
             )
         require_one_of("sampling", self.sampling, SAMPLINGS, "DatasetMetadata")
 

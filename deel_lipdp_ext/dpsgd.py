@@ -25,14 +25,40 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from ._keras_utils import nested_layers, pop_keras_objects
+from ._keras_utils import all_sublayers, pop_keras_objects
 from .data import DatasetMetadata
 from .model import DPParameters, PrivateModel, check_float32_compute, sanitize_batch
 
 _PACKAGE = "deel_lipdp_ext"
 _SAMPLE_MIXING = (keras.layers.BatchNormalization,)
+
+
+def _refuse_training_state(model: keras.Model) -> None:
+    """Refuse a model whose training forward pass writes a non-trainable
+    variable (a batch statistic, a counter...): that write would be a release
+    of the data without noise. Probed on a zero batch when the input shape is
+    known; the variables are restored afterwards.
+
+    Raises:
+        ValueError: naming the variables the training pass changed.
+    """
+    inputs = getattr(model, "inputs", None)
+    if not model.built or not inputs or None in tuple(inputs[0].shape[1:]):
+        return
+    state = [(v, v.numpy().copy()) for v in model.non_trainable_variables]
+    probe = tf.random.stateless_normal((2, *inputs[0].shape[1:]), seed=(0, 1))
+    model(probe, training=True)
+    changed = [v.path for v, before in state if not np.array_equal(v.numpy(), before)]
+    for v, before in state:
+        v.assign(before)
+    if changed:
+        raise ValueError(
+            "The model's training pass writes non-trainable state computed from "
+            f"the data, which DP-SGD would release without noise: {changed}"
+        )
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -48,6 +74,8 @@ class DPSGDModel(PrivateModel, keras.Model):
         dataset_metadata: ``DatasetMetadata``: expected batch size B, sampling
             rate q and steps per epoch, as for the clipless models.
         l2_norm_clip: C, the bound on each example's gradient norm (> 0).
+        report_train_metrics: put the training batches' loss and metrics in the
+            logs (computed without noise: the epsilon does not cover them).
 
     Raises:
         TypeError: wrong argument types.
@@ -61,6 +89,7 @@ class DPSGDModel(PrivateModel, keras.Model):
         dp_parameters: DPParameters,
         dataset_metadata: DatasetMetadata,
         l2_norm_clip: float,
+        report_train_metrics: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -93,16 +122,21 @@ class DPSGDModel(PrivateModel, keras.Model):
                 "`l2_norm_clip` must be a positive finite number. "
                 f"Received: l2_norm_clip={l2_norm_clip!r}"
             )
-        for layer in nested_layers(model):
+        for layer in all_sublayers(model):
             if isinstance(layer, _SAMPLE_MIXING):
                 raise ValueError(
                     f"Layer {layer.name!r} ({type(layer).__name__}) mixes the examples "
                     "of a batch: per-example gradients would not be per example."
                 )
-        check_float32_compute([model, *nested_layers(model)], "DPSGDModel")
+        check_float32_compute([model, *all_sublayers(model)], "DPSGDModel")
+        _refuse_training_state(model)
         self.model = model
         self.l2_norm_clip = float(l2_norm_clip)
-        self._init_privacy(dp_parameters, dataset_metadata)
+        self._init_privacy(
+            dp_parameters,
+            dataset_metadata,
+            report_train_metrics=report_train_metrics,
+        )
         if model.built:  # the wrapper owns no weights of its own to build
             self.built = True
 
@@ -230,17 +264,19 @@ class DPSGDModel(PrivateModel, keras.Model):
             y,
             sample_weight,
             run_asserts=not self.jit_compile,
-            extra_checks=self.privacy_plan.batch_size_check(tf.convert_to_tensor(x)),
+            guards=[self.privacy_plan.batch_size_guard(tf.convert_to_tensor(x))],
         )
         gradients, y_pred, losses = self.per_example_gradients(x, y)
         clipped, _ = self.clip_per_example(gradients)
         noisy = self.noisy_gradient(clipped, weight)
         self.optimizer.apply(noisy, self.model.trainable_variables)
         weight = tf.cast(weight, losses.dtype)
-        self._loss_tracker.update_state(
-            tf.reduce_sum(losses * weight) / tf.maximum(tf.reduce_sum(weight), 1.0)
+        groups = self.privacy_plan.joint_noise_group(
+            self.model.trainable_variables, self.l2_norm_clip
         )
-        return self.compute_metrics(x, y, y_pred, sample_weight=weight)
+        return self._train_logs(
+            tf.reduce_sum(losses * weight), x, y, y_pred, weight, groups
+        )
 
     def get_config(self):
         config = super().get_config()
@@ -261,5 +297,6 @@ class DPSGDModel(PrivateModel, keras.Model):
             model,
             DPParameters.from_dict(dp["dp_parameters"]),
             DatasetMetadata.from_dict(dp["dataset_metadata"]),
+            report_train_metrics=dp["report_train_metrics"],
             **config,
         )

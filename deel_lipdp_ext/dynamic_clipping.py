@@ -28,16 +28,10 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 
 from ._validation import require_positive
 from .accounting import Release
-from .data import sampling_provenance
 from .layers.base import sample_norms
 from .layers.clipping import DP_ClipGradient
 from .model import DPTrainer
 from .privacy_plan import (
-    DECLARED,
-    POISSON,
-    POISSON_SEEDED,
-    SAMPLING_LABELS,
-    SHUFFLE,
     privacy_plan_of,
 )
 
@@ -141,15 +135,16 @@ class _DynamicClipping(keras.callbacks.Callback):
             schedules.release_schedules.append(self)
 
     def sampling_label(self) -> str:
-        """How `ds_train` samples (the ledger's label for this release)."""
-        provenance = sampling_provenance(self.ds_train)
-        if provenance is None:
+        """How `ds_train` samples (the ledger's label for this release); ""
+        for a release that claims no amplification by subsampling.
+
+        Raises:
+            ValueError: a subsampled release whose `ds_train` cannot be tied
+                to the sampling of the model's metadata.
+        """
+        if self.release().sampling_rate == 1.0:
             return ""
-        if provenance.declared:
-            return SAMPLING_LABELS[DECLARED]
-        if provenance.sampling == "shuffle":
-            return SAMPLING_LABELS[SHUFFLE]
-        return SAMPLING_LABELS[POISSON_SEEDED if provenance.seeded else POISSON]
+        return privacy_plan_of(self.model).dataset_sampling(self.ds_train)
 
     # ------------------------------------------------------------- training
     def target_layers(self) -> list[DP_ClipGradient]:  # pragma: no cover
@@ -158,6 +153,7 @@ class _DynamicClipping(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         _clipless_model(self.model, type(self).__name__)
         self.target_layers()  # raises if the model has no suitable layer
+        self.sampling_label()  # raises if ds_train is not the model's sampling
 
     def _next_batch(self):
         for _ in range(2):  # a fresh iterator once, when one epoch is used up
@@ -175,9 +171,11 @@ class _DynamicClipping(keras.callbacks.Callback):
         layers = self.target_layers()
         x, y, weight = self._next_batch()
         norms, included = clip_layer_gradient_norms(self.model, layers, x, y, weight)
-        release = self.release()
+        # Recorded first: if the ledger cannot take it, nothing is released.
+        privacy_plan_of(self.model).record_release(
+            self.release(), self.sampling_label()
+        )
         self.update(layers, norms, included)
-        privacy_plan_of(self.model).record_release(release, self.sampling_label())
         self.updates += 1
 
     def update(self, layers, norms, included) -> None:  # pragma: no cover

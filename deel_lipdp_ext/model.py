@@ -20,12 +20,14 @@ saved with the model.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
 from keras.src.models.functional import Functional, functional_from_config
 from keras.src.ops.function import make_node_key
 from keras.src.trainers.data_adapters import data_adapter_utils
+from keras.src.utils import python_utils
 
 from .bounds import (
     check_dp_chain,
@@ -39,6 +41,7 @@ from .losses import lipschitz_constant
 from .privacy_plan import (
     NOISIFY_STRATEGIES,
     DPParameters,
+    Guard,
     HasPrivacyPlan,
     PrivacyPlan,
 )
@@ -61,7 +64,9 @@ def _as_float32(t) -> tf.Tensor:
     return tf.cast(t, tf.float32) if t.dtype.is_floating else t
 
 
-def sanitize_batch(x, y, sample_weight, *, run_asserts: bool = True, extra_checks=()):
+def sanitize_batch(
+    x, y, sample_weight, *, run_asserts: bool = True, guards: Sequence = ()
+):
     """The batch a DP train step may use, and the per-sample weights in [0, 1].
 
     Inputs and labels are cast to float32 first, then checked. Raises (through
@@ -70,9 +75,13 @@ def sanitize_batch(x, y, sample_weight, *, run_asserts: bool = True, extra_check
     exceed the per-sample bound), and on leading dimensions of x, y and the
     weights that differ (they would broadcast: one sample counted many times).
     Unequal static dimensions raise a ValueError at once. Since XLA drops
-    asserts, offending samples are also zeroed (weight 0) so they never reach
-    the gradient. `extra_checks` are further assert ops everything downstream
-    must depend on.
+    asserts, every refusal also zeroes: offending samples get weight 0, and a
+    batch whose dimensions differ, or that fails one of the `guards`, gets all
+    weights 0 (a noise-only step: nothing of the data reaches the update).
+
+    Args:
+        guards: `Guard`s (assert message, boolean scalar tensor) of further
+            conditions the whole batch must meet.
     """
     x, y = _as_float32(x), _as_float32(y)
     weight = (
@@ -90,24 +99,24 @@ def sanitize_batch(x, y, sample_weight, *, run_asserts: bool = True, extra_check
         )
     n = tf.shape(x)[0]
     same_length = (tf.shape(y)[0] == n) & (tf.shape(weight)[0] == n)
-    finite = _finite_rows(x) & _finite_rows(y)
-    checks = list(extra_checks)
+    finite_x, finite_y = _finite_rows(x), _finite_rows(y)
+    guards = [
+        Guard(
+            "x, y and sample_weight have different leading dimensions (they "
+            "would broadcast)",
+            same_length,
+        ),
+        *guards,
+    ]
+    checks = []
     if run_asserts:
+        checks = [
+            tf.debugging.Assert(g.holds, [f"DP train step: {g.message}"])
+            for g in guards
+        ]
         checks.append(
             tf.debugging.Assert(
-                same_length,
-                [
-                    "DP train step: x, y and sample_weight have different leading "
-                    "dimensions (they would broadcast).",
-                    tf.shape(x)[0],
-                    tf.shape(y)[0],
-                    tf.shape(weight)[0],
-                ],
-            )
-        )
-        checks.append(
-            tf.debugging.Assert(
-                tf.reduce_all(finite),
+                tf.reduce_all(finite_x) & tf.reduce_all(finite_y),
                 ["DP train step: an input or label contains NaN or Inf."],
             )
         )
@@ -123,12 +132,21 @@ def sanitize_batch(x, y, sample_weight, *, run_asserts: bool = True, extra_check
     # Everything downstream (forward, gradients, update) depends on the checks.
     with tf.control_dependencies(checks):
         x, y, weight = tf.identity(x), tf.identity(y), tf.identity(weight)
-    keep = tf.reshape(finite, [-1] + [1] * (len(x.shape) - 1))
-    x = tf.where(keep, x, tf.zeros_like(x))
-    keep_y = tf.reshape(finite, [-1] + [1] * (len(y.shape) - 1))
-    y = tf.where(keep_y, y, tf.zeros_like(y))
+    # Each mask has its own tensor's length: nothing here broadcasts x or y.
+    x = tf.where(
+        tf.reshape(finite_x, [-1] + [1] * (len(x.shape) - 1)), x, tf.zeros_like(x)
+    )
+    y = tf.where(
+        tf.reshape(finite_y, [-1] + [1] * (len(y.shape) - 1)), y, tf.zeros_like(y)
+    )
     weight = tf.where(tf.math.is_finite(weight), weight, tf.zeros_like(weight))
-    weight = tf.clip_by_value(weight, 0.0, 1.0) * tf.cast(finite, tf.float32)
+    batch_ok = tf.cast(tf.reduce_all(tf.stack([g.holds for g in guards])), tf.float32)
+    weight = (
+        tf.clip_by_value(weight, 0.0, 1.0)
+        * tf.cast(finite_x, tf.float32)
+        * tf.cast(finite_y, tf.float32)
+        * batch_ok
+    )
     return x, y, weight
 
 
@@ -161,10 +179,25 @@ class PrivateModel(HasPrivacyPlan):
     """What every DP model shares: its privacy plan, the check of `fit`'s data
     against the declared sampling, and the DP configuration it saves."""
 
-    def _init_privacy(self, dp_parameters, dataset_metadata, noise_coefficients=None):
+    def _init_privacy(
+        self,
+        dp_parameters,
+        dataset_metadata,
+        noise_coefficients=None,
+        report_train_metrics: bool = False,
+    ):
+        if not isinstance(report_train_metrics, bool):
+            raise ValueError(
+                "`report_train_metrics` must be a bool. "
+                f"Received: report_train_metrics={report_train_metrics!r}"
+            )
+        self.report_train_metrics = report_train_metrics
         self._privacy_plan = PrivacyPlan(
             dp_parameters, dataset_metadata, noise_coefficients
         )
+        # A change of sigma or metadata discards the traced step (which holds
+        # them as constants): the next step is traced with the new values.
+        self._privacy_plan.on_change = self._forget_train_function
         # The state variables are the model's attributes, so every save and
         # checkpoint path (save, save_weights, tf.train.Checkpoint) holds them.
         for name, variable in self._privacy_plan.state_variables.items():
@@ -188,6 +221,8 @@ class PrivateModel(HasPrivacyPlan):
         `privacy_plan.calibrate_noise_multiplier`) for the steps to come; the
         train function is traced again and the ledger keeps the old steps'."""
         self._privacy_plan.set_noise_multiplier(noise_multiplier)
+
+    def _forget_train_function(self) -> None:
         self.train_function = None
 
     def _check_strategy(self) -> None:
@@ -225,9 +260,43 @@ class PrivateModel(HasPrivacyPlan):
         self._privacy_plan.use_unverified_sampling()
         return super().train_on_batch(*args, **kwargs)
 
+    def _train_logs(self, loss, x, y, y_pred, weight, groups) -> dict:
+        """The train step's logs: `sensitivity`, the L2 sensitivity of the
+        step's noisy sum (from the weights: public), and, only if the model was
+        built with `report_train_metrics=True`, the loss and metrics of the
+        training batch. Those are computed from private data WITHOUT noise (the
+        epsilon does not cover them), so they are withheld by default;
+        validation metrics are unaffected."""
+        logs = {
+            "sensitivity": tf.sqrt(
+                tf.add_n(
+                    [tf.square(tf.cast(g.sensitivity, tf.float32)) for g in groups]
+                )
+            )
+        }
+        if not self.report_train_metrics:
+            return logs
+        self._loss_tracker.update_state(loss / tf.maximum(tf.reduce_sum(weight), 1.0))
+        return {**logs, **self.compute_metrics(x, y, y_pred, sample_weight=weight)}
+
+    def get_metrics_result(self):
+        """As Keras's, skipping the compiled metrics a step never built (the
+        train step withholds them unless `report_train_metrics`)."""
+        results = {}
+        for metric in self.metrics:
+            if not getattr(metric, "built", True):
+                continue
+            result = metric.result()
+            if isinstance(result, dict):
+                results.update(result)
+            else:
+                results[metric.name] = result
+        return python_utils.pythonify_logs(results)
+
     def _dp_config(self) -> dict:
         plan = self._privacy_plan
         return {
+            "report_train_metrics": self.report_train_metrics,
             "dp_parameters": None
             if plan.dp_parameters is None
             else plan.dp_parameters.to_dict(),
@@ -241,17 +310,22 @@ class PrivateModel(HasPrivacyPlan):
         """(the Keras part of a saved config, the DP keyword arguments)."""
         config = dict(config)
         config.pop("privacy_ledger", None)  # older files: the ledger is a weight now
-        return config, {k: config.pop(k, None) for k in _DP_CONFIG_KEYS}
+        dp = {k: config.pop(k, None) for k in _DP_CONFIG_KEYS}
+        dp["report_train_metrics"] = bool(config.pop("report_train_metrics", False))
+        return config, dp
 
 
 class DPTrainer(PrivateModel):
     """The clipless DP train step, mixed into a Keras model."""
 
-    def _init_dp(self, dp_parameters, dataset_metadata) -> None:
+    def _init_dp(
+        self, dp_parameters, dataset_metadata, report_train_metrics=False
+    ) -> None:
         self._dp_loss = None
         self._init_privacy(
             dp_parameters,
             dataset_metadata,
+            report_train_metrics=report_train_metrics,
             noise_coefficients=lambda: [
                 self._coefficients()[v.path] for v in self.trainable_variables
             ],
@@ -346,15 +420,25 @@ class DPTrainer(PrivateModel):
 
     # ------------------------------------------------------------- train step
     def sanitize_batch(self, x, y, sample_weight):
-        """`sanitize_batch`, plus the checks the model knows: the first layer's
-        input bound (when it trusts the data) and the batch size the declared
-        sampling allows."""
-        checks = list(self._privacy_plan.batch_size_check(tf.convert_to_tensor(x)))
+        """`sanitize_batch`, plus the guards the model knows: the batch size the
+        declared sampling allows, the input shape the bounds were computed for
+        (a bias or a convolution bounds its gradient for its build-time
+        size), and the first layer's input bound when it trusts the data."""
+        x = _as_float32(x)
+        plan = self._privacy_plan
+        guards = [plan.batch_size_guard(x), plan.input_shape_guard(x)]
         first = self.dp_layers[0]
-        if not self.jit_compile and not first.enforce_clipping:
-            checks.append(first.check_bound(_as_float32(x)))
+        if not first.enforce_clipping:
+            guards.append(
+                Guard(
+                    f"DP_BoundedInput '{first.name}' has enforce_clipping=False but "
+                    f"an input sample has L2 norm above upper_bound="
+                    f"{first.upper_bound}",
+                    first.inputs_within_bound(x),
+                )
+            )
         return sanitize_batch(
-            x, y, sample_weight, run_asserts=not self.jit_compile, extra_checks=checks
+            x, y, sample_weight, run_asserts=not self.jit_compile, guards=guards
         )
 
     def _project(self) -> None:
@@ -406,8 +490,7 @@ class DPTrainer(PrivateModel):
         )
         self.optimizer.apply(plan.privatize(summed, variables, groups), variables)
         self._project()
-        self._loss_tracker.update_state(loss / tf.maximum(tf.reduce_sum(weight), 1.0))
-        return self.compute_metrics(x, y, y_pred, sample_weight=weight)
+        return self._train_logs(loss, x, y, y_pred, weight, groups)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -420,6 +503,10 @@ class DPSequential(DPTrainer, keras.Sequential):
         dp_parameters: `DPParameters` (noise multiplier, delta, strategy).
         dataset_metadata: `DatasetMetadata` of the training data (expected
             batch size, number of samples, sampling).
+        report_train_metrics: put the training batches' loss and metrics in
+            the logs. They are computed from the private batches WITHOUT noise,
+            so the epsilon does not cover them: off by default (validation
+            metrics, on held-out data, are always reported).
         name: model name.
 
     Raises (at compile or first step, before any update):
@@ -432,10 +519,15 @@ class DPSequential(DPTrainer, keras.Sequential):
     """
 
     def __init__(
-        self, layers=None, dp_parameters=None, dataset_metadata=None, **kwargs
+        self,
+        layers=None,
+        dp_parameters=None,
+        dataset_metadata=None,
+        report_train_metrics: bool = False,
+        **kwargs,
     ):
         keras.Sequential.__init__(self, layers=layers, **kwargs)
-        self._init_dp(dp_parameters, dataset_metadata)
+        self._init_dp(dp_parameters, dataset_metadata, report_train_metrics)
 
     @property
     def dp_layers(self) -> list:
@@ -448,6 +540,7 @@ class DPSequential(DPTrainer, keras.Sequential):
     def from_config(cls, config, custom_objects=None):
         config, dp = cls._split_dp_config(config)
         model = super().from_config(config, custom_objects=custom_objects)
+        model.report_train_metrics = dp.pop("report_train_metrics")
         model.privacy_plan.configure(**dp)
         return model
 
@@ -464,6 +557,7 @@ def _functional_chain(model: keras.Model) -> list:
             f"{len(model.inputs)} inputs, {len(model.outputs)} outputs"
         )
     previous = model.inputs[0]._keras_history.operation
+    previous_outputs = [model.inputs[0]]
     chain = []
     for op in model.operations:
         if isinstance(op, keras.layers.InputLayer):
@@ -478,17 +572,19 @@ def _functional_chain(model: keras.Model) -> list:
                 f"Layer '{op.name}' is called {len(nodes)} times in the DPModel graph: "
                 "DP models must be a chain that calls each layer once."
             )
-        parents = {
-            id(t._keras_history.operation) for t in nodes[0].arguments.keras_tensors
-        }
-        if parents != {id(previous)}:
+        # The layer must take ALL of the previous layer's outputs, each once and
+        # in order: a residual pair fed (main, main) would double a branch.
+        arguments = nodes[0].arguments.keras_tensors
+        if [id(t) for t in arguments] != [id(t) for t in previous_outputs]:
             raise ValueError(
-                f"Layer '{op.name}' does not take its input from the layer before it "
-                f"('{previous.name}'): DPModel graphs must be a single chain (use "
-                "DP_SplitResidual/DP_WrappedResidual/DP_MergeResidual for residuals)."
+                f"Layer '{op.name}' does not take exactly the outputs of the layer "
+                f"before it ('{previous.name}'), once each and in order: DPModel "
+                "graphs must be a single chain (use DP_SplitResidual/"
+                "DP_WrappedResidual/DP_MergeResidual for residuals)."
             )
         chain.append(op)
         previous = op
+        previous_outputs = nodes[0].outputs
     if model.outputs[0]._keras_history.operation is not previous:
         raise ValueError("The DPModel output is not the output of the last layer.")
     return chain
@@ -516,6 +612,7 @@ class DPModel(DPTrainer, Functional):
         dp_parameters = kwargs.pop("dp_parameters", None)
         dataset_metadata = kwargs.pop("dataset_metadata", None)
         dp_layers = kwargs.pop("dp_layers", None)
+        report_train_metrics = kwargs.pop("report_train_metrics", False)
         Functional.__init__(self, inputs=inputs, outputs=outputs, name=name, **kwargs)
         self._chain = _functional_chain(self)
         if dp_layers is not None and [id(x) for x in dp_layers] != [
@@ -526,7 +623,7 @@ class DPModel(DPTrainer, Functional):
                 f"Received: {[x.name for x in dp_layers]}; graph: "
                 f"{[x.name for x in self._chain]}"
             )
-        self._init_dp(dp_parameters, dataset_metadata)
+        self._init_dp(dp_parameters, dataset_metadata, report_train_metrics)
 
     @property
     def dp_layers(self) -> list:
@@ -539,6 +636,7 @@ class DPModel(DPTrainer, Functional):
     def from_config(cls, config, custom_objects=None):
         config, dp = cls._split_dp_config(config)
         model = functional_from_config(cls, config, custom_objects=custom_objects)
+        model.report_train_metrics = dp.pop("report_train_metrics")
         model.privacy_plan.configure(**dp)
         return model
 

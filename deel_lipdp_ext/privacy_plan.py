@@ -26,6 +26,7 @@ resumed or rolled-back model never replays a noise value.
 
 from __future__ import annotations
 
+import itertools
 import math
 import secrets
 import warnings
@@ -129,14 +130,25 @@ SAMPLING_LABELS = (
     "shuffle (accounted as Poisson: heuristic)",
     "declared by the user",
     "unverified (train_on_batch or a custom loop)",
+    "not subsampled (no amplification claimed)",
 )
-POISSON, POISSON_SEEDED, SHUFFLE, DECLARED, UNVERIFIED = range(5)
+POISSON, POISSON_SEEDED, SHUFFLE, DECLARED, UNVERIFIED, NOT_SUBSAMPLED = range(6)
 
 # Ledger columns and mechanism codes.
 _MECHANISM, _PARAMETER, _RATE, _COUNT, _SAMPLING = range(5)
 _STEPS, _GAUSSIAN, _PURE_DP = 0.0, 1.0, 2.0
 _RELEASE_NAMES = {_STEPS: GRADIENT_STEPS, _GAUSSIAN: "gaussian", _PURE_DP: "pure_dp"}
 LEDGER_CAPACITY = 64
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A condition a whole batch must meet: its assert message, and a boolean
+    scalar tensor. Outside XLA a failing guard raises; under XLA the batch's
+    weights are zeroed (a noise-only step)."""
+
+    message: str
+    holds: tf.Tensor
 
 
 @dataclass(frozen=True)
@@ -192,6 +204,7 @@ class PrivacyPlan:
         dataset_metadata: DatasetMetadata | None,
         noise_coefficients: Callable[[], list[float]] | None = None,
     ):
+        self.on_change: Callable[[], None] | None = None
         self.configure(dp_parameters, dataset_metadata)
         self._noise_coefficients = noise_coefficients
         self.release_schedules: list[ReleaseSchedule] = []
@@ -211,6 +224,19 @@ class PrivacyPlan:
         # Never saved: a raw tf.Variable in a plain object is tracked by
         # neither Keras saving nor tf.train.Checkpoint.
         self._draws = tf.Variable(0, dtype=tf.int64, trainable=False)
+        # The run's identity, saved: a resumed model continues its run.
+        self.lineage = keras.Variable(
+            secrets.randbits(62), dtype="int64", trainable=False, name="dp_lineage"
+        )
+        # A shadow ledger of what ran IN THIS PROCESS, never saved: restoring
+        # older state into this model (set_weights, load_weights, a checkpoint:
+        # e.g. EarlyStopping(restore_best_weights=True)) rolls the saved ledger
+        # back, but not what ran. `ledger()` combines the two.
+        self._shadow_table = tf.Variable(
+            np.zeros((LEDGER_CAPACITY, 5)), dtype=tf.float64, trainable=False
+        )
+        self._shadow_size = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._shadow_lineage = tf.Variable(0, dtype=tf.int64, trainable=False)
         seed = None if self.dp_parameters is None else self.dp_parameters.seed
         self._key = _noise_key(seed)
 
@@ -221,7 +247,13 @@ class PrivacyPlan:
         dataset_metadata: DatasetMetadata | dict | None,
     ) -> None:
         """Set the DP parameters and the metadata (dicts: their saved forms).
-        The state variables and the noise key are kept."""
+        The state variables and the noise key are kept; the owner's traced
+        step is discarded (`on_change`), so no step runs with stale values.
+
+        Raises:
+            ValueError: a different `dataset_metadata` once steps have run (the
+                ledger's rows describe the old data: start a new model).
+        """
         if isinstance(dp_parameters, dict):
             dp_parameters = DPParameters.from_dict(dp_parameters)
         if isinstance(dataset_metadata, dict):
@@ -235,8 +267,18 @@ class PrivacyPlan:
                     f"`{name}` must be a {cls.__name__}. "
                     f"Received: {type(value).__name__}"
                 )
+        ran = getattr(self, "steps", None) is not None and int(self.steps.numpy()) > 0
+        old = getattr(self, "dataset_metadata", None)
+        if ran and dataset_metadata != old:
+            raise ValueError(
+                "The dataset metadata cannot change once steps have run: the "
+                "ledger describes the old sampling. Train a new model on the new "
+                f"data. Received: {dataset_metadata!r}, was {old!r}"
+            )
         self.dp_parameters = dp_parameters
         self.dataset_metadata = dataset_metadata
+        if self.on_change is not None:
+            self.on_change()
 
     @property
     def state_variables(self) -> dict[str, keras.Variable]:
@@ -246,6 +288,7 @@ class PrivacyPlan:
             "_dp_ledger_table": self.ledger_table,
             "_dp_ledger_size": self.ledger_size,
             "_dp_sampling": self.sampling_code,
+            "_dp_lineage": self.lineage,
         }
 
     def check_ready(self, owner: str) -> None:
@@ -267,11 +310,14 @@ class PrivacyPlan:
         """Use `noise_multiplier` for the steps traced from now on (the steps
         already run keep theirs in the ledger)."""
         seed = self.dp_parameters.seed
-        self.dp_parameters = DPParameters(
-            noise_multiplier,
-            self.dp_parameters.delta,
-            self.dp_parameters.noisify_strategy,
-            seed,
+        self.configure(
+            DPParameters(
+                noise_multiplier,
+                self.dp_parameters.delta,
+                self.dp_parameters.noisify_strategy,
+                seed,
+            ),
+            self.dataset_metadata,
         )
 
     # ----------------------------------------------------------- train step
@@ -289,9 +335,9 @@ class PrivacyPlan:
             return max_poisson_batch_size(meta.nb_samples_train, meta.sampling_rate)
         return meta.batch_size
 
-    def batch_size_check(self, x: tf.Tensor) -> list:
-        """Refuse a batch larger than the declared sampling can produce: at
-        trace time when the batch size is static, else an assert op."""
+    def batch_size_guard(self, x: tf.Tensor) -> Guard:
+        """A batch may not be larger than the declared sampling can produce
+        (static sizes are refused at trace time)."""
         limit = self.max_batch_size()
         size = x.shape[0]
         message = (
@@ -300,11 +346,28 @@ class PrivacyPlan:
             f"{self.expected_batch_size}, at most {limit}): the accountant's "
             "sampling rate would not describe what ran."
         )
-        if size is not None:
-            if size > limit:
-                raise ValueError(f"{message} Received: batch of {size}")
-            return []
-        return [tf.debugging.assert_less_equal(tf.shape(x)[0], limit, message)]
+        if size is not None and size > limit:
+            raise ValueError(f"{message} Received: batch of {size}")
+        return Guard(message, tf.shape(x)[0] <= limit)
+
+    def input_shape_guard(self, x: tf.Tensor) -> Guard:
+        """Samples must have the metadata's input shape: the bounds of layers
+        such as DP_AddBias and the convolutions' certificates are computed for
+        it (static shapes are refused at trace time)."""
+        expected = tuple(self.dataset_metadata.input_shape)
+        received = tuple(x.shape[1:])
+        message = (
+            f"Samples must have the shape of dataset_metadata.input_shape "
+            f"{expected}: the gradient bounds are computed for it."
+        )
+        if len(received) != len(expected) or any(
+            r is not None and r != e for r, e in zip(received, expected, strict=True)
+        ):
+            raise ValueError(f"{message} Received: {received}")
+        return Guard(
+            message,
+            tf.reduce_all(tf.equal(tf.shape(x)[1:], tf.constant(expected, tf.int32))),
+        )
 
     def noise_groups(
         self,
@@ -409,9 +472,9 @@ class PrivacyPlan:
 
     def _record(self, mechanism, parameter, rate, count, sampling) -> tf.Tensor:
         """Add `count` runs of a mechanism to its ledger row (a new row if it
-        never ran). Composition is commutative, so rows are a multiset."""
-        table = tf.convert_to_tensor(self.ledger_table.value)
-        size = tf.convert_to_tensor(self.ledger_size.value)
+        never ran), in the saved ledger and in the shadow ledger of this
+        process. Composition is commutative, so rows are a multiset. Returns
+        whether both could take it."""
         key = tf.stack(
             [
                 tf.constant(mechanism, tf.float64),
@@ -420,19 +483,17 @@ class PrivacyPlan:
                 tf.cast(sampling, tf.float64),
             ]
         )
-        used = tf.range(LEDGER_CAPACITY, dtype=tf.int64) < size
-        columns = tf.gather(table, [_MECHANISM, _PARAMETER, _RATE, _SAMPLING], axis=1)
-        matches = tf.reduce_all(columns == key, axis=1) & used
-        found = tf.reduce_any(matches)
-        index = tf.where(found, tf.argmax(tf.cast(matches, tf.int64)), size)
-        recorded = index < LEDGER_CAPACITY
-        safe_index = tf.minimum(index, LEDGER_CAPACITY - 1)
-        old = tf.where(found, table[safe_index], tf.zeros(5, tf.float64))
-        row = tf.stack([key[0], key[1], key[2], old[_COUNT] + count, key[3]])
-        new_table = tf.tensor_scatter_nd_update(table, [[safe_index]], [row])
-        self.ledger_table.assign(tf.where(recorded, new_table, table))
-        self.ledger_size.assign(tf.where(recorded & ~found, size + 1, size))
-        return recorded
+        fresh_shadow = tf.equal(self._shadow_size.read_value(), 0)
+        self._shadow_lineage.assign(
+            tf.where(
+                fresh_shadow,
+                tf.convert_to_tensor(self.lineage),
+                tf.convert_to_tensor(self._shadow_lineage),
+            )
+        )
+        saved = _upsert(self.ledger_table, self.ledger_size, key, count)
+        shadow = _upsert(self._shadow_table, self._shadow_size, key, count)
+        return saved & shadow
 
     # --------------------------------------------------------------- data
     def check_training_data(
@@ -451,39 +512,8 @@ class PrivacyPlan:
             ValueError: anything else, naming the mismatch.
         """
         meta = self.dataset_metadata
-        provenance = sampling_provenance(x)
-        if provenance is not None:
-            mismatch = [
-                f"{name}: data {got!r} vs metadata {want!r}"
-                for name, got, want in (
-                    ("sampling", provenance.sampling, meta.sampling),
-                    ("nb_samples_train", provenance.nb_samples, meta.nb_samples_train),
-                    ("batch_size", provenance.batch_size, meta.batch_size),
-                )
-                if got != want
-            ]
-            if mismatch:
-                raise ValueError(
-                    "The training data does not match the model's "
-                    "dataset_metadata, so the accountant would describe another "
-                    f"mechanism. Received: {'; '.join(mismatch)}"
-                )
-            if provenance.declared:
-                code = DECLARED
-            elif provenance.sampling == "shuffle":
-                code = SHUFFLE
-            else:
-                code = POISSON_SEEDED if provenance.seeded else POISSON
-        elif isinstance(x, tf.data.Dataset):
-            raise ValueError(
-                "fit() received a tf.data.Dataset that deel_lipdp_ext did not "
-                "build (or that was transformed afterwards), so nothing says its "
-                f"batches are {meta.sampling} batches of expected size "
-                f"{meta.batch_size} over {meta.nb_samples_train} samples. Build it "
-                "with data.poisson_batches / data.shuffled_batches / "
-                "data.from_numpy, or vouch for it with "
-                "data.declare_sampling(dataset, dataset_metadata)."
-            )
+        if isinstance(x, tf.data.Dataset):
+            code = self._dataset_sampling_code(x)
         elif isinstance(x, np.ndarray | tf.Tensor) or hasattr(x, "__array__"):
             rows = int(np.shape(x)[0])
             if validation_split:
@@ -522,6 +552,51 @@ class PrivacyPlan:
         self.sampling_code.assign(code)
         return SAMPLING_LABELS[code]
 
+    def dataset_sampling(self, dataset: tf.data.Dataset) -> str:
+        """The sampling label of a dataset that reads the training data (for a
+        release accounted at the metadata's sampling rate).
+
+        Raises:
+            ValueError: a dataset not built by `deel_lipdp_ext.data` (nor
+                declared), or one whose N, B or sampling differ from the
+                metadata's.
+        """
+        return SAMPLING_LABELS[self._dataset_sampling_code(dataset)]
+
+    def _dataset_sampling_code(self, dataset) -> int:
+        meta = self.dataset_metadata
+        provenance = sampling_provenance(dataset)
+        if provenance is None:
+            raise ValueError(
+                "This tf.data.Dataset was not built by deel_lipdp_ext (or was "
+                "transformed afterwards), so nothing says its batches are "
+                f"{meta.sampling} batches of expected size {meta.batch_size} over "
+                f"{meta.nb_samples_train} samples. Build it with "
+                "data.poisson_batches / data.shuffled_batches / data.from_numpy, "
+                "or vouch for it with data.declare_sampling(dataset, "
+                "dataset_metadata)."
+            )
+        mismatch = [
+            f"{name}: data {got!r} vs metadata {want!r}"
+            for name, got, want in (
+                ("sampling", provenance.sampling, meta.sampling),
+                ("nb_samples_train", provenance.nb_samples, meta.nb_samples_train),
+                ("batch_size", provenance.batch_size, meta.batch_size),
+            )
+            if got != want
+        ]
+        if mismatch:
+            raise ValueError(
+                "The training data does not match the model's dataset_metadata, "
+                "so the accountant would describe another mechanism. "
+                f"Received: {'; '.join(mismatch)}"
+            )
+        if provenance.declared:
+            return DECLARED
+        if provenance.sampling == "shuffle":
+            return SHUFFLE
+        return POISSON_SEEDED if provenance.seeded else POISSON
+
     def use_unverified_sampling(self) -> None:
         """Steps run outside `fit` (train_on_batch, custom loops) are recorded
         as 'unverified': the caller vouches for the sampling."""
@@ -534,46 +609,69 @@ class PrivacyPlan:
         keyed by the mechanism."""
         if not isinstance(release, Release):
             raise TypeError(f"Expected a Release. Received: {release!r}")
-        code = SAMPLING_LABELS.index(sampling) if sampling else UNVERIFIED
+        if release.sampling_rate == 1.0:
+            code = NOT_SUBSAMPLED
+        else:
+            code = SAMPLING_LABELS.index(sampling) if sampling else UNVERIFIED
         mechanism = _GAUSSIAN if release.mechanism == "gaussian" else _PURE_DP
         if release.count == 0:
             return
-        self.check_ready("record_release")
-        self._record(
+        recorded = self._record(
             mechanism,
             release.parameter,
             release.sampling_rate,
             release.count,
             code,
         )
+        if not bool(recorded):
+            raise ValueError(
+                f"The privacy ledger is full ({LEDGER_CAPACITY} distinct "
+                f"mechanisms): the release {release.name!r} cannot be recorded, so "
+                "it must not happen."
+            )
 
     def ledger(self) -> tuple[Release, ...]:
         """Everything that ran, one `Release` per distinct mechanism (gradient
-        steps included, under the name `GRADIENT_STEPS`)."""
-        size = int(self.ledger_size.numpy())
-        rows = self.ledger_table.numpy()[:size]
+        steps included, under the name `GRADIENT_STEPS`).
+
+        The saved ledger and this process's shadow ledger are combined: for the
+        same run (lineage) each row counts the most either saw (a rollback
+        does not undo what ran); for a model loaded from another run after
+        this one took steps, the counts add up (both runs composed).
+        """
+        saved = _rows(self.ledger_table, self.ledger_size)
+        shadow = _rows(self._shadow_table, self._shadow_size)
+        same_run = int(self._shadow_lineage.numpy()) == int(self.lineage.numpy())
+        combined = dict(saved)
+        for key, count in shadow.items():
+            if same_run:
+                combined[key] = max(combined.get(key, 0), count)
+            else:
+                combined[key] = combined.get(key, 0) + count
         return tuple(
             Release(
-                _RELEASE_NAMES[float(row[_MECHANISM])],
-                "pure_dp" if row[_MECHANISM] == _PURE_DP else "gaussian",
-                float(row[_PARAMETER]),
-                float(row[_RATE]),
-                int(row[_COUNT]),
-                SAMPLING_LABELS[int(row[_SAMPLING])],
+                _RELEASE_NAMES[mechanism],
+                "pure_dp" if mechanism == _PURE_DP else "gaussian",
+                parameter,
+                rate,
+                count,
+                SAMPLING_LABELS[sampling],
             )
-            for row in rows
-            if row[_COUNT] > 0
+            for (mechanism, parameter, rate, sampling), count in combined.items()
+            if count > 0
         )
 
     def samplings(self) -> tuple[str, ...]:
-        """The samplings of the gradient steps that ran."""
+        """The samplings of what was accounted with amplification by
+        subsampling (the gradient steps, subsampled releases), as it ran."""
         return tuple(
-            dict.fromkeys(r.sampling for r in self.ledger() if r.name == GRADIENT_STEPS)
+            dict.fromkeys(r.sampling for r in self.ledger() if r.sampling_rate < 1)
         )
 
     def is_exact(self) -> bool:
-        """Whether every step ran on secret Poisson batches (the accountant's
-        assumption); False if any ran on shuffled, seeded or unverified data."""
+        """Whether everything accounted as Poisson-subsampled ran on secret
+        Poisson batches (the accountant's assumption); False if any step or
+        release ran on shuffled, seeded, declared or unverified data."""
         return all(s == SAMPLING_LABELS[POISSON] for s in self.samplings())
 
     def current_step_multiplier(self, noise_multiplier: float | None = None) -> float:
@@ -730,6 +828,41 @@ class PrivacyPlan:
         return int(self.steps.numpy()) // self.dataset_metadata.nb_steps_per_epoch
 
 
+def _upsert(table_var, size_var, key: tf.Tensor, count) -> tf.Tensor:
+    """Add `count` to the row of a ledger table whose (mechanism, parameter,
+    rate, sampling) is `key`, appending it if absent (graph or eager).
+    Returns False (and changes nothing) if the table is full."""
+    table = tf.convert_to_tensor(table_var)
+    size = tf.convert_to_tensor(size_var)
+    used = tf.range(LEDGER_CAPACITY, dtype=tf.int64) < size
+    columns = tf.gather(table, [_MECHANISM, _PARAMETER, _RATE, _SAMPLING], axis=1)
+    matches = tf.reduce_all(columns == key, axis=1) & used
+    found = tf.reduce_any(matches)
+    index = tf.where(found, tf.argmax(tf.cast(matches, tf.int64)), size)
+    recorded = index < LEDGER_CAPACITY
+    safe_index = tf.minimum(index, LEDGER_CAPACITY - 1)
+    old = tf.where(found, table[safe_index], tf.zeros(5, tf.float64))
+    row = tf.stack([key[0], key[1], key[2], old[_COUNT] + count, key[3]])
+    new_table = tf.tensor_scatter_nd_update(table, [[safe_index]], [row])
+    table_var.assign(tf.where(recorded, new_table, table))
+    size_var.assign(tf.where(recorded & ~found, size + 1, size))
+    return recorded
+
+
+def _rows(table_var, size_var) -> dict[tuple, int]:
+    """{(mechanism, parameter, rate, sampling code): count} of a ledger table."""
+    rows = table_var.numpy()[: int(size_var.numpy())]
+    return {
+        (
+            float(row[_MECHANISM]),
+            float(row[_PARAMETER]),
+            float(row[_RATE]),
+            int(row[_SAMPLING]),
+        ): int(row[_COUNT])
+        for row in rows
+    }
+
+
 class HasPrivacyPlan:
     """Base of every DP model: the one public accessor, `privacy_plan`."""
 
@@ -754,19 +887,27 @@ def privacy_plan_of(source) -> PrivacyPlan:
     )
 
 
+_SEEDED_PLANS = itertools.count()
+
+
 def _noise_key(seed: int | None) -> tuple[int, int]:
     """The secret key of the noise stream: OS entropy, or derived from a
-    user seed (with a warning: the guarantee then assumes it is secret)."""
+    user seed and the number of seeded plans made before in this process (so
+    two models built from one seed never share noise: the difference of their
+    updates would cancel it), with a warning."""
     if seed is None:
         return (secrets.randbits(63), secrets.randbits(63))
     warnings.warn(
         f"DPParameters(seed={seed}) fixes the noise stream: runs are reproducible, "
-        "and the privacy guarantee assumes the seed stays secret. Use seed=None "
-        "(default) for noise keyed by the operating system's entropy.",
+        "and the privacy guarantee assumes the seed stays secret and is never "
+        "reused for another run (two runs with one seed share their noise). Use "
+        "seed=None (default) for noise keyed by the operating system's entropy.",
         ReproducibleNoiseWarning,
         stacklevel=3,
     )
-    words = np.random.SeedSequence(seed).generate_state(4, np.uint32)
+    words = np.random.SeedSequence([seed, next(_SEEDED_PLANS)]).generate_state(
+        4, np.uint32
+    )
     return (
         int(words[0]) << 31 | int(words[1]) >> 1,
         int(words[2]) << 31 | int(words[3]) >> 1,

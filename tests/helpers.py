@@ -34,6 +34,7 @@ def dp_model(
     n=1000,
     optimizer=None,
     sampling="poisson",
+    report_train_metrics=False,
     **compile_kw,
 ):
     """A compiled DPSequential. Its metadata describes `n` samples drawn in
@@ -43,6 +44,7 @@ def dp_model(
         [keras.Input(input_shape), *layers],
         dp_parameters=DPParameters(sigma, 1e-5, noisify_strategy=strategy, seed=0),
         dataset_metadata=metadata(input_shape, num_classes, n, batch_size, sampling),
+        report_train_metrics=report_train_metrics,
     )
     model.compile(
         optimizer=optimizer or keras.optimizers.SGD(0.1),

@@ -26,7 +26,7 @@ def _net():
     )
 
 
-def _model(clip=1.0, sigma=1.0, batch_size=16, seed=0, net=None, n=1000):
+def _model(clip=1.0, sigma=1.0, batch_size=16, seed=0, net=None, n=1000, report=True):
     """A compiled DPSGDModel; `n` != 1000 describes arrays fitted with shuffled
     batches of `batch_size` (what `fit` checks)."""
     model = DPSGDModel(
@@ -38,6 +38,7 @@ def _model(clip=1.0, sigma=1.0, batch_size=16, seed=0, net=None, n=1000):
             sampling="poisson" if n == 1000 else "shuffle",
         ),
         l2_norm_clip=clip,
+        report_train_metrics=report,
     )
     model.compile(keras.optimizers.SGD(0.1), LOSS)
     return model

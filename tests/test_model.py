@@ -1,3 +1,8 @@
+import os
+import pathlib
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -138,7 +143,14 @@ def test_noise_std_matches_sigma_times_sensitivity(strategy):
     )
     bounds = {k: float(v) for k, v in model.compute_gradient_bounds().items()}
     x, y = data(8, k=64)
-    (updates,) = step_updates(model, x, y, np.zeros(8, np.float32))
+    # Four noise draws from the same weights (so the same bounds): 4 x 4096
+    # draws per kernel keep the 3% tolerance above 5 standard errors.
+    initial = model.get_weights()
+    steps = []
+    for _ in range(4):
+        model.set_weights(initial)
+        steps += step_updates(model, x, y, np.zeros(8, np.float32))
+    updates = {p: np.concatenate([u[p].ravel() for u in steps]) for p in steps[0]}
     b = model.dataset_metadata.batch_size  # the noisy sum is divided by B
     bounds = {k: v / b for k, v in bounds.items()}
     global_std = sigma * np.sqrt(sum(b**2 for b in bounds.values()))
@@ -152,7 +164,7 @@ def test_noise_std_matches_sigma_times_sensitivity(strategy):
         expected = (
             global_std if strategy == "global" else sigma * bounds[v.path] * nm[v.path]
         )
-        tolerance = 0.03 if update.size >= 4096 else 0.35  # the 64-entry bias: looser
+        tolerance = 0.03 if update.size >= 4096 else 0.2  # the 4x64-entry bias
         assert np.std(update) == pytest.approx(expected, rel=tolerance), v.path
         assert abs(np.mean(update)) < 5 * expected / np.sqrt(update.size)
     # epsilon is computed from the plan's ledger: it must describe this noise
@@ -162,7 +174,7 @@ def test_noise_std_matches_sigma_times_sensitivity(strategy):
         else tuple(sigma * nm[v.path] for v in model.trainable_variables)
     )
     (steps,) = model.privacy_plan.ledger()
-    assert steps.count == 1
+    assert steps.count == 4
     assert steps.parameter == pytest.approx(effective_noise_multiplier(applied))
 
 
@@ -187,25 +199,57 @@ def test_noise_is_independent_across_variables_and_steps():
     assert len(flat) == 6 and np.max(np.abs(off_diagonal)) < 5 / np.sqrt(4096)
 
 
-def test_noise_is_reproducible_with_a_seed():
-    updates = []
-    for _ in range(2):
-        keras.utils.set_random_seed(1)
-        model = dp_model(small_cnn())
-        x, y = data(8)
-        model.train_on_batch(x, y)
-        updates.append([v.numpy() for v in model.trainable_variables])
-    for a, b in zip(*updates, strict=True):
-        np.testing.assert_allclose(a, b)
+_REPRODUCE = """
+import keras, numpy as np
+from tests.helpers import dp_model, small_cnn, unit_samples, one_hot
+keras.utils.set_random_seed(1)
+model = dp_model(small_cnn())
+model.train_on_batch(unit_samples(8, (8, 8, 1)), one_hot(np.arange(8)))
+print(float(np.sum([np.sum(v.numpy() ** 2) for v in model.trainable_variables])))
+"""
+
+
+def test_noise_is_reproducible_with_a_seed_across_runs():
+    """Two runs (processes) with DPParameters(seed=0) take the same step; in one
+    process, a second model from the same seed draws other noise (shared noise
+    would let the difference of two models' updates cancel it)."""
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", _REPRODUCE],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=str(pathlib.Path(__file__).parent.parent),
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        ).stdout.split()[-1]
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+    models = [dp_model(small_cnn(), sigma=1.0) for _ in range(2)]
+    for model in models:
+        model.set_weights(models[0].get_weights())
+        model.train_on_batch(*data(8), np.zeros(8, np.float32))  # noise only
+    difference = [
+        a.numpy() - b.numpy()
+        for a, b in zip(*(m.trainable_variables for m in models), strict=True)
+    ]
+    assert max(np.max(np.abs(d)) for d in difference) > 0
 
 
 # -------------------------------------------------------------- keras usage
 @pytest.mark.parametrize("jit", [False, True])
 def test_fit_evaluate_predict_and_metrics_in_logs(jit):
-    model = dp_model(small_cnn(), sigma=0.5, jit_compile=jit, n=200, sampling="shuffle")
+    model = dp_model(
+        small_cnn(),
+        sigma=0.5,
+        jit_compile=jit,
+        n=200,
+        sampling="shuffle",
+        report_train_metrics=True,
+    )
     x, y = data(200)
     history = model.fit(x, y, batch_size=50, epochs=2, verbose=0)
-    assert set(history.history) >= {"loss", "accuracy"}
+    assert set(history.history) >= {"loss", "accuracy", "sensitivity"}
     assert int(model.dp_steps.numpy()) == 8
     results = model.evaluate(x, y, verbose=0, return_dict=True)
     assert set(results) >= {"loss", "accuracy"}

@@ -16,10 +16,15 @@ import pytest
 import tensorflow as tf
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from deel_lipdp_ext import DPParameters, DPSequential, losses
+from deel_lipdp_ext import DPModel, DPParameters, DPSequential, losses
 from deel_lipdp_ext import layers as L
-from deel_lipdp_ext.callbacks import AdaptiveQuantileClipping, DP_Accountant
+from deel_lipdp_ext.callbacks import (
+    AdaptiveQuantileClipping,
+    DP_Accountant,
+    LaplaceAdaptiveLossGradientClipping,
+)
 from deel_lipdp_ext.data import (
+    DatasetMetadata,
     declare_sampling,
     from_numpy,
     load_digits_dataset,
@@ -310,7 +315,7 @@ def test_batches_that_cannot_come_from_the_declared_sampling_are_refused():
         shuffled.fit(x, y, batch_size=1000, verbose=0)
     with pytest.raises(ValueError, match="100 training rows"):
         shuffled.fit(x[:100], y[:100], batch_size=10, verbose=0)
-    with pytest.raises(ValueError, match="did not build"):
+    with pytest.raises(ValueError, match="not built by deel_lipdp_ext"):
         model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(10), verbose=0)
     with pytest.raises(ValueError, match="batch_size: data 20 vs metadata 10"):
         model.fit(poisson_batches(x, y, 20), verbose=0)
@@ -528,3 +533,310 @@ def test_bounds_still_hold_on_a_model_that_passed_every_check():
         model, (unit_samples(16, (8, 8, 1)), one_hot(range(16)))
     )
     assert report.max_ratio <= 1 + 1e-4
+
+
+# =================================== second adversarial review (same issue)
+def _dense_model(n=1000, b=16, jit=False, sampling="shuffle", sigma=1e-9, **kw):
+    model = DPSequential(
+        [
+            keras.Input((8,)),
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_QuickSpectralDense(4),
+        ],
+        dp_parameters=DPParameters(sigma, 1e-5),
+        dataset_metadata=metadata((8,), 4, n=n, batch_size=b, sampling=sampling),
+        **kw,
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(1.0),
+        loss=losses.DP_TauCategoricalCrossentropy(1.0),
+        jit_compile=jit,
+    )
+    model._project = lambda: None
+    return model
+
+
+def _relaxed(model, x, y):
+    """Two steps of different batch sizes: the retrace relaxes the batch
+    dimension to None, where XLA can no longer see it statically."""
+    model.train_on_batch(x[:16], y[:16])
+    model.train_on_batch(x[:15], y[:15])
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_broadcasting_batches_never_reach_the_update_even_under_xla(jit):
+    """With a relaxed batch dimension XLA dropped the assert, and one x row
+    with 16 label rows gave a summed gradient 10x the per-sample bound."""
+    x, y = unit_samples(16, (8,)), one_hot(np.zeros(16, int), 4)
+    model = _dense_model(jit=jit)
+    _relaxed(model, x, y)
+    kernel = model.layers[1].kernel
+    before = kernel.numpy().copy()
+    try:
+        model.train_on_batch(x[:1], y)  # one sample, 16 label rows
+    except (ValueError, tf.errors.InvalidArgumentError):
+        assert not jit  # outside XLA the assert refuses
+    np.testing.assert_allclose(kernel.numpy(), before, atol=1e-6)  # noise ~1e-9
+
+
+def test_dpsgd_broadcasting_batches_never_reach_the_update_under_xla():
+    net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    model = DPSGDModel(
+        net,
+        DPParameters(1e-9, 1e-5),
+        metadata((8,), 4, n=1000, batch_size=16, sampling="shuffle"),
+        l2_norm_clip=1.0,
+    )
+    model.compile(
+        keras.optimizers.SGD(1.0), keras.losses.MeanSquaredError(), jit_compile=True
+    )
+    x, y = unit_samples(16, (8,)), np.ones((16, 4), np.float32)
+    _relaxed(model, x, y)
+    before = [v.numpy().copy() for v in net.trainable_variables]
+    model.train_on_batch(x[:1], y)
+    for b, v in zip(before, net.trainable_variables, strict=True):
+        np.testing.assert_allclose(v.numpy(), b, atol=1e-6)
+
+
+def test_batches_above_the_sampling_limit_never_reach_the_update_under_xla():
+    x, y = unit_samples(1000, (8,)), one_hot(np.arange(1000), 4)
+    model = _dense_model(b=10, jit=True)
+    model.train_on_batch(x[:10], y[:10])
+    model.train_on_batch(x[:9], y[:9])  # relaxed batch dimension
+    kernel = model.layers[1].kernel
+    before = kernel.numpy().copy()
+    model.train_on_batch(x, y)  # 1000 rows where at most 10 can be drawn
+    np.testing.assert_allclose(kernel.numpy(), before, atol=1e-6)
+
+
+def test_inputs_of_another_shape_than_the_bounds_were_computed_for_are_refused():
+    """DP_AddBias bounds its gradient with the positions seen at build: 64x64
+    images on a model built for 4x4 gave 16x the bound."""
+    model = dp_model(
+        [
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_AddBias(1.0),
+            L.DP_ScaledGlobalL2NormPooling2D(),
+            L.DP_QuickFrobeniusDense(2),
+        ],
+        input_shape=(4, 4, 1),
+        num_classes=2,
+        n=20,
+        batch_size=10,
+        sampling="shuffle",
+    )
+    with pytest.raises(ValueError, match="input_shape"):
+        model.fit(unit_samples(20, (64, 64, 1)), one_hot(range(20), 2), batch_size=10)
+
+
+def test_a_merge_fed_the_same_branch_twice_is_refused():
+    """(main, main) instead of (main, skip): the main branch's gradient doubled
+    (ratio 2.0; 5.06 for four stacked blocks)."""
+    inputs = keras.Input((16,))
+    h = L.DP_BoundedInput(upper_bound=1.0)(inputs)
+    pair = L.DP_SplitResidual()(h)
+    branch = L.DP_WrappedResidual(L.DP_QuickSpectralDense(16))(pair)
+    merged = L.DP_MergeResidual("add")((branch[0], branch[0]))
+    outputs = L.DP_QuickFrobeniusDense(2)(merged)
+    with pytest.raises(ValueError, match="exactly the outputs"):
+        DPModel(
+            inputs=inputs,
+            outputs=outputs,
+            dp_parameters=DPParameters(1.0, 1e-5),
+            dataset_metadata=metadata((16,), 2),
+        )
+
+
+def test_a_subsampled_release_must_read_the_declared_sampling():
+    """Adaptive clipping read 20 records at q = 1 (or a fixed batch) and was
+    accounted at the model's q: reported 8.07 where 21.49 ran."""
+    x, y = unit_samples(200, (8, 8, 1)), one_hot(np.arange(200))
+    model = dp_model(
+        [
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_Flatten(),
+            L.DP_QuickSpectralDense(10),
+            L.DP_ClipGradient(1.0, mode="dynamic"),
+        ],
+        n=200,
+        batch_size=20,
+    )
+    for wrong in (
+        poisson_batches(x[:20], y[:20], 20),  # q = 1 on 20 records
+        tf.data.Dataset.from_tensors((x[:51], y[:51])).repeat(),  # a fixed batch
+    ):
+        clipping = AdaptiveQuantileClipping(wrong, noise_multiplier=0.5)
+        with pytest.raises(ValueError, match="nb_samples_train|not built"):
+            model.fit(poisson_batches(x, y, 20), verbose=0, callbacks=[clipping])
+    assert int(model.dp_steps.numpy()) == 0
+    # a declared pipeline is accepted, and makes the report inexact
+    declared = declare_sampling(
+        tf.data.Dataset.from_tensors((x[:20], y[:20])).repeat(10),
+        model.dataset_metadata,
+    )
+    clipping = AdaptiveQuantileClipping(declared, noise_multiplier=0.5)
+    model.fit(poisson_batches(x, y, 20), verbose=0, callbacks=[clipping])
+    assert "declared by the user" in model.privacy_plan.samplings()
+    assert not model.privacy_plan.is_exact()
+
+
+def test_the_metadata_cannot_change_under_a_traced_step():
+    """configure() with N = 100 after 100 steps at N = 1000: the trace kept
+    q = 0.01 and reported 1.34 where 7.93 ran."""
+    model = _dense_model(n=1000, b=10, sigma=1.0)
+    x, y = unit_samples(10, (8,)), one_hot(np.arange(10), 4)
+    model.train_on_batch(x, y)
+    smaller = metadata((8,), 4, n=100, batch_size=10, sampling="shuffle")
+    with pytest.raises(ValueError, match="cannot change once steps have run"):
+        model.privacy_plan.configure(model.dp_parameters, smaller)
+    # sigma may change, and the next step is traced with it
+    model.privacy_plan.set_noise_multiplier(4.0)
+    model.train_on_batch(x, y)
+    assert [r.parameter for r in model.privacy_plan.ledger()] == [1.0, 4.0]
+
+
+class _HiddenStatistics(keras.layers.Layer):
+    """A custom layer hiding a BatchNormalization (not in `.layers`)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.norm = keras.layers.BatchNormalization(momentum=0.0)
+
+    def call(self, x, training=None):
+        return self.norm(x, training=training)
+
+
+class _Counter(keras.layers.Layer):
+    """Writes a data statistic into a non-trainable weight in training."""
+
+    def build(self, input_shape):
+        self.seen = self.add_weight(shape=(), initializer="zeros", trainable=False)
+
+    def call(self, x, training=None):
+        if training:
+            self.seen.assign(tf.reduce_sum(x))
+        return x
+
+
+@pytest.mark.parametrize(
+    "hidden",
+    [
+        lambda: _HiddenStatistics(),
+        lambda: keras.layers.TimeDistributed(keras.layers.BatchNormalization()),
+        lambda: _Counter(),
+    ],
+    ids=["custom", "wrapper", "state"],
+)
+def test_dpsgd_refuses_hidden_state_written_from_the_data(hidden):
+    """A BatchNormalization inside a custom layer or a Keras wrapper held the
+    raw features of the first record after one step, saved without noise."""
+    net = keras.Sequential([keras.Input((3, 4)), hidden(), keras.layers.Flatten()])
+    with pytest.raises(ValueError, match="mixes the examples|non-trainable state"):
+        DPSGDModel(net, DPParameters(1.0, 1e-5), metadata((3, 4), 12), 1.0)
+
+
+def test_training_metrics_are_withheld_unless_asked_for():
+    """Training loss and metrics are computed from private batches without
+    noise (two runs on D and D' told apart at sigma = 1e6)."""
+    x, y = unit_samples(100, (8, 8, 1)), one_hot(np.arange(100))
+    model = dp_model(small_cnn(), n=100, sampling="shuffle")
+    history = model.fit(x, y, batch_size=50, validation_data=(x, y), verbose=0)
+    assert "loss" not in history.history and "accuracy" not in history.history
+    assert {"sensitivity", "val_loss", "val_accuracy"} <= set(history.history)
+    shown = dp_model(small_cnn(), n=100, sampling="shuffle", report_train_metrics=True)
+    assert {"loss", "accuracy"} <= set(
+        shown.fit(x, y, batch_size=50, verbose=0).history
+    )
+
+
+def test_steps_per_epoch_must_be_what_an_epoch_runs():
+    """nb_steps_per_epoch = 1 with 20-step epochs: the budget stop and the
+    calibration ended at 1.302 for a budget of 1."""
+    with pytest.raises(ValueError, match="ceil"):
+        metadata_with_steps = dict(
+            input_shape=(8,),
+            num_classes=4,
+            nb_samples_train=1000,
+            nb_samples_test=0,
+            batch_size=50,
+            nb_steps_per_epoch=1,
+        )
+        DatasetMetadata(**metadata_with_steps)
+
+
+def test_a_release_the_ledger_cannot_take_changes_nothing():
+    model = dp_model(
+        [
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_Flatten(),
+            L.DP_QuickSpectralDense(10),
+            L.DP_ClipGradient(1.0, mode="dynamic"),
+        ],
+        n=200,
+        batch_size=20,
+    )
+    plan = model.privacy_plan
+    rows = np.zeros((plan.ledger_table.shape[0], 5))
+    rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3] = 1.0, np.arange(1, 65), 0.5, 1
+    plan.ledger_table.assign(rows)
+    plan.ledger_size.assign(rows.shape[0])  # full
+    x, y = unit_samples(200, (8, 8, 1)), one_hot(np.arange(200))
+    svt = LaplaceAdaptiveLossGradientClipping(poisson_batches(x, y, 20), epsilon=1.0)
+    svt.set_model(model)
+    with pytest.raises(ValueError, match="ledger is full"):
+        svt.on_epoch_begin(0)
+    assert float(model.dp_layers[-1].clip_value.numpy()) == 1.0  # not released
+
+
+def test_dp_lambda_certificates_are_spot_checked():
+    for function, lipschitz in ((lambda t: t + 1.0, 1.0), (lambda t: 3.0 * t, 1.0)):
+        with pytest.raises(ValueError, match="map 0 to 0|not 1.0-Lipschitz"):
+            dp_model(
+                [
+                    L.DP_BoundedInput(upper_bound=1.0),
+                    L.DP_Flatten(),
+                    L.DP_Lambda(function, lipschitz=lipschitz),
+                    L.DP_QuickSpectralDense(10),
+                ]
+            )
+
+
+def test_restoring_earlier_weights_does_not_roll_the_epsilon_back(tmp_path):
+    """set_weights / load_weights / a checkpoint restore of EARLIER state into
+    the same model (EarlyStopping(restore_best_weights=True) does this) rolled
+    the saved ledger back: the epsilon forgot steps that ran."""
+    x, y = unit_samples(100, (8, 8, 1)), one_hot(np.arange(100))
+    model = dp_model(small_cnn(), n=100, sampling="shuffle")
+    model.fit(x, y, batch_size=50, epochs=1, verbose=0)
+    early = model.get_weights()
+    model.save_weights(tmp_path / "early.weights.h5")
+    checkpoint = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    model.fit(x, y, batch_size=50, epochs=3, verbose=0)
+    ran = _epsilon((0.5, 1.0, 8))
+    assert model.privacy_plan.epsilon() == pytest.approx(ran, rel=1e-9)
+    model.set_weights(early)
+    assert model.privacy_plan.epsilon() == pytest.approx(ran, rel=1e-9)
+    model.load_weights(tmp_path / "early.weights.h5")
+    assert model.privacy_plan.epsilon() == pytest.approx(ran, rel=1e-9)
+    tf.train.Checkpoint(model=model).restore(checkpoint)
+    assert model.privacy_plan.epsilon() == pytest.approx(ran, rel=1e-9)
+    stopper = keras.callbacks.EarlyStopping(
+        "val_loss", patience=0, restore_best_weights=True, mode="max"
+    )
+    model.fit(
+        x,
+        y,
+        batch_size=50,
+        epochs=3,
+        validation_data=(x, y),
+        verbose=0,
+        callbacks=[stopper],
+    )
+    assert model.privacy_plan.epsilon() >= _epsilon((0.5, 1.0, 10)) * (1 - 1e-9)
+    # Weights of ANOTHER run loaded into this one: both runs are composed.
+    other = dp_model(small_cnn(), n=100, sampling="shuffle")
+    other.fit(x, y, batch_size=50, epochs=1, verbose=0)
+    other.save_weights(tmp_path / "other.weights.h5")
+    steps = int(model.dp_steps.numpy())
+    model.load_weights(tmp_path / "other.weights.h5")
+    assert model.privacy_plan.ledger()[0].count >= steps + 2

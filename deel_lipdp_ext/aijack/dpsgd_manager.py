@@ -76,6 +76,14 @@ def _positive_finite(name: str, value) -> float:
     return number
 
 
+class _Untracked:
+    """A plain holder: what it holds is invisible to TensorFlow's and Keras's
+    tracking (and so to checkpoints and saved weights)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
 class DPSGDManager:
     """Builds the DP optimizer class and the lot / batch loaders.
 
@@ -145,6 +153,17 @@ class DPSGDManager:
                 f"`lot_size` must not exceed the dataset size {len(x)}. "
                 f"Received: lot_size={lot_size}"
             )
+        if batch_size != 1:
+            # Departure from AIJack: its micro-batches are cut sequentially, so
+            # removing one record re-cuts every later micro-batch and moves the
+            # accumulated sum by up to C times their number, while the noise and
+            # the accountant assume C.
+            raise ValueError(
+                "`batch_size` must be 1 (per-example clipping): with sequential "
+                "micro-batches of several examples one record changes every later "
+                "micro-batch, so its influence exceeds the clipping norm the noise "
+                f"is calibrated to. Received: batch_size={batch_size}"
+            )
         self.accountant = accountant
         self.optimizer_cls = optimizer_cls
         self.l2_norm_clip = l2_norm_clip
@@ -195,7 +214,9 @@ class DPSGDManager:
                 self.l2_norm_clip = clip
                 self._accumulators: list[tf.Variable] | None = None
                 self._dp_variables: list | None = None
-                self._noise = manager._new_noise_generator()
+                # Held in a plain object: never tracked, so never checkpointed
+                # (a restored generator state would replay its noise).
+                self._noise = _Untracked(manager._new_noise_generator())
 
             def zero_grad(self) -> None:
                 """Nothing to clear: Keras optimizers do not hold gradients."""
@@ -245,7 +266,7 @@ class DPSGDManager:
                 std = self.l2_norm_clip * self.noise_multiplier
                 factor = manager.batch_size / manager.lot_size
                 noisy = [
-                    (acc + std * self._noise.normal(acc.shape, dtype=acc.dtype))
+                    (acc + std * self._noise.value.normal(acc.shape, dtype=acc.dtype))
                     * factor
                     for acc in self._accumulators
                 ]

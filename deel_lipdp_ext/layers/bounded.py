@@ -53,16 +53,23 @@ class DP_BoundedInput(keras.layers.Layer, DPLayer):
         on_sphere = tf.cast(unit * _per_sample(bound / unit_norm, unit), inputs.dtype)
         return tf.where(_per_sample(inside, inputs), inputs, on_sphere)
 
+    def inputs_within_bound(self, inputs) -> tf.Tensor:
+        """Boolean scalar: every sample's L2 norm is <= upper_bound (+1e-6
+        relative), computed without overflow."""
+        peak, _, unit_norm = _peak_unit_norms(inputs)
+        return tf.reduce_all(
+            (peak / tf.cast(self.upper_bound, peak.dtype)) * unit_norm
+            <= tf.cast(1.0 + 1e-6, peak.dtype)
+        )
+
     def check_bound(self, inputs) -> tf.Operation:
         """Raise (outside XLA) when a sample exceeds the bound (no-clipping mode)."""
-        peak, _, unit_norm = _peak_unit_norms(inputs)
-        return tf.debugging.assert_less_equal(
-            (peak / tf.cast(self.upper_bound, peak.dtype)) * unit_norm,
-            tf.cast(1.0 + 1e-6, peak.dtype),
-            message=(
+        return tf.debugging.Assert(
+            self.inputs_within_bound(inputs),
+            [
                 f"DP_BoundedInput '{self.name}' has enforce_clipping=False but an "
                 f"input sample has L2 norm above upper_bound={self.upper_bound}"
-            ),
+            ],
         )
 
     def compute_output_shape(self, input_shape):

@@ -64,7 +64,14 @@ class _LipschitzDense(keras.layers.Layer, KernelLayer):
         return input_bound * gradient_bound
 
     def project(self) -> None:
-        self.kernel.assign(self._project_kernel(self.kernel))
+        """The subclass's projection; for the spectral ones, then a rescaling
+        by the certified norm (power iteration stops short of the top singular
+        value, so its normalisation can leave a certificate above 1)."""
+        kernel = self._project_kernel(self.kernel)
+        if not isinstance(self, DP_QuickFrobeniusDense):
+            bound = spectral_norm_upper_bound(kernel)
+            kernel = kernel / tf.where(bound > 0, bound, tf.ones_like(bound))
+        self.kernel.assign(kernel)
 
     def _project_kernel(self, kernel):
         raise NotImplementedError

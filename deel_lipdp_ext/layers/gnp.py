@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from .._validation import require_positive
-from .base import DPLayer, GNPLayer, as_bound
+from .base import DPLayer, GNPLayer, as_bound, sample_norms
 
 _PACKAGE = "deel_lipdp_ext"
 
@@ -495,6 +495,32 @@ class DP_Lambda(keras.layers.Lambda, DPLayer):
     def __init__(self, function, lipschitz: float = 1.0, **kwargs):
         super().__init__(function, **kwargs)
         self.lipschitz = require_positive("lipschitz", lipschitz, "DP_Lambda")
+
+    def build(self, input_shape):
+        """Spot-check the certificate where it is cheap (static shapes): f(0)
+        must be 0, and random pairs must respect the Lipschitz constant. A
+        spot check cannot prove the certificate; it catches wrong ones."""
+        super().build(input_shape)
+        if None in tuple(input_shape[1:]):
+            return
+        shape = (8, *input_shape[1:])
+        zero = self.function(tf.zeros((1, *input_shape[1:])))
+        if float(tf.reduce_max(tf.abs(zero))) > 0.0:
+            raise ValueError(
+                f"DP_Lambda '{self.name}': the function must map 0 to 0 for the "
+                "bound ||f(x)|| <= lipschitz * ||x|| to hold. Received: "
+                f"max |f(0)| = {float(tf.reduce_max(tf.abs(zero)))}"
+            )
+        a = tf.random.stateless_normal(shape, seed=(0, 1))
+        b = a + 0.1 * tf.random.stateless_normal(shape, seed=(0, 2))
+        ratio = sample_norms(self.function(a) - self.function(b)) / sample_norms(a - b)
+        if float(tf.reduce_max(ratio)) > self.lipschitz * (1.0 + 1e-4):
+            raise ValueError(
+                f"DP_Lambda '{self.name}': the function is not {self.lipschitz}-"
+                "Lipschitz: a random pair of inputs is stretched by "
+                f"{float(tf.reduce_max(ratio)):.4g}. Received: "
+                f"lipschitz={self.lipschitz}"
+            )
 
     def propagate_inputs(self, input_bound):
         return as_bound(self.lipschitz) * input_bound

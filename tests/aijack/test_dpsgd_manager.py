@@ -141,11 +141,19 @@ def test_non_positive_clip_norm_is_refused_before_any_optimizer(clip):
         manager.privatize(noise_multiplier=1.0)
 
 
-def test_batch_loader_is_sequential_and_drops_the_last_short_batch():
-    manager = _manager(batch=3)
-    lot = (np.arange(10), np.arange(10) * 2)
+def test_batch_loader_gives_each_example_of_the_lot_in_order():
+    manager = _manager(batch=1)
+    lot = (np.arange(4), np.arange(4) * 2)
     batches = list(manager.batch_loader(lot))
-    assert [b[0].tolist() for b in batches] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert [b[0].tolist() for b in batches] == [[0], [1], [2], [3]]
+
+
+def test_micro_batches_of_several_examples_are_refused():
+    """Sequential micro-batches of b > 1: removing one record re-cuts every
+    later micro-batch (15 C of influence for 16 micro-batches in the review)
+    while the noise is calibrated to C."""
+    with pytest.raises(ValueError, match="batch_size` must be 1"):
+        _manager(batch=3)
 
 
 def test_step_clips_accumulates_and_step_for_lot_applies_the_mean():
@@ -169,13 +177,13 @@ def test_step_clips_accumulates_and_step_for_lot_applies_the_mean():
 
 
 def test_noise_std_is_c_sigma_times_batch_over_lot():
-    manager = _manager(lot=40, batch=2, clip=0.5)
+    manager = _manager(lot=40, batch=1, clip=0.5)
     cls, _, _ = manager.privatize(noise_multiplier=2.0)
     optimizer = cls(learning_rate=1.0)
     v = tf.Variable(tf.zeros(20000))
     optimizer.step([tf.zeros(20000)], [v])
     optimizer.step_for_lot()
-    assert float(tf.math.reduce_std(v)) == pytest.approx(0.5 * 2.0 * 2 / 40, rel=0.03)
+    assert float(tf.math.reduce_std(v)) == pytest.approx(0.5 * 2.0 * 1 / 40, rel=0.03)
 
 
 def test_lot_loader_applies_every_lot_including_the_last():
@@ -210,10 +218,9 @@ def test_the_tutorial_loop_trains_and_counts_in_the_accountant():
     )
     x = np.random.default_rng(0).random((400, 4)).astype("float32")
     y = (x.sum(axis=1) > 2).astype("int64")
-    # Micro-batches of 10 (not 1) keep the eager loop short; epsilon depends on
-    # sigma, q and the number of lots only.
+    # Epsilon depends on sigma, q and the number of lots only.
     manager = DPSGDManager(
-        accountant, keras.optimizers.SGD, 1.0, (x, y), 40, 10, 10, seed=0
+        accountant, keras.optimizers.SGD, 1.0, (x, y), 40, 1, 10, seed=0
     )
     cls, lot_loader, batch_loader = manager.privatize(noise_multiplier=0.5)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
@@ -263,3 +270,28 @@ def test_refusals():
         _manager(clip=-1.0)
     with pytest.raises(TypeError, match="noise_multiplier"):
         _manager().privatize(noise_multiplier=True)
+
+
+def test_restoring_a_checkpoint_does_not_replay_the_noise(tmp_path):
+    """The noise generator was a tracked attribute of the optimizer: restoring
+    a tf.train.Checkpoint restored its state and replayed the noise (corr 1)."""
+    cls, _, _ = _manager(lot=1, seed=0).privatize(noise_multiplier=1.0)
+    optimizer = cls(learning_rate=1.0)
+    v = tf.Variable(tf.zeros(4096))
+    optimizer.build([v])
+    checkpoint = tf.train.Checkpoint(optimizer=optimizer, v=v)
+    path = checkpoint.save(str(tmp_path / "ckpt"))
+
+    def noise(lots):
+        draws = []
+        for _ in range(lots):
+            before = v.numpy().copy()
+            optimizer.step_for_lot()  # no step: a noise-only lot
+            draws.append(v.numpy() - before)
+        return draws
+
+    first = noise(3)
+    checkpoint.restore(path)
+    again = noise(3)
+    corr = np.corrcoef(np.stack([*first, *again]))[:3, 3:]
+    assert np.max(np.abs(corr)) < 5 / np.sqrt(4096)
