@@ -36,6 +36,22 @@ _PACKAGE = "deel_lipdp_ext"
 _SAMPLE_MIXING = (keras.layers.BatchNormalization,)
 
 
+def _check_network(model: keras.Model, probe: bool = True) -> None:
+    """Refuse layers that mix the examples of a batch, compute in another dtype
+    than float32, or (probe: an eager forward pass) write non-trainable state
+    in training. Run at construction, and again once the network is built (a
+    lazily built network creates its sublayers then)."""
+    for layer in all_sublayers(model):
+        if isinstance(layer, _SAMPLE_MIXING):
+            raise ValueError(
+                f"Layer {layer.name!r} ({type(layer).__name__}) mixes the examples "
+                "of a batch: per-example gradients would not be per example."
+            )
+    check_float32_compute([model, *all_sublayers(model)], "DPSGDModel")
+    if probe:
+        _refuse_training_state(model)
+
+
 def _refuse_training_state(model: keras.Model) -> None:
     """Refuse a model whose training forward pass writes a non-trainable
     variable (a batch statistic, a counter...): that write would be a release
@@ -48,7 +64,12 @@ def _refuse_training_state(model: keras.Model) -> None:
     inputs = getattr(model, "inputs", None)
     if not model.built or not inputs or None in tuple(inputs[0].shape[1:]):
         return
-    state = [(v, v.numpy().copy()) for v in model.non_trainable_variables]
+    # Random-number generators' states (Dropout's) move in training: public.
+    state = [
+        (v, v.numpy().copy())
+        for v in model.non_trainable_variables
+        if "seed_generator" not in v.path
+    ]
     probe = tf.random.stateless_normal((2, *inputs[0].shape[1:]), seed=(0, 1))
     model(probe, training=True)
     changed = [v.path for v, before in state if not np.array_equal(v.numpy(), before)]
@@ -122,14 +143,9 @@ class DPSGDModel(PrivateModel, keras.Model):
                 "`l2_norm_clip` must be a positive finite number. "
                 f"Received: l2_norm_clip={l2_norm_clip!r}"
             )
-        for layer in all_sublayers(model):
-            if isinstance(layer, _SAMPLE_MIXING):
-                raise ValueError(
-                    f"Layer {layer.name!r} ({type(layer).__name__}) mixes the examples "
-                    "of a batch: per-example gradients would not be per example."
-                )
-        check_float32_compute([model, *all_sublayers(model)], "DPSGDModel")
-        _refuse_training_state(model)
+        if not model.built:  # its sublayers exist once built: check them all
+            model.build((None, *dataset_metadata.input_shape))
+        _check_network(model)
         self.model = model
         self.l2_norm_clip = float(l2_norm_clip)
         self._init_privacy(
@@ -147,6 +163,7 @@ class DPSGDModel(PrivateModel, keras.Model):
     def build(self, input_shape):
         if not self.model.built:
             self.model.build(input_shape)
+            _check_network(self.model)
         self.built = True
 
     def _per_example_losses(self, y, y_pred) -> tf.Tensor:
@@ -258,6 +275,7 @@ class DPSGDModel(PrivateModel, keras.Model):
 
     def train_step(self, data):
         self._check_strategy()
+        _check_network(self.model, probe=False)  # sublayers made since (lazily)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x, y, weight = sanitize_batch(
             x,

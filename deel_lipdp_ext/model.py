@@ -20,6 +20,7 @@ saved with the model.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Sequence
 
 import keras
@@ -377,6 +378,19 @@ class DPTrainer(PrivateModel):
                 "input-norm check cannot run under XLA (jit_compile=True). Use "
                 "enforce_clipping=True or compile with jit_compile=False."
             )
+        inputs = getattr(self, "inputs", None) or []
+        built_shape = tuple(inputs[0].shape[1:]) if inputs else None
+        if built_shape is not None and built_shape != tuple(
+            self.dataset_metadata.input_shape
+        ):
+            raise ValueError(
+                f"{type(self).__name__} takes inputs of shape {built_shape} but "
+                "dataset_metadata.input_shape is "
+                f"{tuple(self.dataset_metadata.input_shape)}: the bounds are "
+                "computed for the built shape, the data checked against the "
+                "metadata's. Make them equal."
+            )
+        self._claim_layers()
         declared = self.dataset_metadata.input_bound
         if (
             not first.enforce_clipping
@@ -396,6 +410,27 @@ class DPTrainer(PrivateModel):
                         f"Trainable variable '{variable.path}' has no gradient bound: "
                         "no DP layer of the chain owns it."
                     )
+
+    def _claim_layers(self) -> None:
+        """A layer belongs to one DP model: the ledger of the steps that
+        trained its weights lives in that model's plan, so another DP model
+        built from the same layer objects would report an epsilon that forgets
+        them. (Weights travel between models by save/load, with the ledger.)
+
+        Raises:
+            ValueError: a layer already claimed by another live DP model.
+        """
+        for layer, _ in walk_layers(self.dp_layers):
+            owner = getattr(layer, "_dp_owner", None)
+            owner = owner() if owner is not None else None
+            if owner is not None and owner is not self._privacy_plan:
+                raise ValueError(
+                    f"Layer '{layer.name}' belongs to another DP model, whose "
+                    "privacy plan accounts the steps that trained it. Build the "
+                    "new model from fresh layers and load the weights "
+                    "(save_weights/load_weights carry the ledger)."
+                )
+            layer._dp_owner = weakref.ref(self._privacy_plan)
 
     # ----------------------------------------------------------------- bounds
     def _num_outputs(self) -> int:

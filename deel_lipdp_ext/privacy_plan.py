@@ -237,6 +237,17 @@ class PrivacyPlan:
         )
         self._shadow_size = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._shadow_lineage = tf.Variable(0, dtype=tf.int64, trainable=False)
+        # The saved state at this process's first record (where the shadow
+        # starts): restoring exactly it is restoring the start of this process.
+        self._base_table = tf.Variable(
+            np.zeros((LEDGER_CAPACITY, 5)), dtype=tf.float64, trainable=False
+        )
+        self._base_size = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._base_lineage = tf.Variable(-1, dtype=tf.int64, trainable=False)
+        # At this process's first record the run takes this lineage, and the
+        # shadow starts from the saved rows: only state saved after that point
+        # is "the same run" (a restore from before it is summed, safely).
+        self._process_lineage = secrets.randbits(62)
         seed = None if self.dp_parameters is None else self.dp_parameters.seed
         self._key = _noise_key(seed)
 
@@ -483,16 +494,49 @@ class PrivacyPlan:
                 tf.cast(sampling, tf.float64),
             ]
         )
-        fresh_shadow = tf.equal(self._shadow_size.read_value(), 0)
-        self._shadow_lineage.assign(
+        fresh = tf.equal(tf.convert_to_tensor(self._shadow_size), 0)
+        for base, saved_state in (
+            (self._base_table, self.ledger_table),
+            (self._base_size, self.ledger_size),
+            (self._base_lineage, self.lineage),
+        ):
+            base.assign(
+                tf.where(
+                    fresh,
+                    tf.convert_to_tensor(saved_state),
+                    tf.convert_to_tensor(base),
+                )
+            )
+        self._shadow_table.assign(
             tf.where(
-                fresh_shadow,
-                tf.convert_to_tensor(self.lineage),
-                tf.convert_to_tensor(self._shadow_lineage),
+                fresh,
+                tf.convert_to_tensor(self.ledger_table),
+                tf.convert_to_tensor(self._shadow_table),
             )
         )
+        self._shadow_size.assign(
+            tf.where(
+                fresh,
+                tf.convert_to_tensor(self.ledger_size),
+                tf.convert_to_tensor(self._shadow_size),
+            )
+        )
+        process = tf.constant(self._process_lineage, tf.int64)
+        # Back at exactly the start state (a restore of it): the shadow holds
+        # everything since, so the saved ledger rejoins this process's run.
+        at_base = (
+            tf.equal(tf.convert_to_tensor(self.lineage), self._base_lineage)
+            & tf.equal(tf.convert_to_tensor(self.ledger_size), self._base_size)
+            & tf.reduce_all(
+                tf.equal(tf.convert_to_tensor(self.ledger_table), self._base_table)
+            )
+        )
+        self.lineage.assign(
+            tf.where(fresh | at_base, process, tf.convert_to_tensor(self.lineage))
+        )
+        self._shadow_lineage.assign(process)
         saved = _upsert(self.ledger_table, self.ledger_size, key, count)
-        shadow = _upsert(self._shadow_table, self._shadow_size, key, count)
+        shadow = _upsert(self._shadow_table, self._shadow_size, key, count, saved)
         return saved & shadow
 
     # --------------------------------------------------------------- data
@@ -634,20 +678,32 @@ class PrivacyPlan:
         """Everything that ran, one `Release` per distinct mechanism (gradient
         steps included, under the name `GRADIENT_STEPS`).
 
-        The saved ledger and this process's shadow ledger are combined: for the
-        same run (lineage) each row counts the most either saw (a rollback
-        does not undo what ran); for a model loaded from another run after
-        this one took steps, the counts add up (both runs composed).
+        The saved ledger and this process's shadow ledger (which starts from
+        the saved rows at this process's first record) are combined: if the
+        saved state was written by this process after that point (same
+        lineage), each row counts the most either saw (a rollback does not
+        undo what ran); if it is exactly the state this process started from,
+        the shadow holds everything; otherwise (another run, or an older
+        state) the counts add up: over-counting, never under.
         """
         saved = _rows(self.ledger_table, self.ledger_size)
         shadow = _rows(self._shadow_table, self._shadow_size)
-        same_run = int(self._shadow_lineage.numpy()) == int(self.lineage.numpy())
-        combined = dict(saved)
-        for key, count in shadow.items():
-            if same_run:
-                combined[key] = max(combined.get(key, 0), count)
-            else:
-                combined[key] = combined.get(key, 0) + count
+        lineage = int(self.lineage.numpy())
+        if not shadow:  # nothing ran in this process
+            combined = saved
+        elif lineage == int(self._shadow_lineage.numpy()):  # saved after it
+            combined = {
+                key: max(saved.get(key, 0), shadow.get(key, 0))
+                for key in dict.fromkeys([*saved, *shadow])
+            }
+        elif lineage == int(self._base_lineage.numpy()) and saved == _rows(
+            self._base_table, self._base_size
+        ):  # exactly the state this process started from: the shadow holds it
+            combined = shadow
+        else:  # another run, or an earlier state: both counted (never under)
+            combined = {
+                key: saved.get(key, 0) + shadow.get(key, 0) for key in {*saved, *shadow}
+            }
         return tuple(
             Release(
                 _RELEASE_NAMES[mechanism],
@@ -828,10 +884,10 @@ class PrivacyPlan:
         return int(self.steps.numpy()) // self.dataset_metadata.nb_steps_per_epoch
 
 
-def _upsert(table_var, size_var, key: tf.Tensor, count) -> tf.Tensor:
+def _upsert(table_var, size_var, key: tf.Tensor, count, enabled=True) -> tf.Tensor:
     """Add `count` to the row of a ledger table whose (mechanism, parameter,
     rate, sampling) is `key`, appending it if absent (graph or eager).
-    Returns False (and changes nothing) if the table is full."""
+    Returns False (and changes nothing) if the table is full or not `enabled`."""
     table = tf.convert_to_tensor(table_var)
     size = tf.convert_to_tensor(size_var)
     used = tf.range(LEDGER_CAPACITY, dtype=tf.int64) < size
@@ -839,7 +895,7 @@ def _upsert(table_var, size_var, key: tf.Tensor, count) -> tf.Tensor:
     matches = tf.reduce_all(columns == key, axis=1) & used
     found = tf.reduce_any(matches)
     index = tf.where(found, tf.argmax(tf.cast(matches, tf.int64)), size)
-    recorded = index < LEDGER_CAPACITY
+    recorded = (index < LEDGER_CAPACITY) & tf.convert_to_tensor(enabled)
     safe_index = tf.minimum(index, LEDGER_CAPACITY - 1)
     old = tf.where(found, table[safe_index], tf.zeros(5, tf.float64))
     row = tf.stack([key[0], key[1], key[2], old[_COUNT] + count, key[3]])

@@ -51,6 +51,7 @@ Departures:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 
@@ -74,6 +75,9 @@ def _positive_finite(name: str, value) -> float:
             f"`{name}` must be a positive finite number. Received: {name}={value!r}"
         )
     return number
+
+
+_SEEDED_MANAGERS = itertools.count()
 
 
 class _Untracked:
@@ -177,6 +181,11 @@ class DPSGDManager:
         # One root: the lots use it directly, optimizer i its i-th spawned child.
         self._seed_sequence = np.random.SeedSequence(seed)
         self._rng = np.random.default_rng(self._seed_sequence)
+        # The noise streams also fold in how many seeded managers this process
+        # made: two managers from one seed never share noise.
+        self._noise_seeds = np.random.SeedSequence(
+            None if seed is None else [seed, next(_SEEDED_MANAGERS)]
+        )
 
     @property
     def sampling_rate(self) -> float:
@@ -184,7 +193,7 @@ class DPSGDManager:
 
     def _new_noise_generator(self) -> tf.random.Generator:
         """A Philox generator on a stream of its own (the next spawned child)."""
-        (child,) = self._seed_sequence.spawn(1)
+        (child,) = self._noise_seeds.spawn(1)
         state = child.generate_state(3, np.uint64).view(np.int64)  # counter, key
         return tf.random.Generator.from_state(state, alg="philox")
 
@@ -212,7 +221,6 @@ class DPSGDManager:
                 super().__init__(*args, **kwargs)
                 self.noise_multiplier = sigma
                 self.l2_norm_clip = clip
-                self._accumulators: list[tf.Variable] | None = None
                 self._dp_variables: list | None = None
                 # Held in a plain object: never tracked, so never checkpointed
                 # (a restored generator state would replay its noise).
@@ -223,9 +231,16 @@ class DPSGDManager:
 
             def _track(self, variables, shapes_of) -> None:
                 self._dp_variables = list(variables)
-                self._accumulators = [
-                    tf.Variable(tf.zeros_like(t), trainable=False) for t in shapes_of
-                ]
+                # Untracked: a checkpoint of the optimizer must never hold the
+                # (noise-free) sum of a lot's clipped gradients.
+                self._accumulator_holder = _Untracked(
+                    [tf.Variable(tf.zeros_like(t), trainable=False) for t in shapes_of]
+                )
+
+            @property
+            def _accumulators(self):
+                holder = getattr(self, "_accumulator_holder", None)
+                return None if holder is None else holder.value
 
             def step(self, gradients, variables) -> None:
                 """Clip the micro-batch gradient to C (global norm) and accumulate."""
@@ -271,6 +286,7 @@ class DPSGDManager:
                     for acc in self._accumulators
                 ]
                 self.apply(noisy, self._dp_variables)
+                self.zero_grad_for_lot()  # nothing of the lot outlives its step
                 manager.accountant.add_step_info(
                     {"sigma": self.noise_multiplier}, manager.sampling_rate, 1
                 )

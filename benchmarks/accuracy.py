@@ -1,0 +1,268 @@
+"""Test accuracy at a given epsilon, side by side: the recommended clipless
+recipe (deel_lipdp_ext.models), the library's DP-SGD on a standard CNN, and the
+same Lipschitz architecture trained without noise (its capacity ceiling).
+
+    python benchmarks/accuracy.py                      # digits and MNIST, eps 1 3 8
+    python benchmarks/accuracy.py --datasets digits    # the bundled digits only
+    python benchmarks/accuracy.py --quick              # smoke run (the test suite)
+
+MNIST is read from a local .npz (`--mnist`, default ../shared/data/mnist.npz:
+uint8 images, the standard 60k/10k split); nothing is downloaded. Every DP run
+uses Poisson batches (secret seeds), delta = 1e-5, and a noise multiplier
+calibrated through the model's privacy plan for the planned epochs, so the
+reported epsilon (RDP) is that of the run. Prints a table and writes
+`benchmarks/results/accuracy.json`: one row per run with dataset, method
+(clipless | dpsgd | nonprivate), target_epsilon, epsilon, test_accuracy,
+epochs, seconds_per_epoch, parameters and the settings used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import keras  # noqa: E402
+from speed import write_result  # noqa: E402
+
+from deel_lipdp_ext import DPParameters  # noqa: E402
+from deel_lipdp_ext.callbacks import DP_Accountant  # noqa: E402
+from deel_lipdp_ext.data import load_digits_dataset, load_npz_dataset  # noqa: E402
+from deel_lipdp_ext.dpsgd import DPSGDModel  # noqa: E402
+from deel_lipdp_ext.models import PRESETS, Recipe, recipe  # noqa: E402
+
+DELTA = 1e-5
+DEFAULT_MNIST = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)),
+    "..",
+    "..",
+    "shared",
+    "data",
+    "mnist.npz",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One dataset's configurations."""
+
+    preset: str
+    preset_kwargs: dict
+    clipless: Recipe
+    nonprivate: Recipe
+    dpsgd: dict  # batch_size, epochs, learning_rate, l2_norm_clip
+
+
+SETTINGS = {
+    "digits": Setting(
+        preset="small_cnn",
+        preset_kwargs={"channels": (16,)},
+        clipless=recipe("small_cnn", 1437),
+        nonprivate=Recipe(batch_size=64, epochs=30, learning_rate=3e-3, tau=64.0),
+        dpsgd={"batch_size": 256, "epochs": 30, "learning_rate": 1.0, "clip": 1.0},
+    ),
+    "mnist": Setting(
+        preset="small_cnn",
+        preset_kwargs={},
+        clipless=recipe("small_cnn", 60000),
+        nonprivate=Recipe(batch_size=256, epochs=10, learning_rate=3e-3, tau=64.0),
+        dpsgd={"batch_size": 1024, "epochs": 10, "learning_rate": 1.0, "clip": 1.0},
+    ),
+}
+
+
+def load(dataset: str, batch_size: int, mnist: str, for_dpsgd: bool, quick: bool):
+    """Poisson batches of the dataset. The clipless models see each image
+    scaled to L2 norm 1; DP-SGD sees the pixels in [0, 1] (a clip at 28, the
+    largest possible norm, changes nothing)."""
+    kwargs = (
+        {"input_bound": 28.0, "preprocessing": "clip"}
+        if for_dpsgd
+        else {"input_bound": 1.0, "preprocessing": "normalize"}
+    )
+    if dataset == "digits":
+        return load_digits_dataset(batch_size=batch_size, **kwargs)
+    if quick:
+        raise ValueError("--quick runs the digits only")
+    return load_npz_dataset(mnist, batch_size=batch_size, **kwargs)
+
+
+def tanh_cnn(input_shape, num_classes: int) -> keras.Model:
+    """The standard DP-SGD CNN (Papernot et al. 2021; Tramer & Boneh 2021):
+    two tanh convolutions with max pooling, a tanh dense layer (~26k
+    parameters on 28x28)."""
+    small = input_shape[0] < 16
+    return keras.Sequential(
+        [
+            keras.Input(input_shape),
+            keras.layers.Conv2D(
+                16,
+                3 if small else 8,
+                strides=1 if small else 2,
+                padding="same",
+                activation="tanh",
+            ),
+            keras.layers.MaxPooling2D(2, 1),
+            keras.layers.Conv2D(
+                32,
+                3 if small else 4,
+                strides=1 if small else 2,
+                padding="valid",
+                activation="tanh",
+            ),
+            keras.layers.MaxPooling2D(2, 1),
+            keras.layers.Flatten(),
+            keras.layers.Dense(32, activation="tanh"),
+            keras.layers.Dense(num_classes),
+        ]
+    )
+
+
+def _fit(model, train, test, epochs: int, dp: bool) -> tuple[float, float, float]:
+    callbacks = [DP_Accountant()] if dp else []
+    start = time.perf_counter()
+    history = model.fit(
+        train, epochs=epochs, validation_data=test, verbose=0, callbacks=callbacks
+    )
+    seconds = (time.perf_counter() - start) / epochs
+    epsilon = history.history["epsilon"][-1] if dp else float("inf")
+    return float(history.history["val_accuracy"][-1]), float(epsilon), seconds
+
+
+def run_clipless(dataset, setting, target, mnist, quick, epochs=None) -> dict:
+    settings = setting.clipless if target is not None else setting.nonprivate
+    epochs = epochs or settings.epochs
+    train, test, meta = load(dataset, settings.batch_size, mnist, False, quick)
+    preset = PRESETS[setting.preset]
+    model = preset(
+        meta.input_shape,
+        meta.num_classes,
+        dp_parameters=DPParameters(1.0, DELTA),
+        dataset_metadata=meta,
+        **setting.preset_kwargs,
+    )
+    if target is None:
+        model.set_noise_multiplier(1e-9)  # the same network, noise practically off
+    else:
+        model.set_noise_multiplier(
+            model.privacy_plan.calibrate_noise_multiplier(
+                target, epochs, tolerance=1e-3
+            )
+        )
+    compile_args = dataclasses.replace(settings, epochs=epochs).compile_arguments(meta)
+    model.compile(**compile_args)
+    accuracy, epsilon, seconds = _fit(model, train, test, epochs, target is not None)
+    return {
+        "method": "clipless" if target is not None else "nonprivate",
+        "test_accuracy": accuracy,
+        "epsilon": epsilon if target is not None else None,
+        "epochs": epochs,
+        "seconds_per_epoch": seconds,
+        "parameters": int(model.count_params()),
+        "noise_multiplier": model.dp_parameters.noise_multiplier,
+        "batch_size": settings.batch_size,
+        "settings": {
+            "preset": setting.preset,
+            **setting.preset_kwargs,
+            **dataclasses.asdict(settings),
+        },
+        "sampling": list(model.privacy_plan.samplings()),
+    }
+
+
+def run_dpsgd(dataset, setting, target, mnist, quick, epochs=None) -> dict:
+    config = dict(setting.dpsgd)
+    epochs = epochs or config["epochs"]
+    train, test, meta = load(dataset, config["batch_size"], mnist, True, quick)
+    net = tanh_cnn(meta.input_shape, meta.num_classes)
+    model = DPSGDModel(net, DPParameters(1.0, DELTA), meta, config["clip"])
+    model.set_noise_multiplier(
+        model.privacy_plan.calibrate_noise_multiplier(target, epochs, tolerance=1e-3)
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(config["learning_rate"], momentum=0.9),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    accuracy, epsilon, seconds = _fit(model, train, test, epochs, True)
+    return {
+        "method": "dpsgd",
+        "test_accuracy": accuracy,
+        "epsilon": epsilon,
+        "epochs": epochs,
+        "seconds_per_epoch": seconds,
+        "parameters": int(net.count_params()),
+        "noise_multiplier": model.dp_parameters.noise_multiplier,
+        "batch_size": config["batch_size"],
+        "settings": {"network": "tanh_cnn", **config},
+        "sampling": list(model.privacy_plan.samplings()),
+    }
+
+
+def table(rows) -> str:
+    lines = [
+        f"{'dataset':<8} {'method':<11} {'target':>6} {'epsilon':>8} {'test acc':>9} "
+        f"{'epochs':>6} {'s/epoch':>8} {'params':>8}"
+    ]
+    for r in rows:
+        target = "-" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}"
+        eps = "-" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
+        lines.append(
+            f"{r['dataset']:<8} {r['method']:<11} {target:>6} {eps:>8} "
+            f"{r['test_accuracy']:>9.4f} {r['epochs']:>6} "
+            f"{r['seconds_per_epoch']:>8.1f} {r['parameters']:>8}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--datasets", nargs="+", default=["digits", "mnist"], choices=sorted(SETTINGS)
+    )
+    parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 8.0])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["clipless", "dpsgd", "nonprivate"],
+        choices=["clipless", "dpsgd", "nonprivate"],
+    )
+    parser.add_argument("--mnist", default=DEFAULT_MNIST)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="digits, epsilon 3, one epoch per run: a smoke test",
+    )
+    parser.add_argument("--output", default="benchmarks/results/accuracy.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.datasets, args.epsilons = ["digits"], [3.0]
+    epochs = 1 if args.quick else None
+    keras.utils.set_random_seed(0)  # initialisations; noise and batches stay secret
+    rows = []
+    for dataset in args.datasets:
+        setting = SETTINGS[dataset]
+        runs = []
+        if "nonprivate" in args.methods:
+            runs.append((None, run_clipless))
+        for target in args.epsilons:
+            if "clipless" in args.methods:
+                runs.append((target, run_clipless))
+            if "dpsgd" in args.methods:
+                runs.append((target, run_dpsgd))
+        for target, run in runs:
+            row = run(dataset, setting, target, args.mnist, args.quick, epochs)
+            rows.append({"dataset": dataset, "target_epsilon": target, **row})
+            print(table(rows[-1:]).splitlines()[1], flush=True)
+    print(table(rows))
+    write_result(args.output, {"delta": DELTA, "quick": args.quick, "rows": rows})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
