@@ -30,6 +30,7 @@ from keras.src.ops.function import make_node_key
 from keras.src.trainers.data_adapters import data_adapter_utils
 from keras.src.utils import python_utils
 
+from .augmentation import check_augmentation, mean_over_copies, repeat_and_augment
 from .bounds import (
     check_dp_chain,
     compute_gradient_bounds,
@@ -49,6 +50,13 @@ from .privacy_plan import (
 
 _PACKAGE = "deel_lipdp_ext"
 _DP_CONFIG_KEYS = ("dp_parameters", "dataset_metadata")
+
+
+class _Untracked:
+    """A plain holder, invisible to Keras's and TensorFlow's tracking."""
+
+    def __init__(self, value):
+        self.value = value
 
 
 def _finite_rows(t: tf.Tensor) -> tf.Tensor:
@@ -313,6 +321,9 @@ class PrivateModel(HasPrivacyPlan):
         config.pop("privacy_ledger", None)  # older files: the ledger is a weight now
         dp = {k: config.pop(k, None) for k in _DP_CONFIG_KEYS}
         dp["report_train_metrics"] = bool(config.pop("report_train_metrics", False))
+        for key in ("augmentation", "augmentation_multiplicity"):
+            if key in config:
+                dp[key] = config.pop(key)
         return config, dp
 
 
@@ -320,7 +331,12 @@ class DPTrainer(PrivateModel):
     """The clipless DP train step, mixed into a Keras model."""
 
     def _init_dp(
-        self, dp_parameters, dataset_metadata, report_train_metrics=False
+        self,
+        dp_parameters,
+        dataset_metadata,
+        report_train_metrics=False,
+        augmentation=None,
+        augmentation_multiplicity: int = 1,
     ) -> None:
         self._dp_loss = None
         self._init_privacy(
@@ -331,6 +347,41 @@ class DPTrainer(PrivateModel):
                 self._coefficients()[v.path] for v in self.trainable_variables
             ],
         )
+        self._set_augmentation(augmentation, augmentation_multiplicity)
+
+    def _set_augmentation(self, augmentation, multiplicity: int) -> None:
+        """Check and keep the per-sample augmentation (`augmentation` module)."""
+        if isinstance(augmentation, dict):
+            augmentation = keras.saving.deserialize_keras_object(augmentation)
+        if augmentation is not None or multiplicity != 1:
+            meta = self._privacy_plan.dataset_metadata
+            if meta is None:
+                raise ValueError(
+                    "Augmentation needs `dataset_metadata` (its input shape)."
+                )
+            check_augmentation(augmentation, multiplicity, meta.input_shape)
+        # Held untracked: as an attribute, a Keras layer would join the
+        # model's layers (and a Sequential's chain).
+        self._augmentation = _Untracked(augmentation)
+        self.augmentation_multiplicity = multiplicity
+
+    def _dp_config(self) -> dict:
+        augmentation = self.augmentation
+        return {
+            **super()._dp_config(),
+            "augmentation": None
+            if augmentation is None
+            else keras.saving.serialize_keras_object(augmentation),
+            "augmentation_multiplicity": self.augmentation_multiplicity,
+        }
+
+    def _restore_dp(self, dp: dict) -> None:
+        """Set the DP configuration read back by `from_config`."""
+        self.report_train_metrics = dp.pop("report_train_metrics")
+        augmentation = dp.pop("augmentation", None)
+        multiplicity = dp.pop("augmentation_multiplicity", None) or 1
+        self.privacy_plan.configure(**dp)
+        self._set_augmentation(augmentation, multiplicity)
 
     # ----------------------------------------------------------------- checks
     @property
@@ -506,14 +557,40 @@ class DPTrainer(PrivateModel):
             per_sample = per_sample * tf.cast(weight, per_sample.dtype)
         return per_sample
 
+    @property
+    def augmentation(self):
+        """The per-sample augmentation of the train step (None: none)."""
+        return self._augmentation.value
+
+    def sample_losses(self, x, y, weight=None) -> tuple[tf.Tensor, tf.Tensor]:
+        """`(w_i * loss_i` per sample (batch,), predictions)` of a training
+        forward pass: with augmentation multiplicity K, loss_i is the mean of
+        sample i's loss over K augmented copies of it (each bounded by the
+        first layer, so the per-sample bound holds for the mean), and the
+        predictions are those of the copies (batch * K rows)."""
+        k = self.augmentation_multiplicity
+        if self.augmentation is not None and not self.dp_layers[0].enforce_clipping:
+            raise ValueError(
+                "Augmentation can raise a sample's norm: the first layer must "
+                "project onto the input ball (DP_BoundedInput(enforce_clipping=True))."
+            )
+        copies = repeat_and_augment(x, self.augmentation, k)
+        y_pred = self(copies, training=True)
+        labels = tf.repeat(y, k, axis=0) if k > 1 else y
+        per_copy = self.per_sample_losses(labels, y_pred)
+        per_sample = mean_over_copies(per_copy, k)
+        if weight is not None:
+            per_sample = per_sample * tf.cast(weight, per_sample.dtype)
+        return per_sample, y_pred
+
     def train_step(self, data):
         self._check_dp_ready()
         plan = self._privacy_plan
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
         x, y, weight = self.sanitize_batch(x, y, sample_weight)
         with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            loss = tf.reduce_sum(self.per_sample_losses(y, y_pred, weight))
+            per_sample, y_pred = self.sample_losses(x, y, weight)
+            loss = tf.reduce_sum(per_sample)
         variables = self.trainable_variables
         summed = tape.gradient(loss, variables)
         bounds = self.compute_gradient_bounds(int(y_pred.shape[-1]))
@@ -525,6 +602,8 @@ class DPTrainer(PrivateModel):
         )
         self.optimizer.apply(plan.privatize(summed, variables, groups), variables)
         self._project()
+        if self.augmentation_multiplicity > 1:  # metrics on the first copies
+            y_pred = y_pred[:: self.augmentation_multiplicity]
         return self._train_logs(loss, x, y, y_pred, weight, groups)
 
 
@@ -542,6 +621,10 @@ class DPSequential(DPTrainer, keras.Sequential):
             the logs. They are computed from the private batches WITHOUT noise,
             so the epsilon does not cover them: off by default (validation
             metrics, on held-out data, are always reported).
+        augmentation: a Keras layer (e.g. a Sequential of random preprocessing
+            layers) applied to each sample in the train step.
+        augmentation_multiplicity: K; each sample's loss is the mean over K
+            augmented copies of it (the bound and the noise are unchanged).
         name: model name.
 
     Raises (at compile or first step, before any update):
@@ -559,10 +642,18 @@ class DPSequential(DPTrainer, keras.Sequential):
         dp_parameters=None,
         dataset_metadata=None,
         report_train_metrics: bool = False,
+        augmentation: keras.layers.Layer | None = None,
+        augmentation_multiplicity: int = 1,
         **kwargs,
     ):
         keras.Sequential.__init__(self, layers=layers, **kwargs)
-        self._init_dp(dp_parameters, dataset_metadata, report_train_metrics)
+        self._init_dp(
+            dp_parameters,
+            dataset_metadata,
+            report_train_metrics,
+            augmentation,
+            augmentation_multiplicity,
+        )
 
     @property
     def dp_layers(self) -> list:
@@ -575,8 +666,7 @@ class DPSequential(DPTrainer, keras.Sequential):
     def from_config(cls, config, custom_objects=None):
         config, dp = cls._split_dp_config(config)
         model = super().from_config(config, custom_objects=custom_objects)
-        model.report_train_metrics = dp.pop("report_train_metrics")
-        model.privacy_plan.configure(**dp)
+        model._restore_dp(dp)
         return model
 
 
@@ -648,6 +738,8 @@ class DPModel(DPTrainer, Functional):
         dataset_metadata = kwargs.pop("dataset_metadata", None)
         dp_layers = kwargs.pop("dp_layers", None)
         report_train_metrics = kwargs.pop("report_train_metrics", False)
+        augmentation = kwargs.pop("augmentation", None)
+        multiplicity = kwargs.pop("augmentation_multiplicity", 1)
         Functional.__init__(self, inputs=inputs, outputs=outputs, name=name, **kwargs)
         self._chain = _functional_chain(self)
         if dp_layers is not None and [id(x) for x in dp_layers] != [
@@ -658,7 +750,13 @@ class DPModel(DPTrainer, Functional):
                 f"Received: {[x.name for x in dp_layers]}; graph: "
                 f"{[x.name for x in self._chain]}"
             )
-        self._init_dp(dp_parameters, dataset_metadata, report_train_metrics)
+        self._init_dp(
+            dp_parameters,
+            dataset_metadata,
+            report_train_metrics,
+            augmentation,
+            multiplicity,
+        )
 
     @property
     def dp_layers(self) -> list:
@@ -671,8 +769,7 @@ class DPModel(DPTrainer, Functional):
     def from_config(cls, config, custom_objects=None):
         config, dp = cls._split_dp_config(config)
         model = functional_from_config(cls, config, custom_objects=custom_objects)
-        model.report_train_metrics = dp.pop("report_train_metrics")
-        model.privacy_plan.configure(**dp)
+        model._restore_dp(dp)
         return model
 
 

@@ -67,7 +67,7 @@ def per_sample_gradient_norms(model, x, y, weight=None) -> dict[str, tf.Tensor]:
     )
     variables = model.trainable_variables
     with tf.GradientTape() as tape:
-        per_sample = model.per_sample_losses(y, model(x, training=True), w)
+        per_sample, _ = model.sample_losses(x, y, w)
     jacobians = tape.jacobian(per_sample, variables, experimental_use_pfor=True)
     norms = {}
     for v, jac in zip(variables, jacobians, strict=True):

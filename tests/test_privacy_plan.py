@@ -250,3 +250,36 @@ def test_privacy_plan_of_accepts_a_dp_model_or_a_plan_only():
     assert isinstance(model.privacy_plan, PrivacyPlan)
     with pytest.raises(TypeError, match="DP model"):
         privacy_plan_of(keras.Sequential())
+
+
+def test_max_epochs_and_the_curve_plan_the_mechanism_that_runs():
+    """Per-layer noise and a clipping callback's planned releases included:
+    n epochs fit the budget, n + 1 do not, and the curve agrees."""
+    n, b = 400, 40
+    x, y = unit_samples(n, (8, 8, 1)), one_hot(np.arange(n))
+    model = dp_model(
+        [
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_Flatten(),
+            L.DP_QuickSpectralDense(32, nm_coef=1.0),
+            L.DP_ClipGradient(1.0, mode="dynamic"),
+            L.DP_GroupSort(2),
+            L.DP_QuickSpectralDense(10, nm_coef=0.5),
+        ],
+        sigma=6.0,
+        strategy="per-layer",
+        n=n,
+        batch_size=b,
+    )
+    clipping = AdaptiveQuantileClipping(
+        poisson_batches(x, y, b), patience=2, noise_multiplier=6.0
+    )
+    clipping.set_model(model)
+    plan = model.privacy_plan
+    epochs = plan.max_epochs(4.0)
+    assert epochs >= 3
+    curve = plan.epsilon_curve(epochs + 1)
+    assert curve[epochs - 1] <= 4.0 < curve[epochs]
+    assert curve[epochs - 1] == pytest.approx(
+        plan.epsilon(planned=plan.planned_ledger(epochs)), rel=1e-9
+    )
