@@ -18,9 +18,14 @@ def _parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=None,
-        help="expected batch size (default: the whole training set)",
+        help="expected batch size (default: the recipe's, 512)",
     )
-    demo.add_argument("--learning-rate", type=float, default=0.3)
+    demo.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="Adam's initial learning rate (default: the recipe's)",
+    )
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument(
         "--seed",
@@ -29,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         help="fix the noise and the batches (reproducible, not secret); "
         "default: operating-system entropy",
     )
-    demo.add_argument("--accountant", choices=["rdp", "pld"], default="rdp")
+    demo.add_argument("--accountant", choices=["rdp", "pld"], default="pld")
     demo.add_argument("--verbose", type=int, default=1)
     for name in ("epsilon", "calibrate"):
         p = sub.add_parser(name, help=f"{name} for a Poisson-subsampled Gaussian run")

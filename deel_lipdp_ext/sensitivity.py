@@ -23,16 +23,25 @@ TOLERANCE = 1e-4
 
 @dataclass(frozen=True)
 class VariableCheck:
-    """One variable's result: the largest per-sample gradient norm seen, its bound."""
+    """One variable's result: the largest and the mean per-sample gradient
+    norm seen, and its bound."""
 
     path: str
     max_norm: float
     bound: float
+    mean_norm: float = float("nan")
 
     @property
     def ratio(self) -> float:
         """Tightness max_norm / bound; must stay <= 1 (+ tolerance)."""
         return self.max_norm / self.bound if self.bound > 0 else float("inf")
+
+    @property
+    def mean_ratio(self) -> float:
+        """mean_norm / bound: how much of the bound (hence of the noise) a
+        typical sample uses. A variable far below 1 is a candidate for a larger
+        `nm_coef` under the per-layer strategy."""
+        return self.mean_norm / self.bound if self.bound > 0 else float("inf")
 
 
 @dataclass(frozen=True)
@@ -44,10 +53,14 @@ class SensitivityReport:
         return max(r.ratio for r in self.rows)
 
     def table(self) -> str:
-        lines = [f"{'variable':<60} {'max |g|':>11} {'bound':>11} {'ratio':>7}"]
+        lines = [
+            f"{'variable':<60} {'max |g|':>11} {'bound':>11} {'ratio':>7} "
+            f"{'mean ratio':>10}"
+        ]
         for r in self.rows:
             lines.append(
-                f"{r.path:<60} {r.max_norm:11.4e} {r.bound:11.4e} {r.ratio:7.4f}"
+                f"{r.path:<60} {r.max_norm:11.4e} {r.bound:11.4e} {r.ratio:7.4f} "
+                f"{r.mean_ratio:10.4f}"
             )
         return "\n".join(lines)
 
@@ -99,7 +112,8 @@ def gradient_norm_check(
         raise_on_violation: raise when a ratio exceeds 1 + 1e-4.
 
     Returns:
-        A `SensitivityReport` (`.rows`, `.max_ratio`, `.table()`).
+        A `SensitivityReport` (`.rows` with the max and mean norms,
+        `.max_ratio`, `.table()`).
 
     Raises:
         AssertionError: a per-sample gradient norm exceeds its bound (a FALSE
@@ -107,6 +121,8 @@ def gradient_norm_check(
     """
     bounds = {k: float(v) for k, v in model.compute_gradient_bounds().items()}
     maxima = dict.fromkeys(bounds, 0.0)
+    sums = dict.fromkeys(bounds, 0.0)
+    count = 0
     for i, batch in enumerate(_batches(data)):
         if max_batches is not None and i >= max_batches:
             break
@@ -114,9 +130,15 @@ def gradient_norm_check(
         for path, values in norms.items():
             if path not in bounds:
                 raise ValueError(f"Variable '{path}' has no bound.")
-            maxima[path] = max(maxima[path], float(np.max(values.numpy(), initial=0.0)))
+            values = values.numpy()
+            maxima[path] = max(maxima[path], float(np.max(values, initial=0.0)))
+            sums[path] += float(np.sum(values))
+        count += len(values) if norms else 0
     report = SensitivityReport(
-        tuple(VariableCheck(p, maxima[p], bounds[p]) for p in bounds)
+        tuple(
+            VariableCheck(p, maxima[p], bounds[p], sums[p] / max(count, 1))
+            for p in bounds
+        )
     )
     if raise_on_violation:
         for row in report.rows:

@@ -29,7 +29,11 @@ def test_demo_runs_end_to_end_on_a_tiny_setting(tmp_path, capsys):
     assert len(report["epochs"]) == 2
     assert report["final_epsilon"] <= 1.0
     assert 0.0 <= report["final_test_accuracy"] <= 1.0
-    assert all(r <= 1 + 1e-4 for r in report["tightness"].values())
+    tightness = report["tightness"].values()
+    assert all(t["mean_ratio"] <= t["max_ratio"] <= 1 + 1e-4 for t in tightness)
+    assert report["recipe"]["batch_size"] == 400  # the override
+    assert report["recipe"]["noisify_strategy"] == "per-layer"
+    assert report["accountant"] == "pld"
     assert (tmp_path / "report.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "epoch   epsilon" in out and "Tightness" in out

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from deel_lipdp_ext import DPParameters
+from deel_lipdp_ext import layers as L
 from deel_lipdp_ext.models import PRESETS, Recipe, recipe
 from deel_lipdp_ext.sensitivity import gradient_norm_check
 
@@ -37,8 +38,23 @@ def test_presets_train_round_trip_and_keep_their_bounds(name, tmp_path):
     )
 
 
-def test_recipes():
-    assert isinstance(recipe("small_cnn"), Recipe)
-    assert recipe("small_cnn", dataset_size=1437).batch_size == 1437  # full batch
+def test_recipes_pick_the_small_data_variant_and_build_what_they_say():
+    large, small = recipe("small_cnn"), recipe("small_cnn", dataset_size=1437)
+    assert isinstance(large, Recipe) and large.batch_size == 4096
+    assert small.batch_size == 512 and small.model_arguments["channels"] == (8,)
+    assert recipe("small_cnn", dataset_size=300).batch_size == 300  # capped
+    meta = metadata((8, 8, 1), 10, n=1437, batch_size=small.batch_size)
+    params = small.dp_parameters(delta=1e-5)
+    assert params.noisify_strategy == "per-layer" and params.seed is None
+    model = small.build(meta, params)
+    convs = [c for c in model.dp_layers if isinstance(c, L.DP_SpectralConv2D)]
+    assert [(c.filters, c.nm_coef) for c in convs] == [(8, 4.0)]
+    assert isinstance(model.dp_layers[-1], L.DP_ClipGradient)
+    assert model.dp_layers[-1].get_config()["clip_value"] == pytest.approx(0.05)
+    args = small.compile_arguments(meta)
+    assert args["loss"].tau == 64.0
+    assert float(args["optimizer"].learning_rate) == pytest.approx(0.02)
     with pytest.raises(ValueError, match="preset"):
         recipe("resnet")
+    with pytest.raises(ValueError, match="dataset_size"):
+        recipe("small_cnn", dataset_size=0)

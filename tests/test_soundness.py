@@ -258,3 +258,31 @@ def test_train_step_never_weights_a_sample_above_L_over_B(batch):
     # the move equals the sample's own gradient norm over B.
     for path, delta in moved.items():
         assert delta == pytest.approx(float(norms[path][0]) / b, rel=1e-3, abs=1e-7)
+
+
+def test_the_report_s_mean_norm_is_the_mean_over_every_batch_seen():
+    """The mean per-sample norm (the tightness users read to set nm_coef)
+    averages over all batches, and never exceeds the max."""
+    model = dp_model(
+        [
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_Flatten(),
+            L.DP_QuickSpectralDense(4),
+            L.DP_GroupSort(2),
+            L.DP_QuickSpectralDense(3),
+        ],
+        input_shape=(2, 2, 1),
+        num_classes=3,
+    )
+    rng = np.random.default_rng(1)
+    batches = [
+        (inputs_at_bound((2, 2, 1), n, 1.0, rng), one_hot(rng.integers(0, 3, n), 3))
+        for n in (5, 3)
+    ]
+    report = gradient_norm_check(model, batches)
+    norms = [per_sample_gradient_norms(model, *b) for b in batches]
+    for row in report.rows:
+        every = np.concatenate([n[row.path].numpy() for n in norms])
+        assert row.mean_norm == pytest.approx(every.mean(), rel=1e-5)
+        assert row.mean_ratio <= row.ratio
+    assert "mean ratio" in report.table()

@@ -1,4 +1,4 @@
-"""`benchmarks/accuracy.py --quick`: the accuracy benchmark runs end to end."""
+"""`--quick` runs of the accuracy and ablation benchmarks, end to end."""
 
 import json
 import subprocess
@@ -8,17 +8,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_accuracy_benchmark_quick_run_writes_its_table_and_json(tmp_path):
-    output = tmp_path / "accuracy.json"
+def _quick_run(script: str, output: Path) -> tuple[str, list[dict]]:
+    """Run `benchmarks/<script> --quick`; return its stdout and JSON rows."""
     run = subprocess.run(
-        [sys.executable, "benchmarks/accuracy.py", "--quick", "--output", str(output)],
+        [sys.executable, f"benchmarks/{script}", "--quick", "--output", str(output)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
     )
-    assert "dataset  method" in run.stdout
-    rows = json.loads(output.read_text())["rows"]
+    return run.stdout, json.loads(output.read_text())["rows"]
+
+
+def test_accuracy_benchmark_quick_run_writes_its_table_and_json(tmp_path):
+    stdout, rows = _quick_run("accuracy.py", tmp_path / "accuracy.json")
+    assert "dataset  method" in stdout
     assert {r["method"] for r in rows} == {"clipless", "dpsgd", "nonprivate"}
     for row in rows:
         assert set(row) >= {
@@ -33,3 +37,15 @@ def test_accuracy_benchmark_quick_run_writes_its_table_and_json(tmp_path):
         assert 0.0 <= row["test_accuracy"] <= 1.0
         if row["method"] != "nonprivate":
             assert row["epsilon"] <= row["target_epsilon"] == 3.0
+
+
+def test_ablation_benchmark_quick_run_writes_its_table_and_json(tmp_path):
+    stdout, rows = _quick_run("ablation.py", tmp_path / "ablation.json")
+    assert "variant" in stdout
+    assert [r["variant"] for r in rows] == [
+        "recipe",
+        "augmentation multiplicity 4 (shifts)",
+    ]
+    for row in rows:
+        assert row["epsilon"] <= row["target_epsilon"] == 3.0
+        assert 0.0 <= row["test_accuracy"] <= 1.0
