@@ -9,9 +9,15 @@ epsilon are unchanged, while the gradient of each sample is averaged over K
 views of it.
 
 The augmentation runs per sample inside the train step: Keras preprocessing
-layers (`RandomTranslation`, `RandomFlip`, `RandomZoom`, `RandomCrop` with
-padding...) that transform each sample independently and keep its shape.
-Layers that mix samples (MixUp, CutMix) or have weights are refused.
+layers that transform each sample independently and keep its shape, alone or
+in a `keras.Sequential` (`PER_SAMPLE_LAYERS`, matched by exact type: a
+subclass or a Lambda could combine samples, and no check on the outputs can
+prove it does not). Layers that mix samples (MixUp, CutMix) or have weights
+are refused.
+
+With K > 1 copies, a `DP_ClipGradient` clips each copy's row to
+`clip_value / K` (`set_copies_per_sample`): the K rows of one sample then sum
+to at most `clip_value`, the bound it reports.
 """
 
 from __future__ import annotations
@@ -30,13 +36,36 @@ _MIXING = tuple(
 )
 
 
+#: Layers known to transform each sample on its own (deterministically or with
+#: a random draw that does not depend on the data), and the one container
+#: allowed around them.
+PER_SAMPLE_LAYERS = tuple(
+    getattr(keras.layers, name)
+    for name in (
+        "RandomTranslation",
+        "RandomFlip",
+        "RandomRotation",
+        "RandomZoom",
+        "RandomCrop",
+        "RandomContrast",
+        "RandomBrightness",
+        "Rescaling",
+        "Resizing",
+        "CenterCrop",
+        "InputLayer",
+    )
+    if hasattr(keras.layers, name)
+) + (keras.Sequential,)
+
+
 def check_augmentation(augmentation, multiplicity: int, input_shape) -> None:
     """Refuse an augmentation that could break the per-sample bound.
 
     Raises:
         TypeError: `augmentation` is not a Keras layer.
-        ValueError: a layer that mixes samples or has weights, a multiplicity
-            below 1, or an output shape different from the input's.
+        ValueError: a layer that mixes samples or has weights, a layer that
+            is not in `PER_SAMPLE_LAYERS` (exact type), a multiplicity below
+            1, or an output shape different from the input's.
     """
     if isinstance(multiplicity, bool) or not isinstance(multiplicity, int):
         raise ValueError(
@@ -69,6 +98,15 @@ def check_augmentation(augmentation, multiplicity: int, input_shape) -> None:
             "Augmentation layers must have no weights. Received: "
             f"{[w.path for w in augmentation.weights]}"
         )
+    for layer in (augmentation, *all_sublayers(augmentation)):
+        if type(layer) not in PER_SAMPLE_LAYERS:
+            raise ValueError(
+                f"Augmentation layer '{layer.name}' ({type(layer).__name__}) is "
+                "not a layer known to transform each sample on its own: it "
+                "could combine samples, so one sample would change another's "
+                "loss beyond its bound. Allowed (exact types): "
+                f"{sorted(t.__name__ for t in PER_SAMPLE_LAYERS)}."
+            )
     if tuple(output.shape[1:]) != tuple(input_shape):
         raise ValueError(
             "The augmentation must keep the sample shape "

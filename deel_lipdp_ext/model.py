@@ -30,6 +30,7 @@ from keras.src.ops.function import make_node_key
 from keras.src.trainers.data_adapters import data_adapter_utils
 from keras.src.utils import python_utils
 
+from ._keras_utils import all_sublayers
 from .augmentation import check_augmentation, mean_over_copies, repeat_and_augment
 from .bounds import (
     check_dp_chain,
@@ -39,6 +40,7 @@ from .bounds import (
 )
 from .data import DatasetMetadata
 from .layers.bounded import DP_BoundedInput
+from .layers.clipping import DP_ClipGradient
 from .losses import lipschitz_constant
 from .privacy_plan import (
     NOISIFY_STRATEGIES,
@@ -574,6 +576,9 @@ class DPTrainer(PrivateModel):
                 "Augmentation can raise a sample's norm: the first layer must "
                 "project onto the input ball (DP_BoundedInput(enforce_clipping=True))."
             )
+        for layer in all_sublayers(self):
+            if isinstance(layer, DP_ClipGradient):
+                layer.set_copies_per_sample(k)
         copies = repeat_and_augment(x, self.augmentation, k)
         y_pred = self(copies, training=True)
         labels = tf.repeat(y, k, axis=0) if k > 1 else y

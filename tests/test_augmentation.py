@@ -89,3 +89,73 @@ def test_augmentations_that_could_break_the_bound_are_refused():
     model = _model(_shifts(), 2, layers=trusting)
     with pytest.raises(ValueError, match="enforce_clipping=True"):
         model.train_on_batch(unit_samples(4, (8, 8, 1)), one_hot(range(4)))
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("augment", [False, True])
+def test_loss_gradient_clipping_holds_per_sample_with_multiplicity(k, augment):
+    """A clip on the logits acts per ROW, and a sample is K rows: each row is
+    clipped to clip / K so the sample's K rows sum to the clip. (The review
+    found the K rows each clipped to the full value: ratio K.)"""
+    layers = [*small_cnn(), L.DP_ClipGradient(0.05)]
+    flips = keras.Sequential([keras.layers.RandomFlip("horizontal")])
+    model = _model(flips if augment else None, k, layers=layers)
+    x = unit_samples(16, (8, 8, 1), seed=k)
+    y = one_hot((np.arange(16) + 3) % 10)  # wrong labels: large loss gradients
+    report = gradient_norm_check(model, (x, y))
+    assert report.max_ratio <= 1 + 1e-4
+    # the clip is active and nearly reached: without the / K it would be K x
+    assert report.max_ratio > 0.5
+
+
+def test_a_dynamic_clip_with_multiplicity_is_refused():
+    layers = [*small_cnn(), L.DP_ClipGradient(0.05, mode="dynamic")]
+    model = _model(None, 2, layers=layers)
+    with pytest.raises(ValueError, match="mode='dynamic'"):
+        model.train_on_batch(unit_samples(4, (8, 8, 1)), one_hot(range(4)))
+
+
+class _Roll(keras.layers.Layer):
+    """Weightless, shape-keeping, and it mixes samples."""
+
+    def call(self, x, training=None):
+        return keras.ops.roll(x, 1, axis=0)
+
+
+class _FlipThenRoll(keras.layers.RandomFlip):
+    def call(self, x, training=True):
+        return keras.ops.roll(super().call(x, training=training), 1, axis=0)
+
+
+def _functional_roll():
+    inputs = keras.Input((8, 8, 1))
+    return keras.Model(inputs, keras.ops.roll(inputs, 1, axis=0))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: keras.layers.Lambda(lambda x: keras.ops.roll(x, 1, axis=0)),
+        lambda: keras.Sequential([keras.layers.RandomFlip(), _Roll()]),
+        lambda: _FlipThenRoll(),
+        _functional_roll,
+    ],
+)
+def test_augmentations_not_known_to_be_per_sample_are_refused(make):
+    """A weightless layer that keeps shapes can still combine samples (the
+    review's tf.roll: ratio 1.755 on the summed gradient); only exact types
+    known to work per sample are accepted."""
+    with pytest.raises(ValueError, match="not a layer known to transform"):
+        _model(make(), 2)
+
+
+def test_known_per_sample_augmentations_are_accepted():
+    augmentation = keras.Sequential(
+        [
+            keras.layers.RandomZoom(0.1),
+            keras.layers.RandomRotation(0.05),
+            keras.layers.RandomContrast(0.1),
+        ]
+    )
+    model = _model(augmentation, 2)
+    assert model.augmentation is augmentation

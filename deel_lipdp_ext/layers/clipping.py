@@ -44,6 +44,7 @@ class DP_ClipGradient(keras.layers.Layer, DPLayer):
             "mode", mode, ("fixed", "dynamic"), "DP_ClipGradient"
         )
         self._recorded: list | None = None
+        self.copies_per_sample = 1
         self.clip_value = self.add_weight(
             name="clip_value",
             shape=(),
@@ -61,6 +62,25 @@ class DP_ClipGradient(keras.layers.Layer, DPLayer):
             )
         self.clip_value.assign(require_positive("clip_value", value, "DP_ClipGradient"))
 
+    def set_copies_per_sample(self, copies: int) -> None:
+        """With augmentation multiplicity K (set by the DP model), a sample's
+        loss is the mean over K copies, each one row here: each row is clipped
+        to `clip_value / K`, so the K rows of one sample sum to at most
+        `clip_value`, the bound `backpropagate_inputs` reports. (Clipping each
+        row to `clip_value` would let one sample reach K times it.)
+
+        Raises:
+            ValueError: K > 1 on a mode="dynamic" layer: its clipping
+                callbacks count rows, and a sample would be K of them.
+        """
+        if copies > 1 and self.mode == "dynamic":
+            raise ValueError(
+                f"DP_ClipGradient '{self.name}' has mode='dynamic': it cannot be "
+                "used with augmentation multiplicity > 1 (a sample would count "
+                f"{copies} times in the private quantile that sets the clip)."
+            )
+        self.copies_per_sample = int(copies)
+
     @contextlib.contextmanager
     def recording_outputs(self) -> Iterator[list]:
         """Within the context (eager), every output of a training call is
@@ -75,7 +95,7 @@ class DP_ClipGradient(keras.layers.Layer, DPLayer):
     def call(self, inputs, training=None):
         if not training:
             return inputs
-        limit = as_bound(self.clip_value)
+        limit = as_bound(self.clip_value) / self.copies_per_sample
 
         @tf.custom_gradient
         def clip(x):
