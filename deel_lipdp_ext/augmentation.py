@@ -67,12 +67,11 @@ def check_augmentation(augmentation, multiplicity: int, input_shape) -> None:
             is not in `PER_SAMPLE_LAYERS` (exact type), a multiplicity below
             1, or an output shape different from the input's.
     """
-    if isinstance(multiplicity, bool) or not isinstance(multiplicity, int):
-        raise ValueError(
-            "`augmentation_multiplicity` must be an int >= 1. "
-            f"Received: augmentation_multiplicity={multiplicity!r}"
-        )
-    if multiplicity < 1:
+    if (
+        isinstance(multiplicity, bool)
+        or not isinstance(multiplicity, int)
+        or multiplicity < 1
+    ):
         raise ValueError(
             "`augmentation_multiplicity` must be an int >= 1. "
             f"Received: augmentation_multiplicity={multiplicity!r}"
@@ -84,13 +83,6 @@ def check_augmentation(augmentation, multiplicity: int, input_shape) -> None:
             "`augmentation` must be a Keras layer (e.g. a keras.Sequential of "
             f"preprocessing layers). Received: {type(augmentation).__name__}"
         )
-    for layer in (augmentation, *all_sublayers(augmentation)):
-        if isinstance(layer, _MIXING):
-            raise ValueError(
-                f"Augmentation layer '{layer.name}' ({type(layer).__name__}) "
-                "mixes samples: one sample would change another's loss. "
-                "Use per-sample augmentations."
-            )
     probe = tf.zeros((2, *input_shape))
     output = augmentation(probe, training=True)
     if augmentation.weights:
@@ -99,6 +91,12 @@ def check_augmentation(augmentation, multiplicity: int, input_shape) -> None:
             f"{[w.path for w in augmentation.weights]}"
         )
     for layer in (augmentation, *all_sublayers(augmentation)):
+        if isinstance(layer, _MIXING):
+            raise ValueError(
+                f"Augmentation layer '{layer.name}' ({type(layer).__name__}) "
+                "mixes samples: one sample would change another's loss. "
+                "Use per-sample augmentations."
+            )
         if type(layer) not in PER_SAMPLE_LAYERS:
             raise ValueError(
                 f"Augmentation layer '{layer.name}' ({type(layer).__name__}) is "

@@ -30,7 +30,6 @@ from keras.src.ops.function import make_node_key
 from keras.src.trainers.data_adapters import data_adapter_utils
 from keras.src.utils import python_utils
 
-from ._keras_utils import all_sublayers
 from .augmentation import check_augmentation, mean_over_copies, repeat_and_augment
 from .bounds import (
     check_dp_chain,
@@ -564,6 +563,19 @@ class DPTrainer(PrivateModel):
         """The per-sample augmentation of the train step (None: none)."""
         return self._augmentation.value
 
+    def _prepare_copies(self, k: int) -> None:
+        """Augmented copies need the first layer to project each copy onto the
+        input ball, and every loss-gradient clip to act per sample, not per
+        copy (`DP_ClipGradient.set_copies_per_sample`). Runs at trace time."""
+        if self.augmentation is not None and not self.dp_layers[0].enforce_clipping:
+            raise ValueError(
+                "Augmentation can raise a sample's norm: the first layer must "
+                "project onto the input ball (DP_BoundedInput(enforce_clipping=True))."
+            )
+        for layer, _ in walk_layers(self.dp_layers):
+            if isinstance(layer, DP_ClipGradient):
+                layer.set_copies_per_sample(k)
+
     def sample_losses(self, x, y, weight=None) -> tuple[tf.Tensor, tf.Tensor]:
         """`(w_i * loss_i` per sample (batch,), predictions)` of a training
         forward pass: with augmentation multiplicity K, loss_i is the mean of
@@ -571,14 +583,8 @@ class DPTrainer(PrivateModel):
         first layer, so the per-sample bound holds for the mean), and the
         predictions are those of the copies (batch * K rows)."""
         k = self.augmentation_multiplicity
-        if self.augmentation is not None and not self.dp_layers[0].enforce_clipping:
-            raise ValueError(
-                "Augmentation can raise a sample's norm: the first layer must "
-                "project onto the input ball (DP_BoundedInput(enforce_clipping=True))."
-            )
-        for layer in all_sublayers(self):
-            if isinstance(layer, DP_ClipGradient):
-                layer.set_copies_per_sample(k)
+        if self.augmentation is not None or k > 1:
+            self._prepare_copies(k)
         copies = repeat_and_augment(x, self.augmentation, k)
         y_pred = self(copies, training=True)
         labels = tf.repeat(y, k, axis=0) if k > 1 else y
