@@ -22,8 +22,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from accuracy import DEFAULT_MNIST, DELTA, SETTINGS, _fit, load  # noqa: E402
+from accuracy import (  # noqa: E402
+    DEFAULT_MNIST,
+    DELTA,
+    SETTINGS,
+    _fit,
+    load,
+)
 from speed import write_result  # noqa: E402
+
+from deel_lipdp_ext.models import recipe  # noqa: E402
+
+
+def settings_size(dataset: str) -> int:
+    """Training samples, for `recipe` (digits: 1437, MNIST: 60000)."""
+    return 1437 if dataset == "digits" else 60000
+
 
 #: variant -> (recipe changes, preset argument changes, constant learning rate,
 #: accountant).
@@ -38,8 +52,10 @@ VARIANTS = {
     "no loss-gradient clipping": ({}, {"loss_gradient_clip": None}, False, "pld"),
     "constant learning rate": ({}, {}, True, "pld"),
     "RDP accountant (calibration)": ({"accountant": "rdp"}, {}, False, "rdp"),
-    "augmentation multiplicity 4 (shifts)": (
-        {},
+    "no group normalisation of the features": ({"groups": 0}, {}, False, "pld"),
+    "raw images (small_cnn recipe)": ({"preset": "small_cnn"}, {}, False, "pld"),
+    "small_cnn, augmentation multiplicity 4 (shifts)": (
+        {"preset": "small_cnn"},
         {"augmentation": "shift"},
         False,
         "pld",
@@ -57,10 +73,19 @@ def run_variant(
     dataset: str, variant: str, target: float, mnist: str, epochs: int | None = None
 ) -> dict:
     recipe_changes, preset_changes, constant_lr, accountant = VARIANTS[variant]
-    settings = dataclasses.replace(SETTINGS[dataset].clipless, **recipe_changes)
+    recipe_changes = dict(recipe_changes)
+    settings = SETTINGS[dataset].clipless
+    if "preset" in recipe_changes:  # another preset: its own recipe
+        settings = recipe(recipe_changes.pop("preset"), settings_size(dataset))
+    if "groups" in recipe_changes:
+        features = {**settings.features, "groups": recipe_changes.pop("groups")}
+        recipe_changes["features"] = features
+    settings = dataclasses.replace(settings, **recipe_changes)
     if epochs is not None:
         settings = dataclasses.replace(settings, epochs=epochs)
-    train, test, meta = load(dataset, settings.batch_size, mnist, False, False)
+    train, test, meta = load(
+        dataset, settings.batch_size, mnist, False, False, settings.features
+    )
     preset_changes = dict(preset_changes)
     if preset_changes.pop("augmentation", None):
         preset_changes["augmentation"] = _augmentation(meta.input_shape)
@@ -127,7 +152,7 @@ def main(argv=None) -> list[dict]:
     epochs = None
     if args.quick:
         args.datasets, args.repeats, epochs = ["digits"], 1, 1
-        args.variants = ["recipe", "augmentation multiplicity 4 (shifts)"]
+        args.variants = ["recipe", "small_cnn, augmentation multiplicity 4 (shifts)"]
     rows = []
     for dataset in args.datasets:
         for variant in args.variants:

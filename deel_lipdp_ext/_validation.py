@@ -46,3 +46,32 @@ def require_one_of(name: str, value: Any, choices: tuple, owner: str = "") -> An
             f"`{name}`{where} must be {allowed}. Received: {name}={value!r}"
         )
     return value
+
+
+def pop_harmless(kwargs: dict, owner: str, harmless: dict[str, tuple]) -> None:
+    """Remove from `kwargs` the Keras/deel-lipdp arguments whose accepted values
+    change nothing here (e.g. `use_bias=False` on a layer without bias);
+    refuse any other value with a ValueError naming it.
+
+    Args:
+        kwargs: the layer's keyword arguments (changed in place).
+        owner: the layer's class name, for the message.
+        harmless: argument -> (accepted values, hint of what to do instead).
+    """
+    for name, (accepted, hint) in harmless.items():
+        if name not in kwargs:
+            continue
+        value = kwargs.pop(name)
+        if value not in accepted:
+            raise ValueError(
+                f"{owner} does not support `{name}`={value!r}: {hint} "
+                f"Received: {name}={value!r}"
+            )
+
+
+#: `use_bias` on the bias-free Lipschitz layers: False is what they do.
+NO_BIAS = (
+    (False,),
+    "it has no bias (a bias needs its own bound and noise); add a "
+    "`DP_AddBias` layer after it instead.",
+)

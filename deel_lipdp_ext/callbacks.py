@@ -3,6 +3,7 @@ budget stop) and the dynamic-clipping callbacks (from `dynamic_clipping`)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import keras
@@ -20,6 +21,76 @@ __all__ = [
     "LaplaceAdaptiveLossGradientClipping",
 ]
 
+#: The logger of `DP_Accountant(log_fn="logging")` (and "all").
+LOGGER = logging.getLogger("deel_lipdp_ext")
+
+#: deel-lipdp's named log functions, accepted by `DP_Accountant(log_fn=...)`.
+LOG_FN_NAMES = ("logging", "all", "wandb")
+
+LogFn = Callable[[int, dict], None]
+
+
+def _log_to_logging(epoch: int, record: dict) -> None:
+    LOGGER.info(
+        "DP_Accountant: epoch %d: epsilon=%.6g, delta=%.3g",
+        epoch + 1,
+        record["epsilon"],
+        record["delta"],
+    )
+
+
+def _log_to_logging_and_print(epoch: int, record: dict) -> None:
+    _log_to_logging(epoch, record)
+    print(
+        f"DP_Accountant: epoch {epoch + 1}: epsilon={record['epsilon']:.6g}, "
+        f"delta={record['delta']:.3g}"
+    )
+
+
+def _wandb_log_fn() -> LogFn:
+    try:
+        import wandb
+    except ImportError as error:
+        raise ValueError(
+            "`log_fn='wandb'` of DP_Accountant needs the `wandb` package, which "
+            "is not installed (pip install wandb), or pass log_fn='logging', "
+            "'all' or a callable. Received: log_fn='wandb'"
+        ) from error
+
+    def log(epoch: int, record: dict) -> None:
+        # deel-lipdp's record: the epoch (from 1) beside epsilon and delta.
+        wandb.log({**record, "epoch": epoch + 1})
+
+    return log
+
+
+def resolve_log_fn(log_fn: str | LogFn | None) -> LogFn | None:
+    """The function `DP_Accountant` calls after each epoch as
+    `fn(epoch, {"epsilon": ..., "delta": ...})` (`epoch` counted from 0).
+
+    Args:
+        log_fn: None (no extra logging); a callable `fn(epoch, record)`;
+            or one of deel-lipdp's names: "logging" (the `logging` module, at
+            INFO, logger "deel_lipdp_ext"), "all" (logging and `print`) or
+            "wandb" (`wandb.log`, with the epoch counted from 1).
+
+    Raises:
+        ValueError: an unknown name, or "wandb" without the `wandb` package.
+    """
+    if log_fn is None or callable(log_fn):
+        return log_fn
+    if log_fn == "logging":
+        return _log_to_logging
+    if log_fn == "all":
+        return _log_to_logging_and_print
+    if log_fn == "wandb":
+        return _wandb_log_fn()
+    raise ValueError(
+        "`log_fn` of DP_Accountant must be None, a callable fn(epoch, record), "
+        f"or one of {', '.join(repr(n) for n in LOG_FN_NAMES)}. "
+        f"Received: log_fn={log_fn!r}"
+    )
+
 
 class DP_Accountant(keras.callbacks.Callback):
     """Writes `epsilon` and `delta` into the epoch logs; stops within a budget.
@@ -35,8 +106,18 @@ class DP_Accountant(keras.callbacks.Callback):
     Args:
         accountant: "rdp" or "pld".
         epsilon_budget: optional budget on epsilon.
-        log_fn: optional `log_fn(epoch, {"epsilon": ..., "delta": ...})`, e.g.
-            a logging service's function; none is required.
+        log_fn: optional `log_fn(epoch, {"epsilon": ..., "delta": ...})`
+            (`epoch` from 0), e.g. a logging service's function; or, as in
+            deel-lipdp, "logging" (`logging` at INFO, logger
+            "deel_lipdp_ext"), "all" (logging and `print`) or "wandb"
+            (`wandb.log`; needs the `wandb` package).
+
+    Raises:
+        ValueError: an unknown accountant or `log_fn` name, `log_fn="wandb"`
+            without `wandb`, or a non-positive `epsilon_budget`.
+
+    Example:
+        >>> accountant = DP_Accountant(log_fn="logging")
 
     Attributes:
         history: list of dicts (epoch, steps, epsilon, delta, sampling, exact)
@@ -48,9 +129,16 @@ class DP_Accountant(keras.callbacks.Callback):
         self,
         accountant: str = "rdp",
         epsilon_budget: float | None = None,
-        log_fn: Callable[[int, dict], None] | None = None,
+        log_fn: str | LogFn | None = None,
     ):
         super().__init__()
+        if accountant in LOG_FN_NAMES:
+            # deel-lipdp's first argument is log_fn: DP_Accountant("logging").
+            raise ValueError(
+                "The first argument of DP_Accountant is the accountant ('rdp' or "
+                f"'pld'); pass log_fn={accountant!r} by keyword. "
+                f"Received: accountant={accountant!r}"
+            )
         check_accountant(accountant)
         if epsilon_budget is not None and not epsilon_budget > 0:
             raise ValueError(
@@ -58,7 +146,7 @@ class DP_Accountant(keras.callbacks.Callback):
             )
         self.accountant = accountant
         self.epsilon_budget = epsilon_budget
-        self.log_fn = log_fn
+        self.log_fn = resolve_log_fn(log_fn)
         self.history: list[dict] = []
 
     def _plan_after(self, next_epoch: int) -> float:

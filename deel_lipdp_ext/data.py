@@ -24,6 +24,7 @@ elsewhere is refused unless the user vouches for it (`declare_sampling`).
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import secrets
@@ -98,6 +99,22 @@ class DatasetMetadata:
         """q = expected batch size / number of training samples."""
         return self.batch_size / self.nb_samples_train
 
+    # deel-lipdp's names for the same fields (read-only; see docs/migration.md).
+    @property
+    def nb_classes(self) -> int:
+        """deel-lipdp's name of `num_classes`."""
+        return self.num_classes
+
+    @property
+    def nb_steps_per_epochs(self) -> int:
+        """deel-lipdp's name of `nb_steps_per_epoch`."""
+        return self.nb_steps_per_epoch
+
+    @property
+    def max_norm(self) -> float | None:
+        """deel-lipdp's name of `input_bound`."""
+        return self.input_bound
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
@@ -108,33 +125,48 @@ class DatasetMetadata:
         return cls(**d)
 
 
+#: Rescaled samples aim this fraction of the bound: float32 rounding of the
+#: rescaled values (~1e-7 relative) then stays below the bound.
+BOUND_MARGIN = 1.0 - 1e-6
+
+
 def _per_sample_norms(x: np.ndarray) -> np.ndarray:
-    return np.linalg.norm(x.reshape(len(x), -1), axis=1)
+    """L2 norm of each sample in float64 (tiny float32 entries do not underflow
+    when squared, huge ones do not overflow)."""
+    return np.linalg.norm(np.asarray(x, np.float64).reshape(len(x), -1), axis=1)
+
+
+def _rescale(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    scaled = np.asarray(x, np.float64) * scale.reshape((-1,) + (1,) * (x.ndim - 1))
+    return scaled.astype(np.float32)
 
 
 def bound_normalize(bound: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:
-    """A function scaling every sample (axis 0 = samples) to L2 norm `bound`.
+    """A function scaling every sample (axis 0 = samples) to L2 norm `bound`
+    (times `BOUND_MARGIN`, so that float32 rounding stays below it).
 
     An all-zero sample stays zero.
     """
 
     def normalize(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
         norms = _per_sample_norms(x)
-        scale = np.where(norms > 0, bound / np.where(norms > 0, norms, 1.0), 0.0)
-        return (x * scale.reshape((-1,) + (1,) * (x.ndim - 1))).astype(np.float32)
+        target = bound * BOUND_MARGIN
+        scale = np.where(norms > 0, target / np.where(norms > 0, norms, 1.0), 0.0)
+        return _rescale(x, scale)
 
     return normalize
 
 
 def bound_clip_value(clip_value: float) -> Callable[[np.ndarray], np.ndarray]:
-    """A function projecting every sample onto the L2 ball of radius `clip_value`."""
+    """A function projecting every sample onto the L2 ball of radius
+    `clip_value` (samples above it land at `clip_value * BOUND_MARGIN`)."""
 
     def clip(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
         norms = _per_sample_norms(x)
-        scale = np.minimum(1.0, clip_value / np.maximum(norms, 1e-30))
-        return (x * scale.reshape((-1,) + (1,) * (x.ndim - 1))).astype(np.float32)
+        target = clip_value * BOUND_MARGIN
+        # samples within the ball are unchanged; the others land just inside
+        scale = np.where(norms > clip_value, target / np.maximum(norms, 1e-300), 1.0)
+        return _rescale(x, scale)
 
     return clip
 
@@ -321,6 +353,48 @@ def _one_hot(y: np.ndarray, num_classes: int | None) -> np.ndarray:
     return np.eye(k, dtype=np.float32)[y]
 
 
+def _batched_feature_maps() -> tuple[type, ...]:
+    """Feature maps applied to whole batches: their per-sample computation is
+    by construction (and tested: tests/test_features.py)."""
+    from .features import ScatteringFeatures
+
+    return (ScatteringFeatures,)
+
+
+def _apply_feature_map(feature_map, x: np.ndarray) -> np.ndarray:
+    """`feature_map` applied to each sample. A library map (exact type in
+    `_batched_feature_maps`) runs on whole arrays; any other callable runs on
+    one sample at a time, each time on a fresh copy of it, so no sample's
+    features can depend on another sample (batch statistics, or state fitted
+    on a first call)."""
+    if type(feature_map) in _batched_feature_maps():
+        features = np.asarray(feature_map(x), np.float32)
+    else:
+        rows = [
+            np.asarray(copy.deepcopy(feature_map)(x[i : i + 1]), np.float32)
+            for i in range(len(x))
+        ]
+        if any(len(row) != 1 for row in rows):
+            raise ValueError(
+                "feature_map must return one row per sample: a single sample "
+                f"gave {sorted({len(row) for row in rows})} rows."
+            )
+        features = np.concatenate(rows) if rows else np.zeros((0,), np.float32)
+    if len(features) != len(x):
+        raise ValueError(
+            f"feature_map must return one row per sample: {len(x)} samples gave "
+            f"{len(features)} rows."
+        )
+    finite = np.isfinite(features.reshape(len(features), -1)).all(axis=1)
+    if not finite.all():
+        raise ValueError(
+            f"feature_map returned NaN or Inf values for {int((~finite).sum())} "
+            f"sample(s) (first: index {int(np.argmin(finite))}); overflowing or "
+            "non-finite inputs?"
+        )
+    return features
+
+
 def from_numpy(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -333,12 +407,15 @@ def from_numpy(
     sampling: str = "poisson",
     num_classes: int | None = None,
     seed: int | None = None,
+    feature_map: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[tf.data.Dataset, tf.data.Dataset | None, DatasetMetadata]:
     """Wrap arrays as DP-ready datasets.
 
     Args:
-        x_train, y_train: samples (N, ...) and labels (integers or one-hot).
-        x_test, y_test: optional held-out arrays, batched without sampling.
+        x_train: samples, shape (N, ...).
+        y_train: their labels (integers or one-hot).
+        x_test: optional held-out samples, batched without sampling.
+        y_test: their labels.
         batch_size: expected batch size B.
         input_bound: L2 bound of one sample after preprocessing.
         preprocessing: "normalize" (every sample scaled to norm `input_bound`)
@@ -347,9 +424,18 @@ def from_numpy(
         num_classes: number of classes if the labels are integers.
         seed: seed of the batch sampling; None (default): operating-system
             entropy (secret batches); an int: reproducible, not secret.
+        feature_map: a FIXED function applied to x_train and x_test before
+            the bound, chosen without the private data (e.g.
+            `features.ScatteringFeatures()`, which runs on whole arrays); any
+            other callable is applied to one sample at a time, on a fresh
+            copy of it each time, so no sample's features depend on another.
 
     Returns:
         (train dataset, test dataset or None, DatasetMetadata).
+
+    Raises:
+        ValueError: NaN/Inf samples or features, mismatched lengths, or a
+            feature map that does not return one row per sample.
     """
     require_one_of("sampling", sampling, SAMPLINGS, "from_numpy")
     require_one_of("preprocessing", preprocessing, ("normalize", "clip"), "from_numpy")
@@ -365,6 +451,10 @@ def from_numpy(
             f"x_train and y_train differ in length: {len(x_train)} vs {len(y_train)}"
         )
     y_train = _one_hot(y_train, num_classes)
+    if feature_map is not None:
+        x_train = _apply_feature_map(feature_map, x_train)
+        if x_test is not None:
+            x_test = _apply_feature_map(feature_map, np.asarray(x_test, np.float32))
     x_train = bound(x_train)
     batches = poisson_batches if sampling == "poisson" else shuffled_batches
     ds_train = batches(x_train, y_train, batch_size, seed=seed)
@@ -396,13 +486,14 @@ def load_digits_dataset(
     preprocessing: str = "normalize",
     seed: int | None = None,
     split_seed: int = 0,
+    feature_map: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[tf.data.Dataset, tf.data.Dataset, DatasetMetadata]:
     """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), offline.
 
     Pixels are scaled to [0, 1], images shaped (8, 8, 1), labels one-hot,
     a stratified train/test split made with `split_seed` (public), then each
     image bounded. `seed` is the batch sampling's (None: secret, from the
-    operating system's entropy).
+    operating system's entropy); `feature_map` as in `from_numpy`.
 
     Returns:
         (train dataset, test dataset, DatasetMetadata).
@@ -430,7 +521,47 @@ def load_digits_dataset(
         sampling=sampling,
         num_classes=10,
         seed=seed,
+        feature_map=feature_map,
     )
+
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _as_images(x: np.ndarray) -> np.ndarray:
+    """float32 images: uint8 pixels scaled by 1/255 (decided by dtype, not by
+    the private values); grey images (N, H, W) get a channel axis."""
+    x = np.asarray(x)
+    scaled = x.astype(np.float32)
+    if x.dtype == np.uint8:
+        scaled = scaled / 255.0
+    return scaled[..., None] if scaled.ndim == 3 else scaled
+
+
+def _read_npz_images(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays `NPZ_KEYS` of a user's `.npz`, images through `_as_images`.
+
+    Raises:
+        FileNotFoundError: naming the missing file and the expected keys.
+        KeyError: naming the missing arrays.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Dataset file not found: {path!r}. Expected an .npz with arrays "
+            "x_train, y_train, x_test, y_test (e.g. keras' mnist.npz saved locally); "
+            "nothing is downloaded."
+        )
+    with np.load(path) as data:
+        missing = set(NPZ_KEYS) - set(data.files)
+        if missing:
+            raise KeyError(
+                f"{path!r} lacks the arrays {sorted(missing)}; has {data.files}"
+            )
+        arrays = {k: data[k] for k in NPZ_KEYS}
+    for key in ("x_train", "x_test"):
+        arrays[key] = _as_images(arrays[key])
+    return arrays
 
 
 def load_npz_dataset(path: str | os.PathLike, **kwargs):
@@ -443,25 +574,7 @@ def load_npz_dataset(path: str | os.PathLike, **kwargs):
     Raises:
         FileNotFoundError: naming the missing file and the expected keys.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"Dataset file not found: {path!r}. Expected an .npz with arrays "
-            "x_train, y_train, x_test, y_test (e.g. keras' mnist.npz saved locally); "
-            "nothing is downloaded."
-        )
-    with np.load(path) as data:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(data.files)
-        if missing:
-            raise KeyError(
-                f"{path!r} lacks the arrays {sorted(missing)}; has {data.files}"
-            )
-        arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    for key in ("x_train", "x_test"):
-        x = arrays[key].astype(np.float32)
-        if arrays[key].dtype == np.uint8:
-            x = x / 255.0
-        arrays[key] = x[..., None] if x.ndim == 3 else x
+    arrays = _read_npz_images(path)
     return from_numpy(
         arrays["x_train"],
         arrays["y_train"],

@@ -213,6 +213,12 @@ class PrivateModel(HasPrivacyPlan):
         for name, variable in self._privacy_plan.state_variables.items():
             setattr(self, name, variable)
 
+    def save_own_variables(self, store):
+        # Saved ledger = what ran, rollbacks included (a model saved after
+        # set_weights or restore_best_weights must not report less).
+        self._privacy_plan.persist_ledger()
+        super().save_own_variables(store)
+
     @property
     def dp_parameters(self) -> DPParameters | None:
         return self._privacy_plan.dp_parameters
@@ -636,7 +642,8 @@ class DPSequential(DPTrainer, keras.Sequential):
             layers) applied to each sample in the train step.
         augmentation_multiplicity: K; each sample's loss is the mean over K
             augmented copies of it (the bound and the noise are unchanged).
-        name: model name.
+
+    Other keyword arguments (`name`, ...) are those of `keras.Sequential`.
 
     Raises (at compile or first step, before any update):
         TypeError: a non-DP layer, or a loss without `get_L`.
@@ -735,7 +742,11 @@ class DPModel(DPTrainer, Functional):
     verified, so the bound pass follows exactly what the model computes.
 
     Args:
-        inputs, outputs: as for a functional `keras.Model`.
+        inputs: as for a functional `keras.Model`.
+        outputs: as for a functional `keras.Model`.
+        name: model name.
+
+    Other Parameters:
         dp_parameters: `DPParameters`.
         dataset_metadata: `DatasetMetadata`.
         dp_layers: optional, the layers in call order; if given it must match
@@ -797,3 +808,14 @@ __all__ = [
     "NOISIFY_STRATEGIES",
     "DP_BoundedInput",
 ]
+
+
+def __getattr__(name: str):
+    # deel-lipdp exports its accountant callback from `lipdp.model`; ours lives
+    # in `callbacks`, which imports this module (through `dynamic_clipping`),
+    # so it is resolved on first access instead of at import time.
+    if name == "DP_Accountant":
+        from .callbacks import DP_Accountant
+
+        return DP_Accountant
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,6 +7,12 @@ temperature, optimizer and learning-rate schedule, and the noise strategy.
 `benchmarks/accuracy.py` measures them; docs/index.md ("Presets and recipes")
 lists the figures.
 
+The recommended preset is `scattering_mlp`: a Lipschitz MLP (or, on small
+datasets, a linear layer) on fixed scattering features of the images
+(`features.ScatteringFeatures`, computed per sample before the DP model, so
+the bound is that of any input). Its recipe carries the feature map
+(`Recipe.feature_map()`); the data loaders take it as `feature_map=`.
+
 Design choices (docs/design.md has the bounds):
 * Convolutions have `kernel_size == strides` ("patch" convolutions): each
   pixel is in one patch, so the kernel-gradient bound has no sqrt(kh kw)
@@ -26,13 +32,16 @@ Design choices (docs/design.md has the bounds):
   `nm_coef` is sound: the accounting composes what each layer gets.
 
 Example:
-    >>> settings = recipe("small_cnn", meta.nb_samples_train)
+    >>> settings = recipe("scattering_mlp", 1437)
+    >>> train, test, meta = load_digits_dataset(
+    ...     settings.batch_size, feature_map=settings.feature_map())
     >>> model = settings.build(meta, settings.dp_parameters(delta=1e-5))
     >>> model.compile(**settings.compile_arguments(meta))
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -44,7 +53,15 @@ from .losses import DP_TauCategoricalCrossentropy
 from .model import DPSequential
 from .privacy_plan import DPParameters
 
-__all__ = ["Recipe", "lipschitz_mlp", "small_cnn", "cifar_cnn", "recipe", "PRESETS"]
+__all__ = [
+    "Recipe",
+    "scattering_mlp",
+    "lipschitz_mlp",
+    "small_cnn",
+    "cifar_cnn",
+    "recipe",
+    "PRESETS",
+]
 
 
 def _model(
@@ -96,21 +113,25 @@ def lipschitz_mlp(
     loss_gradient_clip: float | None = 0.3,
     augmentation: keras.layers.Layer | None = None,
     augmentation_multiplicity: int = 1,
+    name: str = "lipschitz_mlp",
 ) -> DPSequential:
     """Flatten, orthogonal dense layers with GroupSort(2), a dense head.
 
     Args:
         input_shape: one sample's shape.
         num_classes: outputs.
-        dp_parameters, dataset_metadata: as for `DPSequential`.
+        dp_parameters: `DPParameters`, as for `DPSequential`.
+        dataset_metadata: `DatasetMetadata`, as for `DPSequential`.
         hidden: widths of the hidden layers (even numbers).
         input_bound: the L2 bound of one sample (`DP_BoundedInput`).
         loss_gradient_clip: clip value of the loss gradient (None: no clip).
-        augmentation, augmentation_multiplicity: per-sample augmentation
-            (`DPSequential`; each sample's loss is the mean over its copies).
+        augmentation: a per-sample augmentation layer (`DPSequential`).
+        augmentation_multiplicity: K, the augmented copies of each sample
+            (its loss is the mean over them).
+        name: the model's name.
     """
     return _model(
-        "lipschitz_mlp",
+        name,
         [L.DP_Flatten(), *_dense_block(hidden)],
         input_shape,
         num_classes,
@@ -145,7 +166,8 @@ def small_cnn(
         hidden: widths of the dense layers after the convolutions.
         conv_nm_coef: the convolutions' `nm_coef` (their share of the noise
             under the "per-layer" strategy; ignored under "global").
-        others: as `lipschitz_mlp`.
+
+    The other arguments are those of `lipschitz_mlp`.
     """
     body = []
     for filters in channels:
@@ -214,7 +236,33 @@ def cifar_cnn(
     )
 
 
+def scattering_mlp(
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    hidden: Sequence[int] = (256,),
+    **arguments,
+) -> DPSequential:
+    """`lipschitz_mlp` for scattering features: its input shape is that of
+    the FEATURES (`features.ScatteringFeatures`, e.g. (7, 7, 81) for 28x28
+    images with J = 2), which the data loaders compute with
+    `feature_map=recipe("scattering_mlp", n).feature_map()`.
+
+    Args:
+        input_shape: one sample's feature shape.
+        num_classes: outputs.
+        hidden: widths of the hidden layers (even numbers; () for a linear
+            classifier).
+        **arguments: the other arguments of `lipschitz_mlp` (`dp_parameters`,
+            `dataset_metadata`, `input_bound`, `loss_gradient_clip`, ...).
+    """
+    return lipschitz_mlp(
+        input_shape, num_classes, hidden=hidden, name="scattering_mlp", **arguments
+    )
+
+
 PRESETS = {
+    "scattering_mlp": scattering_mlp,
     "lipschitz_mlp": lipschitz_mlp,
     "small_cnn": small_cnn,
     "cifar_cnn": cifar_cnn,
@@ -235,6 +283,8 @@ class Recipe:
         model_arguments: keyword arguments of the preset function.
         noisify_strategy: `DPParameters.noisify_strategy`.
         accountant: "pld" or "rdp", for calibration and `DP_Accountant`.
+        features: arguments of `features.ScatteringFeatures` (J, L, groups)
+            applied to the images before the model, or None (raw images).
     """
 
     preset: str
@@ -245,6 +295,16 @@ class Recipe:
     model_arguments: Mapping = field(default_factory=dict)
     noisify_strategy: str = "per-layer"
     accountant: str = "pld"
+    features: Mapping | None = None
+
+    def feature_map(self):
+        """The fixed per-sample feature map to give the data loader
+        (`feature_map=`), or None."""
+        if self.features is None:
+            return None
+        from .features import ScatteringFeatures
+
+        return ScatteringFeatures(**self.features)
 
     def dp_parameters(
         self, delta: float, noise_multiplier: float = 1.0, seed: int | None = None
@@ -288,6 +348,26 @@ SMALL_DATASET = 10_000
 # (large-data recipe, small-data recipe) per preset; the batch size of the
 # small-data one is capped at the dataset size.
 _RECIPES = {
+    "scattering_mlp": (
+        Recipe(
+            "scattering_mlp",
+            4096,
+            30,
+            3e-3,
+            64.0,
+            {"hidden": (256,)},
+            features={"J": 2, "L": 8, "groups": 9},
+        ),
+        Recipe(
+            "scattering_mlp",
+            512,
+            30,
+            2e-2,
+            64.0,
+            {"hidden": (), "loss_gradient_clip": 0.05},
+            features={"J": 1, "L": 8, "groups": 3},
+        ),
+    ),
     "lipschitz_mlp": (
         Recipe("lipschitz_mlp", 4096, 30, 3e-3, 64.0),
         Recipe(
@@ -322,7 +402,7 @@ _RECIPES = {
 }
 
 
-def recipe(preset: str, dataset_size: int | None = None) -> Recipe:
+def recipe(preset: str = "scattering_mlp", dataset_size: int | None = None) -> Recipe:
     """The recommended settings of a preset (`PRESETS` names): the large-data
     recipe, or for `dataset_size` < `SMALL_DATASET` (e.g. the 1437 training
     digits) a smaller model with smaller batches.
@@ -339,13 +419,4 @@ def recipe(preset: str, dataset_size: int | None = None) -> Recipe:
     large, small = _RECIPES[preset]
     if dataset_size is None or dataset_size >= SMALL_DATASET:
         return large
-    return Recipe(
-        small.preset,
-        min(small.batch_size, dataset_size),
-        small.epochs,
-        small.learning_rate,
-        small.tau,
-        small.model_arguments,
-        small.noisify_strategy,
-        small.accountant,
-    )
+    return dataclasses.replace(small, batch_size=min(small.batch_size, dataset_size))

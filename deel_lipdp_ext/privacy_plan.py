@@ -686,24 +686,7 @@ class PrivacyPlan:
         the shadow holds everything; otherwise (another run, or an older
         state) the counts add up: over-counting, never under.
         """
-        saved = _rows(self.ledger_table, self.ledger_size)
-        shadow = _rows(self._shadow_table, self._shadow_size)
-        lineage = int(self.lineage.numpy())
-        if not shadow:  # nothing ran in this process
-            combined = saved
-        elif lineage == int(self._shadow_lineage.numpy()):  # saved after it
-            combined = {
-                key: max(saved.get(key, 0), shadow.get(key, 0))
-                for key in dict.fromkeys([*saved, *shadow])
-            }
-        elif lineage == int(self._base_lineage.numpy()) and saved == _rows(
-            self._base_table, self._base_size
-        ):  # exactly the state this process started from: the shadow holds it
-            combined = shadow
-        else:  # another run, or an earlier state: both counted (never under)
-            combined = {
-                key: saved.get(key, 0) + shadow.get(key, 0) for key in {*saved, *shadow}
-            }
+        combined = self._combined_rows()
         return tuple(
             Release(
                 _RELEASE_NAMES[mechanism],
@@ -716,6 +699,58 @@ class PrivacyPlan:
             for (mechanism, parameter, rate, sampling), count in combined.items()
             if count > 0
         )
+
+    def _combined_rows(self) -> dict[tuple, int]:
+        """The saved and shadow ledgers combined as `ledger()` describes."""
+        saved = _rows(self.ledger_table, self.ledger_size)
+        shadow = _rows(self._shadow_table, self._shadow_size)
+        lineage = int(self.lineage.numpy())
+        if not shadow:  # nothing ran in this process
+            return saved
+        if lineage == int(self._shadow_lineage.numpy()):  # saved after it
+            return {
+                key: max(saved.get(key, 0), shadow.get(key, 0))
+                for key in dict.fromkeys([*saved, *shadow])
+            }
+        if lineage == int(self._base_lineage.numpy()) and saved == _rows(
+            self._base_table, self._base_size
+        ):  # exactly the state this process started from: the shadow holds it
+            return shadow
+        # another run, or an earlier state: both counted (never under)
+        return {
+            key: saved.get(key, 0) + shadow.get(key, 0) for key in {*saved, *shadow}
+        }
+
+    def persist_ledger(self) -> None:
+        """Write the combined ledger (`ledger()`: what ran, rollbacks
+        included) into the saved variables, under this process's lineage.
+
+        The owning model calls it before its variables are saved, so a model
+        saved after a rollback (`EarlyStopping(restore_best_weights=True)`,
+        `set_weights`) carries everything that ran, not the rolled-back rows.
+        """
+        if int(self._shadow_size.numpy()) == 0:  # nothing ran in this process
+            return
+        combined = self._combined_rows()
+        if len(combined) > LEDGER_CAPACITY:
+            raise RuntimeError(
+                f"The privacy ledger holds more than {LEDGER_CAPACITY} distinct "
+                "mechanisms: it cannot be saved."
+            )
+        table = np.zeros((LEDGER_CAPACITY, 5))
+        for i, ((mechanism, parameter, rate, sampling), count) in enumerate(
+            combined.items()
+        ):
+            table[i, [_MECHANISM, _PARAMETER, _RATE, _COUNT, _SAMPLING]] = [
+                mechanism,
+                parameter,
+                rate,
+                count,
+                sampling,
+            ]
+        self.ledger_table.assign(table)
+        self.ledger_size.assign(len(combined))
+        self.lineage.assign(int(self._shadow_lineage.numpy()))
 
     def samplings(self) -> tuple[str, ...]:
         """The samplings of what was accounted with amplification by

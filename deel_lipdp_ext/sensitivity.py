@@ -6,17 +6,25 @@ differentiates (the SUM of `w_i * loss_i`), and compares their norms with
 `compute_gradient_bounds`. A ratio above 1 means the privacy claim is false.
 `maximize_gradient_norm` searches inputs on the input-bound sphere that push
 those norms up (projected gradient ascent), to attack the bound.
+
+`get_max_epochs(epsilon_max, model)` is deel-lipdp's epoch budget, kept here
+where deel-lipdp has it (docs/migration.md); it asks the model's privacy plan.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import dp_accounting
 import numpy as np
 import tensorflow as tf
 
+from . import accounting
+from .accounting import PrivacySpec
+from .accounting.epsilon import check_accountant
 from .layers.base import sample_norms
+from .privacy_plan import HasPrivacyPlan, PrivacyPlan, privacy_plan_of
 
 TOLERANCE = 1e-4
 
@@ -100,7 +108,12 @@ def _batches(data) -> Iterable:
 
 
 def gradient_norm_check(
-    model, data, *, max_batches: int | None = None, raise_on_violation: bool = True
+    model,
+    data,
+    *,
+    max_batches: int | None = None,
+    raise_on_violation: bool = True,
+    chunk_size: int = 256,
 ) -> SensitivityReport:
     """Largest true per-sample gradient norm vs the analytic bound, per variable.
 
@@ -110,6 +123,8 @@ def gradient_norm_check(
             (e.g. the training `tf.data.Dataset`).
         max_batches: stop after this many batches.
         raise_on_violation: raise when a ratio exceeds 1 + 1e-4.
+        chunk_size: per-sample gradients are computed for at most this many
+            samples at a time (memory grows with its square).
 
     Returns:
         A `SensitivityReport` (`.rows` with the max and mean norms,
@@ -126,14 +141,17 @@ def gradient_norm_check(
     for i, batch in enumerate(_batches(data)):
         if max_batches is not None and i >= max_batches:
             break
-        norms = per_sample_gradient_norms(model, *batch)
-        for path, values in norms.items():
-            if path not in bounds:
-                raise ValueError(f"Variable '{path}' has no bound.")
-            values = values.numpy()
-            maxima[path] = max(maxima[path], float(np.max(values, initial=0.0)))
-            sums[path] += float(np.sum(values))
-        count += len(values) if norms else 0
+        size = int(tf.shape(batch[0])[0])
+        for start in range(0, size, chunk_size):
+            chunk = [part[start : start + chunk_size] for part in batch]
+            norms = per_sample_gradient_norms(model, *chunk)
+            for path, values in norms.items():
+                if path not in bounds:
+                    raise ValueError(f"Variable '{path}' has no bound.")
+                values = values.numpy()
+                maxima[path] = max(maxima[path], float(np.max(values, initial=0.0)))
+                sums[path] += float(np.sum(values))
+            count += len(values) if norms else 0
     report = SensitivityReport(
         tuple(
             VariableCheck(p, maxima[p], bounds[p], sums[p] / max(count, 1))
@@ -190,3 +208,123 @@ def maximize_gradient_norm(model, x, y, *, steps: int = 20, step_size: float = 0
 def _project_sphere(x: tf.Tensor, radius: float) -> tf.Tensor:
     norms = tf.maximum(sample_norms(x), 1e-12)
     return x * tf.reshape(radius / norms, [-1] + [1] * (len(x.shape) - 1))
+
+
+#: Largest epoch count `get_max_epochs(..., epochs_max=None)` searches.
+UNBOUNDED_EPOCHS_CEILING = 2**20
+
+
+def get_max_epochs(
+    epsilon_max: float,
+    model: HasPrivacyPlan
+    | PrivacyPlan
+    | PrivacySpec
+    | Callable[[int], dp_accounting.DpEvent],
+    epochs_max: int | None = 1024,
+    safe: bool = True,
+    atol: float = 1e-2,
+    *,
+    accountant: str = "rdp",
+    delta: float | None = None,
+) -> int:
+    """The largest number of epochs whose epsilon stays <= `epsilon_max`.
+
+    deel-lipdp's signature. With a DP model (or its privacy plan) the epochs
+    are those `fit` would run next: the plan's mechanism as configured (noise
+    multiplier, strategy and nm_coefs, sampling rate, steps per epoch, the
+    releases of attached dynamic-clipping callbacks), after what already ran.
+    With a `PrivacySpec` of ONE epoch (or a function epochs -> event, with
+    `delta`), it is `accounting.get_max_epochs`.
+
+    Args:
+        epsilon_max: the epsilon budget (> 0).
+        model: a DP model, a `PrivacyPlan`, a `PrivacySpec` of one epoch, or a
+            function epochs -> dp-accounting event (with `delta`).
+        epochs_max: the most epochs searched (the answer when even that many
+            stay within budget); None doubles it from 1024 until epsilon_max
+            is crossed (up to `UNBOUNDED_EPOCHS_CEILING`).
+        safe: must be True: the answer never exceeds epsilon_max.
+            deel-lipdp's `safe=False` returned the smallest count at or ABOVE
+            epsilon_max; that is refused.
+        atol: accepted for deel-lipdp scripts and unused: the answer is
+            checked against the accountant itself, with no tolerance.
+        accountant: "rdp" (default, as `DP_Accountant`) or "pld".
+        delta: the delta, only when `model` is a function epochs -> event.
+
+    Returns:
+        An int >= 0; 0 when even one epoch exceeds epsilon_max.
+
+    Raises:
+        ValueError: `safe=False`, a non-positive epsilon_max, a bad
+            `epochs_max`, or no crossing below `UNBOUNDED_EPOCHS_CEILING`.
+        RuntimeError: the search returned a count above the budget (never
+            expected: a guard, not a fallback).
+
+    Example:
+        >>> epochs = get_max_epochs(1.0, model)  # doctest: +SKIP
+        >>> model.fit(train, epochs=epochs)  # doctest: +SKIP
+    """
+    if safe is not True:
+        raise ValueError(
+            "get_max_epochs only returns epoch counts whose epsilon is <= "
+            "epsilon_max (deel-lipdp's safe=False returned one at or above it). "
+            f"Received: safe={safe!r}"
+        )
+    if not (isinstance(epsilon_max, int | float) and epsilon_max > 0):
+        raise ValueError(
+            f"`epsilon_max` must be a number > 0. Received: epsilon_max={epsilon_max!r}"
+        )
+    if epochs_max is not None and (
+        isinstance(epochs_max, bool)
+        or not isinstance(epochs_max, int | np.integer)
+        or epochs_max < 1
+    ):
+        raise ValueError(
+            "`epochs_max` must be None or an int >= 1. "
+            f"Received: epochs_max={epochs_max!r}"
+        )
+    check_accountant(accountant)
+
+    if not isinstance(model, HasPrivacyPlan | PrivacyPlan):
+        # The spec / event-function form: `accounting.get_max_epochs`.
+        return _grow_search(
+            lambda ceiling: accounting.get_max_epochs(
+                epsilon_max, model, accountant, delta=delta, max_epochs=ceiling
+            ),
+            epsilon_max,
+            epochs_max,
+        )
+    plan = privacy_plan_of(model)
+    plan.check_ready("get_max_epochs")
+    epochs = _grow_search(
+        lambda ceiling: plan.max_epochs(epsilon_max, accountant, max_epochs=ceiling),
+        epsilon_max,
+        epochs_max,
+    )
+    if epochs > 0:  # the guarantee, checked on the plan's own accountant
+        planned = plan.planned_ledger(epochs, first_epoch=plan.completed_epochs())
+        epsilon = plan.epsilon(accountant, planned)
+        if epsilon > epsilon_max:
+            raise RuntimeError(
+                f"get_max_epochs found {epochs} epochs with epsilon {epsilon:.6g} > "
+                f"epsilon_max={epsilon_max}: refusing it."
+            )
+    return int(epochs)
+
+
+def _grow_search(
+    search: Callable[[int], int], epsilon_max: float, epochs_max: int | None
+) -> int:
+    """`search(ceiling)`; with `epochs_max=None`, the ceiling doubles from 1024
+    while the answer is the ceiling itself."""
+    ceiling = 1024 if epochs_max is None else int(epochs_max)
+    epochs = search(ceiling)
+    while epochs_max is None and epochs == ceiling:
+        if ceiling >= UNBOUNDED_EPOCHS_CEILING:
+            raise ValueError(
+                f"epsilon_max={epsilon_max} is not reached within "
+                f"{UNBOUNDED_EPOCHS_CEILING} epochs; pass a finite `epochs_max`."
+            )
+        ceiling *= 2
+        epochs = search(ceiling)
+    return int(epochs)

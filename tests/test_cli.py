@@ -1,4 +1,8 @@
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -86,3 +90,72 @@ def test_epsilon_command_with_pld(capsys):
     assert "accountant=pld" in out
     want = epsilon_for_spec(PrivacySpec(0.004, 15000, (1.1,), 1e-5), "pld")
     assert float(out.split()[0].split("=")[1]) == pytest.approx(want, abs=1e-6)
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_accounting_commands_do_not_import_tensorflow():
+    # As the `lipdp` console script runs them (argv[0] is the script).
+    code = (
+        "import sys; sys.argv = ['/usr/bin/lipdp']\n"
+        "from deel_lipdp_ext import cli\n"
+        "assert cli.main(['epsilon', '--noise-multiplier', '1.1', "
+        "'--sampling-rate', '0.004', '--epochs', '60']) == 0\n"
+        "assert cli.main(['calibrate', '--target-epsilon', '3', "
+        "'--sampling-rate', '0.004', '--epochs', '60']) == 0\n"
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n"
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("epsilon=") and lines[1].startswith("noise_multiplier=")
+    assert lines[-1] == "False False"
+
+
+def test_console_script_prints_no_tensorflow_start_up_lines(tmp_path):
+    script = shutil.which("lipdp", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.skip("the lipdp console script is not installed next to python")
+    result = subprocess.run(
+        [script, "epsilon", "--noise-multiplier", "1.1", "--sampling-rate", "0.004"]
+        + ["--epochs", "60"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("epsilon=")
+    assert result.stderr == ""
+
+
+def test_quiet_tensorflow_import_keeps_stderr_working():
+    code = (
+        "import sys; sys.argv = ['lipdp']\n"
+        "from deel_lipdp_ext import cli\n"
+        "cli._import_tensorflow_quietly()\n"
+        "import tensorflow\n"
+        "sys.stderr.write('still-visible\\n')\n"
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "I0000" not in result.stderr and "absl" not in result.stderr
+    assert result.stderr.strip() == "still-visible"
+
+
+def test_plain_import_registers_every_serialisable_class():
+    # keras.models.load_model finds the classes after `import deel_lipdp_ext`
+    # (Keras imports only its own packages when it deserialises).
+    code = (
+        "import deel_lipdp_ext, keras\n"
+        "names = ['DPSequential', 'DPModel', 'DP_SpectralDense', "
+        "'DP_BoundedInput', 'DP_TauCategoricalCrossentropy']\n"
+        "print(all(keras.saving.get_registered_object('deel_lipdp_ext>' + n) "
+        "is not None for n in names))\n"
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "True"

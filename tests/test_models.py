@@ -12,6 +12,7 @@ from deel_lipdp_ext.sensitivity import gradient_norm_check
 from .helpers import metadata, one_hot, unit_samples
 
 SHAPES = {
+    "scattering_mlp": (4, 4, 9),  # the features of 8x8 images, J = 1, L = 8
     "lipschitz_mlp": (8, 8, 1),
     "small_cnn": (8, 8, 1),
     "cifar_cnn": (16, 16, 3),  # 32x32 in use; smaller here for speed
@@ -58,3 +59,33 @@ def test_recipes_pick_the_small_data_variant_and_build_what_they_say():
         recipe("resnet")
     with pytest.raises(ValueError, match="dataset_size"):
         recipe("small_cnn", dataset_size=0)
+
+
+def test_the_scattering_recipe_trains_on_features_and_keeps_its_bounds():
+    from deel_lipdp_ext.data import load_digits_dataset
+
+    small = recipe("scattering_mlp", dataset_size=1437)
+    assert recipe().preset == "scattering_mlp"  # the recommended preset
+    assert small.features == {"J": 1, "L": 8, "groups": 3}
+    assert recipe("scattering_mlp").features == {"J": 2, "L": 8, "groups": 9}
+    assert recipe("small_cnn").feature_map() is None
+    train, test, meta = load_digits_dataset(
+        batch_size=small.batch_size, seed=0, feature_map=small.feature_map()
+    )
+    assert meta.input_shape == (4, 4, 9)
+    model = small.build(meta, small.dp_parameters(delta=1e-5, seed=0))
+    assert [type(layer).__name__ for layer in model.dp_layers] == [
+        "DP_BoundedInput",
+        "DP_Flatten",
+        "DP_QuickSpectralDense",
+        "DP_ClipGradient",
+    ]
+    model.set_noise_multiplier(
+        model.privacy_plan.calibrate_noise_multiplier(3.0, 2, "pld")
+    )
+    model.compile(**small.compile_arguments(meta))
+    model.fit(train, epochs=2, verbose=0)
+    # the bounds hold on the features, test data and doubled (clipped) inputs
+    assert gradient_norm_check(model, test).max_ratio <= 1 + 1e-4
+    x, y = next(iter(test))
+    assert gradient_norm_check(model, (x * 2.0, y)).max_ratio <= 1 + 1e-4

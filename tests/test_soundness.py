@@ -285,4 +285,10 @@ def test_the_report_s_mean_norm_is_the_mean_over_every_batch_seen():
         every = np.concatenate([n[row.path].numpy() for n in norms])
         assert row.mean_norm == pytest.approx(every.mean(), rel=1e-5)
         assert row.mean_ratio <= row.ratio
+        assert row.max_norm == pytest.approx(every.max(), rel=1e-5)
     assert "mean ratio" in report.table()
+    # Chunks (memory) change nothing: the same max and mean over every sample.
+    chunked = gradient_norm_check(model, batches, chunk_size=2)
+    for row, same in zip(report.rows, chunked.rows, strict=True):
+        assert same.max_norm == pytest.approx(row.max_norm, rel=1e-5)
+        assert same.mean_norm == pytest.approx(row.mean_norm, rel=1e-5)

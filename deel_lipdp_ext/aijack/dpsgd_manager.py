@@ -101,7 +101,8 @@ class DPSGDManager:
         lot_size: expected lot size L (the Poisson rate is ``L / N``).
         batch_size: micro-batch size (1 for per-example clipping).
         iterations: lots drawn per pass of the lot loader.
-        smoothing, smoothing_radius: DPLIS smoothing (not ported).
+        smoothing: DPLIS smoothing (not ported).
+        smoothing_radius: DPLIS smoothing radius (not ported).
         seed: root of the lot sampler and of every optimizer's noise stream;
             ``None`` (the default) uses operating-system entropy. A fixed seed
             makes runs reproducible (for tests); the privacy guarantee then

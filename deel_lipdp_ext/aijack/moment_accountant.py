@@ -194,7 +194,8 @@ class GeneralMomentAccountant:
     Args:
         name: stored only.
         search: "ternary", "ternary_int", "greedy" or "greedy_frac".
-        order_min, order_max: the search range (may be given in either order).
+        order_min: one end of the search range (either order).
+        order_max: the other end.
         precision: stopping width of the ternary search.
         orders: candidate orders of the greedy searches.
         noise_type: "Gaussian" (params {"sigma": s}) or "Laplace" ({"b": b}).

@@ -34,8 +34,9 @@ class MI_FACE:  # noqa: N801 (AIJack's name)
         process_func: ``x -> x`` applied after each step (e.g. clipping).
         apply_softmax: apply a softmax to the model's output first.
         log_interval: print the cost every ``log_interval`` iterations (0: never).
-        log_show_img, show_img_func: keep AIJack's signature; images are
-            stored in ``log_image`` (``show_img_func`` maps them for display).
+        log_show_img: keep AIJack's signature; images are stored in
+            ``log_image``.
+        show_img_func: maps the stored images for display.
     """
 
     def __init__(

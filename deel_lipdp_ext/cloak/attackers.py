@@ -156,7 +156,8 @@ def multi_attacker_privacy_loss(
     """MS-SSIM and squared Pearson of every attacker transform, batch means.
 
     Args:
-        noisy01, clean01: ``(B, H, W, C)`` images denormalised to ``[0, 1]``.
+        noisy01: ``(B, H, W, C)`` noisy images denormalised to ``[0, 1]``.
+        clean01: the clean images, same shape and range.
 
     Returns:
         ``{"ms_ssim_<t>": scalar, ..., "pearson_sq_<t>": scalar, ...}``: per

@@ -237,9 +237,10 @@ def image_similarity_cloak_loss_factory(
         noisy_model: the ``NoisyModel`` whose noise layer is trained; images are
             channels-last ``(B, H, W, C)`` with ``C == len(image_mean)``.
         loss_function: task loss, returning a scalar.
-        ms_ssim_weight, pearson_weight: non-negative weights of the two totals.
-        image_mean, image_std: per-channel normalisation of the noise layer's
-            input (``image_std`` entries positive).
+        ms_ssim_weight: non-negative weight of the MS-SSIM total.
+        pearson_weight: non-negative weight of the Pearson total.
+        image_mean: per-channel mean of the noise layer's input normalisation.
+        image_std: per-channel std of that normalisation (entries positive).
         super_batched: the model runs under ``distillation_context()``: compare
             the clean half of the input with the noisy half of the output.
         gamma_values: exponents of the gamma attackers (distinct, positive).

@@ -204,8 +204,8 @@ class CloakNoiseLayer(NoiseLayer):
         percent_to_mask: fraction ``p`` in ``[0, 1)`` of features (those of
             highest std) to mask, or None for no mask.
         value_range: output clipping, see ``NoiseLayer``.
-        locs_requires_grad, rhos_requires_grad: whether ``locs`` / ``rhos``
-            are trainable.
+        locs_requires_grad: whether ``locs`` is trainable.
+        rhos_requires_grad: whether ``rhos`` is trainable.
         rhos_init: initial value of every ``rho`` (-4 gives
             ``std ~= s_min + 3.4e-4 (s_max - s_min)``).
         seed: noise seed.

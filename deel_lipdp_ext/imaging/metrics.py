@@ -99,8 +99,9 @@ def ssim(a, b, weighted: bool = False, pad: str | bool = False) -> tf.Tensor:
     """Structural similarity of two image batches, per channel.
 
     Args:
-        a, b: ``(B, H, W, C)`` float tensors of the same dtype and size; batch
-            and channel sizes equal or 1 (broadcast).
+        a: ``(B, H, W, C)`` float tensor; batch and channel sizes equal to
+            ``b``'s or 1 (broadcast).
+        b: a tensor of the same dtype and spatial size.
         weighted: average the SSIM map with the information weights
             ``log((1 + var_a / C2) (1 + var_b / C2))`` instead of uniformly.
         pad: ``False`` (valid convolution) or a padding mode, ``"constant"``,

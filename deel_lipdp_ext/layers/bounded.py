@@ -47,7 +47,9 @@ class DP_BoundedInput(keras.layers.Layer, DPLayer):
         if not self.enforce_clipping:
             return inputs
         peak, unit, unit_norm = _peak_unit_norms(inputs)
-        bound = tf.cast(self.upper_bound, peak.dtype)
+        # Aim just inside the ball: float rounding of the projection (~1e-7
+        # relative) must not carry a sample above the bound.
+        bound = tf.cast(self.upper_bound * (1.0 - 1e-6), peak.dtype)
         # ||x|| / bound = (peak / bound) * ||x / peak||: no overflow to a wrong side
         inside = (peak / bound) * unit_norm <= 1.0
         on_sphere = tf.cast(unit * _per_sample(bound / unit_norm, unit), inputs.dtype)

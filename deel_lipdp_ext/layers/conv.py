@@ -31,7 +31,13 @@ import math
 import keras
 import tensorflow as tf
 
-from .._validation import require_one_of, require_positive, require_positive_ints
+from .._validation import (
+    NO_BIAS,
+    pop_harmless,
+    require_one_of,
+    require_positive,
+    require_positive_ints,
+)
 from .base import KernelLayer
 from .spectral import (
     conv_operator_norm_upper_bound,
@@ -58,15 +64,21 @@ class _LipschitzConv2D(keras.layers.Layer, KernelLayer):
         nm_coef: float = 1.0,
         **kwargs,
     ):
-        for banned in ("use_bias", "dilation_rate", "data_format"):
-            if banned in kwargs:
-                raise ValueError(
-                    f"{type(self).__name__} does not support `{banned}` (no bias: "
-                    "use DP_AddBias; channels-last, no dilation). "
-                    f"Received: {banned}={kwargs[banned]!r}"
-                )
-        super().__init__(**kwargs)
         layer = type(self).__name__
+        # Keras / deel-lipdp arguments, accepted at the values this layer has.
+        pop_harmless(
+            kwargs,
+            layer,
+            {
+                "use_bias": NO_BIAS,
+                "dilation_rate": ((1, (1, 1), [1, 1]), "no dilation is supported."),
+                "data_format": (
+                    ("channels_last", None),
+                    "inputs are channels-last.",
+                ),
+            },
+        )
+        super().__init__(**kwargs)
         if not isinstance(filters, int) or isinstance(filters, bool) or filters <= 0:
             raise ValueError(
                 f"`filters` of {layer} must be a positive integer. "
@@ -189,7 +201,14 @@ class DP_QuickSpectralConv2D(_LipschitzConv2D):
         kernel_initializer: initializer of the (kh, kw, c_in, filters) kernel.
         nm_coef: share of noise under the per-layer strategy.
 
+    deel-lipdp's `use_bias=False` is accepted (there is no bias);
+    `use_bias=True` is refused: add `DP_AddBias` after the layer for a bias.
+
     Shapes: (batch, H, W, c_in) -> (batch, H', W', filters).
+
+    Raises:
+        ValueError: `use_bias=True`, a dilation or channels-first data, or a
+            bad filter count, kernel size, stride or padding.
 
     Example:
         >>> layer = DP_QuickSpectralConv2D(16, 3, padding="same")

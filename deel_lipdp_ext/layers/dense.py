@@ -12,7 +12,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from .._validation import require_positive
+from .._validation import NO_BIAS, pop_harmless, require_positive
 from .base import KernelLayer
 from .spectral import spectral_norm_upper_bound, spectral_project
 
@@ -29,6 +29,7 @@ class _LipschitzDense(keras.layers.Layer, KernelLayer):
         nm_coef: float = 1.0,
         **kwargs,
     ):
+        pop_harmless(kwargs, type(self).__name__, {"use_bias": NO_BIAS})
         super().__init__(**kwargs)
         if not isinstance(units, int) or isinstance(units, bool) or units <= 0:
             raise ValueError(
@@ -93,6 +94,9 @@ class DP_QuickSpectralDense(_LipschitzDense):
         units: output features.
         kernel_initializer: initializer of the (in, units) kernel.
         nm_coef: share of noise under the per-layer strategy.
+
+    deel-lipdp's `use_bias=False` is accepted (there is no bias);
+    `use_bias=True` is refused: add `DP_AddBias` after the layer for a bias.
 
     Shapes: (batch, in) -> (batch, units).
 

@@ -423,33 +423,44 @@ class DP_GroupSort(keras.layers.Layer, GNPLayer):
     1-Lipschitz. `n=2` ("MaxMin") uses min/max instead of a sort.
 
     Args:
-        n: group size; must divide the size of the last axis.
+        n: group size; must divide the size of the last axis. None (the
+            default, as in deel-lip and deel-lipdp) sorts the whole last axis
+            ("FullSort").
+
+    Shapes: unchanged.
+
+    Example:
+        >>> maxmin = DP_GroupSort(2)
+        >>> full_sort = DP_GroupSort()
 
     Reference: Anil, Lucas, Grosse, "Sorting out Lipschitz function
     approximation", ICML 2019.
     """
 
-    def __init__(self, n: int = 2, **kwargs):
+    def __init__(self, n: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise ValueError(
-                f"`n` of DP_GroupSort must be an int >= 1. Received: n={n!r}"
+                f"`n` of DP_GroupSort must be None or an int >= 1. Received: n={n!r}"
             )
         self.n = n
 
     def build(self, input_shape):
-        if input_shape[-1] is None or input_shape[-1] % self.n:
+        size = input_shape[-1]
+        if size is None or (self.n is not None and size % self.n):
             raise ValueError(
                 f"DP_GroupSort '{self.name}': group size n={self.n} must divide the "
                 f"last axis. Received input shape: {input_shape}"
             )
+        self.group_size = size if self.n is None else self.n
 
     def call(self, inputs):
-        if self.n == 1:
+        group = self.group_size
+        if group == 1:
             return inputs
         shape = tf.shape(inputs)
-        grouped = tf.reshape(inputs, tf.concat([shape[:-1], [-1, self.n]], 0))
-        if self.n == 2:
+        grouped = tf.reshape(inputs, tf.concat([shape[:-1], [-1, group]], 0))
+        if group == 2:
             a, b = grouped[..., 0:1], grouped[..., 1:2]
             out = tf.concat([tf.minimum(a, b), tf.maximum(a, b)], axis=-1)
         else:

@@ -44,7 +44,7 @@ def test_ablation_benchmark_quick_run_writes_its_table_and_json(tmp_path):
     assert "variant" in stdout
     assert [r["variant"] for r in rows] == [
         "recipe",
-        "augmentation multiplicity 4 (shifts)",
+        "small_cnn, augmentation multiplicity 4 (shifts)",
     ]
     for row in rows:
         assert row["epsilon"] <= row["target_epsilon"] == 3.0

@@ -208,7 +208,28 @@ def test_bounded_input_projects_onto_the_ball():
     layer = L.DP_BoundedInput(upper_bound=0.5)
     x = tf.constant([[3.0, 4.0], [0.1, 0.0], [0.0, 0.0]])
     out = layer(x).numpy()
-    np.testing.assert_allclose(np.linalg.norm(out, axis=1), [0.5, 0.1, 0.0], rtol=1e-6)
+    norms = np.linalg.norm(out.astype(np.float64), axis=1)
+    # projected samples land just inside the ball (1e-6 margin against float
+    # rounding), never above it; samples inside are unchanged
+    assert norms[0] <= 0.5
+    np.testing.assert_allclose(norms, [0.5, 0.1, 0.0], rtol=2e-6)
+    np.testing.assert_array_equal(out[1:], x.numpy()[1:])
+
+
+def test_rescaled_samples_never_exceed_the_bound_in_float32():
+    from deel_lipdp_ext.data import bound_clip_value, bound_normalize
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 28, 28)).astype(np.float32)
+    x[0] = 1e-30  # squares underflow in float32
+    x[1] = 3e30  # squares overflow in float32
+    for bound in (1.0, 0.3, 7.0):
+        for fn in (bound_normalize(bound), bound_clip_value(bound)):
+            norms = np.linalg.norm(fn(x).astype(np.float64).reshape(2000, -1), axis=1)
+            assert norms.max() <= bound
+        layer = L.DP_BoundedInput(upper_bound=bound)
+        out = layer(tf.constant(x.reshape(2000, -1))).numpy().astype(np.float64)
+        assert np.linalg.norm(out, axis=1).max() <= bound
 
 
 def test_add_bias_bounds_with_positions():

@@ -1,0 +1,144 @@
+"""Scattering features: the filters, the shapes, and the property the privacy
+argument needs: each sample's features depend on that sample alone."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deel_lipdp_ext.data import from_numpy
+from deel_lipdp_ext.features import (
+    ScatteringFeatures,
+    group_normalize,
+    morlet_filter_bank,
+    scattering_channels,
+    scattering_transform,
+)
+
+
+def test_wavelets_have_zero_mean_and_the_low_pass_unit_mass():
+    psi_hat, phi_hat, scales = morlet_filter_bank((16, 16), J=2, L=4)
+    assert psi_hat.shape == (8, 16, 16) and scales == [0] * 4 + [1] * 4
+    np.testing.assert_allclose(psi_hat[:, 0, 0], 0.0, atol=1e-8)
+    assert phi_hat[0, 0] == pytest.approx(1.0, abs=1e-6)
+    # band-pass: each wavelet's energy sits away from the zero frequency
+    assert np.all(np.abs(psi_hat).max(axis=(1, 2)) > 0.5)
+
+
+@pytest.mark.parametrize(
+    "shape, J, L, out",
+    [
+        ((3, 28, 28), 2, 8, (3, 7, 7, 81)),
+        ((2, 8, 8), 1, 8, (2, 4, 4, 9)),
+        ((2, 8, 8, 3), 1, 4, (2, 4, 4, 15)),
+    ],
+)
+def test_output_shapes(shape, J, L, out):
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    features = scattering_transform(x, J, L)
+    assert features.shape == out and features.dtype == np.float32
+    assert out[-1] == (shape[3] if len(shape) == 4 else 1) * scattering_channels(J, L)
+    assert np.all(np.isfinite(features))
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(2, 6),
+    index=st.integers(0, 5),
+)
+def test_a_sample_s_features_do_not_depend_on_its_batch(seed, n, index):
+    rng = np.random.default_rng(seed)
+    batch = rng.random((n, 8, 8), dtype=np.float32)
+    index = index % n
+    transform = ScatteringFeatures(J=1, L=4, groups=5)
+    together = transform(batch)[index]
+    alone = transform(batch[index : index + 1])[0]
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
+    # a different batch around it changes nothing either
+    other = rng.random((n, 8, 8), dtype=np.float32)
+    other[index] = batch[index]
+    np.testing.assert_allclose(transform(other)[index], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_features_are_stable_to_a_one_pixel_translation():
+    rng = np.random.default_rng(1)
+    image = np.zeros((1, 28, 28), np.float32)
+    image[0, 8:20, 10:18] = rng.random((12, 8))
+    shifted = np.roll(image, 1, axis=2)
+    a, b = scattering_transform(image), scattering_transform(shifted)
+    pixels = np.linalg.norm(image - shifted) / np.linalg.norm(image)
+    features = np.linalg.norm(a - b) / np.linalg.norm(a)
+    assert features < 0.5 * pixels
+
+
+def test_group_normalize_is_per_sample():
+    rng = np.random.default_rng(2)
+    f = rng.normal(size=(4, 3, 3, 6)).astype(np.float32) * 5 + 2
+    out = group_normalize(f, 3)
+    grouped = out.reshape(4, 3, 3, 3, 2)
+    np.testing.assert_allclose(grouped.mean(axis=(1, 2, 4)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(grouped.std(axis=(1, 2, 4)), 1.0, atol=1e-3)
+    np.testing.assert_allclose(group_normalize(f[1:2], 3)[0], out[1], atol=1e-6)
+    with pytest.raises(ValueError, match="groups"):
+        group_normalize(f, 4)
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="multiples of 2"):
+        scattering_transform(np.zeros((1, 10, 10)), J=2)
+    with pytest.raises(ValueError, match="shape"):
+        scattering_transform(np.zeros((10, 10)))
+    with pytest.raises(ValueError, match="J and L"):
+        scattering_transform(np.zeros((1, 8, 8)), J=0)
+    bad = np.zeros((1, 8, 8))
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        scattering_transform(bad, J=1)
+
+
+def test_from_numpy_bounds_the_features_and_refuses_a_map_that_mixes_samples():
+    rng = np.random.default_rng(3)
+    x = rng.random((40, 8, 8), dtype=np.float32)
+    y = rng.integers(0, 3, 40)
+    train, test, meta = from_numpy(
+        x,
+        y,
+        x[:10],
+        y[:10],
+        batch_size=10,
+        num_classes=3,
+        seed=0,
+        feature_map=ScatteringFeatures(J=1, L=4, groups=5),
+    )
+    assert meta.input_shape == (4, 4, 5)
+    for xb, _ in test:
+        norms = np.linalg.norm(xb.numpy().reshape(len(xb), -1), axis=1)
+        np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+
+    # Any other map runs on one sample at a time, on a fresh copy each time:
+    # batch statistics or state fitted on a first call cannot mix samples.
+    def centred(images):  # the batch mean: one sample would move all features
+        return images - images.mean(axis=0, keepdims=True)
+
+    class FitOnFirstCall:  # a standardiser fitted on the (private) data
+        mean = None
+
+        def __call__(self, images):
+            if self.mean is None:
+                self.mean = images.mean(axis=0)
+            return images - self.mean
+
+    for mixing in (centred, FitOnFirstCall()):
+        _, _, meta = from_numpy(
+            x, y, batch_size=10, num_classes=3, feature_map=mixing, seed=0
+        )
+        # one sample alone minus its own mean: zeros; no other sample entered
+        train, _, _ = from_numpy(
+            x[:3], y[:3], batch_size=3, num_classes=3, feature_map=mixing, seed=0
+        )
+        for xb, _, _weights in train:
+            assert np.all(xb.numpy() == 0.0)
+
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        from_numpy(x, y, batch_size=10, num_classes=3, feature_map=lambda a: a * np.inf)

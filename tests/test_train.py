@@ -1,0 +1,144 @@
+"""`train.run_train` / `lipdp train`: checkpoints, resume with the epsilon of
+the whole run, `lipdp evaluate` reading the result."""
+
+import json
+
+import numpy as np
+import pytest
+
+from deel_lipdp_ext import cli, train
+from deel_lipdp_ext.train import TrainConfig, evaluate_model, run_train
+
+
+@pytest.fixture
+def npz(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tiny.npz"
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (300, 28, 28), dtype=np.uint8),
+        y_train=rng.integers(0, 10, 300),
+        x_test=rng.integers(0, 256, (100, 28, 28), dtype=np.uint8),
+        y_test=rng.integers(0, 10, 100),
+    )
+    return str(path)
+
+
+def _config(npz, out, **changes):
+    settings = dict(
+        data=npz,
+        epochs=3,
+        batch_size=100,
+        target_epsilon=2.0,
+        output_dir=str(out),
+        verbose=0,
+    )
+    return TrainConfig(**{**settings, **changes})
+
+
+def test_interrupted_run_resumes_with_the_epsilon_of_the_whole_run(
+    npz, tmp_path, monkeypatch
+):
+    save = train._SaveRun.on_epoch_end
+
+    def crash_after_two_epochs(self, epoch, logs=None):
+        save(self, epoch, logs)
+        if epoch == 1:
+            raise KeyboardInterrupt  # the process dies after epoch 2's checkpoint
+
+    monkeypatch.setattr(train._SaveRun, "on_epoch_end", crash_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(_config(npz, tmp_path / "run"))
+    monkeypatch.setattr(train._SaveRun, "on_epoch_end", save)
+    state = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert [r["epoch"] for r in state["epochs"]] == [1, 2]
+
+    resumed = run_train(TrainConfig(output_dir=str(tmp_path / "run"), resume=True))
+    assert [r["epoch"] for r in resumed["epochs"]] == [1, 2, 3]
+    straight = run_train(_config(npz, tmp_path / "straight"))
+    # Same plan (sigma, steps): the same epsilon, within the target.
+    assert resumed["noise_multiplier"] == straight["noise_multiplier"]
+    assert resumed["final_epsilon"] == pytest.approx(straight["final_epsilon"])
+    assert resumed["final_epsilon"] <= 2.0 * 1.0001
+    epsilons = [r["epsilon"] for r in resumed["epochs"]]
+    assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1]
+
+    evaluated = evaluate_model(str(tmp_path / "run" / "model.keras"), npz)
+    assert evaluated["epsilon"] == pytest.approx(resumed["final_epsilon"])
+    assert evaluated["steps"] == 9  # 3 epochs of 3 Poisson steps (q = 1/3)
+    assert evaluated["test_accuracy"] == pytest.approx(
+        resumed["final_test_accuracy"], abs=1e-6
+    )
+
+
+def test_resume_of_a_finished_run_trains_nothing_more(npz, tmp_path):
+    first = run_train(_config(npz, tmp_path, epochs=1))
+    again = run_train(TrainConfig(output_dir=str(tmp_path), resume=True, verbose=0))
+    assert again["epochs"] == first["epochs"]
+    assert again["final_epsilon"] == first["final_epsilon"]
+
+
+def test_cli_train_with_a_toml_config_then_evaluate(npz, tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'data = "{npz}"\nepochs = 1\nbatch_size = 100\ntarget_epsilon = 1.0\n'
+        "verbose = 0\n"
+    )
+    out = tmp_path / "out"
+    argv = ["train", "--config", str(config), "--output-dir", str(out)]
+    assert cli.main([*argv, "--learning-rate", "0.01"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["learning_rate"] == 0.01  # the flag
+    assert report["recipe"]["epochs"] == 1  # the file
+    assert report["final_epsilon"] <= 1.0 * 1.0001
+    assert (out / "report.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(out / "model.keras"), "--data", npz]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    values = dict(item.split("=") for item in line.split())
+    assert float(values["epsilon"]) == pytest.approx(report["final_epsilon"], abs=1e-4)
+    assert 0.0 <= float(values["test_accuracy"]) <= 1.0
+
+
+def test_bad_inputs_are_named(npz, tmp_path):
+    with pytest.raises(FileNotFoundError, match="digits"):
+        run_train(_config(str(tmp_path / "missing.npz"), tmp_path))
+    with pytest.raises(ValueError, match="preset"):
+        run_train(_config(npz, tmp_path, preset="resnet"))
+    with pytest.raises(FileNotFoundError, match="resume=True"):
+        run_train(TrainConfig(output_dir=str(tmp_path / "empty"), resume=True))
+    config = tmp_path / "bad.toml"
+    config.write_text("learnin_rate = 0.1\n")
+    with pytest.raises(SystemExit, match="learnin_rate"):
+        cli.main(["train", "--config", str(config)])
+
+
+def test_reports_take_epsilon_from_the_model_and_runs_never_mix(npz, tmp_path):
+    out = tmp_path / "run"
+    first = run_train(_config(npz, out, epochs=1))
+    # a new run in the same directory is refused unless asked to overwrite
+    with pytest.raises(FileExistsError, match="resume"):
+        run_train(_config(npz, out, epochs=1))
+    # edited rows in run.json cannot lower the reported epsilon
+    state = json.loads((out / "run.json").read_text())
+    for row in state["epochs"]:
+        row["epsilon"] = 0.01
+    (out / "run.json").write_text(json.dumps(state))
+    again = run_train(TrainConfig(output_dir=str(out), resume=True, verbose=0))
+    assert again["final_epsilon"] == pytest.approx(first["final_epsilon"])
+    # another run's checkpoint under this run.json: resume refused
+    other = run_train(_config(npz, tmp_path / "other", epochs=1, target_epsilon=8.0))
+    assert other["final_epsilon"] > first["final_epsilon"]
+    (tmp_path / "other" / "model.keras").replace(out / "model.keras")
+    with pytest.raises(ValueError, match="not the model of the run"):
+        run_train(TrainConfig(output_dir=str(out), resume=True, verbose=0))
+    fresh = run_train(_config(npz, out, epochs=1, overwrite=True))
+    assert fresh["final_epsilon"] <= 2.0 * 1.0001
+
+
+def test_cli_resume_refuses_settings_it_would_ignore(tmp_path):
+    with pytest.raises(SystemExit, match="learning_rate"):
+        cli.main(
+            ["train", "--resume", "--output-dir", str(tmp_path)]
+            + ["--learning-rate", "0.1"]
+        )
