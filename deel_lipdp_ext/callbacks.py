@@ -3,6 +3,7 @@ budget stop) and the dynamic-clipping callbacks (from `dynamic_clipping`)."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 
@@ -48,8 +49,9 @@ def _log_to_logging_and_print(epoch: int, record: dict) -> None:
 
 
 def _wandb_log_fn() -> LogFn:
+    # Imported only when asked for: no logging service is a dependency.
     try:
-        import wandb
+        wandb = importlib.import_module("wandb")
     except ImportError as error:
         raise ValueError(
             "`log_fn='wandb'` of DP_Accountant needs the `wandb` package, which "
