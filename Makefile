@@ -30,10 +30,13 @@ lock:
 demo: $(STAMP)
 	$(BIN)/lipdp demo --output-dir runs/demo
 
-# The whole suite, slow statistical tests included. Exit 5 (no test collected) fails.
+# The whole suite, slow statistical tests included, on every core (pytest-xdist;
+# each test reseeds itself, so results do not depend on the worker). Exit 5 (no
+# test collected) fails. PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= auto
 test: $(STAMP)
 	$(BIN)/ruff check deel_lipdp_ext tests examples benchmarks
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 -n $(PYTEST_WORKERS)
 
 # The documentation site (mkdocs + mkdocstrings API reference) into site/;
 # tests/test_docs.py builds it too, so a broken reference fails `make test`.

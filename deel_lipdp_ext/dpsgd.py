@@ -15,9 +15,14 @@ reports its epsilon unchanged. An example whose gradient is not finite (an
 input that overflows in the forward pass) is dropped from the step.
 
 Example:
+    >>> from deel_lipdp_ext import DatasetMetadata, DPParameters, callbacks
+    >>> net = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
+    >>> meta = DatasetMetadata((64,), num_classes=10, nb_samples_train=1000,
+    ...                        nb_samples_test=0, batch_size=100)
     >>> model = DPSGDModel(net, DPParameters(1.1, 1e-5), meta, l2_norm_clip=1.0)
     >>> model.compile(keras.optimizers.SGD(0.1), keras.losses.CategoricalCrossentropy())
-    >>> model.fit(ds_train, epochs=5, callbacks=[callbacks.DP_Accountant()])
+    >>> model.fit(ds_train, epochs=5,  # doctest: +SKIP
+    ...           callbacks=[callbacks.DP_Accountant()])
 """
 
 from __future__ import annotations

@@ -650,8 +650,19 @@ class DPSequential(DPTrainer, keras.Sequential):
         ValueError: no leading `DP_BoundedInput`, a variable without bound, ...
 
     Example:
-        >>> model = DPSequential([...], dp_parameters=DPParameters(1.2, 1e-5),
-        ...                      dataset_metadata=meta)
+        >>> from deel_lipdp_ext import layers, losses
+        >>> meta = DatasetMetadata((8, 8, 1), num_classes=10,
+        ...                        nb_samples_train=1000, nb_samples_test=0,
+        ...                        batch_size=50)
+        >>> model = DPSequential(
+        ...     [keras.Input((8, 8, 1)), layers.DP_BoundedInput(upper_bound=1.0),
+        ...      layers.DP_Flatten(), layers.DP_QuickSpectralDense(10)],
+        ...     dp_parameters=DPParameters(1.2, 1e-5), dataset_metadata=meta)
+        >>> model.compile(keras.optimizers.SGD(0.1),
+        ...               losses.DP_TauCategoricalCrossentropy(8.0))
+        >>> bounds = model.compute_gradient_bounds()  # {variable path: bound}
+        >>> len(bounds), round(float(list(bounds.values())[0]), 4)
+        (1, 1.4142)
     """
 
     def __init__(

@@ -32,6 +32,7 @@ Design choices (docs/design.md has the bounds):
   `nm_coef` is sound: the accounting composes what each layer gets.
 
 Example:
+    >>> from deel_lipdp_ext.data import load_digits_dataset
     >>> settings = recipe("scattering_mlp", 1437)
     >>> train, test, meta = load_digits_dataset(
     ...     settings.batch_size, feature_map=settings.feature_map())

@@ -461,7 +461,7 @@ class PrivacyPlan:
         )
         keep = tf.cast(recorded, tf.float32)
         scale = keep / float(self.expected_batch_size)
-        return [
+        noisy = [
             tf.cast(
                 (tf.cast(g, tf.float32) + tf.reshape(z, tf.shape(g)) * std_of[id(v)])
                 * scale,
@@ -469,6 +469,7 @@ class PrivacyPlan:
             )
             for g, z, v in zip(summed_gradients, pieces, variables, strict=True)
         ]
+        return release_after_all(noisy)
 
     def _record_step(self, noise_multiplier: float) -> tf.Tensor:
         """Count one gradient step in the ledger (graph); True if recorded."""
@@ -976,6 +977,20 @@ def privacy_plan_of(source) -> PrivacyPlan:
         "Expected a DP model (DPSequential, DPModel, DPSGDModel) or a PrivacyPlan. "
         f"Received: {type(source).__name__}"
     )
+
+
+def release_after_all(noisy: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    """The noisy gradients, each available only once ALL are computed.
+
+    The optimizer writes a variable as soon as its own update is ready; the
+    step's other updates may still be reading it (a gradient bound reads the
+    certificates of the layers after it). The graph's automatic read-before-
+    write order was not kept under CPU contention (about 1 step in 100 read a
+    certificate after that layer's update), so the order is explicit here: no
+    update can be written before every read of the step has happened.
+    """
+    with tf.control_dependencies(list(noisy)):
+        return [tf.identity(g) for g in noisy]
 
 
 _SEEDED_PLANS = itertools.count()

@@ -261,8 +261,13 @@ def get_max_epochs(
             expected: a guard, not a fallback).
 
     Example:
-        >>> epochs = get_max_epochs(1.0, model)  # doctest: +SKIP
-        >>> model.fit(train, epochs=epochs)  # doctest: +SKIP
+        >>> from deel_lipdp_ext.accounting import PrivacySpec
+        >>> one_epoch = PrivacySpec(sampling_rate=0.01, steps=100,
+        ...                         noise_multipliers=(1.0,), delta=1e-5)
+        >>> epochs = get_max_epochs(3.0, one_epoch)
+        >>> 0 < epochs < 100
+        True
+        >>> model.fit(train, epochs=get_max_epochs(3.0, model))  # doctest: +SKIP
     """
     if safe is not True:
         raise ValueError(

@@ -2,10 +2,14 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import itertools  # noqa: E402
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+from deel_lipdp_ext import privacy_plan  # noqa: E402
 
 settings.register_profile(
     "ci",
@@ -18,7 +22,11 @@ settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed(monkeypatch):
+    """Every test starts from the same seeds whatever ran before it (on
+    whichever xdist worker): Keras, NumPy, and the count of seeded noise
+    streams (`DPParameters(seed=...)` derives a model's noise key from it)."""
     keras.utils.set_random_seed(0)
     np.random.seed(0)
+    monkeypatch.setattr(privacy_plan, "_SEEDED_PLANS", itertools.count())
     yield

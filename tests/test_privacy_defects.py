@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from dp_accounting.rdp import rdp_privacy_accountant
+from tensorflow.core.protobuf import config_pb2
+from tensorflow.python.framework import meta_graph
+from tensorflow.python.grappler import tf_optimizer
 
 from deel_lipdp_ext import DPModel, DPParameters, DPSequential, losses
 from deel_lipdp_ext import layers as L
@@ -961,3 +964,76 @@ def test_dpsgd_accepts_dropout_whose_only_state_is_its_random_generator():
         ]
     )
     DPSGDModel(net, DPParameters(1.0, 1e-5), metadata((4,), 2), 1.0)
+
+
+def _optimized_step_graph(model, input_shape, num_classes):
+    """The train step's graph as Grappler (the graph optimizer that runs on
+    every tf.function) rewrites it, with the trainable-variable writes as
+    fetches; and those writes' names."""
+    step = tf.function(lambda x, y, w: model.train_step((x, y, w)))
+    graph = step.get_concrete_function(
+        tf.TensorSpec((None, *input_shape)),
+        tf.TensorSpec((None, num_classes)),
+        tf.TensorSpec((None,)),
+    ).graph
+    trainable = {id(v.value.handle) for v in model.trainable_variables}
+    handles = {i.ref() for e, i in graph.captures if id(e) in trainable}
+    writes = [
+        op.name
+        for op in graph.get_operations()
+        if op.type.startswith(("Assign", "ResourceApply"))
+        and op.inputs[0].ref() in handles
+    ]
+    meta = meta_graph.create_meta_graph_def(graph=graph)
+    meta.collection_def["train_op"].node_list.value.extend(writes)
+    optimized = tf_optimizer.OptimizeGraph(config_pb2.ConfigProto(), meta)
+    return {node.name: node for node in optimized.node}, writes
+
+
+def _ancestors(nodes: dict, name: str) -> set:
+    seen, stack = set(), [name]
+    while stack:
+        for parent in nodes[stack.pop()].input:
+            parent = parent.lstrip("^").split(":")[0]
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
+@pytest.mark.parametrize("strategy", ["global", "per-layer"])
+def test_no_variable_is_written_before_every_bound_of_the_step_is_read(strategy):
+    """A layer's bound reads the kernels of the layers after it; the optimizer
+    writes a kernel as soon as its update is ready. Keras couples the updates
+    (an IdentityN) and tf.function orders reads before writes, but Grappler
+    removes both: under CPU contention about 1 step in 100 read a certificate
+    AFTER that layer's update (its noise then followed other weights' bound,
+    which can be smaller). In the optimized graph, every read of a trainable
+    variable must come before that variable's write."""
+    model = dp_model(
+        [
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_Flatten(),
+            L.DP_QuickSpectralDense(16),
+            L.DP_GroupSort(2),
+            L.DP_QuickSpectralDense(16),
+            L.DP_QuickSpectralDense(10),
+        ],
+        strategy=strategy,
+    )
+    # only the optimizer's writes: the projection then rewrites the kernels
+    # from what it reads, and the next step's bounds come from those weights
+    model._project = lambda: None
+    nodes, writes = _optimized_step_graph(model, (8, 8, 1), 10)
+    assert len(writes) == 3
+    for write in writes:
+        handle = nodes[write].input[0]
+        reads = {
+            name
+            for name, node in nodes.items()
+            if node.op == "ReadVariableOp" and node.input[0] == handle
+        }
+        before = _ancestors(nodes, write)
+        # every read of the variable (forward pass, certificates) happens
+        # before the variable is written
+        assert len(reads) >= 2 and reads <= before, (write, reads - before)

@@ -93,7 +93,11 @@ def _stds_and_sensitivities(model):
         for v in variables:
             updates[v.path].append(v.numpy() - before[v.path])
     stds = {p: float(np.std(np.concatenate(u))) * b for p, u in updates.items()}
-    return stds, sensitivities
+    # per-step stds, for the failure message: a wrong step shows as one outlier
+    per_step = {
+        p: [round(float(np.std(x)) * b, 4) for x in u] for p, u in updates.items()
+    }
+    return stds, sensitivities, per_step
 
 
 @pytest.mark.parametrize(
@@ -110,7 +114,7 @@ def test_the_noise_applied_and_the_accounted_multiplier_are_the_same(make, strat
     """Measured noise std / sensitivity per variable gives each noise group's
     multiplier; the accounting event's multiplier must be their composition."""
     model = make(strategy)
-    stds, sensitivities = _stds_and_sensitivities(model)
+    stds, sensitivities, per_step = _stds_and_sensitivities(model)
     (steps,) = model.privacy_plan.ledger()
     if isinstance(model, DPSGDModel):  # one joint group: sensitivity C
         kernel = model.model.layers[-1].kernel.path  # 4 x 4096 draws
@@ -125,7 +129,7 @@ def test_the_noise_applied_and_the_accounted_multiplier_are_the_same(make, strat
             path = model.dp_layers[index].kernel.path
             assert stds[path] / sensitivities[path] == pytest.approx(
                 multiplier, rel=0.03
-            )
+            ), (path, sensitivities, per_step)
     assert steps.count == STEPS
     assert steps.parameter == pytest.approx(
         effective_noise_multiplier(measured), rel=0.03

@@ -209,7 +209,8 @@ class GeneralMomentAccountant:
         ...     precision=0.001, order_min=72, order_max=1, max_iterations=1000,
         ...     bound_type="rdp_upperbound_closedformula", backend="python")
         >>> acc.add_step_info({"sigma": 0.5}, 0.1, 100.0)
-        >>> acc.get_epsilon(1e-5)  # 35.14997033525...
+        >>> acc.get_epsilon(1e-5)
+        35.1499703352...
     """
 
     def __init__(

@@ -36,8 +36,11 @@ class NoisyModel(keras.Model):
     losses, metrics and ``fit`` work unchanged.
 
     Example:
+        >>> from deel_lipdp_ext.cloak import CloakNoiseLayer
+        >>> classifier = keras.Sequential(
+        ...     [keras.Input((64,)), keras.layers.Dense(10)])
         >>> noisy = NoisyModel(classifier, CloakNoiseLayer(scale=(1e-3, 1.0)))
-        >>> noisy.compile("adam", loss=loss_fn)
+        >>> noisy.compile("adam", loss=keras.losses.CategoricalCrossentropy())
     """
 
     def __init__(

@@ -28,7 +28,9 @@ class DP_BoundedInput(keras.layers.Layer, DPLayer):
     Shapes: unchanged.
 
     Example:
-        >>> layer = DP_BoundedInput(input_shape=(8, 8, 1), upper_bound=1.0)
+        >>> layer = DP_BoundedInput(upper_bound=1.0)
+        >>> float(keras.ops.norm(layer(keras.ops.ones((1, 16)))))
+        0.99999...
     """
 
     def __init__(self, upper_bound: float, enforce_clipping: bool = True, **kwargs):

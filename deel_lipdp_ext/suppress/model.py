@@ -96,10 +96,12 @@ class SuppressModel(keras.Model):
         ValueError: no optimizer, or SGD with momentum (or another extra).
 
     Example:
-        >>> model = SuppressModel(net, loss, keras.optimizers.SGD(0.05),
-        ...                       metrics=["accuracy"])
-        >>> model.link_suppress_ctrl(ctrl)
-        >>> model.fit(x, y, epochs=10, callbacks=[SuppressMasker(model, ctrl)])
+        >>> net = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
+        >>> model = SuppressModel(net, keras.losses.CategoricalCrossentropy(),
+        ...                       keras.optimizers.SGD(0.05), metrics=["accuracy"])
+        >>> model.link_suppress_ctrl(ctrl)  # doctest: +SKIP
+        >>> model.fit(x, y, epochs=10,  # doctest: +SKIP
+        ...           callbacks=[SuppressMasker(model, ctrl)])
     """
 
     _COMPILE_KEYS = (
