@@ -42,7 +42,7 @@ from deel_lipdp_ext.data import (  # noqa: E402
     load_digits_dataset,
     load_npz_dataset,
 )
-from deel_lipdp_ext.dpsgd import DPSGDModel  # noqa: E402
+from deel_lipdp_ext.dpsgd import DPSGDModel, tanh_cnn  # noqa: E402
 from deel_lipdp_ext.features import ScatteringFeatures  # noqa: E402
 from deel_lipdp_ext.models import Recipe, recipe  # noqa: E402
 
@@ -143,37 +143,6 @@ def load(
         batch_size=batch_size,
         num_classes=10,
         **kwargs,
-    )
-
-
-def tanh_cnn(input_shape, num_classes: int) -> keras.Model:
-    """The standard DP-SGD CNN (Papernot et al. 2021; Tramer & Boneh 2021):
-    two tanh convolutions with max pooling, a tanh dense layer (~26k
-    parameters on 28x28)."""
-    small = input_shape[0] < 16
-    return keras.Sequential(
-        [
-            keras.Input(input_shape),
-            keras.layers.Conv2D(
-                16,
-                3 if small else 8,
-                strides=1 if small else 2,
-                padding="same",
-                activation="tanh",
-            ),
-            keras.layers.MaxPooling2D(2, 1),
-            keras.layers.Conv2D(
-                32,
-                3 if small else 4,
-                strides=1 if small else 2,
-                padding="valid",
-                activation="tanh",
-            ),
-            keras.layers.MaxPooling2D(2, 1),
-            keras.layers.Flatten(),
-            keras.layers.Dense(32, activation="tanh"),
-            keras.layers.Dense(num_classes),
-        ]
     )
 
 

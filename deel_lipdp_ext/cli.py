@@ -90,6 +90,38 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", help="a .keras file written by lipdp train")
     evaluate.add_argument("--data", default="digits", help="'digits' or an .npz path")
     evaluate.add_argument("--accountant", choices=["rdp", "pld"], default="pld")
+    audit = sub.add_parser(
+        "audit",
+        help="measure an epsilon lower bound with canaries, next to the reported one",
+        description="Train with m canaries (each in the training set with "
+        "probability 1/2), score them, and report the epsilon lower bound of the "
+        "one-run audit (Steinke et al. 2023) next to the reported epsilon; "
+        "writes audit.json and audit.png.",
+    )
+    audit.add_argument("--data", default="digits", help="'digits' or an .npz path")
+    audit.add_argument(
+        "--model",
+        choices=["clipless", "dpsgd"],
+        default="clipless",
+        help="the recommended clipless recipe or DP-SGD on a tanh CNN",
+    )
+    audit.add_argument(
+        "--epsilon",
+        type=float,
+        nargs="*",
+        default=[3.0],
+        help="target epsilons, one run each (default: 3)",
+    )
+    audit.add_argument(
+        "--no-noise", action="store_true", help="add the run without noise"
+    )
+    audit.add_argument("--epochs", type=int, default=None)
+    audit.add_argument("--canaries", type=int, default=200)
+    audit.add_argument("--guesses", type=int, default=40)
+    audit.add_argument("--kind", choices=["mislabeled", "noise"], default="noise")
+    audit.add_argument("--delta", type=float, default=1e-5)
+    audit.add_argument("--seed", type=int, default=None)
+    audit.add_argument("--output-dir", default="runs/audit")
     for name in ("epsilon", "calibrate"):
         p = sub.add_parser(name, help=f"{name} for a Poisson-subsampled Gaussian run")
         if name == "epsilon":
@@ -173,7 +205,7 @@ def _import_tensorflow_quietly() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in ("demo", "train", "evaluate"):
+    if args.command in ("demo", "train", "evaluate", "audit"):
         _import_tensorflow_quietly()
     if args.command == "demo":
         from .demo import DemoConfig, run_demo
@@ -201,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             f"accountant={args.accountant}"
         )
         return 0
+    if args.command == "audit":
+        return _audit(args)
     from .accounting import (
         PrivacySpec,
         calibrate_noise_multiplier,
@@ -225,6 +259,35 @@ def main(argv: list[str] | None = None) -> int:
             f"noise_multiplier={sigma:.6f} steps={steps} accountant={args.accountant}"
         )
     return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from .audit.report import table, write_report
+    from .audit.run import AuditConfig, run_audit
+
+    epsilons = list(args.epsilon) + ([None] if args.no_noise else [])
+    if not epsilons:
+        raise SystemExit("lipdp audit: give --epsilon values or --no-noise")
+    runs = [
+        run_audit(
+            AuditConfig(
+                data=args.data,
+                model=args.model,
+                epsilon=epsilon,
+                epochs=args.epochs,
+                num_canaries=args.canaries,
+                num_guesses=args.guesses,
+                kind=args.kind,
+                delta=args.delta,
+                seed=args.seed,
+            )
+        )
+        for epsilon in epsilons
+    ]
+    print(table(runs))
+    json_path, png_path = write_report(runs, args.output_dir)
+    print(f"\nReport written to {json_path} and {png_path}")
+    return 0 if all(run["holds"] for run in runs) else 1
 
 
 if __name__ == "__main__":

@@ -498,18 +498,7 @@ def load_digits_dataset(
     Returns:
         (train dataset, test dataset, DatasetMetadata).
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[..., None]
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x,
-        digits.target,
-        test_size=test_size,
-        stratify=digits.target,
-        random_state=split_seed,
-    )
+    x_tr, y_tr, x_te, y_te = digits_arrays(test_size, split_seed)
     return from_numpy(
         x_tr,
         y_tr,
@@ -523,6 +512,27 @@ def load_digits_dataset(
         seed=seed,
         feature_map=feature_map,
     )
+
+
+def digits_arrays(
+    test_size: float = 0.2, split_seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_test, y_test) of the bundled digits: images
+    (n, 8, 8, 1) in [0, 1], integer labels, the stratified split of
+    `load_digits_dataset`."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[..., None]
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x,
+        digits.target,
+        test_size=test_size,
+        stratify=digits.target,
+        random_state=split_seed,
+    )
+    return x_tr, y_tr, x_te, y_te
 
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")

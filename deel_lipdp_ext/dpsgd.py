@@ -323,3 +323,34 @@ class DPSGDModel(PrivateModel, keras.Model):
             report_train_metrics=dp["report_train_metrics"],
             **config,
         )
+
+
+def tanh_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
+    """The standard DP-SGD CNN (Papernot et al. 2021; Tramer & Boneh 2021):
+    two tanh convolutions with max pooling, a tanh dense layer (~26k
+    parameters on 28x28)."""
+    small = input_shape[0] < 16
+    return keras.Sequential(
+        [
+            keras.Input(input_shape),
+            keras.layers.Conv2D(
+                16,
+                3 if small else 8,
+                strides=1 if small else 2,
+                padding="same",
+                activation="tanh",
+            ),
+            keras.layers.MaxPooling2D(2, 1),
+            keras.layers.Conv2D(
+                32,
+                3 if small else 4,
+                strides=1 if small else 2,
+                padding="valid",
+                activation="tanh",
+            ),
+            keras.layers.MaxPooling2D(2, 1),
+            keras.layers.Flatten(),
+            keras.layers.Dense(32, activation="tanh"),
+            keras.layers.Dense(num_classes),
+        ]
+    )

@@ -36,6 +36,10 @@ DOCUMENTED = [
     "deel_lipdp_ext.attacks",
     "deel_lipdp_ext.synthesis",
     "deel_lipdp_ext.imaging",
+    "deel_lipdp_ext.audit",
+    "deel_lipdp_ext.audit.canaries",
+    "deel_lipdp_ext.audit.run",
+    "deel_lipdp_ext.audit.report",
 ]
 
 
@@ -92,5 +96,10 @@ def test_the_api_reference_covers_every_public_name(site):
 
 
 def test_the_guides_are_in_the_site(site):
-    for page in ("index.html", "design/index.html", "migration/index.html"):
+    for page in (
+        "index.html",
+        "design/index.html",
+        "migration/index.html",
+        "auditing/index.html",
+    ):
         assert (site / page).stat().st_size > 1000
