@@ -966,74 +966,103 @@ def test_dpsgd_accepts_dropout_whose_only_state_is_its_random_generator():
     DPSGDModel(net, DPParameters(1.0, 1e-5), metadata((4,), 2), 1.0)
 
 
-def _optimized_step_graph(model, input_shape, num_classes):
-    """The train step's graph as Grappler (the graph optimizer that runs on
-    every tf.function) rewrites it, with the trainable-variable writes as
-    fetches; and those writes' names."""
+_WRITES = ("Assign", "ResourceApply", "ResourceScatter", "ResourceStrided")
+# ops that forward a resource handle unchanged (lowered loops and conditions)
+_FORWARDS = {"Identity", "IdentityN", "Enter", "Switch", "Merge", "Exit"}
+_CALLS = {"While", "StatelessWhile", "If", "PartitionedCall", "StatefulPartitionedCall"}
+
+
+def _unordered_accesses(model, input_shape, num_classes) -> list[tuple]:
+    """Pairs (variable, write, other access) of one train step that nothing
+    orders, in the graph as Grappler (the optimizer that rewrites every
+    tf.function) leaves it: the runtime may run them in either order."""
     step = tf.function(lambda x, y, w: model.train_step((x, y, w)))
     graph = step.get_concrete_function(
         tf.TensorSpec((None, *input_shape)),
         tf.TensorSpec((None, num_classes)),
         tf.TensorSpec((None,)),
     ).graph
-    trainable = {id(v.value.handle) for v in model.trainable_variables}
-    handles = {i.ref() for e, i in graph.captures if id(e) in trainable}
-    writes = [
-        op.name
-        for op in graph.get_operations()
-        if op.type.startswith(("Assign", "ResourceApply"))
-        and op.inputs[0].ref() in handles
-    ]
+    handles = {i.op.name for _, i in graph.captures if i.dtype == tf.resource}
+    fetches = {op.name for op in graph.get_operations() if op.type.startswith(_WRITES)}
+    fetches |= {t.op.name for t in graph.outputs}
+    fetches |= {op.name for op in graph.control_outputs}
     meta = meta_graph.create_meta_graph_def(graph=graph)
-    meta.collection_def["train_op"].node_list.value.extend(writes)
-    optimized = tf_optimizer.OptimizeGraph(config_pb2.ConfigProto(), meta)
-    return {node.name: node for node in optimized.node}, writes
+    meta.collection_def["train_op"].node_list.value.extend(sorted(fetches))
+    nodes = {
+        n.name: n
+        for n in tf_optimizer.OptimizeGraph(config_pb2.ConfigProto(), meta).node
+    }
+
+    def source(name: str) -> str:
+        name = name.lstrip("^").split(":")[0]
+        while name in nodes and nodes[name].op in _FORWARDS:
+            data = [i for i in nodes[name].input if not i.startswith("^")]
+            if not data:
+                break
+            name = data[0].split(":")[0]
+        return name
+
+    accesses = {}
+    for node in nodes.values():
+        if node.op == "ReadVariableOp" or node.op.startswith(_WRITES):
+            used = [source(node.input[0])]
+        elif node.op in _CALLS:
+            used = [source(i) for i in node.input if not i.startswith("^")]
+        else:
+            continue
+        for handle in set(used) & handles:
+            accesses.setdefault(handle, []).append(
+                (node.name, node.op.startswith(_WRITES))
+            )
+    memo: dict[str, set] = {}
+
+    def ancestors(name: str) -> set:
+        if name not in memo:
+            seen, stack = set(), [name]
+            while stack:
+                for parent in nodes[stack.pop()].input:
+                    parent = parent.lstrip("^").split(":")[0]
+                    if parent not in seen and parent in nodes:
+                        seen.add(parent)
+                        stack.append(parent)
+            memo[name] = seen
+        return memo[name]
+
+    unordered = []
+    for handle, ops in accesses.items():
+        for i, (a, a_writes) in enumerate(ops):
+            for b, b_writes in ops[i + 1 :]:
+                if (a_writes or b_writes) and not (
+                    a in ancestors(b) or b in ancestors(a)
+                ):
+                    unordered.append((handle, a, b))
+    return unordered
 
 
-def _ancestors(nodes: dict, name: str) -> set:
-    seen, stack = set(), [name]
-    while stack:
-        for parent in nodes[stack.pop()].input:
-            parent = parent.lstrip("^").split(":")[0]
-            if parent not in seen:
-                seen.add(parent)
-                stack.append(parent)
-    return seen
-
-
-@pytest.mark.parametrize("strategy", ["global", "per-layer"])
-def test_no_variable_is_written_before_every_bound_of_the_step_is_read(strategy):
+@pytest.mark.parametrize(
+    "make, strategy",
+    [
+        ("sequential", "global"),
+        ("sequential", "per-layer"),
+        ("functional", "per-layer"),
+        ("dpsgd", "global"),
+    ],
+)
+def test_every_write_of_a_train_step_is_ordered_with_every_access(make, strategy):
     """A layer's bound reads the kernels of the layers after it; the optimizer
-    writes a kernel as soon as its update is ready. Keras couples the updates
-    (an IdentityN) and tf.function orders reads before writes, but Grappler
-    removes both: under CPU contention about 1 step in 100 read a certificate
-    AFTER that layer's update (its noise then followed other weights' bound,
-    which can be smaller). In the optimized graph, every read of a trainable
-    variable must come before that variable's write."""
-    model = dp_model(
-        [
-            L.DP_BoundedInput(upper_bound=1.0),
-            L.DP_Flatten(),
-            L.DP_QuickSpectralDense(16),
-            L.DP_GroupSort(2),
-            L.DP_QuickSpectralDense(16),
-            L.DP_QuickSpectralDense(10),
-        ],
-        strategy=strategy,
-    )
-    # only the optimizer's writes: the projection then rewrites the kernels
-    # from what it reads, and the next step's bounds come from those weights
-    model._project = lambda: None
-    nodes, writes = _optimized_step_graph(model, (8, 8, 1), 10)
-    assert len(writes) == 3
-    for write in writes:
-        handle = nodes[write].input[0]
-        reads = {
-            name
-            for name, node in nodes.items()
-            if node.op == "ReadVariableOp" and node.input[0] == handle
-        }
-        before = _ancestors(nodes, write)
-        # every read of the variable (forward pass, certificates) happens
-        # before the variable is written
-        assert len(reads) >= 2 and reads <= before, (write, reads - before)
+    writes a kernel as soon as its own update is ready. Keras couples the
+    updates (an IdentityN) and tf.function orders reads before writes, but
+    Grappler removes both: under CPU contention about 1 step in 100 read a
+    certificate AFTER that layer's update (its noise then followed other
+    weights' bound, which can be smaller). In the optimized graph, every write
+    of every variable (kernels, projection state, optimizer slots, the
+    privacy plan's counters and ledger) must be ordered with every other
+    access to that variable."""
+    from . import test_privacy_plan as plans
+
+    model = {
+        "sequential": plans._sequential,
+        "functional": plans._functional,
+        "dpsgd": plans._dpsgd,
+    }[make](strategy)
+    assert _unordered_accesses(model, (8, 8, 1), 64) == []

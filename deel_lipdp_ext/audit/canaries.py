@@ -127,11 +127,18 @@ class AuditResult:
     num_correct: int
     canary_auc: float  # AUC of the scores, included vs excluded canaries
     kind: str
+    # membership inference on the same scores (included = members):
+    # TPR at FPR <= 1e-2 and 1e-1, and its own epsilon lower bound
+    tpr_at_fpr_001: float = float("nan")
+    tpr_at_fpr_01: float = float("nan")
+    membership_epsilon_lower_bound: float = float("nan")
 
     @property
     def holds(self) -> bool:
-        """True unless the measured bound contradicts the reported epsilon."""
-        return self.epsilon_lower_bound <= self.epsilon_reported
+        """True unless a measured bound (canary guesses, or membership
+        inference on the same scores) exceeds the reported epsilon."""
+        bounds = (self.epsilon_lower_bound, self.membership_epsilon_lower_bound)
+        return not any(bound > self.epsilon_reported for bound in bounds)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -155,11 +162,19 @@ def audit_scores(
     r, v = statistics.count_correct(guesses, canaries.included)
     members = scores[canaries.included]
     others = scores[~canaries.included]
-    area = (
-        statistics.auc(*statistics.roc_curve(members, others)[:2])
-        if members.size and others.size
-        else float("nan")
-    )
+    membership = {}
+    if members.size and others.size:
+        fpr, tpr, _ = statistics.roc_curve(members, others)
+        membership = {
+            "canary_auc": statistics.auc(fpr, tpr),
+            "tpr_at_fpr_001": statistics.tpr_at_fpr(fpr, tpr, 1e-2),
+            "tpr_at_fpr_01": statistics.tpr_at_fpr(fpr, tpr, 1e-1),
+            "membership_epsilon_lower_bound": (
+                statistics.membership_epsilon_lower_bound(
+                    members, others, delta, confidence, fpr_targets=(1e-2, 1e-1)
+                )
+            ),
+        }
     return AuditResult(
         epsilon_reported=float(epsilon_reported),
         epsilon_lower_bound=statistics.one_run_epsilon_lower_bound(
@@ -170,8 +185,8 @@ def audit_scores(
         num_canaries=canaries.size,
         num_guesses=r,
         num_correct=v,
-        canary_auc=area,
         kind=canaries.kind,
+        **{"canary_auc": float("nan"), **membership},
     )
 
 

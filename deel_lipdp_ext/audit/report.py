@@ -16,8 +16,9 @@ def table(runs: list[dict]) -> str:
     """One line per audited run."""
     lines = [
         "| data | model | epsilon reported | epsilon lower bound (95%) | correct / "
-        "guesses | canary AUC | test accuracy | holds |",
-        "|---|---|---|---|---|---|---|---|",
+        "guesses | canary AUC | TPR at FPR 0.1 | MI lower bound | test accuracy "
+        "| holds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         r, c = run["result"], run["config"]
@@ -27,6 +28,7 @@ def table(runs: list[dict]) -> str:
             f"| {os.path.basename(str(c['data']))} | {c['model']} | {reported} | "
             f"{r['epsilon_lower_bound']:.3f} | {r['num_correct']} / "
             f"{r['num_guesses']} | {r['canary_auc']:.3f} | "
+            f"{r['tpr_at_fpr_01']:.3f} | {r['membership_epsilon_lower_bound']:.3f} | "
             f"{run['test_accuracy']:.3f} | {'yes' if run['holds'] else 'NO'} |"
         )
     return "\n".join(lines)

@@ -73,6 +73,10 @@ def test_a_perfect_score_gives_the_closed_form_and_a_blind_one_nothing():
         -math.log(0.05 ** (-1 / 20) - 1)
     )
     assert perfect.canary_auc == 1.0 and perfect.holds  # reported inf by default
+    assert perfect.tpr_at_fpr_001 == 1.0 and perfect.membership_epsilon_lower_bound > 1
+    # a bound above the reported epsilon is a contradiction, whichever test
+    leaky = audit_scores(included.astype(float), canaries, 20, 1e-5, 0.95, 0.5)
+    assert not leaky.holds
     blind = audit_scores(-included.astype(float), canaries, 20, 1e-5, 0.95, 3.0)
     assert blind.epsilon_lower_bound == 0.0 and blind.num_correct == 0
     assert blind.to_dict()["epsilon_reported"] == 3.0
