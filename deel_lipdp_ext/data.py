@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from ._validation import require_one_of
 from .accounting import steps_per_epoch
+from .layers.base import BOUND_MARGIN
 
 SAMPLINGS = ("poisson", "shuffle")
 
@@ -123,11 +124,6 @@ class DatasetMetadata:
     @classmethod
     def from_dict(cls, d: dict) -> DatasetMetadata:
         return cls(**d)
-
-
-#: Rescaled samples aim this fraction of the bound: float32 rounding of the
-#: rescaled values (~1e-7 relative) then stays below the bound.
-BOUND_MARGIN = 1.0 - 1e-6
 
 
 def _per_sample_norms(x: np.ndarray) -> np.ndarray:

@@ -45,6 +45,7 @@ from .data import (
     from_numpy,
     load_digits_dataset,
 )
+from .layers.base import BOUND_MARGIN
 
 __all__ = [
     "BoundFunction",
@@ -82,8 +83,16 @@ class BoundFunction(NamedTuple):
     bound: float
 
 
-def _sample_norm(x: tf.Tensor) -> tf.Tensor:
-    return tf.norm(tf.reshape(x, [-1]))
+def _rescaled(x, bound: float, clip_only: bool) -> tf.Tensor:
+    """One sample `x` scaled to L2 norm `bound * BOUND_MARGIN` (clip_only: only
+    if its norm is above `bound`; otherwise only if it is not all zero), with
+    the norm and the scaling in float64 so that no float32 square underflows
+    or overflows (the same rule as `data.bound_normalize` / `bound_clip_value`)."""
+    x = tf.cast(tf.convert_to_tensor(x, tf.float32), tf.float64)
+    norm = tf.norm(tf.reshape(x, [-1]))
+    scale = bound * BOUND_MARGIN / tf.maximum(norm, 1e-300)
+    keep = norm <= bound if clip_only else tf.equal(norm, 0.0)
+    return tf.cast(tf.where(keep, x, x * scale), tf.float32)
 
 
 def bound_clip_value(upper_bound: float) -> BoundFunction:
@@ -103,10 +112,8 @@ def bound_clip_value(upper_bound: float) -> BoundFunction:
     bound = require_positive("upper_bound", upper_bound, "bound_clip_value")
 
     def clip(x, y):
-        """Scale `x` down to norm `upper_bound` if it is longer."""
-        x = tf.convert_to_tensor(x, tf.float32)
-        norm = _sample_norm(x)
-        return x * tf.minimum(1.0, bound / tf.maximum(norm, 1e-30)), y
+        """Scale `x` down to just inside norm `upper_bound` if it is longer."""
+        return _rescaled(x, bound, clip_only=True), y
 
     clip.preprocessing = "clip"
     return BoundFunction(clip, bound)
@@ -127,10 +134,8 @@ def bound_normalize(bound: float = 1.0) -> BoundFunction:
     bound = require_positive("bound", bound, "bound_normalize")
 
     def normalize(x, y):
-        """Scale `x` to norm `bound` (zero stays zero)."""
-        x = tf.convert_to_tensor(x, tf.float32)
-        norm = _sample_norm(x)
-        return tf.where(norm > 0, x * (bound / tf.maximum(norm, 1e-30)), x), y
+        """Scale `x` to just inside norm `bound` (zero stays zero)."""
+        return _rescaled(x, bound, clip_only=False), y
 
     normalize.preprocessing = "normalize"
     return BoundFunction(normalize, bound)

@@ -1,8 +1,12 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
-from deel_lipdp_ext import data
+from deel_lipdp_ext import data, pipeline
+
+from .layers.test_bounded import _extreme_batches
 
 
 def test_poisson_batches_follow_binomial_and_mask_padding():
@@ -124,3 +128,31 @@ def test_load_npz_dataset(tmp_path):
     np.savez(tmp_path / "bad.npz", x_train=np.zeros((2, 2)))
     with pytest.raises(KeyError, match="y_train"):
         data.load_npz_dataset(tmp_path / "bad.npz", batch_size=1)
+
+
+def _bounding_functions(bound):
+    """Every way the library bounds a sample: the numpy batch functions of
+    `data` and deel-lipdp's per-sample functions of `pipeline`."""
+
+    def per_sample(pair):
+        function, _ = pair
+        return lambda x: np.stack([function(s, 0)[0].numpy() for s in x])
+
+    return {
+        "data.bound_normalize": data.bound_normalize(bound),
+        "data.bound_clip_value": data.bound_clip_value(bound),
+        "pipeline.bound_normalize": per_sample(pipeline.bound_normalize(bound)),
+        "pipeline.bound_clip_value": per_sample(pipeline.bound_clip_value(bound)),
+    }
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=_extreme_batches(), bound=st.sampled_from([1e-20, 1e-3, 0.5, 1.0, 1e20]))
+def test_no_bounding_function_leaves_a_sample_above_its_bound(x, bound):
+    """Subnormal to float32-max samples: squares that underflow or overflow in
+    a float32 norm must not let a sample through above the bound."""
+    for name, bound_samples in _bounding_functions(bound).items():
+        out = bound_samples(x)
+        assert np.all(np.isfinite(out)), name
+        norms = np.linalg.norm(out.astype(np.float64).reshape(len(out), -1), axis=1)
+        assert np.all(norms <= bound), (name, norms.max(), bound)

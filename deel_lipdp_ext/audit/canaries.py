@@ -104,14 +104,21 @@ def insert_canaries(
     )
 
 
-def per_sample_losses(model: keras.Model, dataset) -> np.ndarray:
-    """Each sample's loss under `model`'s compiled loss (no reduction), over a
-    dataset of (x, y) batches in a fixed order."""
-    loss = model.loss
-    losses = []
+def losses_and_hits(model: keras.Model, dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's loss under `model`'s compiled loss (no reduction) and
+    whether its prediction is right, over a dataset of (x, y) batches in a
+    fixed order, in one pass."""
+    losses, hits = [], []
     for x, y in dataset:
-        losses.append(np.asarray(loss.call(y, model(x, training=False))))
-    return np.concatenate(losses).astype(np.float64)
+        logits = model(x, training=False)
+        losses.append(np.asarray(model.loss.call(y, logits)))
+        hits.append(np.argmax(logits, -1) == np.argmax(y, -1))
+    return np.concatenate(losses).astype(np.float64), np.concatenate(hits)
+
+
+def per_sample_losses(model: keras.Model, dataset) -> np.ndarray:
+    """Each sample's loss under `model`'s compiled loss (no reduction)."""
+    return losses_and_hits(model, dataset)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +203,7 @@ __all__ = [
     "Canaries",
     "audit_scores",
     "insert_canaries",
+    "losses_and_hits",
     "make_canaries",
     "per_sample_losses",
 ]

@@ -19,8 +19,8 @@ from .canaries import (
     AuditResult,
     audit_scores,
     insert_canaries,
+    losses_and_hits,
     make_canaries,
-    per_sample_losses,
 )
 
 #: the noise multiplier of the "no noise" reference (sigma must be > 0)
@@ -73,18 +73,6 @@ def _arrays(data: str):
         return digits_arrays()
     arrays = _read_npz_images(data)
     return tuple(arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))
-
-
-def _losses_and_hits(model, dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sample losses and correct predictions over an ordered dataset."""
-    losses = per_sample_losses(model, dataset)
-    hits = np.concatenate(
-        [
-            np.argmax(model(x, training=False), -1) == np.argmax(y, -1)
-            for x, y in dataset
-        ]
-    )
-    return losses, hits
 
 
 def _noise_multiplier(config: AuditConfig, model, epochs: int, accountant: str):
@@ -192,7 +180,7 @@ def run_audit(config: AuditConfig) -> dict:
     )
     sigma = model.dp_parameters.noise_multiplier
     m = canaries.size
-    initial, _ = _losses_and_hits(model, held)
+    initial, _ = losses_and_hits(model, held)
     start = time.perf_counter()
     model.fit(
         train,
@@ -202,7 +190,7 @@ def run_audit(config: AuditConfig) -> dict:
         verbose=0,
     )
     seconds = time.perf_counter() - start
-    final, hits = _losses_and_hits(model, held)
+    final, hits = losses_and_hits(model, held)
     scores = initial[:m] - final[:m]
     reported = (
         math.inf if config.epsilon is None else model.privacy_plan.epsilon(accountant)

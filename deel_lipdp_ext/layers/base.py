@@ -71,6 +71,11 @@ class GNPLayer(DPLayer):
         return gradient_bound
 
 
+#: Every bounding step (the data loaders' rescaling, `DP_BoundedInput`'s
+#: projection) aims this fraction of the bound, so float32 rounding of the
+#: rescaled values (~1e-7 relative) stays below the bound itself.
+BOUND_MARGIN = 1.0 - 1e-6
+
 _PASS_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
     "dp_bound_pass_cache", default=None
 )

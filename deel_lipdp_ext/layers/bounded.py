@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 from .._validation import require_positive
-from .base import DPLayer, as_bound
+from .base import BOUND_MARGIN, DPLayer, as_bound
 
 _PACKAGE = "deel_lipdp_ext"
 
@@ -49,9 +49,8 @@ class DP_BoundedInput(keras.layers.Layer, DPLayer):
         if not self.enforce_clipping:
             return inputs
         peak, unit, unit_norm = _peak_unit_norms(inputs)
-        # Aim just inside the ball: float rounding of the projection (~1e-7
-        # relative) must not carry a sample above the bound.
-        bound = tf.cast(self.upper_bound * (1.0 - 1e-6), peak.dtype)
+        # aim just inside the ball (float rounding of the projection)
+        bound = tf.cast(self.upper_bound * BOUND_MARGIN, peak.dtype)
         # ||x|| / bound = (peak / bound) * ||x / peak||: no overflow to a wrong side
         inside = (peak / bound) * unit_norm <= 1.0
         on_sphere = tf.cast(unit * _per_sample(bound / unit_norm, unit), inputs.dtype)
