@@ -1,10 +1,21 @@
-"""Clipless DP fit time per epoch vs non-private Keras fit of the same architecture.
+"""Seconds per epoch and peak memory: non-private Keras, clipless DP, DP-SGD
+(vectorised and ghost clipping), side by side.
 
-Same data, batch size and layers; runs alternate in one process (A, B, A, B...)
-and the table reports medians and their ratio. Writes JSON.
+Two networks on MNIST-shaped data (28x28x1, 10 classes, random values: time
+and memory only):
+* the standard DP-SGD tanh CNN (`dpsgd.tanh_cnn`, ~26k parameters), trained
+  by plain Keras and by `DPSGDModel(clipping="vectorized" | "ghost")`;
+* a Lipschitz network (`architecture()`), trained by plain Keras (the same
+  layers in a `keras.Sequential`) and by `DPSequential` (clipless).
+Ratios are to plain Keras on the same network and the same batches. For each
+batch size B and sampling (Poisson: `data.poisson_batches`, variable size;
+shuffle: fixed B), the models' epochs alternate in one process (A, B, C, A,
+B, C...) and the table reports medians of wall and process CPU time. The
+peak memory of one epoch is TensorFlow's CPU allocator peak above what was
+allocated before it (after warm-up). Writes JSON.
 
-    python benchmarks/speed.py [--epochs 3] [--repeats 3]
-        [--out benchmarks/results/speed.json]
+    python benchmarks/speed.py [--n 16384] [--batch-sizes 256 1024 4096]
+        [--epochs 2] [--repeats 2] [--out benchmarks/results/speed.json]
 """
 
 from __future__ import annotations
@@ -25,10 +36,23 @@ import tensorflow as tf  # noqa: E402
 from deel_lipdp_ext import DPParameters, DPSequential  # noqa: E402
 from deel_lipdp_ext import layers as L  # noqa: E402
 from deel_lipdp_ext.data import from_numpy  # noqa: E402
+from deel_lipdp_ext.dpsgd import DPSGDModel, tanh_cnn  # noqa: E402
 from deel_lipdp_ext.losses import DP_TauCategoricalCrossentropy  # noqa: E402
+
+SHAPE = (28, 28, 1)
+#: model -> the non-private model its ratios are taken against.
+BASELINE = {
+    "keras_cnn": "keras_cnn",
+    "dpsgd_vectorized": "keras_cnn",
+    "dpsgd_ghost": "keras_cnn",
+    "keras_lipschitz": "keras_lipschitz",
+    "clipless": "keras_lipschitz",
+}
+MODELS = tuple(BASELINE)
 
 
 def architecture():
+    """The Lipschitz network (its layers, after DP_BoundedInput)."""
     return [
         L.DP_QuickSpectralConv2D(16, 3, padding="same"),
         L.DP_GroupSort(2),
@@ -43,49 +67,57 @@ def architecture():
     ]
 
 
-def make_data(n, size, batch_size, sampling):
+def make_data(n: int, batch_size: int, sampling: str):
     rng = np.random.default_rng(0)
-    x = rng.random((n, size, size, 1)).astype(np.float32)
+    x = rng.random((n, *SHAPE)).astype(np.float32)
     y = rng.integers(0, 10, n)
-    return from_numpy(x, y, batch_size=batch_size, sampling=sampling, num_classes=10)
-
-
-def clipless_model(meta):
-    model = DPSequential(
-        [
-            keras.Input(meta.input_shape),
-            L.DP_BoundedInput(upper_bound=1.0),
-            *architecture(),
-        ],
-        dp_parameters=DPParameters(1.0, 1e-5, seed=0),
-        dataset_metadata=meta,
+    train, _, meta = from_numpy(
+        x, y, batch_size=batch_size, sampling=sampling, num_classes=10, seed=0
     )
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.1),
-        loss=DP_TauCategoricalCrossentropy(8.0),
-        metrics=["accuracy"],
-    )
-    return model
+    return train, meta
 
 
-def plain_model(meta):
-    """The same layers as a plain keras.Sequential: no bounds, noise or projection."""
-    model = keras.Sequential([keras.Input(meta.input_shape), *architecture()])
+def _plain(model: keras.Model) -> keras.Model:
     model.compile(
         optimizer=keras.optimizers.SGD(0.1),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
     )
     return model
 
 
-def time_epochs(model, ds, epochs):
-    """Median (wall, process CPU) seconds per epoch after a warm-up epoch.
+def build(kind: str, meta) -> keras.Model:
+    """A compiled model of `kind` (one of MODELS) for data `meta`."""
+    if kind == "keras_cnn":
+        return _plain(tanh_cnn(SHAPE, 10))
+    if kind == "keras_lipschitz":
+        return _plain(keras.Sequential([keras.Input(SHAPE), *architecture()]))
+    dp = DPParameters(1.0, 1e-5, seed=0)
+    if kind == "clipless":
+        model = DPSequential(
+            [keras.Input(SHAPE), L.DP_BoundedInput(upper_bound=1.0), *architecture()],
+            dp_parameters=dp,
+            dataset_metadata=meta,
+        )
+        loss = DP_TauCategoricalCrossentropy(8.0)
+    else:
+        model = DPSGDModel(
+            tanh_cnn(SHAPE, 10),
+            dp,
+            meta,
+            l2_norm_clip=1.0,
+            clipping=kind.removeprefix("dpsgd_"),
+        )
+        loss = keras.losses.CategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss)
+    return model
 
-    CPU time is reported beside wall time because wall time on small shared
-    machines can be throttled in coarse steps that hide the difference.
-    """
-    model.fit(ds, epochs=1, verbose=0)  # trace and warm up
+
+def time_epochs(model, ds, epochs: int) -> tuple[float, float]:
+    """Median (wall, process CPU) seconds per epoch; the first fit (traces)
+    is not timed."""
+    if not getattr(model, "_warm", False):
+        model.fit(ds, epochs=1, verbose=0)
+        model._warm = True
     wall, cpu = [], []
     for _ in range(epochs):
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -95,47 +127,82 @@ def time_epochs(model, ds, epochs):
     return statistics.median(wall), statistics.median(cpu)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=4096)
-    parser.add_argument("--size", type=int, default=28)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="benchmarks/results/speed.json")
-    args = parser.parse_args()
+def peak_memory_mib(model, ds) -> float:
+    """Peak TensorFlow CPU memory of one epoch above what was allocated
+    before it (MiB; the allocator's own statistics), after warm-up."""
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    model.fit(ds, epochs=1, verbose=0)
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    return (peak - before) / 2**20
+
+
+def measure(args) -> list[dict]:
     rows = []
-    for sampling in ("shuffle", "poisson"):
-        ds, _, meta = make_data(args.n, args.size, args.batch_size, sampling)
-        plain_ds = ds.map(lambda *t: t[:2]) if sampling == "poisson" else ds
-        dp, plain = clipless_model(meta), plain_model(meta)
-        times = {"dp": [], "plain": []}
-        for _ in range(args.repeats):  # alternate, so drift hits both alike
-            times["plain"].append(time_epochs(plain, plain_ds, args.epochs))
-            times["dp"].append(time_epochs(dp, ds, args.epochs))
-        row = {"sampling": sampling}
-        for i, kind in enumerate(("wall", "cpu")):
-            p_s = statistics.median(t[i] for t in times["plain"])
-            d_s = statistics.median(t[i] for t in times["dp"])
-            row.update(
-                {
-                    f"non_private_{kind}_s": p_s,
-                    f"clipless_{kind}_s": d_s,
-                    f"{kind}_ratio": d_s / p_s,
-                }
-            )
-        rows.append(row)
+    for batch_size in args.batch_sizes:
+        for sampling in args.samplings:
+            train, meta = make_data(args.n, batch_size, sampling)
+            models = {kind: build(kind, meta) for kind in args.models}
+            times = {kind: [] for kind in args.models}
+            for _ in range(args.repeats):  # alternate: drift hits all alike
+                for kind, model in models.items():
+                    times[kind].append(time_epochs(model, train, args.epochs))
+            for kind in args.models:
+                row = {"model": kind, "batch_size": batch_size, "sampling": sampling}
+                for i, clock in enumerate(("wall", "cpu")):
+                    row[f"{clock}_s"] = statistics.median(t[i] for t in times[kind])
+                row["peak_mib"] = peak_memory_mib(models[kind], train)
+                rows.append(row)
+            print(f"B={batch_size} {sampling}: done", flush=True)
+    for row in rows:
+        base = next(
+            r
+            for r in rows
+            if r["model"] == BASELINE[row["model"]]
+            and r["batch_size"] == row["batch_size"]
+            and r["sampling"] == row["sampling"]
+        )
+        for clock in ("wall", "cpu"):
+            row[f"{clock}_ratio"] = row[f"{clock}_s"] / base[f"{clock}_s"]
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
     print(
-        f"{'sampling':<9} {'clock':<5} {'non-private s/epoch':>19} "
-        f"{'clipless s/epoch':>17} {'ratio':>7}"
+        f"{'model':<17} {'B':>5} {'sampling':<8} {'wall s':>8} {'cpu s':>8} "
+        f"{'wall x':>7} {'cpu x':>7} {'peak MiB':>9}"
     )
     for r in rows:
-        for kind in ("wall", "cpu"):
-            print(
-                f"{r['sampling']:<9} {kind:<5} {r[f'non_private_{kind}_s']:>19.3f} "
-                f"{r[f'clipless_{kind}_s']:>17.3f} {r[f'{kind}_ratio']:>7.3f}"
-            )
-    write_result(args.out, {"config": vars(args), "rows": rows})
+        print(
+            f"{r['model']:<17} {r['batch_size']:>5} {r['sampling']:<8} "
+            f"{r['wall_s']:8.3f} {r['cpu_s']:8.3f} {r['wall_ratio']:7.2f} "
+            f"{r['cpu_ratio']:7.2f} {r['peak_mib']:9.1f}"
+        )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=16384)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--samplings", nargs="+", default=["poisson", "shuffle"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/speed.json")
+    args = parser.parse_args()
+    needed = {BASELINE[m] for m in args.models} - set(args.models)
+    if needed:
+        parser.error(f"--models needs the baselines {sorted(needed)} too")
+    rows = measure(args)
+    print_table(rows)
+    write_result(
+        args.out,
+        {
+            "config": vars(args),
+            "device": tf.config.list_logical_devices()[-1].device_type,
+            "rows": rows,
+        },
+    )
 
 
 def write_result(path: str, result: dict) -> None:

@@ -6,9 +6,11 @@ any arrays.
 
 Sampling:
 * "poisson": every step includes each training sample independently with
-  probability q = batch_size / N (what the accountant assumes). Batches are
-  padded to a fixed size with a 0/1 sample weight (mask) so `tf.function` /
-  XLA see one shape.
+  probability q = batch_size / N (what the accountant assumes), drawn in
+  tf.data. Batches hold exactly the sampled rows (a variable batch
+  dimension) with a sample weight (mask) of ones; for XLA they are padded to
+  a few bucket sizes with masked rows (`pad_to_buckets`, done by a DP
+  model's `fit` under `jit_compile=True`).
 * "shuffle": a fresh permutation cut into batches each epoch. The accountant
   still uses the Poisson analysis: the usual heuristic, not a proof; the
   epsilon report says so.
@@ -25,6 +27,8 @@ elsewhere is refused unless the user vouches for it (`declare_sampling`).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 import math
 import os
 import secrets
@@ -168,13 +172,30 @@ def bound_clip_value(clip_value: float) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def max_poisson_batch_size(n: int, q: float) -> int:
-    """Padded size of Poisson batches: mean + 10 standard deviations + 10.
+    """Largest Poisson batch accepted: mean + 10 standard deviations + 10.
 
     A Binomial(n, q) exceeds it with probability below 1e-20 (Chernoff); if
     it ever does, batching raises instead of dropping samples.
     """
     mean = n * q
     return int(min(n, math.ceil(mean + 10.0 * math.sqrt(mean * (1.0 - q)) + 10)))
+
+
+def poisson_bucket_width(n: int, q: float) -> int:
+    """Row granularity of bucketed Poisson batches: one standard deviation of
+    the batch size (at least 8), so a batch carries at most that many padded
+    rows and about 10 bucket sizes (XLA compilations) cover every batch but
+    those of probability below 1e-20."""
+    return max(8, math.ceil(math.sqrt(n * q * (1.0 - q))))
+
+
+def poisson_bucket_size(size: int, n: int, q: float) -> int:
+    """The padded size of a Poisson batch of `size` rows under bucketing: the
+    next multiple of the bucket width (an empty batch gets one bucket of
+    masked rows), capped at `max_poisson_batch_size`."""
+    width = poisson_bucket_width(n, q)
+    bucket = max(1, math.ceil(size / width)) * width
+    return max(size, min(bucket, max_poisson_batch_size(n, q)))
 
 
 @dataclass(frozen=True)
@@ -187,6 +208,8 @@ class SamplingProvenance:
         batch_size: the expected batch size B.
         seeded: a user seed fixed the sampling (reproducible, not secret).
         declared: the user vouches for it (`declare_sampling`), unchecked.
+        padding: Poisson batches only: "none" (variable batch dimension) or
+            "buckets" (padded with masked rows to `poisson_bucket_size`).
     """
 
     sampling: str
@@ -194,6 +217,7 @@ class SamplingProvenance:
     batch_size: int
     seeded: bool
     declared: bool = False
+    padding: str = "none"
 
 
 _PROVENANCE_ATTRIBUTE = "_deel_lipdp_sampling"
@@ -248,51 +272,147 @@ def _secret_seed(seed: int | None) -> int:
     return secrets.randbits(63) if seed is None else int(seed)
 
 
+POISSON_PADDINGS = ("none", "buckets")
+
+
+def _inclusion_threshold(n: int, batch_size: int) -> int | None:
+    """The int64 threshold t such that a full-range int64 draw r < t happens
+    with probability floor(B * 2**64 / N) / 2**64, i.e. within 2**-64 BELOW
+    q = B / N (never above: the accountant's q bounds the real one). None
+    when q = 1 (every sample joins)."""
+    scaled = (int(batch_size) << 64) // int(n)
+    return None if scaled >= 1 << 64 else scaled - (1 << 63)
+
+
+def _split_seed(seed: int) -> tuple[int, int]:
+    """A 63-bit seed as the two 32-bit halves of a stateless RNG seed."""
+    return seed >> 32, seed & 0xFFFFFFFF
+
+
 def poisson_batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None = None
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    seed: int | None = None,
+    *,
+    padding: str = "none",
 ) -> tf.data.Dataset:
-    """Poisson-subsampled batches `(x, y, mask)` padded to a fixed size.
+    """Poisson-subsampled batches `(x, y, mask)`, sampled inside tf.data.
 
     One epoch has ceil(N / batch_size) steps; each step includes every sample
-    independently with probability q = batch_size / N. Iterating the dataset
-    again (next epoch) draws fresh batches from the same generator.
+    independently with probability q = batch_size / N (exactly
+    floor(B 2^64 / N) / 2^64: a full-range 64-bit stateless draw per sample,
+    keyed by the seed, the epoch and the step). Iterating the dataset again
+    (next epoch) draws fresh batches; two datasets with the same seed draw
+    the same ones. A batch may be empty.
 
     Args:
         seed: None (default): operating-system entropy, so the batches are
             secret. An int: reproducible batches, reported as not secret.
+        padding: "none" (default): batches have exactly the sampled rows (a
+            variable batch dimension, no wasted compute) and a mask of ones.
+            "buckets": padded with zero rows, mask 0, to
+            `poisson_bucket_size` (a few shapes, for XLA); a DP model
+            compiled with `jit_compile=True` pads a "none" dataset so itself.
+
+    Raises:
+        tf.errors.InvalidArgumentError: (while iterating) a batch larger than
+            `max_poisson_batch_size` (probability < 1e-20): samples are never
+            dropped.
     """
+    require_one_of("padding", padding, POISSON_PADDINGS, "poisson_batches")
     n = len(x)
+    if not 0 < batch_size <= n:
+        raise ValueError(
+            f"batch_size must lie in [1, N={n}]. Received: batch_size={batch_size!r}"
+        )
     q = batch_size / n
     steps = steps_per_epoch(q)
-    padded = max_poisson_batch_size(n, q)
-    rng = np.random.default_rng(_secret_seed(seed))
+    limit = max_poisson_batch_size(n, q)
+    threshold = _inclusion_threshold(n, batch_size)
+    seed_words = _split_seed(_secret_seed(seed))
+    x_all = tf.constant(np.asarray(x, np.float32))
+    y_all = tf.constant(np.asarray(y, np.float32))
+    epochs = itertools.count()
 
-    def generate():
-        for _ in range(steps):
-            idx = np.flatnonzero(rng.random(n) < q)
-            if len(idx) > padded:
-                raise RuntimeError(
-                    f"A Poisson batch of {len(idx)} samples exceeds the padded size "
-                    f"{padded} (probability < 1e-20): refusing to drop samples."
-                )
-            mask = np.zeros(padded, np.float32)
-            mask[: len(idx)] = 1.0
-            xb = np.zeros((padded, *x.shape[1:]), np.float32)
-            yb = np.zeros((padded, *y.shape[1:]), np.float32)
-            xb[: len(idx)] = x[idx]
-            yb[: len(idx)] = y[idx]
-            yield xb, yb, mask
+    def next_epoch():
+        yield next(epochs)
 
-    signature = (
-        tf.TensorSpec((padded, *x.shape[1:]), tf.float32),
-        tf.TensorSpec((padded, *y.shape[1:]), tf.float32),
-        tf.TensorSpec((padded,), tf.float32),
+    def draw(epoch, step):
+        key = tf.random.experimental.stateless_fold_in(
+            tf.constant(seed_words, tf.int64), epoch * steps + step
+        )
+        if threshold is None:
+            rows = tf.range(n, dtype=tf.int64)
+        else:
+            bits = tf.random.stateless_uniform(
+                (n,), key, minval=None, maxval=None, dtype=tf.int64
+            )
+            rows = tf.where(bits < threshold)[:, 0]
+        size = tf.size(rows)
+        check = tf.debugging.assert_less_equal(
+            size,
+            limit,
+            message=f"A Poisson batch exceeds {limit} samples (probability "
+            "< 1e-20): refusing to drop samples.",
+        )
+        with tf.control_dependencies([check]):
+            xb, yb = tf.gather(x_all, rows), tf.gather(y_all, rows)
+        return xb, yb, tf.ones([size], tf.float32)
+
+    def steps_of(epoch):
+        return tf.data.Dataset.range(steps).map(lambda step: (epoch, step))
+
+    ds = tf.data.Dataset.from_generator(
+        next_epoch, output_signature=tf.TensorSpec((), tf.int64)
     )
-    ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    ds = ds.flat_map(steps_of).map(
+        draw, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
     ds = ds.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
-    return _with_provenance(
+    ds = _with_provenance(
         ds, SamplingProvenance("poisson", n, int(batch_size), seed is not None)
     )
+    return pad_to_buckets(ds) if padding == "buckets" else ds
+
+
+def pad_to_buckets(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """A Poisson dataset of this module (padding "none") with every batch
+    padded by zero rows of mask 0 to `poisson_bucket_size`: a few batch
+    shapes, hence a few XLA compilations. The provenance is kept; the rows,
+    and so the privacy analysis, are unchanged (masked rows weigh 0).
+
+    Raises:
+        ValueError: a dataset that is not an unpadded Poisson dataset of
+            this module.
+    """
+    provenance = sampling_provenance(dataset)
+    if (
+        provenance is None
+        or provenance.sampling != "poisson"
+        or provenance.declared
+        or provenance.padding != "none"
+    ):
+        raise ValueError(
+            "pad_to_buckets takes an unpadded Poisson dataset built by "
+            f"data.poisson_batches. Received provenance: {provenance}"
+        )
+    n, q = provenance.nb_samples, provenance.batch_size / provenance.nb_samples
+    width = poisson_bucket_width(n, q)
+    limit = max_poisson_batch_size(n, q)
+
+    def pad(xb, yb, mask):
+        size = tf.shape(mask)[0]
+        bucket = tf.maximum(1, (size + width - 1) // width) * width
+        extra = tf.maximum(size, tf.minimum(bucket, limit)) - size
+
+        def rows(t):
+            return tf.pad(t, [[0, extra]] + [[0, 0]] * (t.shape.rank - 1))
+
+        return rows(xb), rows(yb), rows(mask)
+
+    padded = dataset.map(pad, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _with_provenance(padded, dataclasses.replace(provenance, padding="buckets"))
 
 
 def shuffled_batches(

@@ -34,10 +34,14 @@ import numpy as np
 import tensorflow as tf
 
 from ._keras_utils import all_sublayers, pop_keras_objects
+from ._validation import require_one_of
 from .data import DatasetMetadata
+from .ghost_clipping import clipped_gradient_sum, ghost_clipping_support
+from .layers.base import BOUND_MARGIN
 from .model import DPParameters, PrivateModel, check_float32_compute, sanitize_batch
 
 _PACKAGE = "deel_lipdp_ext"
+CLIPPINGS = ("auto", "ghost", "vectorized")
 _SAMPLE_MIXING = (keras.layers.BatchNormalization,)
 
 
@@ -102,11 +106,20 @@ class DPSGDModel(PrivateModel, keras.Model):
         l2_norm_clip: C, the bound on each example's gradient norm (> 0).
         report_train_metrics: put the training batches' loss and metrics in the
             logs (computed without noise: the epsilon does not cover them).
+        clipping: how per-example gradients are clipped. "ghost": from one
+            batched forward and backward pass, per-example norms without
+            per-example gradients (`ghost_clipping`; Keras built-in layers
+            only). "vectorized": every example's gradient by
+            `tf.vectorized_map` (any layers). "auto" (default): "ghost" where
+            it is exact for the network, else "vectorized". Both clip the
+            same per-example gradients.
 
     Raises:
         TypeError: wrong argument types.
         ValueError: a non-positive clip norm, a per-layer noise strategy, a
-            layer that mixes examples, or a loss without per-example values.
+            layer that mixes examples, a loss without per-example values, or
+            clipping="ghost" for a network it does not support (the reason
+            is named).
     """
 
     def __init__(
@@ -116,9 +129,11 @@ class DPSGDModel(PrivateModel, keras.Model):
         dataset_metadata: DatasetMetadata,
         l2_norm_clip: float,
         report_train_metrics: bool = False,
+        clipping: str = "auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        require_one_of("clipping", clipping, CLIPPINGS, "DPSGDModel")
         if not isinstance(model, keras.Model):
             raise TypeError(
                 f"`model` must be a Keras model. Received: {type(model).__name__}"
@@ -153,6 +168,8 @@ class DPSGDModel(PrivateModel, keras.Model):
         _check_network(model)
         self.model = model
         self.l2_norm_clip = float(l2_norm_clip)
+        self.clipping = clipping
+        self._check_clipping()
         self._init_privacy(
             dp_parameters,
             dataset_metadata,
@@ -169,7 +186,27 @@ class DPSGDModel(PrivateModel, keras.Model):
         if not self.model.built:
             self.model.build(input_shape)
             _check_network(self.model)
+            self._check_clipping()
         self.built = True
+
+    @property
+    def clipping_method(self) -> str:
+        """The clipping that runs: "ghost" or "vectorized" ("auto" resolved
+        for this network)."""
+        if self.clipping == "auto":
+            supported = ghost_clipping_support(self.model) is None
+            return "ghost" if supported else "vectorized"
+        return self.clipping
+
+    def _check_clipping(self) -> None:
+        if self.clipping != "ghost" or not self.model.built:
+            return
+        reason = ghost_clipping_support(self.model)
+        if reason is not None:
+            raise ValueError(
+                f"clipping='ghost' is not exact for this network: {reason}. Use "
+                "clipping='vectorized' (or 'auto', which picks it)."
+            )
 
     def _per_example_losses(self, y, y_pred) -> tf.Tensor:
         loss = self.loss
@@ -266,6 +303,9 @@ class DPSGDModel(PrivateModel, keras.Model):
         for g in clipped:
             w = tf.reshape(tf.cast(weight, g.dtype), [-1] + [1] * (len(g.shape) - 1))
             summed.append(tf.reduce_sum(g * w, axis=0))
+        return self._privatize(summed)
+
+    def _privatize(self, summed: list[tf.Tensor]) -> list:
         variables = self.model.trainable_variables
         plan = self.privacy_plan
         return plan.privatize(
@@ -289,9 +329,22 @@ class DPSGDModel(PrivateModel, keras.Model):
             run_asserts=not self.jit_compile,
             guards=[self.privacy_plan.batch_size_guard(tf.convert_to_tensor(x))],
         )
-        gradients, y_pred, losses = self.per_example_gradients(x, y)
-        clipped, _ = self.clip_per_example(gradients)
-        noisy = self.noisy_gradient(clipped, weight)
+        if self.clipping_method == "ghost":
+            step = clipped_gradient_sum(
+                self.model,
+                x,
+                y,
+                self._per_example_losses,
+                weight,
+                self.l2_norm_clip,
+                margin=BOUND_MARGIN,
+            )
+            y_pred, losses = step.predictions, step.losses
+            noisy = self._privatize(step.gradients)
+        else:
+            gradients, y_pred, losses = self.per_example_gradients(x, y)
+            clipped, _ = self.clip_per_example(gradients)
+            noisy = self.noisy_gradient(clipped, weight)
         self.optimizer.apply(noisy, self.model.trainable_variables)
         weight = tf.cast(weight, losses.dtype)
         groups = self.privacy_plan.joint_noise_group(
@@ -308,6 +361,7 @@ class DPSGDModel(PrivateModel, keras.Model):
                 "model": keras.saving.serialize_keras_object(self.model),
                 **self._dp_config(),
                 "l2_norm_clip": self.l2_norm_clip,
+                "clipping": self.clipping,
             }
         )
         return config

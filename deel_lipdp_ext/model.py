@@ -37,7 +37,7 @@ from .bounds import (
     noise_coefficients,
     walk_layers,
 )
-from .data import DatasetMetadata
+from .data import DatasetMetadata, pad_to_buckets, sampling_provenance
 from .layers.bounded import DP_BoundedInput
 from .layers.clipping import DP_ClipGradient
 from .losses import lipschitz_constant
@@ -253,7 +253,9 @@ class PrivateModel(HasPrivacyPlan):
     def fit(self, *args, **kwargs):
         """As `keras.Model.fit`, after checking that the data can come from the
         sampling `dataset_metadata` declares (see `PrivacyPlan.check_training_data`);
-        the sampling that runs is recorded with every step."""
+        the sampling that runs is recorded with every step. Under
+        `jit_compile=True`, unpadded Poisson batches are padded to a few
+        bucket sizes (`data.pad_to_buckets`) so XLA compiles a few shapes."""
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
@@ -265,6 +267,19 @@ class PrivateModel(HasPrivacyPlan):
             shuffle=a["shuffle"],
             validation_split=a["validation_split"],
         )
+        data = a["x"]
+        provenance = sampling_provenance(data)
+        if (
+            self.jit_compile
+            and provenance is not None
+            and provenance.sampling == "poisson"
+            and provenance.padding == "none"
+            and not provenance.declared
+        ):  # XLA compiles once per batch shape: a few buckets, not every size
+            if args:
+                args = (pad_to_buckets(data), *args[1:])
+            else:
+                kwargs["x"] = pad_to_buckets(data)
         try:
             return super().fit(*args, **kwargs)
         finally:

@@ -12,12 +12,12 @@ A deel-lipdp script keeps its calls and changes its imports
 * Sampling is what the accountant assumes. deel-lipdp shuffled and cut
   fixed-size batches (`drop_remainder=True`) and accounted them as Poisson
   samples. The default here is TRUE Poisson sampling (`data.poisson_batches`:
-  each sample joins each step with probability q = B / N, batches padded to a
-  fixed shape with a 0/1 mask), so the epsilon is exact; `sampling="shuffle"`
+  each sample joins each step with probability q = B / N, batches of exactly
+  the sampled rows with a mask of ones), so the epsilon is exact; `sampling="shuffle"`
   gives shuffled batches, reported as the heuristic they are.
   `drop_remainder` asks for fixed-size batches so that deel-lipdp's bound held;
   here it is not needed (the loss is divided by the constant expected batch
-  size B, docs/design.md rule 1): Poisson batches have one padded shape, and
+  size B, docs/design.md rule 1): Poisson batches vary in size anyway, and
   a short last shuffled batch is kept, which cannot raise any sample's weight.
 * The input bound is enforced on the data: `bound_fct=None` (deel-lipdp: no
   bounding, bound reported as the largest possible norm) clips every sample to
@@ -261,7 +261,7 @@ def load_and_prepare_data(
         colorspace: "RGB" (as-is), "HSV", "YIQ", "YUV" (from RGB images) or
             "GRAYSCALE" (from RGB; 1-channel images stay as they are).
         drop_remainder: accepted for deel-lipdp scripts; not needed here (see
-            the module docstring): Poisson batches have one padded shape and
+            the module docstring): Poisson batches vary in size and
             a short last shuffled batch is kept (B is a constant denominator).
         augmentation_fct: must be None; augment per sample in the train step
             with `DPSequential(augmentation=...)` instead.

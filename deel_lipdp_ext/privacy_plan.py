@@ -933,7 +933,10 @@ def _upsert(table_var, size_var, key: tf.Tensor, count, enabled=True) -> tf.Tens
     index = tf.where(found, tf.argmax(tf.cast(matches, tf.int64)), size)
     recorded = (index < LEDGER_CAPACITY) & tf.convert_to_tensor(enabled)
     safe_index = tf.minimum(index, LEDGER_CAPACITY - 1)
-    old = tf.where(found, table[safe_index], tf.zeros(5, tf.float64))
+    # gather, not table[index]: XLA needs a strided slice's bounds at compile
+    # time, which made every ledger value a compile-time constant (one XLA
+    # compilation per step).
+    old = tf.where(found, tf.gather(table, safe_index), tf.zeros(5, tf.float64))
     row = tf.stack([key[0], key[1], key[2], old[_COUNT] + count, key[3]])
     new_table = tf.tensor_scatter_nd_update(table, [[safe_index]], [row])
     table_var.assign(tf.where(recorded, new_table, table))

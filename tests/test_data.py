@@ -156,3 +156,82 @@ def test_no_bounding_function_leaves_a_sample_above_its_bound(x, bound):
         assert np.all(np.isfinite(out)), name
         norms = np.linalg.norm(out.astype(np.float64).reshape(len(out), -1), axis=1)
         assert np.all(norms <= bound), (name, norms.max(), bound)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 10**9), b=st.integers(1, 10**9))
+def test_the_inclusion_probability_is_q_or_at_most_2_pow_64_below(n, b):
+    """A full-range int64 draw r < t happens with probability (t + 2^63) / 2^64:
+    within 2^-64 below q = B / N, never above (the accountant's q bounds it)."""
+    from fractions import Fraction
+
+    b = min(b, n)
+    t = data._inclusion_threshold(n, b)
+    q = Fraction(b, n)
+    if t is None:
+        assert q == 1
+        return
+    p = Fraction(t + 2**63, 2**64)
+    assert -(2**63) <= t < 2**63
+    assert q - Fraction(1, 2**64) < p <= q
+
+
+def test_unpadded_poisson_batches_hold_exactly_the_sampled_rows_and_may_be_empty():
+    n = 500
+    x = np.arange(n, dtype=np.float32).reshape(n, 1)
+    y = np.ones((n, 2), np.float32)
+    ds = data.poisson_batches(x, y, 1, seed=0)  # q = 1/500: e^-1 of steps empty
+    assert ds.element_spec[0].shape.as_list() == [None, 1]
+    sizes = []
+    for _ in range(4):
+        for xb, yb, mask in ds:
+            assert xb.shape[0] == yb.shape[0] == mask.shape[0]
+            assert np.all(mask.numpy() == 1.0)
+            sizes.append(xb.shape[0])
+    assert sizes.count(0) > 0.25 * len(sizes)  # P(empty) = 0.37
+    assert np.mean(sizes) == pytest.approx(1.0, rel=0.15)
+    full = [xb.numpy()[:, 0] for xb, _, _ in data.poisson_batches(x, y, n, seed=0)]
+    np.testing.assert_array_equal(full, [np.arange(n)])  # q = 1: every sample
+
+
+def test_bucketed_poisson_batches_pad_the_same_rows_to_few_sizes():
+    n, b = 2000, 100
+    x = np.arange(n, dtype=np.float32).reshape(n, 1) + 1.0
+    y = np.ones((n, 3), np.float32)
+    width = data.poisson_bucket_width(n, b / n)
+    limit = data.max_poisson_batch_size(n, b / n)
+    assert width == 10
+    plain = data.poisson_batches(x, y, b, seed=5)
+    bucketed = data.poisson_batches(x, y, b, seed=5, padding="buckets")
+    assert data.sampling_provenance(bucketed).padding == "buckets"
+    shapes = set()
+    for _ in range(5):
+        for (xp, _, _), (xb, yb, mask) in zip(plain, bucketed, strict=True):
+            k = xp.shape[0]
+            size = xb.shape[0]
+            shapes.add(size)
+            assert size == data.poisson_bucket_size(k, n, b / n)
+            assert k <= size < k + width and size <= limit and size % width == 0
+            np.testing.assert_array_equal(xb.numpy()[:k], xp.numpy())
+            np.testing.assert_array_equal(mask.numpy(), [1.0] * k + [0.0] * (size - k))
+            assert not xb.numpy()[k:].any() and not yb.numpy()[k:].any()
+    assert len(shapes) <= 10
+    assert data.poisson_bucket_size(0, n, b / n) == width  # empty: masked rows
+    with pytest.raises(ValueError, match="unpadded Poisson"):
+        data.pad_to_buckets(bucketed)
+    shuffled, _, _ = data.from_numpy(x, y[:, 0], batch_size=b, sampling="shuffle")
+    with pytest.raises(ValueError, match="unpadded Poisson"):
+        data.pad_to_buckets(shuffled)
+
+
+def test_a_poisson_batch_above_the_limit_raises_instead_of_dropping(monkeypatch):
+    import tensorflow as tf
+
+    monkeypatch.setattr(data, "max_poisson_batch_size", lambda n, q: 3)
+    x, y = np.ones((100, 2), np.float32), np.ones((100, 2), np.float32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="refusing to drop"):
+        list(data.poisson_batches(x, y, 50, seed=0))
+    with pytest.raises(ValueError, match="batch_size"):
+        data.poisson_batches(x, y, 101)
+    with pytest.raises(ValueError, match="padding"):
+        data.poisson_batches(x, y, 10, padding="max")

@@ -1,0 +1,712 @@
+"""Per-example clipping without per-example gradients ("ghost clipping").
+
+DP-SGD needs every example's gradient norm ``||g_i||`` and the clipped sum
+``sum_i c_i g_i`` with ``c_i = min(1, C / ||g_i||)``. Materialising the
+``g_i`` (``tf.vectorized_map``) costs memory and time proportional to the
+batch size times the parameter count. Here one batched forward pass records,
+for each layer, its input ``a`` and the gradient ``delta`` of the summed loss
+with respect to its pre-activation output (one backward pass to the
+activations, no weight gradients). Since no layer mixes examples,
+``delta_i`` is example i's own output gradient, and for a linear layer
+``g_i = A_i^T Delta_i`` (``A_i``: its input rows, ``Delta_i``: the output
+gradient rows; one row per sequence position or convolution patch), so:
+
+* T = 1: ``||g_i|| = ||a_i|| ||delta_i||`` ("ghost norm") and
+  ``sum_i c_i g_i = A^T (c Delta)``, one matmul over the batch;
+* T > 1: the per-example ``A_i^T Delta_i`` are materialised (batch x
+  kernel size, never batch x all parameters), and the clipped sum contracts
+  them. The Gram form ``<A_i A_i^T, Delta_i Delta_i^T>`` is not used: float32
+  rounding of its terms can make an example's norm far smaller than the
+  norm of what is summed.
+
+In every rule the clipped sum adds exactly the per-example vectors whose
+norms were taken, so each example contributes at most C (up to float32
+rounding of that one norm, below the 1e-6 margin the model clips at).
+
+Layers: Dense, EinsumDense, Conv1D/Conv2D (patches of the input, with
+strides, "valid"/"same" padding and dilation), Embedding (a row of the table
+gets the gradients of every position holding its id). Any other layer with
+weights (LayerNormalization, recurrent layers, custom layers...) gets its own
+per-example gradients by a vectorised backward pass through that layer alone
+(``delta_i`` pulled back through one example's call), not through the model.
+
+Only networks whose every layer is a Keras layer known not to mix examples
+are accepted (`ghost_clipping_support`): a layer that mixes examples would
+make ``delta_i`` depend on the other examples and the clipping would not
+bound example i's contribution. Examples whose gradient norm is not finite
+(an overflowing forward pass) are dropped from the step, as in the
+vectorised path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import keras
+import tensorflow as tf
+
+from ._keras_utils import all_sublayers
+
+#: Layers whose clipping is computed from (input, output gradient) directly.
+FAST_LAYERS = (
+    keras.layers.Dense,
+    keras.layers.EinsumDense,
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Embedding,
+)
+
+_L = keras.layers
+#: Keras layers that compute each example from that example alone, given
+#: built-in activations and no axis on the batch (`_layer_problem`). Anything
+#: else (custom layers, Lambda, BatchNormalization, preprocessing and
+#: augmentation layers such as MixUp) is refused: one example could change
+#: another's output gradient, and its clipping would bound nothing.
+PER_EXAMPLE_LAYERS = tuple(
+    getattr(_L, name)
+    for name in (
+        "InputLayer Dense EinsumDense Embedding Identity Masking Activation "
+        "ReLU LeakyReLU PReLU ELU Softmax "
+        "Conv1D Conv2D Conv3D Conv1DTranspose Conv2DTranspose Conv3DTranspose "
+        "DepthwiseConv1D DepthwiseConv2D SeparableConv1D SeparableConv2D "
+        "MaxPooling1D MaxPooling2D MaxPooling3D AveragePooling1D AveragePooling2D "
+        "AveragePooling3D GlobalMaxPooling1D GlobalMaxPooling2D GlobalMaxPooling3D "
+        "GlobalAveragePooling1D GlobalAveragePooling2D GlobalAveragePooling3D "
+        "Flatten Reshape Permute RepeatVector Cropping1D Cropping2D Cropping3D "
+        "ZeroPadding1D ZeroPadding2D ZeroPadding3D UpSampling1D UpSampling2D "
+        "UpSampling3D Add Subtract Multiply Average Maximum Minimum Concatenate "
+        "Dot LayerNormalization UnitNormalization GroupNormalization "
+        "Dropout SpatialDropout1D SpatialDropout2D SpatialDropout3D GaussianNoise "
+        "GaussianDropout AlphaDropout ActivityRegularization "
+        "SimpleRNN LSTM GRU SimpleRNNCell LSTMCell GRUCell Bidirectional "
+        "TimeDistributed Attention AdditiveAttention MultiHeadAttention"
+    ).split()
+)
+_BUILTIN_ACTIVATIONS = tuple(
+    getattr(keras.activations, name)
+    for name in dir(keras.activations)
+    if not name.startswith("_") and name not in ("get", "serialize", "deserialize")
+)
+#: Activations that reduce over an axis (the last one by default).
+_REDUCING_ACTIVATIONS = tuple(
+    getattr(keras.activations, name)
+    for name in ("softmax", "log_softmax", "sparsemax", "glu")
+    if hasattr(keras.activations, name)
+)
+
+
+def ghost_clipping_support(model: keras.Model) -> str | None:
+    """None if ghost clipping is exact for `model`, else why not.
+
+    Exact needs every layer to compute each example from that example alone:
+    Sequential or functional models (no `keras.ops` between layers, no
+    subclassed model) of `PER_EXAMPLE_LAYERS`, with built-in activations
+    and no normalisation, softmax, concatenation or attention axis on the
+    batch axis.
+    """
+    for layer in [model, *all_sublayers(model)]:
+        if isinstance(layer, (keras.Sequential, keras.Model)):
+            if not _is_graph_model(layer):
+                return (
+                    f"model {layer.name!r} ({type(layer).__name__}) is subclassed: "
+                    "its call is not known to keep examples apart"
+                )
+            bare_ops = [
+                op.name
+                for op in getattr(layer, "operations", [])
+                if not isinstance(op, keras.layers.Layer)
+            ]
+            if bare_ops:
+                return (
+                    f"functional model {layer.name!r} applies keras.ops outside "
+                    f"layers ({bare_ops[:3]}): not known to keep examples apart"
+                )
+            continue
+        problem = _layer_problem(layer)
+        if problem is not None:
+            return f"layer {layer.name!r} ({type(layer).__name__}) {problem}"
+    return None
+
+
+def _layer_problem(layer: keras.layers.Layer) -> str | None:
+    """Why `layer` might mix examples (or run unknown code), or None."""
+    if type(layer) not in PER_EXAMPLE_LAYERS:
+        return "is not a Keras layer known to compute each example alone"
+    if getattr(layer, "quantization_mode", None) is not None:
+        return "is quantized"
+    for name in ("activation", "recurrent_activation"):
+        function = getattr(layer, name, None)
+        if function is not None and not any(
+            function is f for f in _BUILTIN_ACTIVATIONS
+        ):
+            return f"has a {name} that is not a built-in Keras activation"
+    ranks = _input_ranks(layer)
+    axes = _axes(layer)
+    if isinstance(layer, _L.Activation) and any(
+        layer.activation is f for f in _REDUCING_ACTIVATIONS
+    ):
+        axes = [-1]
+    for axis in axes:
+        if axis >= 0:
+            if axis == 0:
+                return "has an axis on the batch (axis 0)"
+        elif not ranks:
+            return f"has axis {axis}, which cannot be checked (input rank unknown)"
+        elif any(axis % rank == 0 for rank in ranks):
+            return f"has axis {axis}, the batch axis for its input rank {ranks}"
+    return None
+
+
+def _axes(layer) -> list[int]:
+    """The axes a layer normalises, reduces or concatenates over."""
+    if isinstance(layer, _L.MultiHeadAttention):
+        value = layer._attention_axes  # noqa: SLF001 (None: all but batch)
+    elif isinstance(layer, _L.Dot):
+        value = layer.axes
+    else:
+        value = getattr(layer, "axis", None)
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list | tuple) else [value])]
+
+
+def _input_ranks(layer) -> set[int]:
+    """Ranks of the first input of each symbolic call of `layer`."""
+    ranks = set()
+    for node in getattr(layer, "_inbound_nodes", []):
+        tensors = node.input_tensors
+        if tensors:
+            ranks.add(len(tensors[0].shape))
+    return ranks
+
+
+def _is_graph_model(model: keras.Model) -> bool:
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, keras.Sequential | Functional)
+
+
+def weight_units(model: keras.Model) -> list[keras.layers.Layer]:
+    """The layers whose calls are recorded: the layers of `model`, through
+    nested Sequential/functional models, that own trainable weights."""
+    units = []
+    for layer in model.layers:
+        found = weight_units(layer) if _is_graph_model(layer) else [layer]
+        for unit in found:
+            # a layer shared with a nested model is one unit
+            if unit.trainable_variables and all(unit is not u for u in units):
+                units.append(unit)
+    return units
+
+
+# ------------------------------------------------------------- recording
+@dataclass
+class _Call:
+    """One call of a unit: its arguments, its outputs (flattened) and, for a
+    layer with an activation, the pre-activation output."""
+
+    args: tuple
+    kwargs: dict
+    outputs: list = field(default_factory=list)
+    pre_activation: tf.Tensor | None = None
+
+
+@dataclass
+class _Unit:
+    layer: keras.layers.Layer
+    fast: bool
+    calls: list[_Call] = field(default_factory=list)
+
+
+def _fast(layer: keras.layers.Layer) -> bool:
+    """Whether `layer` gets the direct (input, output gradient) rule."""
+    if type(layer) not in FAST_LAYERS or getattr(layer, "lora_enabled", False):
+        return False
+    if isinstance(layer, keras.layers.EinsumDense):
+        return _einsum_parts(layer) is not None
+    if isinstance(layer, keras.layers.Conv1D | keras.layers.Conv2D):
+        return (
+            layer.groups == 1
+            and layer.data_format == "channels_last"
+            and layer.padding in ("valid", "same")
+        )
+    return True
+
+
+_ABSENT = object()
+
+
+class _Recorder:
+    """While active, each unit's `call` records its arguments and its
+    pre-activation output (the output of Embedding and of generic units)."""
+
+    def __init__(self, units: Sequence[_Unit]):
+        self.units = units
+        self._saved: list[tuple[keras.layers.Layer, str, object]] = []
+
+    def __enter__(self):
+        for unit in self.units:
+            self._replace(unit.layer, "call", self._recording_call(unit))
+            if unit.fast and hasattr(unit.layer, "activation"):
+                self._replace(
+                    unit.layer, "activation", self._recording_activation(unit)
+                )
+        return self
+
+    def _replace(self, layer, name: str, value) -> None:
+        """Set an instance attribute, bypassing Keras's tracking, and keep
+        what to restore (the instance's own value, or none)."""
+        self._saved.append((layer, name, vars(layer).get(name, _ABSENT)))
+        object.__setattr__(layer, name, value)
+
+    def __exit__(self, *exc):
+        for layer, name, value in reversed(self._saved):
+            if value is _ABSENT:
+                object.__delattr__(layer, name)
+            else:
+                object.__setattr__(layer, name, value)
+        self._saved.clear()
+
+    @staticmethod
+    def _recording_call(unit: _Unit) -> Callable:
+        original = type(unit.layer).call.__get__(unit.layer)
+
+        def call(*args, **kwargs):
+            record = _Call(args, kwargs)
+            unit.calls.append(record)
+            outputs = original(*args, **kwargs)
+            record.outputs = tf.nest.flatten(outputs)
+            return outputs
+
+        return call
+
+    @staticmethod
+    def _recording_activation(unit: _Unit) -> Callable:
+        activation = unit.layer.activation
+
+        def record(z):
+            unit.calls[-1].pre_activation = z
+            return activation(z) if activation is not None else z
+
+        return record
+
+
+# --------------------------------------------------------- per-layer rules
+def _rows(a: tf.Tensor, delta: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(batch, T, d) views of an input and an output gradient."""
+    batch = tf.shape(a)[0]
+    return (
+        tf.reshape(a, [batch, -1, a.shape[-1]]),
+        tf.reshape(delta, [batch, -1, delta.shape[-1]]),
+    )
+
+
+def _linear(a: tf.Tensor, delta: tf.Tensor, shape) -> tuple[tf.Tensor, Callable]:
+    """Per-example squared norms of ``A_i^T Delta_i`` for (batch, T, d_in) and
+    (batch, T, d_out) rows, and the clipped sum (reshaped to the kernel's
+    `shape`) as a function of (c, kept).
+
+    T = 1: ``||a_i||^2 ||delta_i||^2``, and the sum is one matmul over the
+    batch (each entry of an example's gradient is a single product, so the
+    sum adds exactly the vectors whose norms were taken). T > 1: the
+    per-example kernels are materialised and the clipped sum contracts
+    THEM. The Gram form ``<A_i A_i^T, Delta_i Delta_i^T>`` is not used: when
+    an example's rows cancel, float32 rounding of its large terms gave
+    norms far below the norm of what was summed (a review found
+    contributions of 166 C).
+    """
+    if a.shape[1] == 1:
+        a, delta = a[:, 0], delta[:, 0]
+        norms = tf.reduce_sum(tf.square(a), 1) * tf.reduce_sum(tf.square(delta), 1)
+
+        def outer_sum(c, kept):
+            weighted = _keep(delta, kept) * c[:, None]
+            return tf.reshape(
+                tf.matmul(_keep(a, kept), weighted, transpose_a=True), shape
+            )
+
+        return norms, outer_sum
+    norms, summed = _materialised(tf.einsum("bti,bto->bio", a, delta))
+    return norms, lambda c, kept: tf.reshape(summed(c, kept), shape)
+
+
+def _materialised(per_example: tf.Tensor):
+    """Squared norms (batch,) of per-example gradients (batch, *shape), and
+    their clipped sum as a function of (c, kept)."""
+    norms = tf.reduce_sum(
+        tf.reshape(tf.square(per_example), [tf.shape(per_example)[0], -1]), 1
+    )
+    return norms, lambda c, kept: tf.tensordot(c, _keep(per_example, kept), axes=1)
+
+
+def _keep(rows: tf.Tensor, kept: tf.Tensor) -> tf.Tensor:
+    """`rows` (batch, ...) with the rows of dropped examples zeroed (by
+    value: 0 * inf would be NaN in a contraction over the batch)."""
+    mask = tf.reshape(kept, [-1] + [1] * (rows.shape.rank - 1))
+    return tf.where(mask, rows, tf.zeros_like(rows))
+
+
+def _reduce_to(delta: tf.Tensor, shape: tuple[int, ...]) -> tf.Tensor:
+    """(batch, *shape): delta summed over the axes a tensor of `shape`
+    broadcasts over (the leading ones and those of size 1)."""
+    rank = delta.shape.rank - 1
+    lead = list(range(1, rank - len(shape) + 1))
+    if lead:
+        delta = tf.reduce_sum(delta, axis=lead)
+    ones = [i + 1 for i, size in enumerate(shape) if size == 1]
+    if ones:
+        delta = tf.reduce_sum(delta, axis=ones, keepdims=True)
+    return delta
+
+
+def _conv(layer, a: tf.Tensor, delta: tf.Tensor) -> tuple[tf.Tensor, Callable]:
+    """A Conv1D/2D is a dense layer on its input patches: T = out_h * out_w
+    rows of kh * kw * c_in values (`_conv_patches`). The per-example kernels
+    are materialised slice group by slice group (no patch tensor), and the
+    clipped sum contracts them (see `_linear` on the Gram form)."""
+    groups, order = _conv_patches(layer, a)
+    if isinstance(layer, keras.layers.Conv1D):
+        delta = delta[:, None]
+    kernel = layer.kernel.shape
+    position = {tap: m for m, tap in enumerate(order) if tap >= 0}
+    in_kernel_order = [position[tap] for tap in range(len(position))]
+    per_group = [tf.einsum("bxyi,bxyo->bio", g, delta) for g in groups]
+    per_example = tf.gather(tf.concat(per_group, 1), in_kernel_order, axis=1)
+    return _materialised(tf.reshape(per_example, [-1, *kernel]))
+
+
+def _conv_patches(layer, a: tf.Tensor) -> tuple[list[tf.Tensor], list[int]]:
+    """Input patches of a Conv1D/2D as slice groups (batch, out_h, out_w, k)
+    whose channels, concatenated, hold the kernel's flattened (kh, kw, c_in)
+    entries `order` (-1: a phase past the kernel's edge, to be dropped).
+    Contiguous slices (strided slices and `tf.image.extract_patches` are
+    several times slower on CPU): with stride 1, one slice per tap; with
+    stride s, the padded input is cut into its s x s phases (space to depth)
+    and one slice holds the s x s taps of a group."""
+    if isinstance(layer, keras.layers.Conv1D):
+        a = a[:, None]
+        sizes, strides, rates = (
+            (1, *layer.kernel_size),
+            (1, *layer.strides),
+            (1, *layer.dilation_rate),
+        )
+    else:
+        sizes, strides, rates = layer.kernel_size, layer.strides, layer.dilation_rate
+    channels = a.shape[-1]
+    pads, outs = [[0, 0]], []
+    for n, k, stride, rate in zip(a.shape[1:3], sizes, strides, rates, strict=True):
+        span = (k - 1) * rate + 1
+        if layer.padding == "same":
+            out = -(-n // stride)
+            total = max((out - 1) * stride + span - n, 0)
+            before = total // 2
+        else:
+            out, before = (n - span) // stride + 1, 0
+        # a whole number of strides covering every tap: zeros after, or
+        # the rows no output uses cropped
+        blocks = out - 1 + -(-span // stride)
+        pads.append([before, blocks * stride - n - before])
+        outs.append(out)
+    a = tf.pad(a, [[low, max(high, 0)] for low, high in pads] + [[0, 0]])
+    a = a[:, : a.shape[1] + min(pads[1][1], 0), : a.shape[2] + min(pads[2][1], 0)]
+    (out_h, out_w), (kh, kw) = outs, sizes
+
+    def index(i, j, c):
+        return (i * kw + j) * channels + c if i < kh and j < kw else -1
+
+    if tuple(strides) == (1, 1):
+        rh, rw = rates
+        taps = [
+            a[:, i * rh : i * rh + out_h, j * rw : j * rw + out_w]
+            for i in range(kh)
+            for j in range(kw)
+        ]
+        return taps, list(range(kh * kw * channels))
+    sh, sw = strides
+    batch = tf.shape(a)[0]
+    phases = tf.reshape(
+        a, [batch, a.shape[1] // sh, sh, a.shape[2] // sw, sw, channels]
+    )
+    phases = tf.reshape(
+        tf.transpose(phases, [0, 1, 3, 2, 4, 5]),
+        [batch, a.shape[1] // sh, a.shape[2] // sw, sh * sw * channels],
+    )
+    groups, order = [], []
+    for p in range(-(-kh // sh)):
+        for q in range(-(-kw // sw)):
+            groups.append(phases[:, p : p + out_h, q : q + out_w])
+            order.extend(
+                index(p * sh + u, q * sw + v, c)
+                for u in range(sh)
+                for v in range(sw)
+                for c in range(channels)
+            )
+    return groups, order
+
+
+def _einsum_parts(layer) -> tuple[str, str, str] | None:
+    """(input, kernel, output) subscripts of an EinsumDense whose first input
+    and output letter is the batch axis and whose kernel letters all appear
+    in the input or output; None otherwise."""
+    equation = layer.equation.replace(" ", "")
+    if "..." in equation or "->" not in equation:
+        return None
+    inputs, output = equation.split("->")
+    parts = inputs.split(",")
+    if len(parts) != 2:
+        return None
+    a, kernel = parts
+    if not a or not output or a[0] != output[0] or a[0] in kernel:
+        return None
+    if any(letter not in a + output for letter in kernel):
+        return None
+    return a, kernel, output
+
+
+def _fast_unit(unit: _Unit, delta: tf.Tensor) -> tuple[tf.Tensor, Callable]:
+    """Per-example squared norms of the unit's weight gradients (batch,), and
+    a function of (c, kept) giving the clipped sums, in `_fast_variables`
+    order."""
+    layer = unit.layer
+    (call,) = unit.calls
+    a = _input_of(call)
+    if isinstance(layer, keras.layers.Embedding):
+        return _embedding(layer, a, delta)
+    if isinstance(layer, keras.layers.EinsumDense):
+        a_spec, kernel_spec, out_spec = _einsum_parts(layer)
+        batch = a_spec[0]
+        norms, kernel_sum = _materialised(
+            tf.einsum(f"{a_spec},{out_spec}->{batch}{kernel_spec}", a, delta)
+        )
+    elif isinstance(layer, keras.layers.Conv1D | keras.layers.Conv2D):
+        norms, kernel_sum = _conv(layer, a, delta)
+    else:
+        norms, kernel_sum = _linear(*_rows(a, delta), layer.kernel.shape)
+
+    bias = getattr(layer, "bias", None)
+    if bias is None:
+        return norms, lambda c, kept: [kernel_sum(c, kept)]
+    bias_norms, bias_sum = _materialised(_reduce_to(delta, tuple(bias.shape)))
+    return norms + bias_norms, lambda c, kept: [
+        kernel_sum(c, kept),
+        bias_sum(c, kept),
+    ]
+
+
+def _embedding(layer, ids: tf.Tensor, delta: tf.Tensor):
+    """Example i's gradient of the table row of id k is ``r_ik = sum of
+    delta_it over its positions t holding k``. Each position gets the row
+    of its id, ``R_it = sum_t' [id_t = id_t'] delta_it'`` (a T x T match
+    matrix times the output gradients); a row shared by n positions is
+    counted once per position, so ``||g_i||^2 = sum_t ||R_it||^2 / n_it``,
+    and the clipped sum adds ``c_i R_it / n_it`` at each position: exactly
+    the rows whose norms were taken (no cancellation-prone Gram terms)."""
+    batch = tf.shape(delta)[0]
+    ids = tf.reshape(tf.cast(ids, tf.int32), [batch, -1])
+    rows = tf.reshape(delta, [batch, -1, delta.shape[-1]])
+    if ids.shape[1] == 1:
+        shares = rows
+        norms = tf.reduce_sum(tf.square(rows[:, 0]), 1)
+    else:
+        same = tf.cast(tf.equal(ids[:, :, None], ids[:, None, :]), rows.dtype)
+        counts = tf.reduce_sum(same, axis=2, keepdims=True)
+        shares = tf.matmul(same, rows) / counts  # R_it / n_it
+        norms = tf.reduce_sum(tf.square(shares) * counts, axis=[1, 2])
+
+    def sums(c, kept):
+        weighted = _keep(shares, kept) * c[:, None, None]
+        return [
+            tf.math.unsorted_segment_sum(
+                tf.reshape(weighted, [-1, rows.shape[-1]]),
+                tf.reshape(ids, [-1]),
+                layer.input_dim,
+            )
+        ]
+
+    return norms, sums
+
+
+def _generic_unit(unit: _Unit, deltas: list[list[tf.Tensor]]):
+    """Per-example gradients of the unit's own weights by a vectorised
+    backward pass through this layer alone: for each example, the output
+    gradient delta_i pulled back through its call on that example's inputs
+    (summed over the unit's calls)."""
+    layer = unit.layer
+    variables = layer.trainable_variables
+    flat_inputs, rebuilders = [], []
+    for call, call_deltas in zip(unit.calls, deltas, strict=True):
+        structure = (call.args, call.kwargs)
+        leaves = tf.nest.flatten(structure)
+        tensor_at = [i for i, leaf in enumerate(leaves) if tf.is_tensor(leaf)]
+        flat_inputs.append(([leaves[i] for i in tensor_at], call_deltas))
+        rebuilders.append((structure, leaves, tensor_at))
+
+    original = type(layer).call.__get__(layer)
+
+    def one_example(elements):
+        with tf.GradientTape() as tape:
+            outputs, grads = [], []
+            for (tensors, call_deltas), (structure, leaves, tensor_at) in zip(
+                elements, rebuilders, strict=True
+            ):
+                leaves = list(leaves)
+                for i, t in zip(tensor_at, tensors, strict=True):
+                    leaves[i] = t[None]
+                args, kwargs = tf.nest.pack_sequence_as(structure, leaves)
+                outputs.extend(tf.nest.flatten(original(*args, **kwargs)))
+                grads.extend(d[None] for d in call_deltas)
+        return tape.gradient(
+            outputs,
+            variables,
+            output_gradients=grads,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+
+    parts = [_materialised(g) for g in tf.vectorized_map(one_example, flat_inputs)]
+    return tf.add_n([norms for norms, _ in parts]), lambda c, kept: [
+        summed(c, kept) for _, summed in parts
+    ]
+
+
+# ------------------------------------------------------------------ entry
+@dataclass
+class ClippedSum:
+    """One step of ghost clipping.
+
+    Attributes:
+        gradients: per trainable variable of the model, ``sum_i c_i g_i``.
+        norms: (batch,) each example's gradient norm before clipping
+            (over all variables; inf or NaN for a dropped example).
+        losses: (batch,) the per-example losses (unweighted).
+        predictions: the model's outputs.
+    """
+
+    gradients: list[tf.Tensor]
+    norms: tf.Tensor
+    losses: tf.Tensor
+    predictions: tf.Tensor
+
+
+def clipped_gradient_sum(
+    model: keras.Model,
+    x: tf.Tensor,
+    y: tf.Tensor,
+    per_example_losses: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
+    weights: tf.Tensor,
+    l2_norm_clip: float,
+    margin: float = 1.0,
+) -> ClippedSum:
+    """``sum_i w_i min(1, C / ||g_i||) g_i`` over the batch, per trainable
+    variable, from one batched forward and one backward pass to the layer
+    outputs.
+
+    Args:
+        model: a network `ghost_clipping_support` accepts.
+        x: the batch's inputs (batch, ...); y: its labels.
+        per_example_losses: (y, y_pred) -> (batch,) unreduced losses.
+        weights: (batch,) sample weights; taken in [0, 1] (a larger weight
+            would exceed C: values are clipped into [0, 1], NaN counts 0).
+        l2_norm_clip: C.
+        margin: the clip aims at ``C * margin`` (a margin below 1 absorbs
+            the float32 rounding between the norm computed here and the norm
+            of the vector summed).
+
+    Raises:
+        ValueError: a network ghost clipping does not support.
+    """
+    reason = ghost_clipping_support(model)
+    if reason is not None:
+        raise ValueError(f"Ghost clipping is not exact for this network: {reason}.")
+    units = [_Unit(layer, _fast(layer)) for layer in weight_units(model)]
+    with tf.GradientTape() as tape:
+        with _Recorder(units):
+            predictions = model(x, training=True)
+        losses = per_example_losses(y, predictions)
+        total = tf.reduce_sum(losses)
+    # The fast rules need the gradient at the pre-activation output (the
+    # output itself for Embedding); the per-layer pass, at the outputs.
+    targets = [
+        [call.outputs[0] if call.pre_activation is None else call.pre_activation]
+        if _uses_fast_rule(unit)
+        else call.outputs
+        for unit in units
+        for call in unit.calls
+    ]
+    deltas = tape.gradient(
+        total, targets, unconnected_gradients=tf.UnconnectedGradients.ZERO
+    )
+    per_unit, start = [], 0
+    for unit in units:
+        unit_deltas = deltas[start : start + len(unit.calls)]
+        start += len(unit.calls)
+        if not unit.calls:
+            per_unit.append(None)
+        elif _uses_fast_rule(unit):
+            per_unit.append(_fast_unit(unit, unit_deltas[0][0]))
+        else:
+            per_unit.append(_generic_unit(unit, unit_deltas))
+    squares = [norms for norms, _ in filter(None, per_unit)]
+    batch = tf.shape(losses)[0]
+    norms = tf.sqrt(tf.add_n(squares)) if squares else tf.zeros([batch])
+    kept = tf.math.is_finite(norms) & tf.math.is_finite(losses)
+    limit = float(l2_norm_clip) * margin
+    scale = tf.minimum(1.0, limit / tf.maximum(tf.where(kept, norms, 1.0), 1e-30))
+    weights = tf.cast(weights, scale.dtype)
+    weights = tf.where(tf.math.is_finite(weights), tf.clip_by_value(weights, 0, 1), 0)
+    coefficients = tf.where(kept, scale * weights, 0.0)
+    by_variable = {}
+    for unit, result in zip(units, per_unit, strict=True):
+        if result is None:  # never called: no gradient
+            continue
+        variables = (
+            _fast_variables(unit.layer)
+            if _uses_fast_rule(unit)
+            else unit.layer.trainable_variables
+        )
+        for v, summed in zip(variables, result[1](coefficients, kept), strict=True):
+            by_variable[id(v)] = summed
+    gradients = [
+        by_variable.get(id(v), tf.zeros_like(v)) for v in model.trainable_variables
+    ]
+    return ClippedSum(gradients, norms, losses, predictions)
+
+
+def _uses_fast_rule(unit: _Unit) -> bool:
+    """A fast layer called once, on an input whose shape the rule needs
+    (a convolution's spatial size) known when traced."""
+    if not unit.fast or len(unit.calls) != 1:
+        return False
+    if isinstance(unit.layer, keras.layers.Conv1D | keras.layers.Conv2D):
+        return None not in _input_of(unit.calls[0]).shape[1:-1]
+    return True
+
+
+def _input_of(call: _Call) -> tf.Tensor:
+    """The layer input of a recorded call (first argument, or `inputs=`)."""
+    return call.args[0] if call.args else call.kwargs["inputs"]
+
+
+def _fast_variables(layer) -> list:
+    """The variables a fast rule returns sums for, in its order."""
+    if isinstance(layer, keras.layers.Embedding):
+        return [layer.embeddings]
+    bias = getattr(layer, "bias", None)
+    return [layer.kernel] if bias is None else [layer.kernel, bias]
+
+
+def uses_fast_rule(layer: keras.layers.Layer) -> bool:
+    """Whether ghost clipping computes `layer` by its direct (input, output
+    gradient) rule when it is called once per step; otherwise by a
+    vectorised backward pass through that layer alone."""
+    return _fast(layer)
+
+
+__all__ = [
+    "FAST_LAYERS",
+    "ClippedSum",
+    "clipped_gradient_sum",
+    "ghost_clipping_support",
+    "uses_fast_rule",
+    "weight_units",
+]

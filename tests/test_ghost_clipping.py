@@ -1,0 +1,537 @@
+"""Ghost clipping: the clipped sum equals the one-example loop, for every
+supported layer, on hypothesis-generated shapes; examples that overflow are
+dropped; unsupported networks are refused by name."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deel_lipdp_ext import DPParameters
+from deel_lipdp_ext.dpsgd import DPSGDModel
+from deel_lipdp_ext.ghost_clipping import (
+    clipped_gradient_sum,
+    ghost_clipping_support,
+    uses_fast_rule,
+)
+
+from .helpers import metadata
+
+LOSS = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
+CLASSES = 3
+
+
+def _losses(y, y_pred):
+    return LOSS(y, y_pred)
+
+
+def one_example_loop(model, x, y, weights, clip):
+    """sum_i w_i min(1, C / ||g_i||) g_i with each g_i from its own
+    one-example forward and backward pass (float64 accumulation)."""
+    total = [np.zeros(v.shape, np.float64) for v in model.trainable_variables]
+    norms = []
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(
+                _losses(y[i : i + 1], model(x[i : i + 1], training=True))
+            )
+        grads = tape.gradient(
+            loss, model.trainable_variables, unconnected_gradients="zero"
+        )
+        grads = [tf.convert_to_tensor(g).numpy().astype(np.float64) for g in grads]
+        norm = np.sqrt(sum(float(np.sum(g**2)) for g in grads))
+        norms.append(norm)
+        coefficient = weights[i] * min(1.0, clip / norm)
+        for k, g in enumerate(grads):
+            total[k] += coefficient * g
+    return total, np.array(norms)
+
+
+def assert_ghost_matches_loop(model, x, y, clip=0.5):
+    rng = np.random.default_rng(len(x))
+    weights = rng.uniform(0.2, 1.0, len(x)).astype(np.float32)
+    expected, expected_norms = one_example_loop(model, x, y, weights, clip)
+    got = clipped_gradient_sum(
+        model, tf.constant(x), tf.constant(y), _losses, tf.constant(weights), clip
+    )
+    np.testing.assert_allclose(got.norms.numpy(), expected_norms, rtol=1e-5)
+    for variable, g, e in zip(
+        model.trainable_variables, got.gradients, expected, strict=True
+    ):
+        scale = max(1.0, float(np.abs(e).max()))
+        np.testing.assert_allclose(
+            g.numpy(), e, rtol=1e-5, atol=1e-5 * scale, err_msg=variable.path
+        )
+    return got
+
+
+def _labels(batch, seed):
+    return np.eye(CLASSES, dtype=np.float32)[
+        np.random.default_rng(seed).integers(0, CLASSES, batch)
+    ]
+
+
+def _inputs(shape, seed):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _head(model_layers, input_shape, dtype="float32"):
+    return keras.Sequential(
+        [
+            keras.Input(input_shape, dtype=dtype),
+            *model_layers,
+            keras.layers.Flatten(),
+            keras.layers.Dense(CLASSES),
+        ]
+    )
+
+
+SETTINGS = settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+)
+ACTIVATIONS = st.sampled_from([None, "tanh", "relu"])
+
+
+@SETTINGS
+@given(
+    batch=st.integers(1, 6),
+    steps=st.integers(1, 9),
+    d_in=st.integers(1, 12),
+    units=st.integers(1, 12),
+    activation=ACTIVATIONS,
+    use_bias=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_dense_on_vectors_and_sequences(
+    batch, steps, d_in, units, activation, use_bias, seed
+):
+    """Covers T = 1, the Gram form (T (d_in + d_out) < d_in d_out) and the
+    materialised form."""
+    shape = (d_in,) if steps == 1 else (steps, d_in)
+    layer = keras.layers.Dense(units, activation=activation, use_bias=use_bias)
+    model = _head([layer], shape)
+    assert uses_fast_rule(layer)
+    assert_ghost_matches_loop(
+        model, _inputs((batch, *shape), seed), _labels(batch, seed)
+    )
+
+
+@SETTINGS
+@given(
+    batch=st.integers(1, 4),
+    size=st.integers(7, 10),
+    channels=st.integers(1, 3),
+    filters=st.integers(1, 5),
+    kernel=st.integers(1, 4),
+    stride_or_dilation=st.sampled_from([(1, 1), (2, 1), (3, 1), (1, 2)]),
+    padding=st.sampled_from(["valid", "same"]),
+    activation=ACTIVATIONS,
+    seed=st.integers(0, 1000),
+)
+def test_conv2d(
+    batch,
+    size,
+    channels,
+    filters,
+    kernel,
+    stride_or_dilation,
+    padding,
+    activation,
+    seed,
+):
+    strides, dilation = stride_or_dilation
+    layer = keras.layers.Conv2D(
+        filters,
+        (kernel, max(1, kernel - 1)),
+        strides=strides,
+        dilation_rate=dilation,
+        padding=padding,
+        activation=activation,
+    )
+    model = _head([layer], (size, size + 1, channels))
+    assert uses_fast_rule(layer)
+    assert_ghost_matches_loop(
+        model, _inputs((batch, size, size + 1, channels), seed), _labels(batch, seed)
+    )
+
+
+@SETTINGS
+@given(
+    batch=st.integers(1, 4),
+    length=st.integers(10, 14),
+    channels=st.integers(1, 4),
+    filters=st.integers(1, 5),
+    kernel=st.integers(1, 4),
+    stride_or_dilation=st.sampled_from([(1, 1), (2, 1), (1, 3)]),
+    padding=st.sampled_from(["valid", "same"]),
+    seed=st.integers(0, 1000),
+)
+def test_conv1d(
+    batch, length, channels, filters, kernel, stride_or_dilation, padding, seed
+):
+    strides, dilation = stride_or_dilation
+    layer = keras.layers.Conv1D(
+        filters, kernel, strides=strides, dilation_rate=dilation, padding=padding
+    )
+    model = _head([layer], (length, channels))
+    assert uses_fast_rule(layer)
+    assert_ghost_matches_loop(
+        model, _inputs((batch, length, channels), seed), _labels(batch, seed)
+    )
+
+
+@SETTINGS
+@given(
+    batch=st.integers(1, 5),
+    steps=st.integers(1, 5),
+    d_in=st.integers(1, 6),
+    d_out=st.integers(1, 6),
+    heads=st.integers(1, 3),
+    seed=st.integers(0, 1000),
+)
+def test_einsum_dense(batch, steps, d_in, d_out, heads, seed):
+    layers = [
+        keras.layers.EinsumDense(
+            "abc,cde->abde", (steps, heads, d_out), bias_axes="de", activation="tanh"
+        ),
+        keras.layers.Reshape((steps * heads * d_out,)),
+        keras.layers.EinsumDense("ab,bc->ac", d_out, bias_axes="c"),
+    ]
+    model = _head(layers, (steps, d_in))
+    assert all(uses_fast_rule(layer) for layer in layers if layer.weights)
+    assert_ghost_matches_loop(
+        model, _inputs((batch, steps, d_in), seed), _labels(batch, seed)
+    )
+
+
+@SETTINGS
+@given(
+    batch=st.integers(1, 5),
+    length=st.integers(1, 8),
+    vocabulary=st.integers(2, 6),
+    dim=st.integers(1, 5),
+    seed=st.integers(0, 1000),
+)
+def test_embedding_with_repeated_ids(batch, length, vocabulary, dim, seed):
+    """Few ids, so positions of one example share rows (the cross terms)."""
+    layer = keras.layers.Embedding(vocabulary, dim)
+    model = _head([layer], (length,), dtype="int32")
+    assert uses_fast_rule(layer)
+    ids = np.random.default_rng(seed).integers(0, vocabulary, (batch, length))
+    assert_ghost_matches_loop(model, ids.astype(np.int32), _labels(batch, seed))
+
+
+@SETTINGS
+@given(
+    batch=st.integers(1, 5),
+    steps=st.integers(1, 4),
+    d=st.integers(2, 6),
+    seed=st.integers(0, 1000),
+)
+def test_layer_normalization_and_a_shared_layer_by_the_per_layer_pass(
+    batch, steps, d, seed
+):
+    norm = keras.layers.LayerNormalization()
+    shared = keras.layers.Dense(d, activation="tanh")
+    inputs = keras.Input((steps, d))
+    outputs = keras.layers.Dense(CLASSES)(
+        keras.layers.Flatten()(shared(norm(shared(inputs))))
+    )
+    model = keras.Model(inputs, outputs)
+    assert not uses_fast_rule(norm)
+    assert_ghost_matches_loop(
+        model, _inputs((batch, steps, d), seed), _labels(batch, seed)
+    )
+
+
+def test_nested_models_and_an_unused_branch():
+    inner = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, "tanh")])
+    unused = keras.layers.Dense(4)
+    inputs = keras.Input((6,))
+    _ = unused(inputs)  # built, weights trainable, never reaches the loss
+    outputs = keras.layers.Dense(CLASSES)(inner(inputs))
+    model = keras.Model(inputs, outputs)
+    got = assert_ghost_matches_loop(model, _inputs((5, 6), 1), _labels(5, 1))
+    assert len(got.gradients) == len(model.trainable_variables)
+
+
+def test_every_example_contributes_at_most_c_even_when_its_gradient_is_huge():
+    """Alone in a batch, an example's clipped sum is its whole contribution."""
+    model = _head([keras.layers.Conv1D(4, 3, activation="tanh")], (8, 2))
+    x = (
+        _inputs((6, 8, 2), 3)
+        * np.array([1, 10, 1e3, 1e5, 1e-3, 0], np.float32)[:, None, None]
+    )
+    y = _labels(6, 3)
+    for i in range(len(x)):
+        got = clipped_gradient_sum(
+            model, x[i : i + 1], y[i : i + 1], _losses, tf.ones([1]), 0.25
+        )
+        norm = np.sqrt(sum(float(tf.reduce_sum(tf.square(g))) for g in got.gradients))
+        assert norm <= 0.25 * (1 + 1e-6)
+
+
+def test_an_example_whose_forward_pass_overflows_is_dropped():
+    model = _head([keras.layers.Dense(4)], (5,))
+    x, y = _inputs((4, 5), 2), _labels(4, 2)
+    model.layers[0].kernel.assign(tf.ones([5, 4]))
+    x[2] = 3e38  # 5 * 3e38 overflows to inf in the first matmul
+    _, loop_norms = one_example_loop(model, x, y, np.ones(4), 0.5)
+    assert not np.isfinite(loop_norms[2])  # the logits overflow
+    weights = tf.ones([4])
+    got = clipped_gradient_sum(model, x, y, _losses, weights, 0.5)
+    assert not np.isfinite(got.norms.numpy()[2])
+    keep = [0, 1, 3]
+    expected, _ = one_example_loop(model, x[keep], y[keep], np.ones(3), 0.5)
+    for g, e in zip(got.gradients, expected, strict=True):
+        assert np.all(np.isfinite(g.numpy()))
+        np.testing.assert_allclose(g.numpy(), e, rtol=1e-5, atol=1e-6)
+
+
+class _BatchCentering(keras.layers.Layer):
+    """Subtracts the batch mean: example i's output depends on the others."""
+
+    def call(self, x):
+        return x - tf.reduce_mean(x, axis=0, keepdims=True)
+
+
+def test_networks_that_could_mix_examples_are_refused_by_name():
+    x = keras.Input((4,))
+    cases = {
+        "custom layer": keras.Sequential([x, _BatchCentering(), keras.layers.Dense(3)]),
+        "Lambda": keras.Sequential(
+            [x, keras.layers.Lambda(lambda t: t * 2), keras.layers.Dense(3)]
+        ),
+        "keras.ops": keras.Model(
+            x, keras.layers.Dense(3)(x - keras.ops.mean(x, axis=0, keepdims=True))
+        ),
+    }
+    for name, model in cases.items():
+        reason = ghost_clipping_support(model)
+        assert reason is not None, name
+        with pytest.raises(ValueError, match="not exact"):
+            clipped_gradient_sum(
+                model, tf.ones([2, 4]), tf.ones([2, 3]), _losses, tf.ones([2]), 1.0
+            )
+    assert "_batch_centering" in ghost_clipping_support(cases["custom layer"])
+    assert ghost_clipping_support(keras.Sequential([x, keras.layers.Dense(3)])) is None
+
+
+def _dpsgd(net, clipping, sigma=1.0):
+    model = DPSGDModel(
+        net,
+        DPParameters(sigma, 1e-5, seed=0),
+        metadata((4,), CLASSES, n=100, batch_size=8, sampling="shuffle"),
+        l2_norm_clip=0.5,
+        clipping=clipping,
+    )
+    model.compile(keras.optimizers.SGD(1.0), LOSS)
+    return model
+
+
+def test_dpsgd_model_chooses_ghost_where_exact_and_refuses_it_by_name_elsewhere():
+    dense = keras.Sequential([keras.Input((4,)), keras.layers.Dense(CLASSES)])
+    assert _dpsgd(dense, "auto").clipping_method == "ghost"
+    assert _dpsgd(dense, "vectorized").clipping_method == "vectorized"
+    custom = keras.Sequential(
+        [keras.Input((4,)), _BatchCentering(), keras.layers.Dense(CLASSES)]
+    )
+    assert _dpsgd(custom, "auto").clipping_method == "vectorized"
+    with pytest.raises(ValueError, match="_batch_centering.*clipping='vectorized'"):
+        _dpsgd(custom, "ghost")
+    with pytest.raises(ValueError, match="clipping"):
+        _dpsgd(dense, "fast")
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+def test_ghost_and_vectorized_steps_apply_the_same_update(jit):
+    """Noise 1e-9: the two methods' updates agree (same clipped sum)."""
+    x, y = _inputs((8, 4), 5) * 3, _labels(8, 5)
+    updates = {}
+    for clipping in ("ghost", "vectorized"):
+        keras.utils.set_random_seed(0)
+        net = keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(6, activation="tanh"),
+                keras.layers.LayerNormalization(),
+                keras.layers.Dense(CLASSES),
+            ]
+        )
+        model = _dpsgd(net, clipping, sigma=1e-9)
+        model.compile(keras.optimizers.SGD(1.0), LOSS, jit_compile=jit)
+        before = [v.numpy().copy() for v in net.trainable_variables]
+        model.train_on_batch(x, y)
+        updates[clipping] = [
+            v.numpy() - b for v, b in zip(net.trainable_variables, before, strict=True)
+        ]
+    for g, v in zip(updates["ghost"], updates["vectorized"], strict=True):
+        np.testing.assert_allclose(g, v, rtol=1e-4, atol=1e-6)
+
+
+def test_clipping_survives_a_keras_save_and_load(tmp_path):
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(CLASSES)])
+    model = _dpsgd(net, "vectorized")
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.clipping == "vectorized"
+
+
+def test_layers_without_a_fast_rule_get_the_per_layer_pass():
+    """Unknown spatial size, grouped and causal convolutions, wrappers and
+    recurrent layers: exact through the per-layer vectorised pass."""
+    cases = [
+        (
+            keras.Sequential(
+                [
+                    keras.Input((None, None, 2)),
+                    keras.layers.Conv2D(3, 3, activation="tanh"),
+                    keras.layers.GlobalAveragePooling2D(),
+                    keras.layers.Dense(CLASSES),
+                ]
+            ),
+            (7, 6, 2),
+        ),
+        (_head([keras.layers.Conv2D(4, 2, groups=2)], (6, 6, 2)), (6, 6, 2)),
+        (_head([keras.layers.Conv1D(3, 3, padding="causal")], (7, 2)), (7, 2)),
+        (
+            _head([keras.layers.TimeDistributed(keras.layers.Dense(3))], (4, 5)),
+            (4, 5),
+        ),
+        (_head([keras.layers.SimpleRNN(4)], (5, 3)), (5, 3)),
+    ]
+    for model, shape in cases:
+        assert ghost_clipping_support(model) is None, model.name
+        assert_ghost_matches_loop(model, _inputs((4, *shape), 7), _labels(4, 7))
+
+
+def test_a_layer_shared_with_a_nested_model_is_counted_once():
+    shared = keras.layers.Dense(5, activation="tanh")
+    inner = keras.Sequential([keras.Input((5,)), shared])
+    inputs = keras.Input((5,))
+    outputs = keras.layers.Dense(CLASSES)(inner(shared(inputs)))
+    model = keras.Model(inputs, outputs)
+    assert_ghost_matches_loop(model, _inputs((4, 5), 8), _labels(4, 8))
+
+
+def _linear_loss(y, y_pred):
+    """delta at the output = y: the labels choose the output gradients."""
+    return tf.reduce_sum(y * tf.reshape(y_pred, tf.shape(y)), axis=1)
+
+
+def _cancelling_rows(rng, width, rows):
+    """Output-gradient rows d, -d, ..., -d + e (|d| ~ 1e4, |e| ~ 0.1 to 30):
+    an example whose row terms cancel almost exactly."""
+    d = rng.normal(size=width) * 1e4
+    e = rng.normal(size=width) * 10 ** rng.uniform(-1, 1.5)
+    signs = [1.0 if k % 2 == 0 else -1.0 for k in range(rows)]
+    out = np.stack([s * d for s in signs])
+    out[-1] = -signs[-2] * d + e if rows > 1 else e
+    return out.reshape(1, -1).astype(np.float32)
+
+
+def _contribution(model, x, y, clip=1.0):
+    got = clipped_gradient_sum(model, x, y, _linear_loss, tf.ones([1]), clip)
+    return float(
+        np.sqrt(sum(float(tf.reduce_sum(tf.square(g))) for g in got.gradients))
+    )
+
+
+def test_an_example_whose_rows_cancel_still_contributes_at_most_c():
+    """A review found contributions of 166 C (Dense on rows), 213 C (Conv2D)
+    and 23 C (Embedding, one id twice): float32 rounding of the Gram terms
+    <a_t, a_t'> <delta_t, delta_t'> gave norms near 0 when the rows cancel."""
+    rng = np.random.default_rng(0)
+    dense = keras.Sequential(
+        [
+            keras.Input((2, 16)),
+            keras.layers.Dense(16, use_bias=False),
+            keras.layers.Flatten(),
+        ]
+    )
+    conv = keras.Sequential(
+        [
+            keras.Input((3, 3, 8)),
+            keras.layers.Conv2D(32, 2, use_bias=False),
+            keras.layers.Flatten(),
+        ]
+    )
+    embedding = keras.Sequential(
+        [
+            keras.Input((2,), dtype="int32"),
+            keras.layers.Embedding(10, 16),
+            keras.layers.Flatten(),
+        ]
+    )
+    worst = 0.0
+    for _ in range(40):
+        a = rng.normal(size=16).astype(np.float32)
+        worst = max(
+            worst,
+            _contribution(dense, np.stack([a, a])[None], _cancelling_rows(rng, 16, 2)),
+        )
+        patch = np.broadcast_to(rng.normal(size=8), (3, 3, 8))[None].astype(np.float32)
+        worst = max(worst, _contribution(conv, patch, _cancelling_rows(rng, 32, 4)))
+        ids = np.array([[3, 3]], np.int32)
+        worst = max(worst, _contribution(embedding, ids, _cancelling_rows(rng, 16, 2)))
+    assert worst <= 1.0 + 1e-6
+
+
+def test_built_in_layers_that_mix_examples_are_refused_by_name():
+    """A review found these accepted, with a replace-one sensitivity of
+    2 C (B - 1) for a batch-centring activation."""
+
+    def centring(t):
+        return t - keras.ops.mean(t, axis=0, keepdims=True)
+
+    x = keras.Input((4, 3))
+    mixing = {
+        "Softmax(axis=0)": keras.layers.Softmax(axis=0),
+        "UnitNormalization(axis=0)": keras.layers.UnitNormalization(axis=0),
+        "Softmax(axis=-3)": keras.layers.Softmax(axis=-3),
+        "Activation(custom)": keras.layers.Activation(centring),
+        "Dense(custom activation)": keras.layers.Dense(3, activation=centring),
+        "MixUp": keras.layers.MixUp(),
+        "BatchNormalization": keras.layers.BatchNormalization(),
+    }
+    for name, layer in mixing.items():
+        model = keras.Sequential(
+            [x, layer, keras.layers.Flatten(), keras.layers.Dense(2)]
+        )
+        reason = ghost_clipping_support(model)
+        assert reason is not None and layer.name in reason, name
+    attention_in = keras.Input((4, 3))
+    batch_attention = keras.layers.MultiHeadAttention(2, 2, attention_axes=(0,))
+    model = keras.Model(
+        attention_in,
+        keras.layers.Flatten()(batch_attention(attention_in, attention_in)),
+    )
+    assert "axis" in ghost_clipping_support(model)
+    fine = keras.Sequential(
+        [
+            x,
+            keras.layers.Softmax(axis=-1),
+            keras.layers.LayerNormalization(),
+            keras.layers.Dense(3, activation="gelu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2),
+        ]
+    )
+    assert ghost_clipping_support(fine) is None
+
+
+def test_weights_outside_0_1_cannot_raise_a_contribution_above_c():
+    model = _head([keras.layers.Dense(4)], (5,))
+    x, y = _inputs((4, 5), 4) * 100, _labels(4, 4)
+    for weight in (5.0, -3.0, np.nan, np.inf):
+        got = clipped_gradient_sum(
+            model, x[:1], y[:1], _losses, tf.constant([weight], tf.float32), 0.5
+        )
+        norm = np.sqrt(sum(float(tf.reduce_sum(tf.square(g))) for g in got.gradients))
+        assert norm <= 0.5 * (1 + 1e-6), weight

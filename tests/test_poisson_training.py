@@ -1,0 +1,96 @@
+"""Training on unpadded Poisson batches: empty and short batches, XLA buckets."""
+
+import keras
+import numpy as np
+import pytest
+
+from deel_lipdp_ext import DPParameters, data, losses
+from deel_lipdp_ext import layers as L
+from deel_lipdp_ext.dpsgd import DPSGDModel
+
+from .helpers import dp_model, metadata
+
+
+def _arrays(n, shape=(8,), classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, *shape)).astype(np.float32)
+    x /= np.linalg.norm(x.reshape(n, -1), axis=1).reshape((-1,) + (1,) * len(shape))
+    return x, np.eye(classes, dtype=np.float32)[rng.integers(0, classes, n)]
+
+
+def _clipless(n, b, jit):
+    return dp_model(
+        [L.DP_BoundedInput(upper_bound=1.0), L.DP_QuickSpectralDense(4)],
+        input_shape=(8,),
+        num_classes=4,
+        batch_size=b,
+        n=n,
+        loss=losses.DP_TauCategoricalCrossentropy(1.0),
+        jit_compile=jit,
+    )
+
+
+def _dpsgd(n, b, jit, clipping="vectorized"):
+    net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    model = DPSGDModel(
+        net,
+        DPParameters(1.0, 1e-5, seed=0),
+        metadata((8,), 4, n=n, batch_size=b),
+        l2_norm_clip=1.0,
+        **({} if clipping == "vectorized" else {"clipping": clipping}),
+    )
+    model.compile(
+        keras.optimizers.SGD(0.1),
+        keras.losses.CategoricalCrossentropy(from_logits=True),
+        jit_compile=jit,
+    )
+    return model
+
+
+MODELS = {
+    "clipless": _clipless,
+    "dpsgd-vectorized": _dpsgd,
+    "dpsgd-ghost": lambda n, b, jit: _dpsgd(n, b, jit, "ghost"),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_fit_on_poisson_batches_that_are_often_empty(kind, jit):
+    """q = 1/120: over a third of the steps have no sample. Every step is
+    accounted, the weights stay finite, and an empty step moves the weights
+    by noise alone."""
+    n = 120
+    x, y = _arrays(n)
+    model = MODELS[kind](n, 1, jit)
+    ds = data.poisson_batches(x, y, 1, seed=0)
+    sizes = [int(xb.shape[0]) for xb, _, _ in ds]
+    assert sizes.count(0) > 20
+    model.fit(ds, epochs=2, verbose=0)
+    assert int(model.privacy_plan.steps.numpy()) == 2 * n
+    for v in model.trainable_variables:
+        assert np.all(np.isfinite(v.numpy()))
+
+
+def test_xla_fit_pads_unpadded_poisson_batches_to_buckets(monkeypatch):
+    """Under jit_compile=True fit hands Keras the bucketed dataset (a few
+    shapes); without XLA the batches keep their exact size."""
+    from deel_lipdp_ext import model as model_module
+
+    padded = []
+    real = model_module.pad_to_buckets
+
+    def spy(ds):
+        padded.append(ds)
+        return real(ds)
+
+    monkeypatch.setattr(model_module, "pad_to_buckets", spy)
+    n, b = 400, 40
+    x, y = _arrays(n)
+    ds = data.poisson_batches(x, y, b, seed=1)
+    _clipless(n, b, jit=False).fit(ds, verbose=0)
+    assert padded == []
+    model = _clipless(n, b, jit=True)
+    model.fit(ds, verbose=0)
+    assert padded == [ds]
+    assert int(model.privacy_plan.steps.numpy()) == 10
