@@ -101,12 +101,17 @@ def ghost_clipping_support(model: keras.Model) -> str | None:
 
     Exact needs every layer to compute each example from that example alone:
     Sequential or functional models (no `keras.ops` between layers, no
-    subclassed model) of `PER_EXAMPLE_LAYERS`, with built-in activations
-    and no normalisation, softmax, concatenation or attention axis on the
-    batch axis.
+    subclassed model) of `PER_EXAMPLE_LAYERS`, with built-in activations,
+    inputs and outputs of rank >= 2 (a batch-only tensor makes any
+    last-axis reduction one over the batch), EinsumDense equations that keep
+    the batch letter first, and no normalisation, softmax, masking,
+    concatenation or attention axis on the batch axis. Inside a wrapper
+    (TimeDistributed, Bidirectional, RNN cells, attention), where the batch
+    may be merged with other axes, layers that reduce over an axis are
+    refused (but MultiHeadAttention's own, whose axes Keras derives).
     """
-    for layer in [model, *all_sublayers(model)]:
-        if isinstance(layer, (keras.Sequential, keras.Model)):
+    for layer in _graph_layers(model):
+        if isinstance(layer, keras.Model):
             if not _is_graph_model(layer):
                 return (
                     f"model {layer.name!r} ({type(layer).__name__}) is subclassed: "
@@ -123,46 +128,113 @@ def ghost_clipping_support(model: keras.Model) -> str | None:
                     f"layers ({bare_ops[:3]}): not known to keep examples apart"
                 )
             continue
-        problem = _layer_problem(layer)
+        problem = _layer_problem(layer, _input_ranks(layer))
+        if problem is None:
+            ranks = _input_ranks(layer) | _output_ranks(layer)
+            if not ranks:
+                problem = "was never called on a Keras input (ranks unknown)"
+            elif min(ranks) < 2:
+                problem = "has a batch-only (rank 1) input or output"
+        if problem is None:
+            problem = _inner_problem(layer)
         if problem is not None:
             return f"layer {layer.name!r} ({type(layer).__name__}) {problem}"
     return None
 
 
-def _layer_problem(layer: keras.layers.Layer) -> str | None:
-    """Why `layer` might mix examples (or run unknown code), or None."""
+def _graph_layers(model: keras.Model) -> list:
+    """`model` and the layers of its graph, through nested graph models."""
+    found = [model]
+    if _is_graph_model(model):
+        for layer in model.layers:
+            if isinstance(layer, keras.Model):
+                found.extend(_graph_layers(layer))
+            elif not isinstance(layer, _L.InputLayer):
+                found.append(layer)
+    return found
+
+
+def _inner_problem(layer) -> str | None:
+    """Why a sublayer inside `layer` (a wrapper, cell or attention block)
+    might mix examples: an unknown layer, a non-built-in activation, or an
+    axis whose meaning the batch merged with other axes could change."""
+    for inner in all_sublayers(layer):
+        problem = _layer_problem(inner, ranks=None)
+        if problem is None and (_axes(inner) or _reduces(inner)):
+            internal = isinstance(layer, _L.MultiHeadAttention) and all(
+                axis > 0 for axis in _axes(inner)
+            )
+            if not internal:
+                problem = "reduces over an axis inside a wrapper"
+        if problem is not None:
+            return f"contains {inner.name!r} ({type(inner).__name__}), which {problem}"
+    return None
+
+
+def _layer_problem(layer: keras.layers.Layer, ranks: set[int] | None) -> str | None:
+    """Why `layer` itself might mix examples (or run unknown code), or None;
+    `ranks`: its input ranks (None: axes are checked by `_inner_problem`)."""
     if type(layer) not in PER_EXAMPLE_LAYERS:
         return "is not a Keras layer known to compute each example alone"
     if getattr(layer, "quantization_mode", None) is not None:
         return "is quantized"
+    if getattr(layer, "stateful", False):
+        return "is stateful (carries state from earlier batches' examples)"
     for name in ("activation", "recurrent_activation"):
         function = getattr(layer, name, None)
         if function is not None and not any(
             function is f for f in _BUILTIN_ACTIVATIONS
         ):
             return f"has a {name} that is not a built-in Keras activation"
-    ranks = _input_ranks(layer)
-    axes = _axes(layer)
-    if isinstance(layer, _L.Activation) and any(
-        layer.activation is f for f in _REDUCING_ACTIVATIONS
-    ):
-        axes = [-1]
-    for axis in axes:
+    if isinstance(layer, _L.EinsumDense) and _einsum_parts(layer) is None:
+        return "has an equation that does not keep the batch letter first"
+    if ranks is None:
+        return None
+    if isinstance(layer, _L.MultiHeadAttention):
+        return _attention_axes_problem(layer, ranks)
+    for axis in _axes(layer) + ([-1] if _reduces(layer) else []):
         if axis >= 0:
             if axis == 0:
                 return "has an axis on the batch (axis 0)"
         elif not ranks:
             return f"has axis {axis}, which cannot be checked (input rank unknown)"
-        elif any(axis % rank == 0 for rank in ranks):
-            return f"has axis {axis}, the batch axis for its input rank {ranks}"
+        elif any(axis % rank == 0 or axis < -rank for rank in ranks):
+            return f"has axis {axis}, the batch axis (or none) for input ranks {ranks}"
     return None
+
+
+def _attention_axes_problem(layer, ranks: set[int]) -> str | None:
+    """MultiHeadAttention attends over `attention_axes` of its query (rank
+    r): each must be a sequence axis, 1 <= axis <= r - 2 once a negative one
+    is resolved (Keras wraps out-of-range axes, e.g. -7 to the batch)."""
+    axes = layer._attention_axes  # noqa: SLF001 (None: every sequence axis)
+    if axes is None:
+        return None
+    if not ranks:
+        return "has attention axes that cannot be checked (query rank unknown)"
+    for rank in ranks:
+        for axis in axes if isinstance(axes, list | tuple) else [axes]:
+            resolved = axis + rank if axis < 0 else axis
+            if not 1 <= resolved <= rank - 2:
+                return f"has attention axis {axis}, not a sequence axis at rank {rank}"
+    return None
+
+
+def _reduces(layer) -> bool:
+    """Whether `layer` reduces over its last axis: Masking (any over the
+    features) or a softmax-like activation."""
+    if isinstance(layer, _L.Masking):
+        return True
+    return any(
+        getattr(layer, name, None) is f
+        for name in ("activation", "recurrent_activation")
+        for f in _REDUCING_ACTIVATIONS
+    )
 
 
 def _axes(layer) -> list[int]:
     """The axes a layer normalises, reduces or concatenates over."""
-    if isinstance(layer, _L.MultiHeadAttention):
-        value = layer._attention_axes  # noqa: SLF001 (None: all but batch)
-    elif isinstance(layer, _L.Dot):
+    if isinstance(layer, _L.Dot):
         value = layer.axes
     else:
         value = getattr(layer, "axis", None)
@@ -172,13 +244,21 @@ def _axes(layer) -> list[int]:
 
 
 def _input_ranks(layer) -> set[int]:
-    """Ranks of the first input of each symbolic call of `layer`."""
-    ranks = set()
-    for node in getattr(layer, "_inbound_nodes", []):
-        tensors = node.input_tensors
-        if tensors:
-            ranks.add(len(tensors[0].shape))
-    return ranks
+    """Ranks of the inputs of each symbolic call of `layer`."""
+    return {
+        len(t.shape)
+        for node in getattr(layer, "_inbound_nodes", [])
+        for t in node.input_tensors
+    }
+
+
+def _output_ranks(layer) -> set[int]:
+    """Ranks of the outputs of each symbolic call of `layer`."""
+    return {
+        len(t.shape)
+        for node in getattr(layer, "_inbound_nodes", [])
+        for t in node.output_tensors
+    }
 
 
 def _is_graph_model(model: keras.Model) -> bool:
@@ -318,7 +398,7 @@ def _linear(a: tf.Tensor, delta: tf.Tensor, shape) -> tuple[tf.Tensor, Callable]
     """
     if a.shape[1] == 1:
         a, delta = a[:, 0], delta[:, 0]
-        norms = tf.reduce_sum(tf.square(a), 1) * tf.reduce_sum(tf.square(delta), 1)
+        norms = tf.square(_scaled_norm(a) * _scaled_norm(delta))
 
         def outer_sum(c, kept):
             weighted = _keep(delta, kept) * c[:, None]
@@ -329,6 +409,16 @@ def _linear(a: tf.Tensor, delta: tf.Tensor, shape) -> tuple[tf.Tensor, Callable]
         return norms, outer_sum
     norms, summed = _materialised(tf.einsum("bti,bto->bio", a, delta))
     return norms, lambda c, kept: tf.reshape(summed(c, kept), shape)
+
+
+def _scaled_norm(rows: tf.Tensor) -> tf.Tensor:
+    """L2 norm of each row of (batch, d), computed as max|x| * ||x / max|x|||:
+    the squares of huge or tiny entries would overflow or flush to zero,
+    while the products a_k delta_o the clipped sum adds stay finite (a
+    review found an input of 1e19 with gradients of 1e-19 given norm 0)."""
+    scale = tf.reduce_max(tf.abs(rows), axis=1)
+    safe = tf.where(scale > 0, scale, tf.ones_like(scale))
+    return scale * tf.norm(rows / safe[:, None], axis=1)
 
 
 def _materialised(per_example: tf.Tensor):
@@ -495,27 +585,28 @@ def _fast_unit(unit: _Unit, delta: tf.Tensor) -> tuple[tf.Tensor, Callable]:
 
 
 def _embedding(layer, ids: tf.Tensor, delta: tf.Tensor):
-    """Example i's gradient of the table row of id k is ``r_ik = sum of
-    delta_it over its positions t holding k``. Each position gets the row
-    of its id, ``R_it = sum_t' [id_t = id_t'] delta_it'`` (a T x T match
-    matrix times the output gradients); a row shared by n positions is
-    counted once per position, so ``||g_i||^2 = sum_t ||R_it||^2 / n_it``,
-    and the clipped sum adds ``c_i R_it / n_it`` at each position: exactly
-    the rows whose norms were taken (no cancellation-prone Gram terms)."""
+    """Example i's gradient of the table row of id k is the sum of its output
+    gradients at the positions holding k: ``R_it = sum_t' [id_t = id_t']
+    delta_it'`` (a T x T match matrix times the output gradients). Each row
+    is measured and added once, at the first position holding its id: the
+    clipped sum adds exactly the rows whose norms were taken (no
+    cancellation-prone Gram terms, no repeated partial copies)."""
     batch = tf.shape(delta)[0]
     ids = tf.reshape(tf.cast(ids, tf.int32), [batch, -1])
     rows = tf.reshape(delta, [batch, -1, delta.shape[-1]])
     if ids.shape[1] == 1:
-        shares = rows
-        norms = tf.reduce_sum(tf.square(rows[:, 0]), 1)
+        first_rows = rows
     else:
-        same = tf.cast(tf.equal(ids[:, :, None], ids[:, None, :]), rows.dtype)
-        counts = tf.reduce_sum(same, axis=2, keepdims=True)
-        shares = tf.matmul(same, rows) / counts  # R_it / n_it
-        norms = tf.reduce_sum(tf.square(shares) * counts, axis=[1, 2])
+        same = tf.equal(ids[:, :, None], ids[:, None, :])
+        length = tf.shape(ids)[1]
+        earlier = tf.range(length)[None, :] < tf.range(length)[:, None]
+        first = ~tf.reduce_any(same & earlier[None], axis=2)  # (batch, T)
+        summed_rows = tf.matmul(tf.cast(same, rows.dtype), rows)
+        first_rows = tf.where(first[:, :, None], summed_rows, tf.zeros_like(rows))
+    norms = tf.reduce_sum(tf.square(first_rows), axis=[1, 2])
 
     def sums(c, kept):
-        weighted = _keep(shares, kept) * c[:, None, None]
+        weighted = _keep(first_rows, kept) * c[:, None, None]
         return [
             tf.math.unsorted_segment_sum(
                 tf.reshape(weighted, [-1, rows.shape[-1]]),

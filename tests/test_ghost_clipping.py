@@ -506,6 +506,10 @@ def test_built_in_layers_that_mix_examples_are_refused_by_name():
         )
         reason = ghost_clipping_support(model)
         assert reason is not None and layer.name in reason, name
+    stateful = keras.Sequential(
+        [keras.Input((4, 3), batch_size=2), keras.layers.SimpleRNN(2, stateful=True)]
+    )
+    assert "stateful" in ghost_clipping_support(stateful)
     attention_in = keras.Input((4, 3))
     batch_attention = keras.layers.MultiHeadAttention(2, 2, attention_axes=(0,))
     model = keras.Model(
@@ -535,3 +539,76 @@ def test_weights_outside_0_1_cannot_raise_a_contribution_above_c():
         )
         norm = np.sqrt(sum(float(tf.reduce_sum(tf.square(g))) for g in got.gradients))
         assert norm <= 0.5 * (1 + 1e-6), weight
+
+
+def test_huge_inputs_with_tiny_gradients_keep_their_norm():
+    """||a|| ||delta|| from squared sums: 1e19^2 overflows and 1e-19^2
+    flushes to zero, while every product a_k delta_o is about 1."""
+    for d_in, d_out, big, tiny in ((3, 1000, 1e19, 1e-19), (1000, 3, 1e-19, 1e19)):
+        model = keras.Sequential([keras.Input((d_in,)), keras.layers.Dense(d_out)])
+        x = np.full((1, d_in), big, np.float32)
+        y = np.full((1, d_out), tiny, np.float32)
+        got = clipped_gradient_sum(model, x, y, _linear_loss, tf.ones([1]), 1.0)
+        norm = np.sqrt(sum(float(tf.reduce_sum(tf.square(g))) for g in got.gradients))
+        assert norm <= 1.0 + 1e-6, (d_in, d_out, norm)
+
+
+def test_second_review_mixing_networks_are_refused():
+    """Found accepted by a second review, each moving example 0's
+    contribution by 0.2 to 1.6 C when only the other examples changed."""
+    vector = keras.Input((3,))
+    query = keras.Input((4, 3))
+    scalar = keras.Input(())
+    cases = {
+        "softmax on a batch-only output": keras.Sequential(
+            [vector, keras.layers.EinsumDense("ab,b->a", (), activation="softmax")]
+        ),
+        "attention axis -7 (wraps to the batch)": keras.Model(
+            query,
+            keras.layers.Flatten()(
+                keras.layers.MultiHeadAttention(2, 3, attention_axes=(-7,))(
+                    query, query
+                )
+            ),
+        ),
+        "Masking on a batch-only input": keras.Sequential(
+            [
+                scalar,
+                keras.layers.Masking(5.0),
+                keras.layers.Reshape((1,)),
+                keras.layers.Dense(2),
+            ]
+        ),
+        "Softmax inside TimeDistributed": keras.Sequential(
+            [
+                query,
+                keras.layers.TimeDistributed(keras.layers.Softmax(axis=-1)),
+                keras.layers.Flatten(),
+            ]
+        ),
+        "EinsumDense moving the batch into the features": keras.Sequential(
+            [
+                keras.Input(batch_shape=(4, 3)),
+                keras.layers.EinsumDense("ab,bc->ca", (4,)),
+            ]
+        ),
+    }
+    for name, model in cases.items():
+        assert ghost_clipping_support(model) is not None, name
+
+
+def test_an_embedding_row_shared_by_thousands_of_positions_contributes_at_most_c():
+    """Adding n float32 copies of R / n overshot C by 1e-4 at n = 4096; the
+    row is now measured and added once."""
+    rng = np.random.default_rng(1)
+    model = keras.Sequential(
+        [
+            keras.Input((4096,), dtype="int32"),
+            keras.layers.Embedding(3, 4),
+            keras.layers.Flatten(),
+        ]
+    )
+    ids = np.full((1, 4096), 2, np.int32)
+    for _ in range(3):
+        y = rng.normal(size=(1, 4096 * 4)).astype(np.float32)
+        assert _contribution(model, ids, y) <= 1.0 + 1e-6
