@@ -192,10 +192,15 @@ def poisson_bucket_width(n: int, q: float) -> int:
 def poisson_bucket_size(size: int, n: int, q: float) -> int:
     """The padded size of a Poisson batch of `size` rows under bucketing: the
     next multiple of the bucket width (an empty batch gets one bucket of
-    masked rows), capped at `max_poisson_batch_size`."""
+    masked rows), capped at `max_poisson_batch_size` (never below `size`)."""
+    return int(_bucket_rows(tf.constant(size), n, q))
+
+
+def _bucket_rows(size: tf.Tensor, n: int, q: float) -> tf.Tensor:
+    """`poisson_bucket_size` on a scalar int32 tensor (inside tf.data)."""
     width = poisson_bucket_width(n, q)
-    bucket = max(1, math.ceil(size / width)) * width
-    return max(size, min(bucket, max_poisson_batch_size(n, q)))
+    bucket = tf.maximum(1, (size + width - 1) // width) * width
+    return tf.maximum(size, tf.minimum(bucket, max_poisson_batch_size(n, q)))
 
 
 @dataclass(frozen=True)
@@ -398,13 +403,10 @@ def pad_to_buckets(dataset: tf.data.Dataset) -> tf.data.Dataset:
             f"data.poisson_batches. Received provenance: {provenance}"
         )
     n, q = provenance.nb_samples, provenance.batch_size / provenance.nb_samples
-    width = poisson_bucket_width(n, q)
-    limit = max_poisson_batch_size(n, q)
 
     def pad(xb, yb, mask):
         size = tf.shape(mask)[0]
-        bucket = tf.maximum(1, (size + width - 1) // width) * width
-        extra = tf.maximum(size, tf.minimum(bucket, limit)) - size
+        extra = _bucket_rows(size, n, q) - size
 
         def rows(t):
             return tf.pad(t, [[0, extra]] + [[0, 0]] * (t.shape.rank - 1))

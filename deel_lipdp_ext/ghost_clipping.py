@@ -299,8 +299,10 @@ class _Unit:
     calls: list[_Call] = field(default_factory=list)
 
 
-def _fast(layer: keras.layers.Layer) -> bool:
-    """Whether `layer` gets the direct (input, output gradient) rule."""
+def uses_fast_rule(layer: keras.layers.Layer) -> bool:
+    """Whether ghost clipping computes `layer` by its direct (input, output
+    gradient) rule when it is called once per step; otherwise by a
+    vectorised backward pass through that layer alone."""
     if type(layer) not in FAST_LAYERS or getattr(layer, "lora_enabled", False):
         return False
     if isinstance(layer, keras.layers.EinsumDense):
@@ -709,7 +711,7 @@ def clipped_gradient_sum(
     reason = ghost_clipping_support(model)
     if reason is not None:
         raise ValueError(f"Ghost clipping is not exact for this network: {reason}.")
-    units = [_Unit(layer, _fast(layer)) for layer in weight_units(model)]
+    units = [_Unit(layer, uses_fast_rule(layer)) for layer in weight_units(model)]
     with tf.GradientTape() as tape:
         with _Recorder(units):
             predictions = model(x, training=True)
@@ -784,13 +786,6 @@ def _fast_variables(layer) -> list:
         return [layer.embeddings]
     bias = getattr(layer, "bias", None)
     return [layer.kernel] if bias is None else [layer.kernel, bias]
-
-
-def uses_fast_rule(layer: keras.layers.Layer) -> bool:
-    """Whether ghost clipping computes `layer` by its direct (input, output
-    gradient) rule when it is called once per step; otherwise by a
-    vectorised backward pass through that layer alone."""
-    return _fast(layer)
 
 
 __all__ = [

@@ -339,7 +339,7 @@ class PrivacyPlan:
 
     def max_batch_size(self) -> int:
         """The largest batch the declared sampling can produce: B for shuffled
-        batches; for Poisson, the padded size (exceeded with probability
+        batches; for Poisson, `max_poisson_batch_size` (exceeded with probability
         < 1e-20)."""
         meta = self.dataset_metadata
         if meta.sampling == "poisson":

@@ -94,3 +94,36 @@ def test_xla_fit_pads_unpadded_poisson_batches_to_buckets(monkeypatch):
     model.fit(ds, verbose=0)
     assert padded == [ds]
     assert int(model.privacy_plan.steps.numpy()) == 10
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_bucket_padding_rows_do_not_move_the_update(kind):
+    """Rows of mask 0, as `pad_to_buckets` adds, contribute nothing even
+    when they hold data: one XLA step on the padded batch applies the update
+    of the same batch unpadded (noise made negligible)."""
+    n, b = 400, 40
+    x, y = _arrays(n)
+    ((xb, yb, mask),) = data.poisson_batches(x, y, b, seed=3).take(1)
+    padded = data.poisson_batches(x, y, b, seed=3, padding="buckets")
+    ((xp, yp, mp),) = padded.take(1)  # the same draw (epoch 0), padded
+    extra = xp.shape[0] - xb.shape[0]
+    assert extra > 0 and not np.any(mp.numpy()[xb.shape[0] :])
+    # zero rows would give zero gradients even unmasked: fill them with data
+    filler_x, filler_y = _arrays(extra, seed=9)
+    xp = np.concatenate([xb.numpy(), 50 * filler_x])
+    yp = np.concatenate([yb.numpy(), filler_y])
+    updates = []
+    for batch in ((xb, yb, mask), (xp, yp, mp)):
+        keras.utils.set_random_seed(0)
+        model = MODELS[kind](n, b, True)
+        model.privacy_plan.set_noise_multiplier(1e-9)
+        before = [v.numpy().copy() for v in model.trainable_variables]
+        model.train_on_batch(*batch[:2], sample_weight=batch[2])
+        updates.append(
+            [
+                v.numpy() - w
+                for v, w in zip(model.trainable_variables, before, strict=True)
+            ]
+        )
+    for plain, padded in zip(*updates, strict=True):
+        np.testing.assert_allclose(padded, plain, atol=1e-6)
