@@ -215,6 +215,9 @@ class SamplingProvenance:
         declared: the user vouches for it (`declare_sampling`), unchecked.
         padding: Poisson batches only: "none" (variable batch dimension) or
             "buckets" (padded with masked rows to `poisson_bucket_size`).
+        shard: the number of shards the batches are split into (1: whole
+            batches); over 1, only a distributed dataset of all the shards
+            (`distribution.distributed_poisson_batches`) is a whole sample.
     """
 
     sampling: str
@@ -223,26 +226,31 @@ class SamplingProvenance:
     seeded: bool
     declared: bool = False
     padding: str = "none"
+    shard: int = 1
 
 
 _PROVENANCE_ATTRIBUTE = "_deel_lipdp_sampling"
 
 
-def _with_provenance(ds: tf.data.Dataset, provenance: SamplingProvenance):
+def _with_provenance(ds, provenance: SamplingProvenance):
+    """`ds` (a tf.data or distributed dataset), marked with its provenance."""
     setattr(ds, _PROVENANCE_ATTRIBUTE, provenance)
     return ds
 
 
 def sampling_provenance(data) -> SamplingProvenance | None:
-    """The provenance of a dataset built by this module (None otherwise; a
-    dataset transformed after it was built has none)."""
-    if not isinstance(data, tf.data.Dataset):
+    """The provenance of a dataset built by this module or by
+    `distribution.distributed_poisson_batches` (None otherwise; a dataset
+    transformed after it was built has none)."""
+    if not isinstance(data, tf.data.Dataset | tf.distribute.DistributedDataset):
         return None
     return getattr(data, _PROVENANCE_ATTRIBUTE, None)
 
 
-def declare_sampling(dataset: tf.data.Dataset, metadata: DatasetMetadata):
-    """Vouch that `dataset` samples as `metadata` says (its sampling, N and B).
+def declare_sampling(dataset, metadata: DatasetMetadata):
+    """Vouch that `dataset` (a tf.data dataset, or a distributed one whose
+    replicas' batches together make one global batch per step) samples as
+    `metadata` says (its sampling, N and B).
 
     For pipelines built outside this module. Nothing is checked: the epsilon
     is only as true as this declaration, and the report says "declared".
@@ -250,9 +258,10 @@ def declare_sampling(dataset: tf.data.Dataset, metadata: DatasetMetadata):
     Returns:
         `dataset`, marked.
     """
-    if not isinstance(dataset, tf.data.Dataset):
+    if not isinstance(dataset, tf.data.Dataset | tf.distribute.DistributedDataset):
         raise TypeError(
-            f"declare_sampling takes a tf.data.Dataset. Received: "
+            f"declare_sampling takes a tf.data.Dataset (or a tf.distribute "
+            f"distributed dataset). Received: "
             f"{type(dataset).__name__}"
         )
     if not isinstance(metadata, DatasetMetadata):
@@ -301,6 +310,7 @@ def poisson_batches(
     seed: int | None = None,
     *,
     padding: str = "none",
+    shard: tuple[int, int] = (0, 1),
 ) -> tf.data.Dataset:
     """Poisson-subsampled batches `(x, y, mask)`, sampled inside tf.data.
 
@@ -319,6 +329,11 @@ def poisson_batches(
             "buckets": padded with zero rows, mask 0, to
             `poisson_bucket_size` (a few shapes, for XLA); a DP model
             compiled with `jit_compile=True` pads a "none" dataset so itself.
+        shard: (index, count): only the sampled rows i with i % count == index
+            (the same draws as unsharded: with one seed, the shards' batches
+            are disjoint parts of the unsharded batch; with different seeds,
+            their union is still a Poisson sample at rate q). For several
+            workers: `distribution.distributed_poisson_batches`.
 
     Raises:
         tf.errors.InvalidArgumentError: (while iterating) a batch larger than
@@ -326,6 +341,11 @@ def poisson_batches(
             dropped.
     """
     require_one_of("padding", padding, POISSON_PADDINGS, "poisson_batches")
+    shard_index, shard_count = (int(v) for v in shard)
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(
+            f"shard must be (index, count) with 0 <= index < count. Received: {shard}"
+        )
     n = len(x)
     if not 0 < batch_size <= n:
         raise ValueError(
@@ -347,13 +367,17 @@ def poisson_batches(
         key = tf.random.experimental.stateless_fold_in(
             tf.constant(seed_words, tf.int64), epoch * steps + step
         )
+        index = tf.range(n, dtype=tf.int64)
         if threshold is None:
-            rows = tf.range(n, dtype=tf.int64)
+            sampled = tf.ones((n,), tf.bool)
         else:
             bits = tf.random.stateless_uniform(
                 (n,), key, minval=None, maxval=None, dtype=tf.int64
             )
-            rows = tf.where(bits < threshold)[:, 0]
+            sampled = bits < threshold
+        if shard_count > 1:
+            sampled &= tf.equal(index % shard_count, shard_index)
+        rows = tf.where(sampled)[:, 0]
         size = tf.size(rows)
         check = tf.debugging.assert_less_equal(
             size,
@@ -376,9 +400,28 @@ def poisson_batches(
     )
     ds = ds.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
     ds = _with_provenance(
-        ds, SamplingProvenance("poisson", n, int(batch_size), seed is not None)
+        ds,
+        SamplingProvenance(
+            "poisson", n, int(batch_size), seed is not None, shard=shard_count
+        ),
     )
     return pad_to_buckets(ds) if padding == "buckets" else ds
+
+
+def bucket_padding(n: int, q: float) -> Callable:
+    """The tf.data map padding a Poisson batch `(x, y, mask)` of a sample of
+    `n` rows at rate `q` with zero rows of mask 0 to `poisson_bucket_size`."""
+
+    def pad(xb, yb, mask):
+        size = tf.shape(mask)[0]
+        extra = _bucket_rows(size, n, q) - size
+
+        def rows(t):
+            return tf.pad(t, [[0, extra]] + [[0, 0]] * (t.shape.rank - 1))
+
+        return rows(xb), rows(yb), rows(mask)
+
+    return pad
 
 
 def pad_to_buckets(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -403,17 +446,9 @@ def pad_to_buckets(dataset: tf.data.Dataset) -> tf.data.Dataset:
             f"data.poisson_batches. Received provenance: {provenance}"
         )
     n, q = provenance.nb_samples, provenance.batch_size / provenance.nb_samples
-
-    def pad(xb, yb, mask):
-        size = tf.shape(mask)[0]
-        extra = _bucket_rows(size, n, q) - size
-
-        def rows(t):
-            return tf.pad(t, [[0, extra]] + [[0, 0]] * (t.shape.rank - 1))
-
-        return rows(xb), rows(yb), rows(mask)
-
-    padded = dataset.map(pad, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    padded = dataset.map(
+        bucket_padding(n, q), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
     return _with_provenance(padded, dataclasses.replace(provenance, padding="buckets"))
 
 

@@ -314,7 +314,7 @@ class DPSGDModel(PrivateModel, keras.Model):
 
     def compile(self, *args, **kwargs):
         """As `keras.Model.compile`, then the checks a DP model needs."""
-        super().compile(*args, **kwargs)
+        super().compile(*args, **self._distributed_compile_options(kwargs))
         self.privacy_plan.check_ready("DPSGDModel")
         self._check_strategy()
 

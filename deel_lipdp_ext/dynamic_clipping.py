@@ -28,6 +28,7 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 
 from ._validation import require_positive
 from .accounting import Release
+from .distribution import num_workers
 from .layers.base import sample_norms
 from .layers.clipping import DP_ClipGradient
 from .model import DPTrainer
@@ -152,6 +153,12 @@ class _DynamicClipping(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         _clipless_model(self.model, type(self).__name__)
+        if num_workers(self.model.distribute_strategy) > 1:
+            raise ValueError(
+                f"{type(self).__name__} is not supported under several workers: "
+                "each worker's callback would make its own noisy release (each "
+                "steering its replicas' clip values) while the ledger records one."
+            )
         self.target_layers()  # raises if the model has no suitable layer
         self.sampling_label()  # raises if ds_train is not the model's sampling
 

@@ -38,6 +38,7 @@ from .bounds import (
     walk_layers,
 )
 from .data import DatasetMetadata, pad_to_buckets, sampling_provenance
+from .distribution import check_strategy, num_workers, reducible_logs
 from .layers.bounded import DP_BoundedInput
 from .layers.clipping import DP_ClipGradient
 from .losses import lipschitz_constant
@@ -242,13 +243,67 @@ class PrivateModel(HasPrivacyPlan):
         self.train_function = None
 
     def _check_strategy(self) -> None:
-        if tf.distribute.has_strategy() and (
-            tf.distribute.get_strategy().num_replicas_in_sync > 1
-        ):
-            raise NotImplementedError(
-                "DP training under a multi-replica tf.distribute strategy is not "
-                "supported yet: per-replica noise would not match the accounting."
+        check_strategy(type(self).__name__, self.distribute_strategy)
+
+    def _distributed_compile_options(self, kwargs: dict) -> dict:
+        """`compile`'s keyword arguments under a multi-replica strategy: Keras
+        compiles ONE XLA program over every replica's devices, which
+        TensorFlow refuses (its variables live on other devices), so
+        `jit_compile="auto"` becomes False and True is refused."""
+        if self.distribute_strategy.num_replicas_in_sync == 1:
+            return kwargs
+        if kwargs.get("jit_compile", "auto") is True:
+            raise ValueError(
+                f"{type(self).__name__}: jit_compile=True does not run under a "
+                f"multi-replica {type(self.distribute_strategy).__name__} (Keras "
+                "compiles one XLA program across the replicas' devices). Use "
+                "jit_compile=False."
             )
+        return {**kwargs, "jit_compile": False}
+
+    def make_train_function(self, force=False):
+        """Keras's train function, refusing under several replicas the data
+        that is not distributed: `strategy.run` would give every replica the
+        whole batch, so each sample would count once per replica against
+        noise calibrated to count it once."""
+        function = super().make_train_function(force) or self.train_function
+        if getattr(function, "_dp_replica_guard", False):
+            return function
+
+        def train_function(iterator):
+            if self.distribute_strategy.num_replicas_in_sync > 1 and not isinstance(
+                iterator, tf.distribute.DistributedIterator
+            ):
+                raise ValueError(
+                    "Under a multi-replica strategy a DP train step takes "
+                    "distributed batches (fit does this; so does train_on_batch): "
+                    "undistributed data reaches every replica whole, and each "
+                    "sample would count once per replica."
+                )
+            return function(iterator)
+
+        train_function._dp_replica_guard = True
+        self.train_function = train_function
+        return train_function
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Under a strategy, Keras builds from the element-wise MEAN of the
+        # replicas' first batches, which fails when they differ in size (a
+        # Poisson batch split over replicas, a partial last batch). The first
+        # replica's batch has every shape the build needs.
+        if iterator is not None and getattr(self, "_distribute_strategy", None):
+            strategy = self._distribute_strategy
+            for _, _, batches in iterator:
+                data_batch = keras.tree.map_structure(
+                    lambda v: (
+                        strategy.experimental_local_results(v)[0]
+                        if isinstance(v, tf.distribute.DistributedValues)
+                        else v
+                    ),
+                    next(batches),
+                )
+                break
+        super()._maybe_symbolic_build(data_batch=data_batch)
 
     def fit(self, *args, **kwargs):
         """As `keras.Model.fit`, after checking that the data can come from the
@@ -285,11 +340,39 @@ class PrivateModel(HasPrivacyPlan):
         finally:
             plan.use_unverified_sampling()
 
-    def train_on_batch(self, *args, **kwargs):
+    def train_on_batch(
+        self, x, y=None, sample_weight=None, class_weight=None, return_dict=False
+    ):
         """As `keras.Model.train_on_batch`; its steps are recorded with the
-        sampling 'unverified' (the caller vouches for the batches)."""
+        sampling 'unverified' (the caller vouches for the batches). Under
+        several replicas (one worker) the batch is split over them, each
+        sample to one replica."""
         self._privacy_plan.use_unverified_sampling()
-        return super().train_on_batch(*args, **kwargs)
+        strategy = self.distribute_strategy
+        if strategy.num_replicas_in_sync == 1:
+            return super().train_on_batch(
+                x, y, sample_weight, class_weight, return_dict=return_dict
+            )
+        if num_workers(strategy) > 1:
+            raise ValueError(
+                "train_on_batch is not supported under several workers (each "
+                "would pass its own batch): use fit on "
+                "distribution.distributed_poisson_batches."
+            )
+        if class_weight is not None:
+            raise ValueError(
+                "class_weight is not supported by a DP model's train_on_batch "
+                "under a multi-replica strategy: pass sample_weight in [0, 1]."
+            )
+        batch = (x, y) if sample_weight is None else (x, y, sample_weight)
+        self._maybe_symbolic_build(data_batch=(x, y, sample_weight))
+        self.make_train_function()
+        self.reset_metrics()
+        split = strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensors(batch)
+        )
+        logs = python_utils.pythonify_logs(self.train_function(iter(split)))
+        return logs if return_dict else self._flatten_metrics_in_order(logs)
 
     def _train_logs(self, loss, x, y, y_pred, weight, groups) -> dict:
         """The train step's logs: `sensitivity`, the L2 sensitivity of the
@@ -305,10 +388,15 @@ class PrivateModel(HasPrivacyPlan):
                 )
             )
         }
-        if not self.report_train_metrics:
-            return logs
-        self._loss_tracker.update_state(loss / tf.maximum(tf.reduce_sum(weight), 1.0))
-        return {**logs, **self.compute_metrics(x, y, y_pred, sample_weight=weight)}
+        if self.report_train_metrics:
+            self._loss_tracker.update_state(
+                loss / tf.maximum(tf.reduce_sum(weight), 1.0)
+            )
+            logs.update(self.compute_metrics(x, y, y_pred, sample_weight=weight))
+        return reducible_logs(logs)
+
+    def test_step(self, data):
+        return reducible_logs(super().test_step(data))
 
     def get_metrics_result(self):
         """As Keras's, skipping the compiled metrics a step never built (the
@@ -421,6 +509,7 @@ class DPTrainer(PrivateModel):
     def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
         """As `keras.Model.compile`; the loss must be a DP loss (with `get_L`)."""
         lipschitz_constant(loss)  # raises TypeError naming a loss without get_L
+        kwargs = self._distributed_compile_options(kwargs)
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
         self._dp_loss = loss
         self._check_dp_ready()

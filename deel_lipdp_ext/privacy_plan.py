@@ -53,6 +53,7 @@ from .accounting import (
 )
 from .accounting.epsilon import check_accountant
 from .data import DatasetMetadata, max_poisson_batch_size, sampling_provenance
+from .distribution import is_first_replica, max_over_replicas, num_workers
 
 NOISIFY_STRATEGIES = ("global", "per-layer")
 
@@ -438,6 +439,11 @@ class PrivacyPlan:
         written to the ledger in the same graph; if the ledger cannot take it,
         the update is zeroed (nothing is released unrecorded).
 
+        Under several replicas (`distribution`), each replica passes the sum
+        over ITS samples; only the first adds the noise, whose std uses the
+        largest replica sensitivity, and B stays the global expected batch
+        size: the optimizer's all-reduced sum is the single-device update.
+
         Args:
             summed_gradients: per variable, the sum over the batch of each
                 sample's (weighted, clipped) gradient.
@@ -449,13 +455,20 @@ class PrivacyPlan:
                 raise ValueError(f"Trainable variable '{v.path}' received no gradient.")
         std_of = {}
         for group in groups:
+            # Under several replicas: the largest replica's sensitivity.
+            sensitivity = max_over_replicas(tf.cast(group.sensitivity, tf.float32))
             for v in group.variables:
-                std_of[id(v)] = group.noise_multiplier * group.sensitivity
+                std_of[id(v)] = group.noise_multiplier * sensitivity
         missing = [v.path for v in variables if id(v) not in std_of]
         if missing:
             raise ValueError(f"Trainable variables without a noise group: {missing}")
         sizes = [int(np.prod(v.shape)) for v in variables]
-        pieces = tf.split(self._standard_normal(sum(sizes)), sizes)
+        # One draw per GLOBAL step: under several replicas only the first adds
+        # it (the optimizer sums the replicas' updates; distribution.py).
+        noise = self._standard_normal(sum(sizes)) * tf.cast(
+            is_first_replica(), tf.float32
+        )
+        pieces = tf.split(noise, sizes)
         recorded = self._record_step(
             effective_noise_multiplier([g.noise_multiplier for g in groups])
         )
@@ -557,7 +570,15 @@ class PrivacyPlan:
             ValueError: anything else, naming the mismatch.
         """
         meta = self.dataset_metadata
-        if isinstance(x, tf.data.Dataset):
+        if num_workers() > 1 and not isinstance(x, tf.distribute.DistributedDataset):
+            raise ValueError(
+                "Under several workers, fit() takes the distributed dataset of "
+                "distribution.distributed_poisson_batches: arrays or a tf.data "
+                "dataset would be sharded by batches, so a step's union over "
+                f"the workers would not be a Poisson sample. Received: "
+                f"{type(x).__name__}"
+            )
+        if isinstance(x, tf.data.Dataset | tf.distribute.DistributedDataset):
             code = self._dataset_sampling_code(x)
         elif isinstance(x, np.ndarray | tf.Tensor) or hasattr(x, "__array__"):
             rows = int(np.shape(x)[0])
@@ -630,6 +651,11 @@ class PrivacyPlan:
             )
             if got != want
         ]
+        if provenance.shard > 1:
+            mismatch.append(
+                f"shard: one of {provenance.shard} shards of each batch (only "
+                "distribution.distributed_poisson_batches trains on all of them)"
+            )
         if mismatch:
             raise ValueError(
                 "The training data does not match the model's dataset_metadata, "

@@ -2,6 +2,16 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import tensorflow as tf  # noqa: E402
+
+# Four logical CPU devices, set before TensorFlow initialises its devices, for
+# the tf.distribute tests (tests/test_distribute.py); every other test runs on
+# the first, as without them.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration()] * 4,
+)
+
 import itertools  # noqa: E402
 
 import keras  # noqa: E402

@@ -30,6 +30,7 @@ DOCUMENTED = [
     "deel_lipdp_ext.dynamic_clipping",
     "deel_lipdp_ext.dpsgd",
     "deel_lipdp_ext.ghost_clipping",
+    "deel_lipdp_ext.distribution",
     "deel_lipdp_ext.train",
     "deel_lipdp_ext.cloak",
     "deel_lipdp_ext.suppress",

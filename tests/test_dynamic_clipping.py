@@ -331,3 +331,21 @@ def test_count_vector_sensitivity_is_at_most_sqrt_k():
             np.testing.assert_allclose(n[others], n2[others], rtol=1e-5)
             diffs.append(np.sum(included * (n <= c)) - np.sum(inc_wo * (n2 <= c)))
         assert np.linalg.norm(diffs) <= np.sqrt(len(layers)) + 1e-12
+
+
+def test_refused_under_several_workers(monkeypatch):
+    """Each worker's callback would make its own noisy release while the
+    ledger records one: refused before any release or step."""
+    import deel_lipdp_ext.dynamic_clipping as dynamic
+
+    model = loss_clip_model()
+    monkeypatch.setattr(dynamic, "num_workers", lambda strategy: 2)
+    with pytest.raises(ValueError, match="several workers"):
+        model.fit(
+            ds(),
+            epochs=1,
+            verbose=0,
+            callbacks=[AdaptiveQuantileClipping(ds(), noise_multiplier=1.0)],
+        )
+    assert int(model.dp_steps.numpy()) == 0
+    assert model.privacy_plan.ledger() == ()

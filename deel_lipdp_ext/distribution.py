@@ -1,0 +1,256 @@
+"""DP training under `tf.distribute`: which strategies, and the replica rules.
+
+Under `MirroredStrategy` and `MultiWorkerMirroredStrategy` the train step runs
+once per replica on that replica's share of the global batch, and the Keras
+optimizer SUMS the replicas' gradients (an all-reduce) before applying them to
+every copy of the weights. The DP step keeps the single-device mechanism
+exactly (docs/distributed.md):
+
+- each replica computes the sum of its samples' bounded gradients;
+- the noise is drawn ONCE per global step, by the first replica only, with
+  the full planned std sigma * S; the other replicas add nothing. The
+  all-reduced update is then (sum over the global batch + one Gaussian) / B,
+  with B the GLOBAL expected batch size: the mechanism the accountant
+  describes. (Noise in every replica would be summed R times: over-noised
+  with a shared seed, under-noised if "fixed" by std / R with independent
+  streams.)
+- S is the largest of the replicas' sensitivities (gathered by an all-reduce): every
+  copy of the weights is updated identically, but should two copies ever
+  drift by rounding, no replica's samples exceed the noise's sensitivity.
+
+Strategies whose variables are not mirrored on every replica (TPU,
+parameter-server, central storage) are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.distribute import distribute_lib
+
+from ._validation import require_one_of
+from .accounting import steps_per_epoch
+from .data import (
+    POISSON_PADDINGS,
+    SamplingProvenance,
+    _with_provenance,
+    bucket_padding,
+    poisson_batches,
+)
+
+SUPPORTED_STRATEGIES = (
+    "the default strategy",
+    "OneDeviceStrategy",
+    "MirroredStrategy",
+    "MultiWorkerMirroredStrategy",
+)
+
+
+def current_strategy() -> tf.distribute.Strategy:
+    """The strategy in scope (the default one outside any scope)."""
+    return tf.distribute.get_strategy()
+
+
+def check_strategy(owner: str, strategy: tf.distribute.Strategy | None = None) -> None:
+    """Refuse a strategy the DP train step does not support.
+
+    Args:
+        owner: the refusing class's name, for the message.
+        strategy: the model's strategy (default: the one in scope).
+
+    Raises:
+        NotImplementedError: naming the strategy when it is not one of
+            `SUPPORTED_STRATEGIES`.
+    """
+    strategy = strategy or current_strategy()
+    supported = (
+        type(distribute_lib._get_default_strategy()),
+        tf.distribute.OneDeviceStrategy,
+        tf.distribute.MirroredStrategy,
+        tf.distribute.MultiWorkerMirroredStrategy,
+    )
+    if isinstance(strategy, supported):
+        return
+    raise NotImplementedError(
+        f"{owner} does not support {type(strategy).__name__}: its variables are "
+        "not mirrored on every replica, so the once-per-step noise and the "
+        "bounds read from the synchronised weights would not describe what "
+        f"runs. Supported: {', '.join(SUPPORTED_STRATEGIES)}."
+    )
+
+
+def num_replicas() -> int:
+    """R: the replicas that train together (1 without a strategy)."""
+    return int(current_strategy().num_replicas_in_sync)
+
+
+def num_workers(strategy: tf.distribute.Strategy | None = None) -> int:
+    """The worker processes of `strategy` (default: the one in scope; 1 but
+    for multi-worker)."""
+    strategy = strategy or current_strategy()
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return int(strategy.cluster_resolver.cluster_spec().num_tasks("worker") or 1)
+    return 1
+
+
+def _replica_context():
+    """The replica context of a multi-replica step (None otherwise)."""
+    if num_replicas() == 1:
+        return None
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        raise RuntimeError(
+            "The DP train step must run in a replica context (inside "
+            "strategy.run, as Keras's fit does)."
+        )
+    return context
+
+
+def is_first_replica() -> tf.Tensor:
+    """Scalar bool: this replica adds the step's noise (always True alone)."""
+    context = _replica_context()
+    if context is None:
+        return tf.constant(True)
+    return tf.equal(context.replica_id_in_sync_group, 0)
+
+
+def max_over_replicas(value: tf.Tensor) -> tf.Tensor:
+    """The largest of a scalar's values over the replicas (itself alone)."""
+    context = _replica_context()
+    if context is None:
+        return value
+    # Each replica puts its value at its own index and the SUM all-reduce
+    # gathers them exactly (adding zeros). Not all_gather: its collective ops
+    # clash between two MirroredStrategy objects of one process.
+    value = tf.cast(value, tf.float32)
+    own = tf.one_hot(context.replica_id_in_sync_group, num_replicas()) * value
+    return tf.reduce_max(context.all_reduce(tf.distribute.ReduceOp.SUM, own))
+
+
+def distributed_poisson_batches(
+    strategy: tf.distribute.Strategy,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    seed: int | None = None,
+    *,
+    padding: str = "none",
+):
+    """Poisson batches of the whole dataset for `fit` under `strategy`.
+
+    Every worker holds the whole arrays and samples its own shard, the rows
+    i with i % W == w (W workers), at the rate q = batch_size / N; it splits
+    its batch over its local replicas (rows j::k of its batch to replica j).
+    Each row is drawn by one worker only, independently of every other row,
+    so the union over the workers of one step is a Poisson sample of all N
+    rows at rate q, whatever the workers' seeds; with one `seed`, it is
+    exactly the batch `data.poisson_batches(x, y, batch_size, seed)` draws.
+    Every worker takes ceil(N / B) steps per epoch.
+
+    Args:
+        strategy: the `MirroredStrategy` or `MultiWorkerMirroredStrategy`
+            the model is built under.
+        x: the WHOLE training inputs (identical on every worker), N rows.
+        y: their labels.
+        batch_size: the expected GLOBAL batch size B.
+        seed: None (default): each worker's operating-system entropy (secret
+            batches). An int: reproducible batches, reported as not secret.
+        padding: "buckets" pads each replica's batch with masked rows to a
+            few sizes (for `jit_compile=True`); "none" (default) does not.
+
+    Returns:
+        A distributed dataset whose provenance (`data.sampling_provenance`)
+        is the whole dataset's: N rows, expected batch size B, Poisson.
+    """
+    require_one_of("padding", padding, POISSON_PADDINGS, "distributed_poisson_batches")
+    n = len(x)
+    steps = steps_per_epoch(batch_size / n) if 0 < batch_size <= n else 0
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        local = context.num_replicas_in_sync // context.num_input_pipelines
+        shard = (context.input_pipeline_id, context.num_input_pipelines)
+        ds = poisson_batches(x, y, batch_size, seed, shard=shard)
+
+        def pieces(*batch):
+            rows = tf.shape(batch[-1])[0]
+
+            def piece(j):
+                taken = tf.range(tf.cast(j, tf.int32), rows, local)
+                return tuple(tf.gather(t, taken) for t in batch)
+
+            return tf.data.Dataset.range(local).map(piece)
+
+        if local > 1:
+            ds = ds.flat_map(pieces)
+        if padding == "buckets":
+            ds = ds.map(
+                bucket_padding(-(-n // context.num_replicas_in_sync), batch_size / n)
+            )
+        return ds.apply(tf.data.experimental.assert_cardinality(steps * local))
+
+    distributed = strategy.distribute_datasets_from_function(dataset_fn)
+    # Its cardinality counts a worker's elements (one per local replica and
+    # step); Keras reads it as steps per epoch, so it would run past the end.
+    distributed._cardinality = steps
+    return _with_provenance(
+        distributed,
+        SamplingProvenance(
+            "poisson", n, int(batch_size), seed is not None, padding=padding
+        ),
+    )
+
+
+def reducible_logs(logs: dict) -> dict:
+    """A step's logs in the shape Keras can reduce over the workers.
+
+    Under `MultiWorkerMirroredStrategy` Keras 3 averages each log over the
+    replicas along axis 0, which a scalar lacks (tensorflow#72388: every fit
+    fails); a scalar becomes shape (1,), and the average a scalar again.
+    Elsewhere the logs are returned unchanged.
+    """
+    if not isinstance(current_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+        return logs
+    return {
+        key: tf.reshape(value, (1,))
+        if tf.convert_to_tensor(value).shape.rank == 0
+        else value
+        for key, value in logs.items()
+    }
+
+
+def local_tf_configs(workers: int) -> list[str]:
+    """TF_CONFIG values (JSON) of a `workers`-process cluster on this machine,
+    one per worker index: 127.0.0.1 on ports free when called (examples,
+    tests and benchmarks start the processes; a port taken in between makes
+    the cluster fail to start, never train wrongly)."""
+    sockets = [socket.socket() for _ in range(workers)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        addresses = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+    return [
+        json.dumps(
+            {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": i}}
+        )
+        for i in range(workers)
+    ]
+
+
+__all__ = [
+    "SUPPORTED_STRATEGIES",
+    "check_strategy",
+    "current_strategy",
+    "distributed_poisson_batches",
+    "is_first_replica",
+    "local_tf_configs",
+    "max_over_replicas",
+    "num_replicas",
+    "num_workers",
+    "reducible_logs",
+]

@@ -1,0 +1,533 @@
+"""DP training under tf.distribute, on the logical CPU devices of conftest.py.
+
+The rule under test (deel_lipdp_ext/distribution.py): one Gaussian of the
+planned std per coordinate per GLOBAL step, whatever the number of replicas,
+the sum of the samples' gradients over the global batch, divided by the
+global expected batch size; weights identical on every replica; the same
+ledger and epsilon as one device.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from deel_lipdp_ext import DPParameters, DPSequential, losses
+from deel_lipdp_ext import layers as L
+from deel_lipdp_ext.callbacks import DP_Accountant
+from deel_lipdp_ext.data import (
+    DatasetMetadata,
+    bound_normalize,
+    declare_sampling,
+    digits_arrays,
+    poisson_batches,
+)
+from deel_lipdp_ext.distribution import (
+    check_strategy,
+    distributed_poisson_batches,
+)
+from deel_lipdp_ext.dpsgd import DPSGDModel
+
+from .helpers import dp_model, step_updates
+
+
+def strategy_of(replicas: int) -> tf.distribute.Strategy:
+    """The default strategy (1) or a MirroredStrategy over logical CPUs. Its
+    all-reduce goes through one device: the default collective ops of two
+    strategies with different device counts clash within one process (the
+    two-worker test, tests/test_multi_worker.py, runs the collectives)."""
+    if replicas == 1:
+        return tf.distribute.get_strategy()
+    return tf.distribute.MirroredStrategy(
+        [f"/cpu:{i}" for i in range(replicas)],
+        cross_device_ops=tf.distribute.ReductionToOneDevice(),
+    )
+
+
+def local_copies(strategy, variable) -> list[np.ndarray]:
+    value = getattr(variable, "value", variable)
+    return [np.asarray(v) for v in strategy.experimental_local_results(value)]
+
+
+# ------------------------------------------------------------------ noise
+def _clipless(sigma):
+    layers = [
+        L.DP_BoundedInput(upper_bound=1.0),
+        L.DP_Flatten(),
+        L.DP_QuickSpectralDense(64),
+        L.DP_GroupSort(2),
+        L.DP_QuickSpectralDense(64),
+        L.DP_AddBias(1.0),
+        L.DP_QuickSpectralDense(64),
+    ]
+    return dp_model(
+        layers,
+        input_shape=(8, 8, 1),
+        num_classes=64,
+        sigma=sigma,
+        optimizer=keras.optimizers.SGD(1.0),
+    )
+
+
+def _noise_updates(replicas: int, sigma: float, steps: int = 4):
+    """Updates of `steps` zero-data-gradient steps (weights 0), each from the
+    same initial weights, under `replicas` replicas; and the planned std."""
+    strategy = strategy_of(replicas)
+    with strategy.scope():
+        model = _clipless(sigma)
+    x = np.random.default_rng(1).uniform(size=(8, 8, 8, 1)).astype(np.float32) / 8
+    y = np.eye(64, dtype=np.float32)[:8]
+    initial = model.get_weights()
+    bounds = model.compute_gradient_bounds()
+    b = model.dataset_metadata.batch_size
+    planned = sigma * np.sqrt(sum(float(v) ** 2 for v in bounds.values())) / b
+    updates = []
+    for _ in range(steps):
+        model.set_weights(initial)
+        (update,) = step_updates(model, x, y, np.zeros(8, np.float32))
+        for v in model.trainable_variables:  # every replica got the same update
+            copies = local_copies(strategy, v)
+            assert all(np.array_equal(copies[0], c) for c in copies[1:]), v.path
+        updates.append(np.concatenate([u.ravel() for u in update.values()]))
+    return np.stack(updates), planned, model
+
+
+def test_noise_is_one_gaussian_per_global_step_under_2_and_4_replicas():
+    """With the data gradient forced to zero the update IS the noise: its std
+    under 2 and 4 replicas equals the single-device one within 3% (12 000
+    draws each: 3% is over 4 standard errors of the ratio), and equals the
+    planned std. Noise added in every replica would show sqrt(R) (independent
+    streams) or R (one shared stream) times the std."""
+    sigma = 1.3
+    single, planned, _ = _noise_updates(1, sigma)
+    assert np.std(single) == pytest.approx(planned, rel=0.03)
+    for replicas in (2, 4):
+        updates, planned_r, model = _noise_updates(replicas, sigma)
+        assert planned_r == pytest.approx(planned, rel=1e-6)
+        assert np.std(updates) == pytest.approx(np.std(single), rel=0.03), replicas
+        assert abs(np.mean(updates)) < 5 * planned / np.sqrt(updates.size)
+        # uncorrelated across steps, never repeated
+        for i in range(len(updates)):
+            for j in range(i + 1, len(updates)):
+                corr = np.corrcoef(updates[i], updates[j])[0, 1]
+                assert abs(corr) < 5 / np.sqrt(updates.shape[1]), (i, j, corr)
+        steps = model.privacy_plan.ledger()[0].count
+        assert steps == len(updates)  # one ledger entry per global step
+
+
+def _dpsgd(clipping, sigma, clip):
+    inner = keras.Sequential(
+        [keras.Input((16,)), keras.layers.Dense(64), keras.layers.Dense(32)]
+    )
+    meta = DatasetMetadata(
+        (16,), 32, nb_samples_train=1000, nb_samples_test=0, batch_size=50
+    )
+    model = DPSGDModel(
+        inner,
+        DPParameters(sigma, 1e-5, seed=0),
+        meta,
+        l2_norm_clip=clip,
+        clipping=clipping,
+    )
+    model.compile(keras.optimizers.SGD(1.0), keras.losses.MeanSquaredError())
+    return model
+
+
+@pytest.mark.parametrize("clipping", ["ghost", "vectorized"])
+def test_dpsgd_noise_is_one_gaussian_per_global_step(clipping):
+    """DP-SGD (sensitivity: the clip norm C) under 2 replicas: the update of a
+    zero-data-gradient step has std sigma C / B, not sqrt(2) or 2 times it."""
+    sigma, clip = 1.1, 0.7
+    with strategy_of(2).scope():
+        model = _dpsgd(clipping, sigma, clip)
+    x = np.random.default_rng(2).normal(size=(8, 16)).astype(np.float32)
+    y = np.random.default_rng(3).normal(size=(8, 32)).astype(np.float32)
+    updates = [
+        np.concatenate([u.ravel() for u in update.values()])
+        for update in step_updates(model, x, y, np.zeros(8, np.float32), steps=5)
+    ]
+    planned = sigma * clip / 50
+    assert np.std(np.concatenate(updates)) == pytest.approx(planned, rel=0.03)
+    assert model.clipping_method == clipping
+
+
+def test_data_gradient_is_the_sum_over_the_global_batch():
+    """sigma ~ 0: the update under 2 replicas equals the single-device update
+    of the same batch (the replicas' sums add up; B is the global one)."""
+    results = []
+    x = np.random.default_rng(4).uniform(size=(8, 8, 8, 1)).astype(np.float32) / 8
+    y = np.eye(64, dtype=np.float32)[np.arange(8) % 64]
+    for replicas in (1, 2):
+        keras.utils.set_random_seed(0)
+        with strategy_of(replicas).scope():
+            model = _clipless(1e-12)
+        (update,) = step_updates(model, x, y, np.ones(8, np.float32))
+        results.append(update)
+    for one, two in zip(results[0].values(), results[1].values(), strict=True):
+        scale = np.abs(one).max()
+        assert scale > 1e-6  # the data moved the weights
+        # float32 sums in another order: equal to rounding, not twice as large
+        np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_undistributed_data_never_reaches_every_replica_whole():
+    """strategy.run gives every replica the whole of an undistributed batch
+    (each sample counted once per replica, against noise for one): the train
+    function refuses it; train_on_batch splits its batch (the test above)."""
+    with strategy_of(2).scope():
+        model = _clipless(1.0)
+    x = np.zeros((4, 8, 8, 1), np.float32)
+    y = np.eye(64, dtype=np.float32)[:4]
+    model.make_train_function()
+    batches = iter(tf.data.Dataset.from_tensors((x, y)))
+    with pytest.raises(ValueError, match="each sample would count once per replica"):
+        model.train_function(batches)
+    assert int(model.dp_steps.numpy()) == 0
+
+
+# ---------------------------------------------------------------- sampling
+def test_distributed_poisson_batches_split_the_single_device_batch():
+    """With one seed, the replicas' batches of a step are a partition of the
+    batch poisson_batches draws on one device (every row once)."""
+    strategy = strategy_of(2)
+    x = np.arange(300, dtype=np.float32)[:, None]
+    y = np.zeros((300, 1), np.float32)
+    single = [sorted(b[0][:, 0].numpy().tolist()) for b in poisson_batches(x, y, 30, 7)]
+    distributed = distributed_poisson_batches(strategy, x, y, 30, 7)
+    steps = 0
+    for (xb, _, mask), rows in zip(distributed, single, strict=True):
+        parts = [
+            t[:, 0].numpy().tolist() for t in strategy.experimental_local_results(xb)
+        ]
+        assert sorted(sum(parts, [])) == rows
+        assert all(
+            m.numpy().tolist() == [1.0] * len(p)
+            for m, p in zip(
+                strategy.experimental_local_results(mask), parts, strict=True
+            )
+        )
+        steps += 1
+    assert steps == 10
+
+
+def test_poisson_shards_partition_the_batch():
+    """Each of W shards (one per worker) keeps the rows i % W == w of the
+    same draws: together, the unsharded batch."""
+    x = np.arange(500, dtype=np.float32)[:, None]
+    y = np.zeros((500, 1), np.float32)
+    whole = [set(b[0][:, 0].numpy().tolist()) for b in poisson_batches(x, y, 40, 3)]
+    shards = [
+        [
+            b[0][:, 0].numpy().tolist()
+            for b in poisson_batches(x, y, 40, 3, shard=(w, 3))
+        ]
+        for w in range(3)
+    ]
+    for step, rows in enumerate(whole):
+        union = []
+        for w in range(3):
+            assert all(int(r) % 3 == w for r in shards[w][step])
+            union += shards[w][step]
+        assert sorted(union) == sorted(rows)
+
+
+def test_fit_refuses_a_single_shard_and_bad_shards():
+    x = np.zeros((100, 4), np.float32)
+    y = np.zeros((100, 2), np.float32)
+    with pytest.raises(ValueError, match="shard"):
+        poisson_batches(x, y, 10, shard=(2, 2))
+    meta = DatasetMetadata(
+        (4,), 2, nb_samples_train=100, nb_samples_test=0, batch_size=10
+    )
+    model = DPSequential(
+        [
+            keras.Input((4,)),
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_QuickSpectralDense(2),
+        ],
+        dp_parameters=DPParameters(1.0, 1e-5),
+        dataset_metadata=meta,
+    )
+    model.compile(keras.optimizers.SGD(0.1), losses.DP_TauCategoricalCrossentropy(1.0))
+    with pytest.raises(ValueError, match="shard"):
+        model.fit(poisson_batches(x, y, 10, shard=(0, 2)), epochs=1, verbose=0)
+
+
+def test_multi_worker_fit_refuses_undistributed_data(monkeypatch):
+    """Under several workers, arrays or a tf.data dataset would be sharded by
+    batches (no longer Poisson): fit names the distributed sampler."""
+    import deel_lipdp_ext.privacy_plan as plan_module
+
+    x = np.zeros((100, 4), np.float32)
+    y = np.zeros((100, 2), np.float32)
+    meta = DatasetMetadata(
+        (4,), 2, nb_samples_train=100, nb_samples_test=0, batch_size=10
+    )
+    model = DPSequential(
+        [
+            keras.Input((4,)),
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_QuickSpectralDense(2),
+        ],
+        dp_parameters=DPParameters(1.0, 1e-5),
+        dataset_metadata=meta,
+    )
+    model.compile(keras.optimizers.SGD(0.1), losses.DP_TauCategoricalCrossentropy(1.0))
+    monkeypatch.setattr(plan_module, "num_workers", lambda: 2)
+    with pytest.raises(ValueError, match="distributed_poisson_batches"):
+        model.fit(poisson_batches(x, y, 10), epochs=1, verbose=0)
+
+
+# --------------------------------------------------------------- training
+def _digits():
+    x_tr, y_tr, x_te, y_te = digits_arrays(0.2, 0)
+    bound = bound_normalize(1.0)
+    eye = np.eye(10, dtype=np.float32)
+    return (
+        bound(x_tr.astype(np.float32)),
+        eye[y_tr],
+        bound(x_te.astype(np.float32)),
+        eye[y_te],
+    )
+
+
+def _digits_model(meta):
+    return DPSequential(
+        [
+            keras.Input((8, 8, 1)),
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_Flatten(),
+            L.DP_SpectralDense(64),
+            L.DP_GroupSort(2),
+            L.DP_QuickSpectralDense(10),
+        ],
+        dp_parameters=DPParameters(1.0, 1e-5),
+        dataset_metadata=meta,
+    )
+
+
+def test_two_replicas_train_like_one_device():
+    """Same model and data on 1 device and on 2 replicas: the same epsilon
+    after every epoch, test accuracies within noise of each other, and the
+    weights identical on both replicas at the end."""
+    x_tr, y_tr, x_te, y_te = _digits()
+    meta = DatasetMetadata(
+        (8, 8, 1),
+        10,
+        nb_samples_train=len(x_tr),
+        nb_samples_test=len(x_te),
+        batch_size=128,
+    )
+    histories, accuracies = [], []
+    for replicas in (1, 2):
+        strategy = strategy_of(replicas)
+        with strategy.scope():
+            model = _digits_model(meta)
+            model.compile(
+                keras.optimizers.Adam(0.01),
+                losses.DP_TauCategoricalCrossentropy(8.0),
+                metrics=["accuracy"],
+            )
+        data = (
+            poisson_batches(x_tr, y_tr, 128)
+            if replicas == 1
+            else distributed_poisson_batches(strategy, x_tr, y_tr, 128)
+        )
+        accountant = DP_Accountant()
+        model.fit(data, epochs=4, callbacks=[accountant], verbose=0)
+        histories.append([(h["steps"], h["epsilon"]) for h in accountant.history])
+        accuracies.append(
+            model.evaluate(x_te, y_te, verbose=0, return_dict=True)["accuracy"]
+        )
+        for v in model.variables:
+            copies = local_copies(strategy, v)
+            assert all(np.array_equal(copies[0], c) for c in copies[1:]), v.path
+    assert histories[0] == histories[1]
+    assert min(accuracies) > 0.7, accuracies
+    assert abs(accuracies[0] - accuracies[1]) < 0.1, accuracies
+
+
+def test_fit_on_a_tf_data_dataset_under_two_replicas():
+    """A plain poisson_batches dataset (split over the replicas by Keras)
+    trains under 2 replicas; every step is recorded as Poisson."""
+    x_tr, y_tr, _, _ = _digits()
+    meta = DatasetMetadata(
+        (8, 8, 1), 10, nb_samples_train=len(x_tr), nb_samples_test=0, batch_size=64
+    )
+    with strategy_of(2).scope():
+        model = _digits_model(meta)
+        model.compile(
+            keras.optimizers.Adam(0.01), losses.DP_TauCategoricalCrossentropy(8.0)
+        )
+    model.fit(poisson_batches(x_tr, y_tr, 64), epochs=1, verbose=0)
+    assert int(model.dp_steps.numpy()) == meta.nb_steps_per_epoch
+    assert model.privacy_plan.samplings() == ("poisson",)
+
+
+def test_xla_is_refused_by_name_under_several_replicas():
+    meta = DatasetMetadata(
+        (4,), 2, nb_samples_train=100, nb_samples_test=0, batch_size=10
+    )
+    with strategy_of(2).scope():
+        model = DPSequential(
+            [
+                keras.Input((4,)),
+                L.DP_BoundedInput(upper_bound=1.0),
+                L.DP_QuickSpectralDense(2),
+            ],
+            dp_parameters=DPParameters(1.0, 1e-5),
+            dataset_metadata=meta,
+        )
+        with pytest.raises(ValueError, match="jit_compile=True"):
+            model.compile(
+                keras.optimizers.SGD(0.1),
+                losses.DP_TauCategoricalCrossentropy(1.0),
+                jit_compile=True,
+            )
+        dpsgd = _dpsgd("ghost", 1.0, 1.0)
+        with pytest.raises(ValueError, match="jit_compile=True"):
+            dpsgd.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=True)
+
+
+# ---------------------------------------------------------------- refusals
+def test_unsupported_strategies_are_refused_by_name(monkeypatch):
+    with tf.distribute.experimental.CentralStorageStrategy().scope():
+        with pytest.raises(NotImplementedError, match="CentralStorageStrategy"):
+            check_strategy("DPSequential")
+    for name in ("TPUStrategy", "ParameterServerStrategy"):
+        fake = type(name, (), {"num_replicas_in_sync": 2})()
+        monkeypatch.setattr(tf.distribute, "has_strategy", lambda: True)
+        monkeypatch.setattr(tf.distribute, "get_strategy", lambda fake=fake: fake)
+        with pytest.raises(NotImplementedError, match=name):
+            check_strategy("DPSequential")
+
+
+def test_declared_distributed_datasets_are_accepted_and_labelled():
+    strategy = strategy_of(2)
+    x = np.zeros((100, 4), np.float32)
+    y = np.zeros((100, 2), np.float32)
+    meta = DatasetMetadata(
+        (4,), 2, nb_samples_train=100, nb_samples_test=0, batch_size=10
+    )
+    dataset = strategy.distribute_datasets_from_function(
+        lambda _: tf.data.Dataset.from_tensor_slices((x, y)).batch(5)
+    )
+    declared = declare_sampling(dataset, meta)
+    with strategy.scope():
+        model = DPSequential(
+            [
+                keras.Input((4,)),
+                L.DP_BoundedInput(upper_bound=1.0),
+                L.DP_QuickSpectralDense(2),
+            ],
+            dp_parameters=DPParameters(1.0, 1e-5),
+            dataset_metadata=meta,
+        )
+        model.compile(
+            keras.optimizers.SGD(0.1), losses.DP_TauCategoricalCrossentropy(1.0)
+        )
+    model.fit(declared, epochs=1, verbose=0)
+    assert model.privacy_plan.samplings() == ("declared by the user",)
+
+
+# ------------------------------------------------------------ resume runs
+class _Interrupt(keras.callbacks.Callback):
+    """Stops the process's training (as a crash would) after an epoch."""
+
+    def __init__(self, after_epoch):
+        super().__init__()
+        self.after_epoch = after_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.after_epoch:
+            raise KeyboardInterrupt("simulated crash")
+
+
+class _NoiseProbe(keras.callbacks.Callback):
+    """The noise stream's key and the step counter at each batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.draws = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        plan = self.model.privacy_plan
+        self.draws.append((plan._key, int(plan.steps.numpy())))
+
+
+def test_backup_and_restore_under_two_replicas_keeps_the_whole_run(tmp_path):
+    """A run interrupted after 2 of 4 epochs and resumed by BackupAndRestore
+    (new model objects, as after a restart) reports the epsilon of the whole
+    uninterrupted run; the resumed steps continue the step counter with a
+    new noise key, so no (key, step) pair of the noise repeats."""
+    x_tr, y_tr, _, _ = _digits()
+    meta = DatasetMetadata(
+        (8, 8, 1), 10, nb_samples_train=len(x_tr), nb_samples_test=0, batch_size=128
+    )
+    strategy = strategy_of(2)
+
+    def run(epochs, callbacks):
+        with strategy.scope():
+            model = _digits_model(meta)
+            model.compile(
+                keras.optimizers.Adam(0.01), losses.DP_TauCategoricalCrossentropy(8.0)
+            )
+        try:
+            model.fit(
+                distributed_poisson_batches(strategy, x_tr, y_tr, 128),
+                epochs=epochs,
+                callbacks=callbacks,
+                verbose=0,
+            )
+        except KeyboardInterrupt:
+            pass
+        return model
+
+    whole = run(4, [])
+    backup = str(tmp_path / "backup")
+    before, after = _NoiseProbe(), _NoiseProbe()
+    run(4, [keras.callbacks.BackupAndRestore(backup), before, _Interrupt(1)])
+    resumed = run(4, [keras.callbacks.BackupAndRestore(backup), after])
+    steps = meta.nb_steps_per_epoch
+    assert [s for _, s in before.draws] == list(range(2 * steps))
+    assert [s for _, s in after.draws] == list(range(2 * steps, 4 * steps))
+    assert not {k for k, _ in before.draws} & {k for k, _ in after.draws}
+    assert int(resumed.dp_steps.numpy()) == int(whole.dp_steps.numpy()) == 4 * steps
+    assert resumed.privacy_plan.ledger() == whole.privacy_plan.ledger()
+    assert resumed.privacy_plan.epsilon() == pytest.approx(
+        whole.privacy_plan.epsilon(), rel=1e-12
+    )
+
+
+def test_keras_file_of_a_distributed_run_keeps_its_ledger(tmp_path):
+    """A model trained under 2 replicas, saved as .keras and loaded under a
+    new 2-replica strategy, keeps its steps, ledger and epsilon, and trains
+    on from there with a new noise key."""
+    x_tr, y_tr, _, _ = _digits()
+    meta = DatasetMetadata(
+        (8, 8, 1), 10, nb_samples_train=len(x_tr), nb_samples_test=0, batch_size=256
+    )
+    strategy = strategy_of(2)
+    with strategy.scope():
+        model = _digits_model(meta)
+        model.compile(
+            keras.optimizers.Adam(0.01), losses.DP_TauCategoricalCrossentropy(8.0)
+        )
+    model.fit(
+        distributed_poisson_batches(strategy, x_tr, y_tr, 256), epochs=1, verbose=0
+    )
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    with strategy_of(2).scope():
+        loaded = keras.models.load_model(path)
+    assert int(loaded.dp_steps.numpy()) == meta.nb_steps_per_epoch
+    assert loaded.privacy_plan.ledger() == model.privacy_plan.ledger()
+    assert loaded.privacy_plan.epsilon() == model.privacy_plan.epsilon()
+    assert loaded.privacy_plan._key != model.privacy_plan._key
+    loaded.fit(
+        distributed_poisson_batches(loaded.distribute_strategy, x_tr, y_tr, 256),
+        epochs=1,
+        verbose=0,
+    )
+    assert int(loaded.dp_steps.numpy()) == 2 * meta.nb_steps_per_epoch
+    assert loaded.privacy_plan.epsilon() > model.privacy_plan.epsilon()
