@@ -160,3 +160,27 @@ def test_plain_import_registers_every_serialisable_class():
     result = _run_python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_rdp_epsilon_command_leaves_the_pld_library_unloaded_until_used():
+    """dp-accounting's PLD library (scipy.signal and scipy.stats: half a
+    second) is loaded only when a PLD is computed; a PLD epsilon computed
+    after it still equals the accountant's."""
+    code = (
+        "import sys; sys.argv = ['/usr/bin/lipdp']\n"
+        "from deel_lipdp_ext import cli\n"
+        "assert cli.main(['epsilon', '--noise-multiplier', '1.1', "
+        "'--sampling-rate', '0.004', '--epochs', '60']) == 0\n"
+        "print('scipy.signal' in sys.modules, "
+        "'dp_accounting.pld.common' in sys.modules)\n"
+        "assert cli.main(['epsilon', '--noise-multiplier', '1.1', "
+        "'--sampling-rate', '0.004', '--epochs', '60', '--accountant', 'pld']) == 0\n"
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1] == "False False"
+    from deel_lipdp_ext.accounting import PrivacySpec, epsilon_for_spec
+
+    want = epsilon_for_spec(PrivacySpec(0.004, 15000, (1.1,), 1e-5), "pld")
+    assert float(lines[2].split()[0].split("=")[1]) == pytest.approx(want, abs=1e-6)

@@ -5,6 +5,8 @@
 lazily, so importing this package does not import TensorFlow.
 """
 
+# First: dp-accounting's PLD library then loads only when a PLD is computed.
+from . import _deferred  # noqa: F401
 from .epsilon import (
     ACCOUNTANTS,
     EventAccountant,

@@ -16,10 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import dp_accounting
-import dp_accounting.pld.common
 import numpy as np
 from dp_accounting import mechanism_calibration, privacy_accountant
-from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from .._validation import require_one_of, require_positive_ints
@@ -119,13 +117,23 @@ def epsilon_from_rdp(rdp: np.ndarray, delta: float, orders=RDP_ORDERS) -> float:
     return float(rdp_privacy_accountant.compute_epsilon(orders, rdp, delta)[0])
 
 
+def _pld_library():
+    """dp-accounting's `privacy_loss_distribution` module (loaded on first use)."""
+    from dp_accounting.pld import privacy_loss_distribution
+
+    return privacy_loss_distribution
+
+
 def _pld_of_leaf(leaf: dp_accounting.DpEvent, count: int):
     """The PLD of `count` runs of `leaf`, built as `PLDAccountant` builds it."""
+    from dp_accounting.pld import common
+
+    pld_lib = _pld_library()
     kw = {"value_discretization_interval": PLD_DISCRETIZATION}
     if isinstance(leaf, PureDpEvent):
         # dp-accounting's pessimistic PLD of an (eps, 0)-DP mechanism: the
         # randomized-response pair, which dominates every eps-DP mechanism.
-        params = dp_accounting.pld.common.DifferentialPrivacyParameters(leaf.epsilon, 0)
+        params = common.DifferentialPrivacyParameters(leaf.epsilon, 0)
         return pld_lib.from_privacy_parameters(params, **kw).self_compose(count)
     if isinstance(leaf, dp_accounting.GaussianDpEvent):
         return pld_lib.from_gaussian_mechanism(
@@ -154,7 +162,7 @@ def _pld_of_leaf(leaf: dp_accounting.DpEvent, count: int):
 
 def pld_of_event(event: dp_accounting.DpEvent):
     """The privacy loss distribution of `event` (dp-accounting's PLD library)."""
-    pld = pld_lib.identity(value_discretization_interval=PLD_DISCRETIZATION)
+    pld = _pld_library().identity(value_discretization_interval=PLD_DISCRETIZATION)
     for leaf, count in flatten_event(event):
         pld = pld.compose(_pld_of_leaf(leaf, count))
     return pld
@@ -271,7 +279,7 @@ def epsilon_curve(
     for k in range(epochs):
         # Self-composing each mechanism from scratch is faster than composing
         # the growing PLD with one more epoch, and equals `compute_epsilon`.
-        pld = pld_lib.identity(value_discretization_interval=PLD_DISCRETIZATION)
+        pld = _pld_library().identity(value_discretization_interval=PLD_DISCRETIZATION)
         for event, runs in components:
             if runs[k] > 0:
                 pld = pld.compose(_pld_of_leaf(event, int(runs[k])))
