@@ -15,9 +15,8 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
-import dp_accounting
 import numpy as np
-from dp_accounting import mechanism_calibration, privacy_accountant
+from dp_accounting import dp_event, privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from .._validation import require_one_of, require_positive_ints
@@ -42,14 +41,14 @@ def check_accountant(accountant: str) -> None:
 
 
 def flatten_event(
-    event: dp_accounting.DpEvent, count: int = 1
-) -> list[tuple[dp_accounting.DpEvent, int]]:
+    event: dp_event.DpEvent, count: int = 1
+) -> list[tuple[dp_event.DpEvent, int]]:
     """The leaves of a composition tree with how many times each runs."""
-    if isinstance(event, dp_accounting.NoOpDpEvent):
+    if isinstance(event, dp_event.NoOpDpEvent):
         return []
-    if isinstance(event, dp_accounting.SelfComposedDpEvent):
+    if isinstance(event, dp_event.SelfComposedDpEvent):
         return flatten_event(event.event, count * event.count)
-    if isinstance(event, dp_accounting.ComposedDpEvent):
+    if isinstance(event, dp_event.ComposedDpEvent):
         return [leaf for e in event.events for leaf in flatten_event(e, count)]
     return [(event, count)] if count > 0 else []
 
@@ -70,7 +69,7 @@ def pure_dp_rdp(epsilon: float, orders: np.ndarray) -> np.ndarray:
 
 
 def rdp_of_event(
-    event: dp_accounting.DpEvent, orders: np.ndarray = RDP_ORDERS
+    event: dp_event.DpEvent, orders: np.ndarray = RDP_ORDERS
 ) -> np.ndarray:
     """Renyi DP of `event` at `orders`: dp-accounting's RDP accountant for
     what it supports, plus `pure_dp_rdp` for pure-DP releases.
@@ -84,10 +83,10 @@ def rdp_of_event(
         if isinstance(leaf, PureDpEvent):
             rdp += count * pure_dp_rdp(leaf.epsilon, orders)
         else:
-            standard.append(dp_accounting.SelfComposedDpEvent(leaf, count))
+            standard.append(dp_event.SelfComposedDpEvent(leaf, count))
     if standard:
         acc = rdp_privacy_accountant.RdpAccountant(list(orders))
-        composed = dp_accounting.ComposedDpEvent(standard)
+        composed = dp_event.ComposedDpEvent(standard)
         if not acc.supports(composed):
             raise ValueError(f"The 'rdp' accountant does not support the event {event}")
         with _quiet_absl():
@@ -124,7 +123,7 @@ def _pld_library():
     return privacy_loss_distribution
 
 
-def _pld_of_leaf(leaf: dp_accounting.DpEvent, count: int):
+def _pld_of_leaf(leaf: dp_event.DpEvent, count: int):
     """The PLD of `count` runs of `leaf`, built as `PLDAccountant` builds it."""
     from dp_accounting.pld import common
 
@@ -135,23 +134,23 @@ def _pld_of_leaf(leaf: dp_accounting.DpEvent, count: int):
         # randomized-response pair, which dominates every eps-DP mechanism.
         params = common.DifferentialPrivacyParameters(leaf.epsilon, 0)
         return pld_lib.from_privacy_parameters(params, **kw).self_compose(count)
-    if isinstance(leaf, dp_accounting.GaussianDpEvent):
+    if isinstance(leaf, dp_event.GaussianDpEvent):
         return pld_lib.from_gaussian_mechanism(
             standard_deviation=leaf.noise_multiplier / math.sqrt(count), **kw
         )
-    if isinstance(leaf, dp_accounting.LaplaceDpEvent):
+    if isinstance(leaf, dp_event.LaplaceDpEvent):
         return pld_lib.from_laplace_mechanism(
             parameter=leaf.noise_multiplier, **kw
         ).self_compose(count)
-    if isinstance(leaf, dp_accounting.PoissonSampledDpEvent):
+    if isinstance(leaf, dp_event.PoissonSampledDpEvent):
         inner = leaf.event
-        if isinstance(inner, dp_accounting.GaussianDpEvent):
+        if isinstance(inner, dp_event.GaussianDpEvent):
             return pld_lib.from_gaussian_mechanism(
                 standard_deviation=inner.noise_multiplier,
                 sampling_prob=leaf.sampling_probability,
                 **kw,
             ).self_compose(count)
-        if isinstance(inner, dp_accounting.LaplaceDpEvent):
+        if isinstance(inner, dp_event.LaplaceDpEvent):
             return pld_lib.from_laplace_mechanism(
                 parameter=inner.noise_multiplier,
                 sampling_prob=leaf.sampling_probability,
@@ -160,7 +159,7 @@ def _pld_of_leaf(leaf: dp_accounting.DpEvent, count: int):
     raise ValueError(f"The 'pld' accountant does not support the event {leaf}")
 
 
-def pld_of_event(event: dp_accounting.DpEvent):
+def pld_of_event(event: dp_event.DpEvent):
     """The privacy loss distribution of `event` (dp-accounting's PLD library)."""
     pld = _pld_library().identity(value_discretization_interval=PLD_DISCRETIZATION)
     for leaf, count in flatten_event(event):
@@ -169,7 +168,7 @@ def pld_of_event(event: dp_accounting.DpEvent):
 
 
 def compute_epsilon(
-    event: dp_accounting.DpEvent, delta: float, accountant: str = "rdp"
+    event: dp_event.DpEvent, delta: float, accountant: str = "rdp"
 ) -> float:
     """Epsilon of `event` at `delta` with dp-accounting's RDP or PLD machinery.
 
@@ -198,7 +197,7 @@ class ReleaseSchedule(Protocol):
 
 def _curve_components(
     per_epoch: Sequence[Release], epochs: int, schedules: Sequence[ReleaseSchedule]
-) -> list[tuple[dp_accounting.DpEvent, np.ndarray]]:
+) -> list[tuple[dp_event.DpEvent, np.ndarray]]:
     """(event of one run, cumulative run count after each epoch) per mechanism."""
     after = np.arange(1, epochs + 1, dtype=np.int64)
     components = [
@@ -287,7 +286,7 @@ def epsilon_curve(
     return curve
 
 
-class EventAccountant(dp_accounting.PrivacyAccountant):
+class EventAccountant(privacy_accountant.PrivacyAccountant):
     """dp-accounting's accountant interface over `compute_epsilon`: the RDP or
     PLD machinery of dp-accounting, plus pure-DP releases (`PureDpEvent`).
 
@@ -302,30 +301,30 @@ class EventAccountant(dp_accounting.PrivacyAccountant):
         check_accountant(accountant)
         super().__init__(privacy_accountant.NeighboringRelation.ADD_OR_REMOVE_ONE)
         self.accountant = accountant
-        self._events: list[dp_accounting.DpEvent] = []
+        self._events: list[dp_event.DpEvent] = []
 
     def _maybe_compose(self, event, count, do_compose):
-        mechanisms = (dp_accounting.GaussianDpEvent, dp_accounting.LaplaceDpEvent)
+        mechanisms = (dp_event.GaussianDpEvent, dp_event.LaplaceDpEvent)
         for leaf, _ in flatten_event(event):
             supported = isinstance(leaf, (PureDpEvent, *mechanisms))
-            if isinstance(leaf, dp_accounting.PoissonSampledDpEvent):
+            if isinstance(leaf, dp_event.PoissonSampledDpEvent):
                 supported = isinstance(leaf.event, mechanisms)
             if not supported:
                 return self.CompositionErrorDetails(
                     leaf, f"the {self.accountant!r} accountant does not support it"
                 )
         if do_compose and count > 0:
-            self._events.append(dp_accounting.SelfComposedDpEvent(event, count))
+            self._events.append(dp_event.SelfComposedDpEvent(event, count))
         return None
 
     def get_epsilon(self, target_delta: float) -> float:
         return compute_epsilon(
-            dp_accounting.ComposedDpEvent(self._events), target_delta, self.accountant
+            dp_event.ComposedDpEvent(self._events), target_delta, self.accountant
         )
 
 
 def calibrate_parameter(
-    make_event: Callable[[float], dp_accounting.DpEvent],
+    make_event: Callable[[float], dp_event.DpEvent],
     target_epsilon: float,
     delta: float,
     accountant: str = "rdp",
@@ -348,6 +347,9 @@ def calibrate_parameter(
         A parameter whose epsilon is <= target_epsilon, within `tolerance` of
         the crossing (an integer when `discrete`).
     """
+    # scipy.optimize: imported when a calibration runs, not with the package
+    from dp_accounting import mechanism_calibration
+
     return mechanism_calibration.calibrate_dp_mechanism(
         lambda: EventAccountant(accountant),
         make_event,
@@ -360,13 +362,13 @@ def calibrate_parameter(
 
 
 def calibrate_noise_multiplier(
-    target_epsilon: float | Callable[[float], dp_accounting.DpEvent],
+    target_epsilon: float | Callable[[float], dp_event.DpEvent],
     delta: float,
     sampling_rate: float | None = None,
     steps: int | None = None,
     accountant: str = "rdp",
     *,
-    make_event: Callable[[float], dp_accounting.DpEvent] | None = None,
+    make_event: Callable[[float], dp_event.DpEvent] | None = None,
     tolerance: float = 1e-3,
     max_noise_multiplier: float = 1e4,
 ) -> float:
@@ -396,7 +398,7 @@ def calibrate_noise_multiplier(
                 f"steps={steps!r}"
             )
 
-        def make_event(sigma: float) -> dp_accounting.DpEvent:
+        def make_event(sigma: float) -> dp_event.DpEvent:
             return make_dp_event(PrivacySpec(sampling_rate, steps, (sigma,), delta))
 
     def eps(sigma: float) -> float:
@@ -432,7 +434,7 @@ def calibrate_noise_multiplier(
 
 def get_max_epochs(
     epsilon_budget: float,
-    spec_per_epoch: PrivacySpec | Callable[[int], dp_accounting.DpEvent],
+    spec_per_epoch: PrivacySpec | Callable[[int], dp_event.DpEvent],
     accountant: str = "rdp",
     *,
     delta: float | None = None,
@@ -455,7 +457,7 @@ def get_max_epochs(
     if isinstance(spec_per_epoch, PrivacySpec):
         spec, delta = spec_per_epoch, spec_per_epoch.delta
 
-        def make_event(epochs: int) -> dp_accounting.DpEvent:
+        def make_event(epochs: int) -> dp_event.DpEvent:
             return make_dp_event(
                 [r.with_count(epochs * r.count) for r in spec.ledger()]
             )

@@ -16,13 +16,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import attr
-import dp_accounting
+from dp_accounting import dp_event
 
 from .._validation import require_one_of
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
-class PureDpEvent(dp_accounting.DpEvent):
+class PureDpEvent(dp_event.DpEvent):
     """An `epsilon`-DP mechanism (delta = 0), e.g. the sparse vector technique.
 
     dp-accounting 0.6 has no such event; `compute_epsilon` accounts it with the
@@ -119,14 +119,14 @@ class Release:
     def with_count(self, count: int) -> Release:
         return dataclasses.replace(self, count=count)
 
-    def single_event(self) -> dp_accounting.DpEvent:
+    def single_event(self) -> dp_event.DpEvent:
         """The event of ONE run of the mechanism."""
         if self.mechanism == "pure_dp":
             return PureDpEvent(self.parameter)
-        gaussian = dp_accounting.GaussianDpEvent(self.parameter)
+        gaussian = dp_event.GaussianDpEvent(self.parameter)
         if self.sampling_rate == 1.0:
             return gaussian
-        return dp_accounting.PoissonSampledDpEvent(self.sampling_rate, gaussian)
+        return dp_event.PoissonSampledDpEvent(self.sampling_rate, gaussian)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -215,12 +215,12 @@ def effective_noise_multiplier(noise_multipliers: Sequence[float]) -> float:
     return sum(s**-2.0 for s in noise_multipliers) ** -0.5
 
 
-def training_step_event(spec: PrivacySpec) -> dp_accounting.DpEvent:
+def training_step_event(spec: PrivacySpec) -> dp_event.DpEvent:
     """The event of ONE noisy gradient step of `spec`."""
     return spec.step_release().single_event()
 
 
-def make_dp_event(source: PrivacySpec | Sequence[Release]) -> dp_accounting.DpEvent:
+def make_dp_event(source: PrivacySpec | Sequence[Release]) -> dp_event.DpEvent:
     """The dp-accounting event of everything that ran: each ledger entry
     self-composed `count` times, all composed.
 
@@ -240,9 +240,7 @@ def make_dp_event(source: PrivacySpec | Sequence[Release]) -> dp_accounting.DpEv
             "make_dp_event needs a PrivacySpec or a sequence of Release. "
             f"Received: {type(source).__name__}"
         )
-    parts = [
-        dp_accounting.SelfComposedDpEvent(r.single_event(), r.count) for r in ledger
-    ]
+    parts = [dp_event.SelfComposedDpEvent(r.single_event(), r.count) for r in ledger]
     if not parts:
-        return dp_accounting.NoOpDpEvent()
-    return parts[0] if len(parts) == 1 else dp_accounting.ComposedDpEvent(parts)
+        return dp_event.NoOpDpEvent()
+    return parts[0] if len(parts) == 1 else dp_event.ComposedDpEvent(parts)
