@@ -254,6 +254,10 @@ def declare_sampling(dataset, metadata: DatasetMetadata):
 
     For pipelines built outside this module. Nothing is checked: the epsilon
     is only as true as this declaration, and the report says "declared".
+    A distributed dataset must split ONE global batch of expected size B
+    over the replicas each step: `distribute_datasets_from_function(lambda
+    _: poisson_batches(x, y, B))` gives every replica a whole batch (R * B
+    per step), which this declaration would misreport.
 
     Returns:
         `dataset`, marked.

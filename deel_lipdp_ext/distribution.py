@@ -14,9 +14,18 @@ exactly (docs/distributed.md):
   describes. (Noise in every replica would be summed R times: over-noised
   with a shared seed, under-noised if "fixed" by std / R with independent
   streams.)
-- S is the largest of the replicas' sensitivities (gathered by an all-reduce): every
-  copy of the weights is updated identically, but should two copies ever
-  drift by rounding, no replica's samples exceed the noise's sensitivity.
+- S is the largest of the replicas' sensitivities (gathered by an
+  all-reduce): every copy of the weights is updated identically, but should
+  two copies ever drift by rounding, no replica's samples exceed the noise's
+  sensitivity.
+- the noisy sums are all-reduced in the DP step, and every replica hands the
+  optimizer 1/R of the released update (`released_on_every_replica`): what
+  Keras's optimizer does to each replica's gradient before its own sum (a
+  `clipnorm`) is then post-processing of the released update.
+- the DP train step runs only inside Keras's train function (fit,
+  train_on_batch), which gives each replica its own share of the batch:
+  `strategy.run(model.train_step, args=(batch,))` would give every replica
+  the whole batch.
 
 Strategies whose variables are not mirrored on every replica (TPU,
 parameter-server, central storage) are refused with a clear error.
@@ -103,8 +112,8 @@ def _replica_context():
     context = tf.distribute.get_replica_context()
     if context is None:
         raise RuntimeError(
-            "The DP train step must run in a replica context (inside "
-            "strategy.run, as Keras's fit does)."
+            "Under a multi-replica strategy the DP train step runs in a "
+            "replica context, inside Keras's fit or train_on_batch."
         )
     return context
 
@@ -128,6 +137,24 @@ def max_over_replicas(value: tf.Tensor) -> tf.Tensor:
     value = tf.cast(value, tf.float32)
     own = tf.one_hot(context.replica_id_in_sync_group, num_replicas()) * value
     return tf.reduce_max(context.all_reduce(tf.distribute.ReduceOp.SUM, own))
+
+
+def released_on_every_replica(noisy: list[tf.Tensor]) -> list[tf.Tensor]:
+    """Each replica's noisy sum -> 1/R of the released update (their sum).
+
+    Keras's optimizer transforms each replica's gradient (`clipnorm`,
+    `global_clipnorm`, `clipvalue`) BEFORE it sums them. Applied to the
+    first replica's term alone, a clip would cap the noise and let the other
+    replicas' data through unnoised: a sample's presence would show. So the
+    sum is taken here (an all-reduce) and every replica holds the same
+    1/R of it; the optimizer's per-replica steps and its own sum then act on
+    the released update only. Alone: `noisy` unchanged.
+    """
+    context = _replica_context()
+    if context is None:
+        return list(noisy)
+    released = context.all_reduce(tf.distribute.ReduceOp.SUM, list(noisy))
+    return [g / num_replicas() for g in released]
 
 
 def distributed_poisson_batches(
@@ -178,7 +205,8 @@ def distributed_poisson_batches(
             rows = tf.shape(batch[-1])[0]
 
             def piece(j):
-                taken = tf.range(tf.cast(j, tf.int32), rows, local)
+                j = tf.cast(j, tf.int32)  # a batch may have fewer rows than j
+                taken = tf.range(j, tf.maximum(rows, j), local)
                 return tuple(tf.gather(t, taken) for t in batch)
 
             return tf.data.Dataset.range(local).map(piece)

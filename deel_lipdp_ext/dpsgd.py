@@ -320,6 +320,7 @@ class DPSGDModel(PrivateModel, keras.Model):
 
     def train_step(self, data):
         self._check_strategy()
+        self._check_replica_entry()
         _check_network(self.model, probe=False)  # sublayers made since (lazily)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x, y, weight = sanitize_batch(

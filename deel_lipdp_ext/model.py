@@ -38,7 +38,7 @@ from .bounds import (
     walk_layers,
 )
 from .data import DatasetMetadata, pad_to_buckets, sampling_provenance
-from .distribution import check_strategy, num_workers, reducible_logs
+from .distribution import check_strategy, num_replicas, num_workers, reducible_logs
 from .layers.bounded import DP_BoundedInput
 from .layers.clipping import DP_ClipGradient
 from .losses import lipschitz_constant
@@ -243,7 +243,54 @@ class PrivateModel(HasPrivacyPlan):
         self.train_function = None
 
     def _check_strategy(self) -> None:
-        check_strategy(type(self).__name__, self.distribute_strategy)
+        """Refuse an unsupported strategy, and a model used under another
+        strategy than the one it was created under.
+
+        Raises:
+            NotImplementedError: an unsupported strategy.
+            ValueError: the model created outside the strategy in scope, or
+                under another one.
+        """
+        owner = type(self).__name__
+        check_strategy(owner, self.distribute_strategy)
+        own = getattr(self, "_distribute_strategy", None)
+        if tf.distribute.has_strategy() and tf.distribute.get_strategy() is not own:
+            raise ValueError(
+                f"This {owner} was created outside the "
+                f"{type(tf.distribute.get_strategy()).__name__} in scope (or under "
+                "another one): its variables are not that strategy's. Create, "
+                "compile and train the model under one strategy.scope()."
+            )
+        if self.distribute_strategy.num_replicas_in_sync > 1:
+            plain = [
+                v.path
+                for v in self.trainable_variables
+                if not isinstance(v.value, tf.distribute.DistributedValues)
+            ]
+            if plain:
+                raise ValueError(
+                    f"{owner}: variables created outside the strategy's scope are "
+                    f"not mirrored on its replicas: {plain[:3]}. Create every layer "
+                    "(and a wrapped model) under strategy.scope()."
+                )
+
+    def _check_replica_entry(self) -> None:
+        """Under several replicas, the train step runs only inside Keras's
+        train function (fit, train_on_batch), which hands each replica its
+        own share of the batch.
+
+        Raises:
+            ValueError: a train step run otherwise, e.g. by a custom
+                `strategy.run(model.train_step, args=(batch,))`, which gives
+                every replica the whole batch.
+        """
+        if num_replicas() > 1 and not getattr(self, "_in_train_function", False):
+            raise ValueError(
+                f"Under a multi-replica strategy, {type(self).__name__}.train_step "
+                "runs inside fit or train_on_batch only: strategy.run(train_step, "
+                "args=(batch,)) gives every replica the whole batch, and each "
+                "sample would count once per replica."
+            )
 
     def _distributed_compile_options(self, kwargs: dict) -> dict:
         """`compile`'s keyword arguments under a multi-replica strategy: Keras
@@ -280,7 +327,11 @@ class PrivateModel(HasPrivacyPlan):
                     "undistributed data reaches every replica whole, and each "
                     "sample would count once per replica."
                 )
-            return function(iterator)
+            self._in_train_function = True  # (re)traced only in here
+            try:
+                return function(iterator)
+            finally:
+                self._in_train_function = False
 
         train_function._dp_replica_guard = True
         self.train_function = train_function
@@ -289,20 +340,15 @@ class PrivateModel(HasPrivacyPlan):
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Under a strategy, Keras builds from the element-wise MEAN of the
         # replicas' first batches, which fails when they differ in size (a
-        # Poisson batch split over replicas, a partial last batch). The first
-        # replica's batch has every shape the build needs.
+        # Poisson batch split over replicas, a partial last batch), and
+        # reading a batch would use up a Poisson epoch's draws. One replica's
+        # element spec has every shape and dtype the build needs.
         if iterator is not None and getattr(self, "_distribute_strategy", None):
-            strategy = self._distribute_strategy
-            for _, _, batches in iterator:
-                data_batch = keras.tree.map_structure(
-                    lambda v: (
-                        strategy.experimental_local_results(v)[0]
-                        if isinstance(v, tf.distribute.DistributedValues)
-                        else v
-                    ),
-                    next(batches),
-                )
-                break
+            spec = iterator.data_adapter.get_tf_dataset().element_spec
+            data_batch = keras.tree.map_structure(
+                lambda s: s._value_specs[0] if hasattr(s, "_value_specs") else s,
+                spec,
+            )
         super()._maybe_symbolic_build(data_batch=data_batch)
 
     def fit(self, *args, **kwargs):
@@ -321,6 +367,7 @@ class PrivateModel(HasPrivacyPlan):
             batch_size=a["batch_size"],
             shuffle=a["shuffle"],
             validation_split=a["validation_split"],
+            strategy=self.distribute_strategy,
         )
         data = a["x"]
         provenance = sampling_provenance(data)
@@ -706,6 +753,7 @@ class DPTrainer(PrivateModel):
 
     def train_step(self, data):
         self._check_dp_ready()
+        self._check_replica_entry()
         plan = self._privacy_plan
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
         x, y, weight = self.sanitize_batch(x, y, sample_weight)

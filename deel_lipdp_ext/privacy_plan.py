@@ -53,7 +53,12 @@ from .accounting import (
 )
 from .accounting.epsilon import check_accountant
 from .data import DatasetMetadata, max_poisson_batch_size, sampling_provenance
-from .distribution import is_first_replica, max_over_replicas, num_workers
+from .distribution import (
+    is_first_replica,
+    max_over_replicas,
+    num_workers,
+    released_on_every_replica,
+)
 
 NOISIFY_STRATEGIES = ("global", "per-layer")
 
@@ -442,7 +447,10 @@ class PrivacyPlan:
         Under several replicas (`distribution`), each replica passes the sum
         over ITS samples; only the first adds the noise, whose std uses the
         largest replica sensitivity, and B stays the global expected batch
-        size: the optimizer's all-reduced sum is the single-device update.
+        size. The noisy sums are all-reduced here, and every replica returns
+        1/R of the released update: whatever the optimizer does to a
+        replica's gradient before its own all-reduce (e.g. `clipnorm`) then
+        acts on the released value only (post-processing).
 
         Args:
             summed_gradients: per variable, the sum over the batch of each
@@ -482,7 +490,7 @@ class PrivacyPlan:
             )
             for g, z, v in zip(summed_gradients, pieces, variables, strict=True)
         ]
-        return release_after_all(noisy)
+        return release_after_all(released_on_every_replica(noisy))
 
     def _record_step(self, noise_multiplier: float) -> tf.Tensor:
         """Count one gradient step in the ledger (graph); True if recorded."""
@@ -555,7 +563,13 @@ class PrivacyPlan:
 
     # --------------------------------------------------------------- data
     def check_training_data(
-        self, x, *, batch_size=None, shuffle=True, validation_split=0.0
+        self,
+        x,
+        *,
+        batch_size=None,
+        shuffle=True,
+        validation_split=0.0,
+        strategy: tf.distribute.Strategy | None = None,
     ) -> str:
         """Check that `fit`'s data can come from the declared sampling and
         record which sampling runs; returns its label.
@@ -566,11 +580,28 @@ class PrivacyPlan:
         size and sampling match the metadata; or, for shuffled sampling,
         arrays with `batch_size == B`, `shuffle=True` and N training rows.
 
+        Args:
+            strategy: the model's strategy (default: the one in scope). Under
+                several workers only a distributed dataset is accepted; a
+                distributed dataset must be this strategy's.
+
         Raises:
             ValueError: anything else, naming the mismatch.
         """
         meta = self.dataset_metadata
-        if num_workers() > 1 and not isinstance(x, tf.distribute.DistributedDataset):
+        strategy = strategy or tf.distribute.get_strategy()
+        if isinstance(x, tf.distribute.DistributedDataset) and (
+            getattr(x, "_strategy", None) is not strategy
+        ):
+            raise ValueError(
+                "This distributed dataset was made for another strategy than "
+                "the model's: its batches would be split for another number of "
+                "replicas (rows dropped by their position in the batch). Build "
+                "it with the model's distribute_strategy."
+            )
+        if num_workers(strategy) > 1 and not isinstance(
+            x, tf.distribute.DistributedDataset
+        ):
             raise ValueError(
                 "Under several workers, fit() takes the distributed dataset of "
                 "distribution.distributed_poisson_batches: arrays or a tf.data "

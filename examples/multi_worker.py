@@ -14,6 +14,9 @@ python examples/multi_worker.py --workers 2 --output-dir runs/multi_worker
 `--check noise` trains DP-SGD on batches whose sample weights are all 0 (the
 data gradient is zero) with SGD(1.0): each step's update is the noise alone,
 and each worker writes its std next to the planned sigma * C / B.
+`--check refusals` has each worker call `fit` (outside the strategy's scope)
+on data Keras would shard by batches (a tf.data dataset, arrays), which the
+model must refuse, and writes the errors.
 """
 
 import argparse
@@ -195,6 +198,30 @@ def work(args) -> None:
             if "TF_CONFIG" in os.environ
             else poisson_batches(x_tr, y_tr, 128)
         )
+        if args.check == "refusals":  # data Keras would shard by batches
+            refused = []
+            for data in (poisson_batches(x_tr, y_tr, 128), x_tr):
+                try:
+                    model.fit(
+                        data,
+                        y_tr if data is x_tr else None,
+                        epochs=1,
+                        batch_size=128 if data is x_tr else None,
+                        verbose=0,
+                    )
+                    refused.append("trained")
+                except ValueError as error:
+                    refused.append(str(error)[:60])
+            result = {
+                "refused": refused,
+                "steps": int(model.dp_steps.numpy()),
+                "weights_sha256": weights_hash(model),
+                "epsilons": [],
+            }
+            Path(args.output_dir, f"worker_{args.worker_index}.json").write_text(
+                json.dumps(result)
+            )
+            return
         accountant = DP_Accountant()
         model.fit(train, epochs=args.epochs, callbacks=[accountant], verbose=0)
         # Every worker evaluates the whole test set by itself (no collective).
@@ -215,7 +242,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--worker-index", type=int, default=None)
     parser.add_argument("--output-dir", default="runs/multi_worker")
-    parser.add_argument("--check", choices=("train", "noise"), default="train")
+    parser.add_argument(
+        "--check", choices=("train", "noise", "refusals"), default="train"
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=500.0)
     args = parser.parse_args()

@@ -273,7 +273,7 @@ def test_multi_worker_fit_refuses_undistributed_data(monkeypatch):
         dataset_metadata=meta,
     )
     model.compile(keras.optimizers.SGD(0.1), losses.DP_TauCategoricalCrossentropy(1.0))
-    monkeypatch.setattr(plan_module, "num_workers", lambda: 2)
+    monkeypatch.setattr(plan_module, "num_workers", lambda strategy=None: 2)
     with pytest.raises(ValueError, match="distributed_poisson_batches"):
         model.fit(poisson_batches(x, y, 10), epochs=1, verbose=0)
 
@@ -531,3 +531,117 @@ def test_keras_file_of_a_distributed_run_keeps_its_ledger(tmp_path):
     )
     assert int(loaded.dp_steps.numpy()) == 2 * meta.nb_steps_per_epoch
     assert loaded.privacy_plan.epsilon() > model.privacy_plan.epsilon()
+
+
+# ------------------------------------------------- adversarial review (fixed)
+def _two_rows():
+    x = np.random.default_rng(4).uniform(size=(2, 8, 8, 1)).astype(np.float32) / 8
+    return x, np.eye(64, dtype=np.float32)[:2]
+
+
+@pytest.mark.parametrize("clip", ["global_clipnorm", "clipnorm"])
+def test_optimizer_clipping_cannot_reveal_a_replicas_sample(clip):
+    """Keras clips each replica's gradient before summing them. Had the first
+    replica's (noisy) term been clipped alone, the update's norm would be
+    the clip c without a sample of replica 1 and larger with it (1.0 vs 1.41
+    c). The replicas now hand the optimizer the released update: its norm
+    is the same whether the sample is there or not."""
+    c = 1e-3
+    x, y = _two_rows()
+    norms = []
+    for present in (0.0, 1.0):
+        with strategy_of(2).scope():
+            model = _clipless(1.0)
+            model.compile(
+                keras.optimizers.SGD(1.0, **{clip: c}),
+                losses.DP_TauCategoricalCrossentropy(8.0),
+            )
+        (update,) = step_updates(model, x, y, np.array([0.0, present], np.float32))
+        norms.append(
+            [float(np.linalg.norm(u)) / c for u in update.values()]
+            if clip == "clipnorm"
+            else [float(np.sqrt(sum(np.sum(u**2) for u in update.values()))) / c]
+        )
+    np.testing.assert_allclose(norms[1], norms[0], rtol=1e-4)
+    np.testing.assert_allclose(norms[0], 2.0, rtol=1e-4)  # R copies of c
+
+
+def test_a_custom_strategy_run_of_train_step_is_refused():
+    """strategy.run(model.train_step, args=(batch,)) gives every replica the
+    whole batch: each sample would count twice against noise for once."""
+    strategy = strategy_of(2)
+    with strategy.scope():
+        model = _clipless(1.0)
+    x, y = _two_rows()
+    with pytest.raises(ValueError, match="inside fit or train_on_batch"):
+        strategy.run(model.train_step, args=((x, y, np.ones(2, np.float32)),))
+    assert int(model.dp_steps.numpy()) == 0
+
+
+def test_a_dataset_of_another_strategy_is_refused():
+    """Data split for 4 replicas, trained by a 2-replica model, would drop
+    rows by their position in the batch."""
+    x_tr, y_tr, _, _ = _digits()
+    meta = DatasetMetadata(
+        (8, 8, 1), 10, nb_samples_train=len(x_tr), nb_samples_test=0, batch_size=128
+    )
+    with strategy_of(2).scope():
+        model = _digits_model(meta)
+        model.compile(
+            keras.optimizers.Adam(0.01), losses.DP_TauCategoricalCrossentropy(8.0)
+        )
+    other = distributed_poisson_batches(strategy_of(4), x_tr, y_tr, 128)
+    with pytest.raises(ValueError, match="another strategy"):
+        model.fit(other, epochs=1, verbose=0)
+    assert int(model.dp_steps.numpy()) == 0
+
+
+def test_a_model_created_outside_the_scope_is_refused():
+    x, y = _two_rows()
+    model = _clipless(1.0)
+    with strategy_of(2).scope():
+        with pytest.raises(ValueError, match="created outside"):
+            model.compile(
+                keras.optimizers.SGD(0.1), losses.DP_TauCategoricalCrossentropy(8.0)
+            )
+    assert int(model.dp_steps.numpy()) == 0
+
+
+def test_batches_smaller_than_the_replicas_and_the_seeded_epochs_of_fit():
+    """Empty and 1-row batches over 2 replicas train (B = 1); and with one
+    seed and sigma ~ 0, fit on 2 replicas trains on exactly the batches of
+    one device (building the model reads no batch, so no epoch is skipped)."""
+    x_tr, y_tr, _, _ = _digits()
+    x_tr, y_tr = x_tr[:30], y_tr[:30]
+    meta = DatasetMetadata(
+        (8, 8, 1), 10, nb_samples_train=30, nb_samples_test=0, batch_size=1
+    )
+    weights = []
+    for replicas in (1, 2):
+        keras.utils.set_random_seed(0)
+        strategy = strategy_of(replicas)
+        with strategy.scope():
+            model = DPSequential(
+                [
+                    keras.Input((8, 8, 1)),
+                    L.DP_BoundedInput(upper_bound=1.0),
+                    L.DP_Flatten(),
+                    L.DP_QuickSpectralDense(10),
+                ],
+                dp_parameters=DPParameters(1e-9, 1e-5),
+                dataset_metadata=meta,
+            )
+            model.compile(
+                keras.optimizers.SGD(1.0), losses.DP_TauCategoricalCrossentropy(8.0)
+            )
+        model._project = lambda: None
+        data = (
+            poisson_batches(x_tr, y_tr, 1, seed=5)
+            if replicas == 1
+            else distributed_poisson_batches(strategy, x_tr, y_tr, 1, seed=5)
+        )
+        model.fit(data, epochs=2, verbose=0)
+        assert int(model.dp_steps.numpy()) == 60
+        weights.append([v.numpy() for v in model.trainable_variables])
+    for one, two in zip(*weights, strict=True):
+        np.testing.assert_allclose(two, one, atol=1e-6)

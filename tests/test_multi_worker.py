@@ -66,3 +66,14 @@ def test_two_workers_add_the_single_device_noise_once_per_step(tmp_path):
         assert abs(result["lag1_correlation"]) < 5 / (result["draws"] / 10) ** 0.5
     assert two[0]["update_std"] == pytest.approx(single["update_std"], rel=0.03)
     assert two[0]["epsilons"] == single["epsilons"]
+
+
+def test_two_workers_refuse_data_keras_would_shard_by_batches(tmp_path):
+    """fit outside the strategy's scope (as the guide writes it) on a plain
+    Poisson dataset or on arrays: each worker refuses before any step (each
+    would train its own batches, some rows twice and some never)."""
+    for result in launch(tmp_path, 2, "refusals"):
+        assert result["steps"] == 0
+        assert all(
+            message.startswith("Under several workers") for message in result["refused"]
+        ), result["refused"]
