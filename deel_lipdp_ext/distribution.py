@@ -18,10 +18,12 @@ exactly (docs/distributed.md):
   all-reduce): every copy of the weights is updated identically, but should
   two copies ever drift by rounding, no replica's samples exceed the noise's
   sensitivity.
-- the noisy sums are all-reduced in the DP step, and every replica hands the
-  optimizer 1/R of the released update (`released_on_every_replica`): what
-  Keras's optimizer does to each replica's gradient before its own sum (a
-  `clipnorm`) is then post-processing of the released update.
+- unless the optimizer only sums the replicas' gradients (a stock Keras
+  optimizer without clipping: `sums_replica_gradients`), the noisy sums are
+  all-reduced in the DP step and every replica hands the optimizer 1/R of
+  the released update (`released_on_every_replica`): what the optimizer
+  does to each replica's gradient before its own sum (a `clipnorm`) is then
+  post-processing of the released update.
 - the DP train step runs only inside Keras's train function (fit,
   train_on_batch), which gives each replica its own share of the batch:
   `strategy.run(model.train_step, args=(batch,))` would give every replica
@@ -36,6 +38,7 @@ from __future__ import annotations
 import json
 import socket
 
+import keras
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.distribute import distribute_lib
@@ -155,6 +158,39 @@ def released_on_every_replica(noisy: list[tf.Tensor]) -> list[tf.Tensor]:
         return list(noisy)
     released = context.all_reduce(tf.distribute.ReduceOp.SUM, list(noisy))
     return [g / num_replicas() for g in released]
+
+
+def sums_replica_gradients(optimizer, variables=()) -> bool:
+    """True when `optimizer` does nothing to a replica's gradient but add it
+    to the others' (then the released update needs no all-reduce of its
+    own): exactly one of Keras's stock optimizer classes, without
+    `clipnorm`, `global_clipnorm`, `clipvalue` or gradient accumulation
+    (read when the train step is traced, as Keras reads them), and none of
+    `variables` overwritten with its gradient (`overwrite_with_gradient`).
+    Anything else (a subclass, a wrapper, a clipping option) is not assumed
+    linear.
+    """
+    stock = (
+        keras.optimizers.SGD,
+        keras.optimizers.Adam,
+        keras.optimizers.AdamW,
+        keras.optimizers.Adamax,
+        keras.optimizers.Adagrad,
+        keras.optimizers.Adadelta,
+        keras.optimizers.RMSprop,
+        keras.optimizers.Nadam,
+        keras.optimizers.Ftrl,
+        keras.optimizers.Lion,
+        keras.optimizers.Lamb,
+    )
+    return (
+        type(optimizer) in stock
+        and optimizer.clipnorm is None
+        and optimizer.global_clipnorm is None
+        and optimizer.clipvalue is None
+        and not optimizer.gradient_accumulation_steps
+        and not any(getattr(v, "overwrite_with_gradient", False) for v in variables)
+    )
 
 
 def distributed_poisson_batches(
@@ -281,4 +317,6 @@ __all__ = [
     "num_replicas",
     "num_workers",
     "reducible_logs",
+    "released_on_every_replica",
+    "sums_replica_gradients",
 ]

@@ -309,7 +309,10 @@ class DPSGDModel(PrivateModel, keras.Model):
         variables = self.model.trainable_variables
         plan = self.privacy_plan
         return plan.privatize(
-            summed, variables, plan.joint_noise_group(variables, self.l2_norm_clip)
+            summed,
+            variables,
+            plan.joint_noise_group(variables, self.l2_norm_clip),
+            self.optimizer,
         )
 
     def compile(self, *args, **kwargs):

@@ -769,7 +769,8 @@ class DPTrainer(PrivateModel):
             [bounds[v.path] for v in variables],
             [coefficients[v.path] for v in variables],
         )
-        self.optimizer.apply(plan.privatize(summed, variables, groups), variables)
+        noisy = plan.privatize(summed, variables, groups, self.optimizer)
+        self.optimizer.apply(noisy, variables)
         self._project()
         if self.augmentation_multiplicity > 1:  # metrics on the first copies
             y_pred = y_pred[:: self.augmentation_multiplicity]

@@ -58,6 +58,7 @@ from .distribution import (
     max_over_replicas,
     num_workers,
     released_on_every_replica,
+    sums_replica_gradients,
 )
 
 NOISIFY_STRATEGIES = ("global", "per-layer")
@@ -434,6 +435,7 @@ class PrivacyPlan:
         summed_gradients: Sequence[tf.Tensor],
         variables: Sequence[keras.Variable],
         groups: Sequence[NoiseGroup],
+        optimizer=None,
     ) -> list[tf.Tensor]:
         """`(sum_i g_i + noise) / B` per variable, and the step recorded.
 
@@ -447,16 +449,20 @@ class PrivacyPlan:
         Under several replicas (`distribution`), each replica passes the sum
         over ITS samples; only the first adds the noise, whose std uses the
         largest replica sensitivity, and B stays the global expected batch
-        size. The noisy sums are all-reduced here, and every replica returns
-        1/R of the released update: whatever the optimizer does to a
-        replica's gradient before its own all-reduce (e.g. `clipnorm`) then
-        acts on the released value only (post-processing).
+        size. Unless `optimizer` only sums the replicas' gradients
+        (`distribution.sums_replica_gradients`), the noisy sums are
+        all-reduced here and every replica returns 1/R of the released
+        update: whatever the optimizer does to a replica's gradient before
+        its own all-reduce (e.g. `clipnorm`) then acts on the released value
+        only (post-processing).
 
         Args:
             summed_gradients: per variable, the sum over the batch of each
                 sample's (weighted, clipped) gradient.
             variables: the trainable variables, in the same order.
             groups: `noise_groups` / `joint_noise_group` of these variables.
+            optimizer: the optimizer the update goes to (None: assume it
+                may transform each replica's gradient).
         """
         for g, v in zip(summed_gradients, variables, strict=True):
             if g is None:
@@ -490,7 +496,9 @@ class PrivacyPlan:
             )
             for g, z, v in zip(summed_gradients, pieces, variables, strict=True)
         ]
-        return release_after_all(released_on_every_replica(noisy))
+        if not sums_replica_gradients(optimizer, variables):
+            noisy = released_on_every_replica(noisy)
+        return release_after_all(noisy)
 
     def _record_step(self, noise_multiplier: float) -> tf.Tensor:
         """Count one gradient step in the ledger (graph); True if recorded."""

@@ -645,3 +645,30 @@ def test_batches_smaller_than_the_replicas_and_the_seeded_epochs_of_fit():
         weights.append([v.numpy() for v in model.trainable_variables])
     for one, two in zip(*weights, strict=True):
         np.testing.assert_allclose(two, one, atol=1e-6)
+
+
+def test_only_stock_optimizers_without_clipping_skip_the_released_sum():
+    """The extra all-reduce is skipped only where the optimizer provably just
+    sums the replicas' gradients."""
+    from deel_lipdp_ext.distribution import sums_replica_gradients
+
+    assert sums_replica_gradients(keras.optimizers.Adam(0.1))
+    assert sums_replica_gradients(keras.optimizers.SGD(0.1))
+    for kwargs in (
+        {"clipnorm": 1.0},
+        {"global_clipnorm": 1.0},
+        {"clipvalue": 1.0},
+        {"gradient_accumulation_steps": 2},
+    ):
+        assert not sums_replica_gradients(keras.optimizers.SGD(0.1, **kwargs))
+
+    class Custom(keras.optimizers.SGD):
+        pass
+
+    assert not sums_replica_gradients(Custom(0.1))
+    assert not sums_replica_gradients(
+        keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+    )
+    variable = keras.Variable(1.0)
+    variable.overwrite_with_gradient = True
+    assert not sums_replica_gradients(keras.optimizers.SGD(0.1), [variable])
