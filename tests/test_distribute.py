@@ -186,6 +186,29 @@ def test_undistributed_data_never_reaches_every_replica_whole():
 
 
 # ---------------------------------------------------------------- sampling
+TINY = DatasetMetadata((4,), 2, nb_samples_train=100, nb_samples_test=0, batch_size=10)
+
+
+def _tiny_model(compile_kwargs=None) -> DPSequential:
+    """A one-layer DP model of 4 inputs for TINY (100 samples, B = 10),
+    compiled with `compile_kwargs` (refusals raise from compile)."""
+    model = DPSequential(
+        [
+            keras.Input((4,)),
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_QuickSpectralDense(2),
+        ],
+        dp_parameters=DPParameters(1.0, 1e-5),
+        dataset_metadata=TINY,
+    )
+    model.compile(
+        keras.optimizers.SGD(0.1),
+        losses.DP_TauCategoricalCrossentropy(1.0),
+        **(compile_kwargs or {}),
+    )
+    return model
+
+
 def test_distributed_poisson_batches_split_the_single_device_batch():
     """With one seed, the replicas' batches of a step are a partition of the
     batch poisson_batches draws on one device (every row once)."""
@@ -236,19 +259,7 @@ def test_fit_refuses_a_single_shard_and_bad_shards():
     y = np.zeros((100, 2), np.float32)
     with pytest.raises(ValueError, match="shard"):
         poisson_batches(x, y, 10, shard=(2, 2))
-    meta = DatasetMetadata(
-        (4,), 2, nb_samples_train=100, nb_samples_test=0, batch_size=10
-    )
-    model = DPSequential(
-        [
-            keras.Input((4,)),
-            L.DP_BoundedInput(upper_bound=1.0),
-            L.DP_QuickSpectralDense(2),
-        ],
-        dp_parameters=DPParameters(1.0, 1e-5),
-        dataset_metadata=meta,
-    )
-    model.compile(keras.optimizers.SGD(0.1), losses.DP_TauCategoricalCrossentropy(1.0))
+    model = _tiny_model()
     with pytest.raises(ValueError, match="shard"):
         model.fit(poisson_batches(x, y, 10, shard=(0, 2)), epochs=1, verbose=0)
 
@@ -260,19 +271,7 @@ def test_multi_worker_fit_refuses_undistributed_data(monkeypatch):
 
     x = np.zeros((100, 4), np.float32)
     y = np.zeros((100, 2), np.float32)
-    meta = DatasetMetadata(
-        (4,), 2, nb_samples_train=100, nb_samples_test=0, batch_size=10
-    )
-    model = DPSequential(
-        [
-            keras.Input((4,)),
-            L.DP_BoundedInput(upper_bound=1.0),
-            L.DP_QuickSpectralDense(2),
-        ],
-        dp_parameters=DPParameters(1.0, 1e-5),
-        dataset_metadata=meta,
-    )
-    model.compile(keras.optimizers.SGD(0.1), losses.DP_TauCategoricalCrossentropy(1.0))
+    model = _tiny_model()
     monkeypatch.setattr(plan_module, "num_workers", lambda strategy=None: 2)
     with pytest.raises(ValueError, match="distributed_poisson_batches"):
         model.fit(poisson_batches(x, y, 10), epochs=1, verbose=0)
@@ -365,25 +364,9 @@ def test_fit_on_a_tf_data_dataset_under_two_replicas():
 
 
 def test_xla_is_refused_by_name_under_several_replicas():
-    meta = DatasetMetadata(
-        (4,), 2, nb_samples_train=100, nb_samples_test=0, batch_size=10
-    )
     with strategy_of(2).scope():
-        model = DPSequential(
-            [
-                keras.Input((4,)),
-                L.DP_BoundedInput(upper_bound=1.0),
-                L.DP_QuickSpectralDense(2),
-            ],
-            dp_parameters=DPParameters(1.0, 1e-5),
-            dataset_metadata=meta,
-        )
         with pytest.raises(ValueError, match="jit_compile=True"):
-            model.compile(
-                keras.optimizers.SGD(0.1),
-                losses.DP_TauCategoricalCrossentropy(1.0),
-                jit_compile=True,
-            )
+            _tiny_model({"jit_compile": True})
         dpsgd = _dpsgd("ghost", 1.0, 1.0)
         with pytest.raises(ValueError, match="jit_compile=True"):
             dpsgd.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=True)
@@ -406,26 +389,12 @@ def test_declared_distributed_datasets_are_accepted_and_labelled():
     strategy = strategy_of(2)
     x = np.zeros((100, 4), np.float32)
     y = np.zeros((100, 2), np.float32)
-    meta = DatasetMetadata(
-        (4,), 2, nb_samples_train=100, nb_samples_test=0, batch_size=10
-    )
     dataset = strategy.distribute_datasets_from_function(
         lambda _: tf.data.Dataset.from_tensor_slices((x, y)).batch(5)
     )
-    declared = declare_sampling(dataset, meta)
+    declared = declare_sampling(dataset, TINY)
     with strategy.scope():
-        model = DPSequential(
-            [
-                keras.Input((4,)),
-                L.DP_BoundedInput(upper_bound=1.0),
-                L.DP_QuickSpectralDense(2),
-            ],
-            dp_parameters=DPParameters(1.0, 1e-5),
-            dataset_metadata=meta,
-        )
-        model.compile(
-            keras.optimizers.SGD(0.1), losses.DP_TauCategoricalCrossentropy(1.0)
-        )
+        model = _tiny_model()
     model.fit(declared, epochs=1, verbose=0)
     assert model.privacy_plan.samplings() == ("declared by the user",)
 
