@@ -104,7 +104,11 @@ def num_workers(strategy: tf.distribute.Strategy | None = None) -> int:
     for multi-worker)."""
     strategy = strategy or current_strategy()
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return int(strategy.cluster_resolver.cluster_spec().num_tasks("worker") or 1)
+        spec = strategy.cluster_resolver.cluster_spec()
+        # A "chief" task is a worker too (a TF_CONFIG with chief + workers).
+        return max(
+            1, sum(spec.num_tasks(t) for t in ("chief", "worker") if t in spec.jobs)
+        )
     return 1
 
 
