@@ -53,17 +53,13 @@ from .data import (
     poisson_batches,
 )
 
+#: The strategies a DP model trains under (the default one: no strategy).
 SUPPORTED_STRATEGIES = (
-    "the default strategy",
-    "OneDeviceStrategy",
-    "MirroredStrategy",
-    "MultiWorkerMirroredStrategy",
+    type(distribute_lib._get_default_strategy()),
+    tf.distribute.OneDeviceStrategy,
+    tf.distribute.MirroredStrategy,
+    tf.distribute.MultiWorkerMirroredStrategy,
 )
-
-
-def current_strategy() -> tf.distribute.Strategy:
-    """The strategy in scope (the default one outside any scope)."""
-    return tf.distribute.get_strategy()
 
 
 def check_strategy(owner: str, strategy: tf.distribute.Strategy | None = None) -> None:
@@ -77,32 +73,27 @@ def check_strategy(owner: str, strategy: tf.distribute.Strategy | None = None) -
         NotImplementedError: naming the strategy when it is not one of
             `SUPPORTED_STRATEGIES`.
     """
-    strategy = strategy or current_strategy()
-    supported = (
-        type(distribute_lib._get_default_strategy()),
-        tf.distribute.OneDeviceStrategy,
-        tf.distribute.MirroredStrategy,
-        tf.distribute.MultiWorkerMirroredStrategy,
-    )
-    if isinstance(strategy, supported):
+    strategy = strategy or tf.distribute.get_strategy()
+    if isinstance(strategy, SUPPORTED_STRATEGIES):
         return
+    names = ", ".join(cls.__name__ for cls in SUPPORTED_STRATEGIES[1:])
     raise NotImplementedError(
         f"{owner} does not support {type(strategy).__name__}: its variables are "
         "not mirrored on every replica, so the once-per-step noise and the "
         "bounds read from the synchronised weights would not describe what "
-        f"runs. Supported: {', '.join(SUPPORTED_STRATEGIES)}."
+        f"runs. Supported: no strategy, {names}."
     )
 
 
 def num_replicas() -> int:
     """R: the replicas that train together (1 without a strategy)."""
-    return int(current_strategy().num_replicas_in_sync)
+    return int(tf.distribute.get_strategy().num_replicas_in_sync)
 
 
 def num_workers(strategy: tf.distribute.Strategy | None = None) -> int:
     """The worker processes of `strategy` (default: the one in scope; 1 but
     for multi-worker)."""
-    strategy = strategy or current_strategy()
+    strategy = strategy or tf.distribute.get_strategy()
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         spec = strategy.cluster_resolver.cluster_spec()
         # A "chief" task is a worker too (a TF_CONFIG with chief + workers).
@@ -125,25 +116,27 @@ def _replica_context():
     return context
 
 
-def is_first_replica() -> tf.Tensor:
-    """Scalar bool: this replica adds the step's noise (always True alone)."""
+def is_first_replica() -> tf.Tensor | bool:
+    """This replica adds the step's noise: True alone, else a scalar bool."""
     context = _replica_context()
     if context is None:
-        return tf.constant(True)
+        return True
     return tf.equal(context.replica_id_in_sync_group, 0)
 
 
-def max_over_replicas(value: tf.Tensor) -> tf.Tensor:
-    """The largest of a scalar's values over the replicas (itself alone)."""
+def max_over_replicas(values: tf.Tensor) -> tf.Tensor:
+    """Each entry of a vector (G,): its largest value over the replicas
+    (itself alone)."""
     context = _replica_context()
     if context is None:
-        return value
-    # Each replica puts its value at its own index and the SUM all-reduce
+        return values
+    # Each replica writes its vector in its own row and the SUM all-reduce
     # gathers them exactly (adding zeros). Not all_gather: its collective ops
     # clash between two MirroredStrategy objects of one process.
-    value = tf.cast(value, tf.float32)
-    own = tf.one_hot(context.replica_id_in_sync_group, num_replicas()) * value
-    return tf.reduce_max(context.all_reduce(tf.distribute.ReduceOp.SUM, own))
+    values = tf.cast(values, tf.float32)
+    own = tf.one_hot(context.replica_id_in_sync_group, num_replicas())[:, None]
+    gathered = context.all_reduce(tf.distribute.ReduceOp.SUM, own * values[None, :])
+    return tf.reduce_max(gathered, axis=0)
 
 
 def released_on_every_replica(noisy: list[tf.Tensor]) -> list[tf.Tensor]:
@@ -169,8 +162,9 @@ def sums_replica_gradients(optimizer, variables=()) -> bool:
     to the others' (then the released update needs no all-reduce of its
     own): exactly one of Keras's stock optimizer classes, without
     `clipnorm`, `global_clipnorm`, `clipvalue` or gradient accumulation
-    (read when the train step is traced, as Keras reads them), and none of
-    `variables` overwritten with its gradient (`overwrite_with_gradient`).
+    (read when the train step is traced, as Keras reads them), none of its
+    gradient-path methods replaced on the instance, and none of `variables`
+    overwritten with its gradient (`overwrite_with_gradient`).
     Anything else (a subclass, a wrapper, a clipping option) is not assumed
     linear.
     """
@@ -187,8 +181,18 @@ def sums_replica_gradients(optimizer, variables=()) -> bool:
         keras.optimizers.Lion,
         keras.optimizers.Lamb,
     )
+    gradient_path = (
+        "apply",
+        "apply_gradients",
+        "_filter_empty_gradients",
+        "_clip_gradients",
+        "_backend_apply_gradients",
+        "_backend_update_step",
+        "_all_reduce_sum_gradients",
+    )
     return (
         type(optimizer) in stock
+        and not any(name in vars(optimizer) for name in gradient_path)
         and optimizer.clipnorm is None
         and optimizer.global_clipnorm is None
         and optimizer.clipvalue is None
@@ -279,7 +283,8 @@ def reducible_logs(logs: dict) -> dict:
     fails); a scalar becomes shape (1,), and the average a scalar again.
     Elsewhere the logs are returned unchanged.
     """
-    if not isinstance(current_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+    strategy = tf.distribute.get_strategy()
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return logs
     return {
         key: tf.reshape(value, (1,))
@@ -289,11 +294,12 @@ def reducible_logs(logs: dict) -> dict:
     }
 
 
-def local_tf_configs(workers: int) -> list[str]:
+def local_tf_configs(workers: int, chief: bool = False) -> list[str]:
     """TF_CONFIG values (JSON) of a `workers`-process cluster on this machine,
-    one per worker index: 127.0.0.1 on ports free when called (examples,
-    tests and benchmarks start the processes; a port taken in between makes
-    the cluster fail to start, never train wrongly)."""
+    one per process: 127.0.0.1 on ports free when called (examples, tests
+    and benchmarks start the processes; a port taken in between makes the
+    cluster fail to start, never train wrongly). With `chief`, the first
+    process is the "chief" task and the others "worker" tasks."""
     sockets = [socket.socket() for _ in range(workers)]
     try:
         for s in sockets:
@@ -302,18 +308,21 @@ def local_tf_configs(workers: int) -> list[str]:
     finally:
         for s in sockets:
             s.close()
+    if not chief:
+        cluster = {"worker": addresses}
+        tasks = [("worker", i) for i in range(workers)]
+    else:
+        cluster = {"chief": addresses[:1], "worker": addresses[1:]}
+        tasks = [("chief", 0)] + [("worker", i) for i in range(workers - 1)]
     return [
-        json.dumps(
-            {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": i}}
-        )
-        for i in range(workers)
+        json.dumps({"cluster": cluster, "task": {"type": kind, "index": index}})
+        for kind, index in tasks
     ]
 
 
 __all__ = [
     "SUPPORTED_STRATEGIES",
     "check_strategy",
-    "current_strategy",
     "distributed_poisson_batches",
     "is_first_replica",
     "local_tf_configs",

@@ -19,6 +19,7 @@ saved with the model.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
 from collections.abc import Sequence
@@ -66,6 +67,13 @@ def _finite_rows(t: tf.Tensor) -> tf.Tensor:
     if not t.dtype.is_floating:
         return tf.ones(tf.shape(t)[:1], tf.bool)
     return tf.reduce_all(tf.math.is_finite(tf.reshape(t, (tf.shape(t)[0], -1))), axis=1)
+
+
+def _batch_spec(spec: tf.TensorSpec) -> tf.TensorSpec:
+    """`spec` with an unknown batch dimension (a replica's batch varies)."""
+    if spec.shape.rank is None or spec.shape.rank == 0:
+        return spec
+    return tf.TensorSpec([None, *spec.shape[1:]], spec.dtype)
 
 
 def _as_float32(t) -> tf.Tensor:
@@ -203,6 +211,7 @@ class PrivateModel(HasPrivacyPlan):
                 f"Received: report_train_metrics={report_train_metrics!r}"
             )
         self.report_train_metrics = report_train_metrics
+        self._dp_batches_split = _Untracked(False)  # see _splits_batches
         self._privacy_plan = PrivacyPlan(
             dp_parameters, dataset_metadata, noise_coefficients
         )
@@ -275,22 +284,34 @@ class PrivateModel(HasPrivacyPlan):
                 )
 
     def _check_replica_entry(self) -> None:
-        """Under several replicas, the train step runs only inside Keras's
-        train function (fit, train_on_batch), which hands each replica its
-        own share of the batch.
+        """Under several replicas, a train step runs only from this model's
+        `fit` or `train_on_batch`, which hand each replica its own share of
+        the batch (`_splits_batches`); checked at trace time here and at
+        every call of the train function.
 
         Raises:
-            ValueError: a train step run otherwise, e.g. by a custom
-                `strategy.run(model.train_step, args=(batch,))`, which gives
-                every replica the whole batch.
+            ValueError: a train step run otherwise: a custom
+                `strategy.run(model.train_step, args=(batch,))` or a direct
+                call of `train_function`, which can give every replica the
+                whole batch.
         """
-        if num_replicas() > 1 and not getattr(self, "_in_train_function", False):
+        if num_replicas() > 1 and not self._dp_batches_split.value:
             raise ValueError(
-                f"Under a multi-replica strategy, {type(self).__name__}.train_step "
-                "runs inside fit or train_on_batch only: strategy.run(train_step, "
-                "args=(batch,)) gives every replica the whole batch, and each "
-                "sample would count once per replica."
+                f"Under a multi-replica strategy, {type(self).__name__} trains "
+                "inside fit or train_on_batch only: a custom strategy.run(train_step) "
+                "or train_function call can give every replica the whole batch, "
+                "and each sample would count once per replica."
             )
+
+    @contextlib.contextmanager
+    def _splits_batches(self):
+        """While `fit` / `train_on_batch` run: their batches are split over
+        the replicas (Keras's distributed datasets, or `train_on_batch`'s)."""
+        self._dp_batches_split.value = True
+        try:
+            yield
+        finally:
+            self._dp_batches_split.value = False
 
     def _distributed_compile_options(self, kwargs: dict) -> dict:
         """`compile`'s keyword arguments under a multi-replica strategy: Keras
@@ -309,29 +330,15 @@ class PrivateModel(HasPrivacyPlan):
         return {**kwargs, "jit_compile": False}
 
     def make_train_function(self, force=False):
-        """Keras's train function, refusing under several replicas the data
-        that is not distributed: `strategy.run` would give every replica the
-        whole batch, so each sample would count once per replica against
-        noise calibrated to count it once."""
+        """Keras's train function, which under several replicas runs only
+        from `fit` or `train_on_batch` (`_check_replica_entry`)."""
         function = super().make_train_function(force) or self.train_function
         if getattr(function, "_dp_replica_guard", False):
             return function
 
         def train_function(iterator):
-            if self.distribute_strategy.num_replicas_in_sync > 1 and not isinstance(
-                iterator, tf.distribute.DistributedIterator
-            ):
-                raise ValueError(
-                    "Under a multi-replica strategy a DP train step takes "
-                    "distributed batches (fit does this; so does train_on_batch): "
-                    "undistributed data reaches every replica whole, and each "
-                    "sample would count once per replica."
-                )
-            self._in_train_function = True  # (re)traced only in here
-            try:
-                return function(iterator)
-            finally:
-                self._in_train_function = False
+            self._check_replica_entry()  # each call: a traced step checks once
+            return function(iterator)
 
         train_function._dp_replica_guard = True
         self.train_function = train_function
@@ -346,7 +353,9 @@ class PrivateModel(HasPrivacyPlan):
         if iterator is not None and getattr(self, "_distribute_strategy", None):
             spec = iterator.data_adapter.get_tf_dataset().element_spec
             data_batch = keras.tree.map_structure(
-                lambda s: s._value_specs[0] if hasattr(s, "_value_specs") else s,
+                lambda s: _batch_spec(
+                    s._value_specs[0] if hasattr(s, "_value_specs") else s
+                ),
                 spec,
             )
         super()._maybe_symbolic_build(data_batch=data_batch)
@@ -383,7 +392,8 @@ class PrivateModel(HasPrivacyPlan):
             else:
                 kwargs["x"] = pad_to_buckets(data)
         try:
-            return super().fit(*args, **kwargs)
+            with self._splits_batches():
+                return super().fit(*args, **kwargs)
         finally:
             plan.use_unverified_sampling()
 
@@ -418,7 +428,8 @@ class PrivateModel(HasPrivacyPlan):
         split = strategy.experimental_distribute_dataset(
             tf.data.Dataset.from_tensors(batch)
         )
-        logs = python_utils.pythonify_logs(self.train_function(iter(split)))
+        with self._splits_batches():
+            logs = python_utils.pythonify_logs(self.train_function(iter(split)))
         return logs if return_dict else self._flatten_metrics_in_order(logs)
 
     def _train_logs(self, loss, x, y, y_pred, weight, groups) -> dict:

@@ -417,8 +417,10 @@ class PrivacyPlan:
             )
         ]
 
-    def _standard_normal(self, size: int) -> tf.Tensor:
-        """`size` standard normals, unique to (key, step, draw in this process)."""
+    def _standard_normal(self, size: int, draw: tf.Tensor | bool = True) -> tf.Tensor:
+        """`size` standard normals, unique to (key, step, draw in this process);
+        zeros where `draw` is False (the draw counter advances either way, so
+        every replica's copy of it stays the same)."""
         seed = tf.random.experimental.stateless_fold_in(
             tf.random.experimental.stateless_fold_in(
                 tf.constant(self._key, tf.int64), self.steps.value
@@ -428,7 +430,13 @@ class PrivacyPlan:
         with tf.control_dependencies([seed]):
             increment = self._draws.assign_add(1)
         with tf.control_dependencies([increment]):
-            return tf.random.stateless_normal((size,), seed=seed)
+            if draw is True:
+                return tf.random.stateless_normal((size,), seed=seed)
+            return tf.cond(
+                draw,
+                lambda: tf.random.stateless_normal((size,), seed=seed),
+                lambda: tf.zeros((size,)),
+            )
 
     def privatize(
         self,
@@ -467,21 +475,22 @@ class PrivacyPlan:
         for g, v in zip(summed_gradients, variables, strict=True):
             if g is None:
                 raise ValueError(f"Trainable variable '{v.path}' received no gradient.")
+        # Under several replicas: each group's largest replica sensitivity
+        # (one all-reduce for all groups).
+        sensitivities = max_over_replicas(
+            tf.stack([tf.cast(g.sensitivity, tf.float32) for g in groups])
+        )
         std_of = {}
-        for group in groups:
-            # Under several replicas: the largest replica's sensitivity.
-            sensitivity = max_over_replicas(tf.cast(group.sensitivity, tf.float32))
+        for k, group in enumerate(groups):
             for v in group.variables:
-                std_of[id(v)] = group.noise_multiplier * sensitivity
+                std_of[id(v)] = group.noise_multiplier * sensitivities[k]
         missing = [v.path for v in variables if id(v) not in std_of]
         if missing:
             raise ValueError(f"Trainable variables without a noise group: {missing}")
         sizes = [int(np.prod(v.shape)) for v in variables]
-        # One draw per GLOBAL step: under several replicas only the first adds
-        # it (the optimizer sums the replicas' updates; distribution.py).
-        noise = self._standard_normal(sum(sizes)) * tf.cast(
-            is_first_replica(), tf.float32
-        )
+        # One draw per GLOBAL step: under several replicas only the first draws
+        # and adds it (the replicas' updates are summed; distribution.py).
+        noise = self._standard_normal(sum(sizes), is_first_replica())
         pieces = tf.split(noise, sizes)
         recorded = self._record_step(
             effective_noise_multiplier([g.noise_multiplier for g in groups])

@@ -34,7 +34,7 @@ from deel_lipdp_ext.distribution import local_tf_configs
 def launch(args) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    configs = local_tf_configs(args.workers)
+    configs = local_tf_configs(args.workers, chief=args.chief)
     processes = []
     for index in range(args.workers):
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -247,6 +247,9 @@ def main() -> int:
     )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=500.0)
+    parser.add_argument(
+        "--chief", action="store_true", help="the first process is a 'chief' task"
+    )
     args = parser.parse_args()
     if args.worker_index is None:
         return launch(args)

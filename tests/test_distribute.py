@@ -290,8 +290,9 @@ def _digits():
     )
 
 
-def _digits_model(meta):
-    return DPSequential(
+def _digits_model(meta, metrics=None):
+    """A compiled two-layer DP network for the digits of `meta`."""
+    model = DPSequential(
         [
             keras.Input((8, 8, 1)),
             L.DP_BoundedInput(upper_bound=1.0),
@@ -303,6 +304,18 @@ def _digits_model(meta):
         dp_parameters=DPParameters(1.0, 1e-5),
         dataset_metadata=meta,
     )
+    model.compile(
+        keras.optimizers.Adam(0.01),
+        losses.DP_TauCategoricalCrossentropy(8.0),
+        metrics=metrics,
+    )
+    return model
+
+
+def _digits_meta(n: int, batch_size: int, n_test: int = 0) -> DatasetMetadata:
+    return DatasetMetadata(
+        (8, 8, 1), 10, nb_samples_train=n, nb_samples_test=n_test, batch_size=batch_size
+    )
 
 
 def test_two_replicas_train_like_one_device():
@@ -310,23 +323,12 @@ def test_two_replicas_train_like_one_device():
     after every epoch, test accuracies within noise of each other, and the
     weights identical on both replicas at the end."""
     x_tr, y_tr, x_te, y_te = _digits()
-    meta = DatasetMetadata(
-        (8, 8, 1),
-        10,
-        nb_samples_train=len(x_tr),
-        nb_samples_test=len(x_te),
-        batch_size=128,
-    )
+    meta = _digits_meta(len(x_tr), 128, n_test=len(x_te))
     histories, accuracies = [], []
     for replicas in (1, 2):
         strategy = strategy_of(replicas)
         with strategy.scope():
-            model = _digits_model(meta)
-            model.compile(
-                keras.optimizers.Adam(0.01),
-                losses.DP_TauCategoricalCrossentropy(8.0),
-                metrics=["accuracy"],
-            )
+            model = _digits_model(meta, metrics=["accuracy"])
         data = (
             poisson_batches(x_tr, y_tr, 128)
             if replicas == 1
@@ -350,14 +352,9 @@ def test_fit_on_a_tf_data_dataset_under_two_replicas():
     """A plain poisson_batches dataset (split over the replicas by Keras)
     trains under 2 replicas; every step is recorded as Poisson."""
     x_tr, y_tr, _, _ = _digits()
-    meta = DatasetMetadata(
-        (8, 8, 1), 10, nb_samples_train=len(x_tr), nb_samples_test=0, batch_size=64
-    )
+    meta = _digits_meta(len(x_tr), 64)
     with strategy_of(2).scope():
         model = _digits_model(meta)
-        model.compile(
-            keras.optimizers.Adam(0.01), losses.DP_TauCategoricalCrossentropy(8.0)
-        )
     model.fit(poisson_batches(x_tr, y_tr, 64), epochs=1, verbose=0)
     assert int(model.dp_steps.numpy()) == meta.nb_steps_per_epoch
     assert model.privacy_plan.samplings() == ("poisson",)
@@ -430,17 +427,12 @@ def test_backup_and_restore_under_two_replicas_keeps_the_whole_run(tmp_path):
     uninterrupted run; the resumed steps continue the step counter with a
     new noise key, so no (key, step) pair of the noise repeats."""
     x_tr, y_tr, _, _ = _digits()
-    meta = DatasetMetadata(
-        (8, 8, 1), 10, nb_samples_train=len(x_tr), nb_samples_test=0, batch_size=128
-    )
+    meta = _digits_meta(len(x_tr), 128)
     strategy = strategy_of(2)
 
     def run(epochs, callbacks):
         with strategy.scope():
             model = _digits_model(meta)
-            model.compile(
-                keras.optimizers.Adam(0.01), losses.DP_TauCategoricalCrossentropy(8.0)
-            )
         try:
             model.fit(
                 distributed_poisson_batches(strategy, x_tr, y_tr, 128),
@@ -473,15 +465,10 @@ def test_keras_file_of_a_distributed_run_keeps_its_ledger(tmp_path):
     new 2-replica strategy, keeps its steps, ledger and epsilon, and trains
     on from there with a new noise key."""
     x_tr, y_tr, _, _ = _digits()
-    meta = DatasetMetadata(
-        (8, 8, 1), 10, nb_samples_train=len(x_tr), nb_samples_test=0, batch_size=256
-    )
+    meta = _digits_meta(len(x_tr), 256)
     strategy = strategy_of(2)
     with strategy.scope():
         model = _digits_model(meta)
-        model.compile(
-            keras.optimizers.Adam(0.01), losses.DP_TauCategoricalCrossentropy(8.0)
-        )
     model.fit(
         distributed_poisson_batches(strategy, x_tr, y_tr, 256), epochs=1, verbose=0
     )
@@ -551,14 +538,9 @@ def test_a_dataset_of_another_strategy_is_refused():
     """Data split for 4 replicas, trained by a 2-replica model, would drop
     rows by their position in the batch."""
     x_tr, y_tr, _, _ = _digits()
-    meta = DatasetMetadata(
-        (8, 8, 1), 10, nb_samples_train=len(x_tr), nb_samples_test=0, batch_size=128
-    )
+    meta = _digits_meta(len(x_tr), 128)
     with strategy_of(2).scope():
         model = _digits_model(meta)
-        model.compile(
-            keras.optimizers.Adam(0.01), losses.DP_TauCategoricalCrossentropy(8.0)
-        )
     other = distributed_poisson_batches(strategy_of(4), x_tr, y_tr, 128)
     with pytest.raises(ValueError, match="another strategy"):
         model.fit(other, epochs=1, verbose=0)
@@ -582,9 +564,7 @@ def test_batches_smaller_than_the_replicas_and_the_seeded_epochs_of_fit():
     one device (building the model reads no batch, so no epoch is skipped)."""
     x_tr, y_tr, _, _ = _digits()
     x_tr, y_tr = x_tr[:30], y_tr[:30]
-    meta = DatasetMetadata(
-        (8, 8, 1), 10, nb_samples_train=30, nb_samples_test=0, batch_size=1
-    )
+    meta = _digits_meta(30, 1)
     weights = []
     for replicas in (1, 2):
         keras.utils.set_random_seed(0)
@@ -641,3 +621,78 @@ def test_only_stock_optimizers_without_clipping_skip_the_released_sum():
     variable = keras.Variable(1.0)
     variable.overwrite_with_gradient = True
     assert not sums_replica_gradients(keras.optimizers.SGD(0.1), [variable])
+
+
+def test_a_direct_train_function_call_is_refused_even_with_distributed_data():
+    """A distributed dataset can give every replica the whole batch
+    (distribute_datasets_from_function returning the same batches on each
+    replica): a train function called outside fit / train_on_batch would
+    count each sample R times. It runs only from those two."""
+    strategy = strategy_of(2)
+    with strategy.scope():
+        model = _clipless(1.0)
+    x, y = _two_rows()
+    model.train_on_batch(x, y)  # traced once, from train_on_batch: allowed
+    whole = strategy.distribute_datasets_from_function(
+        lambda _: tf.data.Dataset.from_tensors((x, y)).repeat()
+    )
+    with pytest.raises(ValueError, match="each sample would count once per replica"):
+        model.train_function(iter(whole))
+    assert int(model.dp_steps.numpy()) == 1
+
+
+def test_an_optimizer_with_a_replaced_gradient_method_gets_the_released_sum():
+    """A stock class is trusted to only sum the replicas' gradients unless a
+    gradient-path method was replaced on the instance (a per-replica clip
+    patched in would reveal another replica's sample)."""
+    from deel_lipdp_ext.distribution import sums_replica_gradients
+
+    optimizer = keras.optimizers.SGD(0.1)
+    assert sums_replica_gradients(optimizer)
+    optimizer._clip_gradients = lambda grads: [tf.clip_by_norm(g, 1e-3) for g in grads]
+    assert not sums_replica_gradients(optimizer)
+
+
+def test_the_noise_uses_the_largest_replica_sensitivity():
+    """Replica copies made to differ (replica 1's copy of a kernel tripled):
+    its samples' bound is larger than replica 0's, and the noise (drawn by
+    replica 0) must be scaled by the larger one."""
+    sigma = 1.0
+    strategy = strategy_of(2)
+    with strategy.scope():
+        model = _clipless(sigma)
+    model._project = lambda: None
+    kernel = model.layers[2].kernel
+    initial = model.get_weights()
+    base = float(
+        np.sqrt(sum(float(v) ** 2 for v in model.compute_gradient_bounds().values()))
+    )
+    with strategy_of(1).scope():
+        reference = _clipless(sigma)
+    reference.set_weights(initial)
+    reference.layers[2].kernel.assign(3.0 * kernel.numpy())
+    larger = float(
+        np.sqrt(
+            sum(float(v) ** 2 for v in reference.compute_gradient_bounds().values())
+        )
+    )
+    assert larger > 1.2 * base
+    x = np.random.default_rng(2).uniform(size=(8, 8, 8, 1)).astype(np.float32) / 8
+    y = np.eye(64, dtype=np.float32)[:8]
+    updates = []
+    for _ in range(4):
+        model.set_weights(initial)
+        copies = strategy.experimental_local_results(kernel.value)
+        copies[1].assign(3.0 * copies[0].numpy())
+        before = [local_copies(strategy, v)[0] for v in model.trainable_variables]
+        model.train_on_batch(x, y, np.zeros(8, np.float32))
+        after = [local_copies(strategy, v)[0] for v in model.trainable_variables]
+        updates.append(
+            np.concatenate(
+                [(a - b).ravel() for a, b in zip(after, before, strict=True)]
+            )
+        )
+    b = model.dataset_metadata.batch_size
+    assert np.std(np.concatenate(updates)) == pytest.approx(
+        sigma * larger / b, rel=0.03
+    )
