@@ -38,7 +38,13 @@ from ._validation import require_one_of
 from .data import DatasetMetadata
 from .ghost_clipping import clipped_gradient_sum, ghost_clipping_support
 from .layers.base import BOUND_MARGIN
-from .model import DPParameters, PrivateModel, check_float32_compute, sanitize_batch
+from .model import (
+    DPParameters,
+    PrivateModel,
+    check_float32_compute,
+    refuse_nested_batch,
+    sanitize_batch,
+)
 
 _PACKAGE = "deel_lipdp_ext"
 CLIPPINGS = ("auto", "ghost", "vectorized")
@@ -50,6 +56,14 @@ def _check_network(model: keras.Model, probe: bool = True) -> None:
     than float32, or (probe: an eager forward pass) write non-trainable state
     in training. Run at construction, and again once the network is built (a
     lazily built network creates its sublayers then)."""
+    for kind in ("inputs", "outputs"):
+        tensors = getattr(model, kind, None) if model.built else None
+        if tensors is not None and len(tensors) > 1:
+            raise ValueError(
+                f"The network has {len(tensors)} {kind}: DPSGDModel trains "
+                "networks with one input and one output (the per-example "
+                "checks and clipping hold for one tensor each)."
+            )
     for layer in all_sublayers(model):
         if isinstance(layer, _SAMPLE_MIXING):
             raise ValueError(
@@ -326,6 +340,7 @@ class DPSGDModel(PrivateModel, keras.Model):
         self._check_replica_entry()
         _check_network(self.model, probe=False)  # sublayers made since (lazily)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        refuse_nested_batch(x=x, y=y, sample_weight=sample_weight)
         x, y, weight = sanitize_batch(
             x,
             y,

@@ -83,6 +83,19 @@ def _as_float32(t) -> tf.Tensor:
     return tf.cast(t, tf.float32) if t.dtype.is_floating else t
 
 
+def refuse_nested_batch(**parts) -> None:
+    """Raise if an input, label or weight is a structure (dict, list, tuple) of
+    tensors: the checks and bounds here hold for one tensor each."""
+    for name, value in parts.items():
+        if tf.nest.is_nested(value):
+            raise ValueError(
+                f"DP train step: {name} is a {type(value).__name__} of tensors. DP "
+                "models take one input tensor, one label tensor and one weight "
+                "tensor per batch (networks with several inputs or outputs are "
+                "not supported)."
+            )
+
+
 def sanitize_batch(
     x, y, sample_weight, *, run_asserts: bool = True, guards: Sequence = ()
 ):
@@ -102,6 +115,7 @@ def sanitize_batch(
         guards: `Guard`s (assert message, boolean scalar tensor) of further
             conditions the whole batch must meet.
     """
+    refuse_nested_batch(x=x, y=y, sample_weight=sample_weight)
     x, y = _as_float32(x), _as_float32(y)
     weight = (
         tf.ones(tf.shape(x)[:1], tf.float32)
@@ -679,6 +693,7 @@ class DPTrainer(PrivateModel):
         declared sampling allows, the input shape the bounds were computed for
         (a bias or a convolution bounds its gradient for its build-time
         size), and the first layer's input bound when it trusts the data."""
+        refuse_nested_batch(x=x, y=y, sample_weight=sample_weight)
         x = _as_float32(x)
         plan = self._privacy_plan
         guards = [plan.batch_size_guard(x), plan.input_shape_guard(x)]

@@ -1066,3 +1066,43 @@ def test_every_write_of_a_train_step_is_ordered_with_every_access(make, strategy
         "dpsgd": plans._dpsgd,
     }[make](strategy)
     assert _unordered_accesses(model, (8, 8, 1), 64) == []
+
+
+# --- Batches that are structures of tensors (dict / list inputs) --------------
+
+
+@pytest.mark.parametrize("part", ["x", "y", "sample_weight"])
+def test_a_nested_batch_part_is_refused_by_name(part):
+    from deel_lipdp_ext.model import sanitize_batch
+
+    batch = {
+        "x": np.zeros((4, 3), "float32"),
+        "y": np.zeros((4, 2), "float32"),
+        "sample_weight": np.ones(4, "float32"),
+    }
+    batch[part] = {"a": batch[part], "b": batch[part]}
+    with pytest.raises(ValueError, match=f"{part} is a dict of tensors"):
+        sanitize_batch(batch["x"], batch["y"], batch["sample_weight"])
+
+
+def test_dict_inputs_are_refused_by_fit_and_by_the_train_step():
+    model = dp_model(small_cnn(), n=8, batch_size=4, sampling="shuffle")
+    x = {"image": unit_samples(8, (8, 8, 1))}
+    with pytest.raises(ValueError, match="Received: dict"):
+        model.fit(x, one_hot(range(8)), batch_size=4, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="x is a dict of tensors"):
+        model.train_on_batch({"image": x["image"][:4]}, one_hot(range(4)))
+
+
+@pytest.mark.parametrize("kind", ["inputs", "outputs"])
+def test_dpsgd_refuses_a_network_with_several_inputs_or_outputs(kind):
+    from deel_lipdp_ext.dpsgd import DPSGDModel
+
+    a, b = keras.Input((5,), name="a"), keras.Input((3,), name="b")
+    if kind == "inputs":
+        merged = keras.layers.Concatenate()([a, b])
+        net = keras.Model({"a": a, "b": b}, keras.layers.Dense(2)(merged))
+    else:
+        net = keras.Model(a, [keras.layers.Dense(2)(a), keras.layers.Dense(1)(a)])
+    with pytest.raises(ValueError, match=f"The network has 2 {kind}"):
+        DPSGDModel(net, DPParameters(1.0, 1e-5, seed=1), metadata(), l2_norm_clip=1.0)
