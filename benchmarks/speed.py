@@ -6,7 +6,9 @@ and memory only):
 * the standard DP-SGD tanh CNN (`dpsgd.tanh_cnn`, ~26k parameters), trained
   by plain Keras and by `DPSGDModel(clipping="vectorized" | "ghost")`;
 * a Lipschitz network (`architecture()`), trained by plain Keras (the same
-  layers in a `keras.Sequential`) and by `DPSequential` (clipless).
+  layers in a `keras.Sequential`), by `DPSequential` (clipless) and by
+  `DPSGDModel` (per-example clipping, vectorised: ghost clipping does not
+  cover the DP layers), so clipless and DP-SGD compare on one network.
 Ratios are to plain Keras on the same network and the same batches. For each
 batch size B and sampling (Poisson: `data.poisson_batches`, variable size;
 shuffle: fixed B), the models' epochs alternate in one process (A, B, C, A,
@@ -47,6 +49,7 @@ BASELINE = {
     "dpsgd_ghost": "keras_cnn",
     "keras_lipschitz": "keras_lipschitz",
     "clipless": "keras_lipschitz",
+    "dpsgd_lipschitz": "keras_lipschitz",
 }
 MODELS = tuple(BASELINE)
 
@@ -99,6 +102,15 @@ def build(kind: str, meta) -> keras.Model:
             dataset_metadata=meta,
         )
         loss = DP_TauCategoricalCrossentropy(8.0)
+    elif kind == "dpsgd_lipschitz":
+        model = DPSGDModel(
+            keras.Sequential([keras.Input(SHAPE), *architecture()]),
+            dp,
+            meta,
+            l2_norm_clip=1.0,
+            clipping="vectorized",
+        )
+        loss = keras.losses.CategoricalCrossentropy(from_logits=True)
     else:
         model = DPSGDModel(
             tanh_cnn(SHAPE, 10),

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import socket
+import weakref
 
 import keras
 import numpy as np
@@ -155,6 +156,56 @@ def released_on_every_replica(noisy: list[tf.Tensor]) -> list[tf.Tensor]:
         return list(noisy)
     released = context.all_reduce(tf.distribute.ReduceOp.SUM, list(noisy))
     return [g / num_replicas() for g in released]
+
+
+def sum_over_replicas(value: tf.Tensor) -> tf.Tensor:
+    """A scalar summed over the replicas (itself alone), e.g. the rows of
+    the global batch."""
+    context = _replica_context()
+    if context is None:
+        return value
+    total = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(value, tf.float32))
+    return tf.cast(total, value.dtype)
+
+
+#: Iterators of distributed datasets known to hand each replica its own
+#: share of one global batch per step (see `mark_splitting`).
+_SPLITTING_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+_MARKED_CLASSES: dict[type, type] = {}
+
+
+def mark_splitting(dataset: tf.distribute.DistributedDataset):
+    """Register every iterator `dataset` makes from now on as one that
+    splits each global batch over the replicas (`splits_batches`).
+
+    For datasets that do: `strategy.experimental_distribute_dataset`'s
+    (what Keras's `fit` makes of data under a strategy), and the ones a DP
+    model's `fit` has checked (`distributed_poisson_batches`, declared
+    ones). A DP model's train function refuses other iterators under
+    several replicas: `distribute_datasets_from_function(lambda _: ds)`
+    gives every replica a whole batch, each sample counted R times.
+
+    Returns:
+        `dataset` (its class becomes a registering subclass of its own).
+    """
+    cls = type(dataset)
+    if cls not in _MARKED_CLASSES.values():
+        if cls not in _MARKED_CLASSES:
+
+            def __iter__(self):  # noqa: N807 (the iterator protocol)
+                iterator = super(marked, self).__iter__()
+                _SPLITTING_ITERATORS.add(iterator)
+                return iterator
+
+            marked = type(cls.__name__, (cls,), {"__iter__": __iter__})
+            _MARKED_CLASSES[cls] = marked
+        dataset.__class__ = _MARKED_CLASSES[cls]
+    return dataset
+
+
+def splits_batches(iterator) -> bool:
+    """Whether `iterator` comes from a dataset `mark_splitting` registered."""
+    return iterator in _SPLITTING_ITERATORS  # False for any other object
 
 
 def sums_replica_gradients(optimizer, variables=()) -> bool:
@@ -326,10 +377,13 @@ __all__ = [
     "distributed_poisson_batches",
     "is_first_replica",
     "local_tf_configs",
+    "mark_splitting",
     "max_over_replicas",
     "num_replicas",
     "num_workers",
     "reducible_logs",
     "released_on_every_replica",
+    "splits_batches",
+    "sum_over_replicas",
     "sums_replica_gradients",
 ]

@@ -429,7 +429,18 @@ def _materialised(per_example: tf.Tensor):
     norms = tf.reduce_sum(
         tf.reshape(tf.square(per_example), [tf.shape(per_example)[0], -1]), 1
     )
-    return norms, lambda c, kept: tf.tensordot(c, _keep(per_example, kept), axes=1)
+    return norms, lambda c, kept: _weighted_sum(c, per_example, kept)
+
+
+def _weighted_sum(c: tf.Tensor, per_example: tf.Tensor, kept: tf.Tensor):
+    """``sum_i c_i per_example_i``; the rows of dropped examples are zeroed
+    first (`_keep`) only when there are some: a kept example's norm is
+    finite, so its entries are, and c_i = 0 for the others."""
+    return tf.cond(
+        tf.reduce_all(kept),
+        lambda: tf.tensordot(c, per_example, axes=1),
+        lambda: tf.tensordot(c, _keep(per_example, kept), axes=1),
+    )
 
 
 def _keep(rows: tf.Tensor, kept: tf.Tensor) -> tf.Tensor:
@@ -455,17 +466,32 @@ def _reduce_to(delta: tf.Tensor, shape: tuple[int, ...]) -> tf.Tensor:
 def _conv(layer, a: tf.Tensor, delta: tf.Tensor) -> tuple[tf.Tensor, Callable]:
     """A Conv1D/2D is a dense layer on its input patches: T = out_h * out_w
     rows of kh * kw * c_in values (`_conv_patches`). The per-example kernels
-    are materialised slice group by slice group (no patch tensor), and the
-    clipped sum contracts them (see `_linear` on the Gram form)."""
+    are materialised slice group by slice group (no patch tensor); norms and
+    the clipped sum are taken group by group, and only the summed kernel is
+    put in kernel order (see `_linear` on the Gram form)."""
     groups, order = _conv_patches(layer, a)
     if isinstance(layer, keras.layers.Conv1D):
         delta = delta[:, None]
+    parts, taps, start = [], [], 0
+    for group in groups:
+        group_order = order[start : start + group.shape[-1]]
+        start += group.shape[-1]
+        per_example = tf.einsum("bxyi,bxyo->bio", group, delta)
+        valid = [m for m, tap in enumerate(group_order) if tap >= 0]
+        if len(valid) < len(group_order):  # phases past the kernel's edge
+            per_example = tf.gather(per_example, valid, axis=1)
+        parts.append(_materialised(per_example))
+        taps.extend(group_order[m] for m in valid)
+    norms = tf.add_n([part_norms for part_norms, _ in parts])
+    position = {tap: m for m, tap in enumerate(taps)}
+    in_kernel_order = [position[tap] for tap in range(len(taps))]
     kernel = layer.kernel.shape
-    position = {tap: m for m, tap in enumerate(order) if tap >= 0}
-    in_kernel_order = [position[tap] for tap in range(len(position))]
-    per_group = [tf.einsum("bxyi,bxyo->bio", g, delta) for g in groups]
-    per_example = tf.gather(tf.concat(per_group, 1), in_kernel_order, axis=1)
-    return _materialised(tf.reshape(per_example, [-1, *kernel]))
+
+    def kernel_sum(c, kept):
+        summed = tf.concat([part_sum(c, kept) for _, part_sum in parts], 0)
+        return tf.reshape(tf.gather(summed, in_kernel_order), kernel)
+
+    return norms, kernel_sum
 
 
 def _conv_patches(layer, a: tf.Tensor) -> tuple[list[tf.Tensor], list[int]]:

@@ -39,7 +39,14 @@ from .bounds import (
     walk_layers,
 )
 from .data import DatasetMetadata, pad_to_buckets, sampling_provenance
-from .distribution import check_strategy, num_replicas, num_workers, reducible_logs
+from .distribution import (
+    check_strategy,
+    mark_splitting,
+    num_replicas,
+    num_workers,
+    reducible_logs,
+    splits_batches,
+)
 from .layers.bounded import DP_BoundedInput
 from .layers.clipping import DP_ClipGradient
 from .losses import lipschitz_constant
@@ -296,6 +303,28 @@ class PrivateModel(HasPrivacyPlan):
                     f"not mirrored on its replicas: {plain[:3]}. Create every layer "
                     "(and a wrapped model) under strategy.scope()."
                 )
+            optimizer = getattr(self, "optimizer", None)
+            unsupported = [
+                option
+                for option, value in (
+                    (
+                        "gradient_accumulation_steps",
+                        getattr(optimizer, "gradient_accumulation_steps", None),
+                    ),
+                    (
+                        "use_ema with ema_overwrite_frequency",
+                        getattr(optimizer, "use_ema", False)
+                        and getattr(optimizer, "ema_overwrite_frequency", None),
+                    ),
+                )
+                if value
+            ]
+            if unsupported:
+                raise ValueError(
+                    f"{owner}: the optimizer's {unsupported[0]} does not run under "
+                    "a multi-replica strategy (Keras's cross-replica merge fails, "
+                    "also for plain Keras models). Train without it."
+                )
 
     def _check_replica_entry(self) -> None:
         """Under several replicas, a train step runs only from this model's
@@ -309,7 +338,8 @@ class PrivateModel(HasPrivacyPlan):
                 call of `train_function`, which can give every replica the
                 whole batch.
         """
-        if num_replicas() > 1 and not self._dp_batches_split.value:
+        replicas = max(num_replicas(), self.distribute_strategy.num_replicas_in_sync)
+        if replicas > 1 and not self._dp_batches_split.value:
             raise ValueError(
                 f"Under a multi-replica strategy, {type(self).__name__} trains "
                 "inside fit or train_on_batch only: a custom strategy.run(train_step) "
@@ -320,12 +350,48 @@ class PrivateModel(HasPrivacyPlan):
     @contextlib.contextmanager
     def _splits_batches(self):
         """While `fit` / `train_on_batch` run: their batches are split over
-        the replicas (Keras's distributed datasets, or `train_on_batch`'s)."""
+        the replicas (Keras's distributed datasets, or `train_on_batch`'s),
+        and the datasets Keras distributes meanwhile are `mark_splitting`'s
+        (`strategy.experimental_distribute_dataset` splits each batch)."""
+        strategy = self.distribute_strategy
+        own = "experimental_distribute_dataset" in vars(strategy)
+        distribute = strategy.experimental_distribute_dataset
+
+        def distribute_and_mark(*args, **kwargs):
+            return mark_splitting(distribute(*args, **kwargs))
+
+        outer = self._dp_batches_split.value  # train_on_batch inside fit
         self._dp_batches_split.value = True
+        if not own:
+            strategy.experimental_distribute_dataset = distribute_and_mark
         try:
             yield
         finally:
-            self._dp_batches_split.value = False
+            self._dp_batches_split.value = outer
+            if not own:
+                del strategy.experimental_distribute_dataset
+
+    def _check_iterator(self, iterator) -> None:
+        """Under several replicas the train function takes only iterators of
+        datasets that split each global batch over the replicas
+        (`distribution.mark_splitting`: Keras's own in `fit`, the checked
+        dataset given to `fit`, `train_on_batch`'s).
+
+        Raises:
+            ValueError: another iterator (a plain one: every replica would
+                get the whole batch; `distribute_datasets_from_function`'s:
+                every replica may get its own whole batch).
+        """
+        if self.distribute_strategy.num_replicas_in_sync == 1:
+            return
+        if not splits_batches(iterator):
+            raise ValueError(
+                f"Under a multi-replica strategy, {type(self).__name__}'s train "
+                "function runs on the batches of fit or train_on_batch only: this "
+                f"iterator ({type(iterator).__name__}) was not made by them, and "
+                "it can give every replica a whole batch (each sample would count "
+                "once per replica)."
+            )
 
     def _distributed_compile_options(self, kwargs: dict) -> dict:
         """`compile`'s keyword arguments under a multi-replica strategy: Keras
@@ -352,6 +418,7 @@ class PrivateModel(HasPrivacyPlan):
 
         def train_function(iterator):
             self._check_replica_entry()  # each call: a traced step checks once
+            self._check_iterator(iterator)
             return function(iterator)
 
         train_function._dp_replica_guard = True
@@ -405,6 +472,8 @@ class PrivateModel(HasPrivacyPlan):
                 args = (pad_to_buckets(data), *args[1:])
             else:
                 kwargs["x"] = pad_to_buckets(data)
+        if isinstance(data, tf.distribute.DistributedDataset):
+            mark_splitting(data)  # checked above: its batches are split
         try:
             with self._splits_batches():
                 return super().fit(*args, **kwargs)
@@ -439,8 +508,10 @@ class PrivateModel(HasPrivacyPlan):
         self._maybe_symbolic_build(data_batch=(x, y, sample_weight))
         self.make_train_function()
         self.reset_metrics()
-        split = strategy.experimental_distribute_dataset(
-            tf.data.Dataset.from_tensors(batch)
+        split = mark_splitting(
+            strategy.experimental_distribute_dataset(
+                tf.data.Dataset.from_tensors(batch)
+            )
         )
         with self._splits_batches():
             logs = python_utils.pythonify_logs(self.train_function(iter(split)))

@@ -58,6 +58,7 @@ from .distribution import (
     max_over_replicas,
     num_workers,
     released_on_every_replica,
+    sum_over_replicas,
     sums_replica_gradients,
 )
 
@@ -355,7 +356,8 @@ class PrivacyPlan:
 
     def batch_size_guard(self, x: tf.Tensor) -> Guard:
         """A batch may not be larger than the declared sampling can produce
-        (static sizes are refused at trace time)."""
+        (static sizes are refused at trace time). Under several replicas the
+        limit holds for the global batch: the replicas' rows summed."""
         limit = self.max_batch_size()
         size = x.shape[0]
         message = (
@@ -366,7 +368,7 @@ class PrivacyPlan:
         )
         if size is not None and size > limit:
             raise ValueError(f"{message} Received: batch of {size}")
-        return Guard(message, tf.shape(x)[0] <= limit)
+        return Guard(message, sum_over_replicas(tf.shape(x)[0]) <= limit)
 
     def input_shape_guard(self, x: tf.Tensor) -> Guard:
         """Samples must have the metadata's input shape: the bounds of layers

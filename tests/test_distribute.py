@@ -490,6 +490,12 @@ def test_keras_file_of_a_distributed_run_keeps_its_ledger(tmp_path):
 
 
 # ------------------------------------------------- adversarial review (fixed)
+def _samples(n):
+    """n samples of the _clipless input shape, and labels."""
+    x = np.random.default_rng(n).uniform(size=(n, 8, 8, 1)).astype(np.float32) / 8
+    return x, np.eye(64, dtype=np.float32)[np.arange(n) % 64]
+
+
 def _two_rows():
     x = np.random.default_rng(4).uniform(size=(2, 8, 8, 1)).astype(np.float32) / 8
     return x, np.eye(64, dtype=np.float32)[:2]
@@ -639,6 +645,94 @@ def test_a_direct_train_function_call_is_refused_even_with_distributed_data():
     with pytest.raises(ValueError, match="each sample would count once per replica"):
         model.train_function(iter(whole))
     assert int(model.dp_steps.numpy()) == 1
+
+
+def test_the_train_function_takes_only_iterators_that_split_the_batch():
+    """Third review: the train function's guard read the strategy in scope,
+    so after fit (outside the scope) a direct call with every replica given
+    the whole batch ran (update 2x, one step recorded); a callback could do
+    it during fit with a plain iterator. Now the model's strategy decides,
+    and only iterators of datasets that split each batch are taken."""
+    strategy = strategy_of(2)
+    with strategy.scope():
+        model = _clipless(1.0)
+    x, y = _two_rows()
+    model.fit(poisson_batches(*_samples(1000), 50, seed=3), epochs=1, verbose=0)
+    steps = int(model.dp_steps.numpy())
+    whole = strategy.distribute_datasets_from_function(
+        lambda _: tf.data.Dataset.from_tensors((x, y)).repeat()
+    )
+    plain = tf.data.Dataset.from_tensors((x, y)).repeat()
+    for iterator in (iter(whole), iter(plain)):
+        with pytest.raises(ValueError, match="each sample would count once per"):
+            model.train_function(iterator)
+    assert int(model.dp_steps.numpy()) == steps
+
+    class DirectCall(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            self.model.train_function(iter(plain))
+
+    with pytest.raises(ValueError, match="was not made by them"):
+        model.fit(
+            poisson_batches(*_samples(1000), 50, seed=4),
+            epochs=1,
+            verbose=0,
+            callbacks=[DirectCall()],
+        )
+
+
+def test_train_on_batch_inside_fit_keeps_fit_running():
+    """train_on_batch from a callback nests in fit: fit's later steps still
+    run (and are labelled unverified, as after any train_on_batch)."""
+    strategy = strategy_of(2)
+    with strategy.scope():
+        model = _clipless(1.0)
+    x, y = _two_rows()
+
+    class Nested(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                self.model.train_on_batch(x, y)
+
+    data = poisson_batches(*_samples(1000), 50, seed=5)
+    model.fit(data, epochs=1, verbose=0, callbacks=[Nested()])
+    assert int(model.dp_steps.numpy()) == len(list(data)) + 1
+
+
+def test_the_batch_size_limit_holds_for_the_global_batch():
+    """Third review: the limit on a batch's rows was checked per replica, so
+    4 replicas took 4x the rows the declared sampling can produce."""
+    strategy = strategy_of(4)
+    with strategy.scope():
+        model = _clipless(1.0)
+    limit = model.privacy_plan.max_batch_size()
+    rows = 4 * (limit // 4 + 1)  # every replica's share is under the limit
+    x, y = _samples(rows)
+    before = [v.numpy() for v in model.trainable_variables]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="more samples than"):
+        model.train_on_batch(x, y)
+    for now, then in zip(model.trainable_variables, before, strict=True):
+        np.testing.assert_array_equal(now, then)  # nothing of the batch released
+    steps = int(model.dp_steps.numpy())  # (the refused step may count: conservative)
+    model.train_on_batch(*_samples(limit))
+    assert int(model.dp_steps.numpy()) == steps + 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"gradient_accumulation_steps": 2},
+        {"use_ema": True, "ema_overwrite_frequency": 1},
+    ],
+)
+def test_optimizer_options_keras_cannot_run_under_replicas_are_refused(options):
+    strategy = strategy_of(2)
+    with strategy.scope():
+        model = _clipless(1.0)
+        with pytest.raises(ValueError, match=f"optimizer's {next(iter(options))}"):
+            model.compile(
+                keras.optimizers.SGD(0.1, **options), losses.DP_KCosineSimilarity()
+            )
 
 
 def test_an_optimizer_with_a_replaced_gradient_method_gets_the_released_sum():
