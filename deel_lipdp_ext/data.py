@@ -248,16 +248,21 @@ def sampling_provenance(data) -> SamplingProvenance | None:
 
 
 def declare_sampling(dataset, metadata: DatasetMetadata):
-    """Vouch that `dataset` (a tf.data dataset, or a distributed one whose
-    replicas' batches together make one global batch per step) samples as
-    `metadata` says (its sampling, N and B).
+    """Vouch that `dataset` (a tf.data dataset, or one distributed by
+    `strategy.experimental_distribute_dataset`, which splits each global
+    batch over the replicas) samples as `metadata` says (its sampling, N and
+    B).
 
     For pipelines built outside this module. Nothing is checked: the epsilon
     is only as true as this declaration, and the report says "declared".
-    A distributed dataset must split ONE global batch of expected size B
-    over the replicas each step: `distribute_datasets_from_function(lambda
-    _: poisson_batches(x, y, B))` gives every replica a whole batch (R * B
-    per step), which this declaration would misreport.
+    A dataset of `distribute_datasets_from_function` is refused: it gives
+    every replica a dataset of its own (`lambda _: poisson_batches(x, y, B)`
+    gives each a whole batch, R * B per step); use
+    `distribution.distributed_poisson_batches`.
+
+    Raises:
+        TypeError: not a dataset, or a `distribute_datasets_from_function`
+            one.
 
     Returns:
         `dataset`, marked.
@@ -267,6 +272,16 @@ def declare_sampling(dataset, metadata: DatasetMetadata):
             f"declare_sampling takes a tf.data.Dataset (or a tf.distribute "
             f"distributed dataset). Received: "
             f"{type(dataset).__name__}"
+        )
+    if any(
+        c.__name__ == "DistributedDatasetsFromFunction" for c in type(dataset).__mro__
+    ):
+        raise TypeError(
+            "declare_sampling does not take a dataset of "
+            "distribute_datasets_from_function: every replica gets a dataset of "
+            "its own (a whole batch each, if they are alike), which no declaration "
+            "of one global batch describes. Declare the tf.data dataset and let "
+            "fit split it, or use distribution.distributed_poisson_batches."
         )
     if not isinstance(metadata, DatasetMetadata):
         raise TypeError(

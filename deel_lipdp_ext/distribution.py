@@ -63,6 +63,31 @@ SUPPORTED_STRATEGIES = (
 )
 
 
+#: Strategy methods that decide which replica gets which samples: a DP model
+#: refuses a strategy with one of them replaced on the instance.
+_TRUSTED_METHODS = (
+    "experimental_distribute_dataset",
+    "distribute_datasets_from_function",
+    "run",
+)
+#: Marks this package's own wrapper of `experimental_distribute_dataset`.
+_OURS = "_dp_marks_splitting"
+
+
+def distribute_and_mark(strategy: tf.distribute.Strategy) -> object:
+    """A replacement for `strategy.experimental_distribute_dataset` (set on
+    the instance while a DP model's `fit` or `train_on_batch` runs): the
+    class's own method (a supported strategy's), its result marked
+    (`mark_splitting`)."""
+
+    def distribute(*args, **kwargs):
+        method = type(strategy).experimental_distribute_dataset
+        return mark_splitting(method(strategy, *args, **kwargs))
+
+    setattr(distribute, _OURS, True)
+    return distribute
+
+
 def check_strategy(owner: str, strategy: tf.distribute.Strategy | None = None) -> None:
     """Refuse a strategy the DP train step does not support.
 
@@ -71,13 +96,31 @@ def check_strategy(owner: str, strategy: tf.distribute.Strategy | None = None) -
         strategy: the model's strategy (default: the one in scope).
 
     Raises:
-        NotImplementedError: naming the strategy when it is not one of
-            `SUPPORTED_STRATEGIES`.
+        NotImplementedError: naming the strategy when its class is not one
+            of `SUPPORTED_STRATEGIES` (a subclass neither), or when one of
+            its methods that split the data is replaced on the instance.
     """
     strategy = strategy or tf.distribute.get_strategy()
-    if isinstance(strategy, SUPPORTED_STRATEGIES):
+    overridden = [
+        name
+        for name in _TRUSTED_METHODS
+        if name in vars(strategy) and not getattr(vars(strategy)[name], _OURS, False)
+    ]
+    if overridden:
+        raise NotImplementedError(
+            f"{owner} does not support a {type(strategy).__name__} whose "
+            f"{overridden[0]} is replaced on the instance: it decides which "
+            "replica gets which samples."
+        )
+    if type(strategy) in SUPPORTED_STRATEGIES:
         return
     names = ", ".join(cls.__name__ for cls in SUPPORTED_STRATEGIES[1:])
+    if isinstance(strategy, SUPPORTED_STRATEGIES):
+        raise NotImplementedError(
+            f"{owner} does not support {type(strategy).__name__}, a subclass of "
+            f"a supported strategy: it can change how batches are split over "
+            f"the replicas. Supported: no strategy, {names}."
+        )
     raise NotImplementedError(
         f"{owner} does not support {type(strategy).__name__}: its variables are "
         "not mirrored on every replica, so the once-per-step noise and the "
@@ -374,6 +417,7 @@ def local_tf_configs(workers: int, chief: bool = False) -> list[str]:
 __all__ = [
     "SUPPORTED_STRATEGIES",
     "check_strategy",
+    "distribute_and_mark",
     "distributed_poisson_batches",
     "is_first_replica",
     "local_tf_configs",

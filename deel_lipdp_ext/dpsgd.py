@@ -346,7 +346,12 @@ class DPSGDModel(PrivateModel, keras.Model):
             y,
             sample_weight,
             run_asserts=not self.jit_compile,
-            guards=[self.privacy_plan.batch_size_guard(tf.convert_to_tensor(x))],
+            guards=[
+                self.privacy_plan.batch_size_guard(
+                    tf.convert_to_tensor(x), sample_weight
+                ),
+                *self._entry_guards(),
+            ],
         )
         if self.clipping_method == "ghost":
             step = clipped_gradient_sum(

@@ -41,6 +41,7 @@ from .bounds import (
 from .data import DatasetMetadata, pad_to_buckets, sampling_provenance
 from .distribution import (
     check_strategy,
+    distribute_and_mark,
     mark_splitting,
     num_replicas,
     num_workers,
@@ -233,6 +234,7 @@ class PrivateModel(HasPrivacyPlan):
             )
         self.report_train_metrics = report_train_metrics
         self._dp_batches_split = _Untracked(False)  # see _splits_batches
+        self._dp_entry = _Untracked(None)  # see _entry_guards
         self._privacy_plan = PrivacyPlan(
             dp_parameters, dataset_metadata, noise_coefficients
         )
@@ -303,6 +305,13 @@ class PrivateModel(HasPrivacyPlan):
                     f"not mirrored on its replicas: {plain[:3]}. Create every layer "
                     "(and a wrapped model) under strategy.scope()."
                 )
+            if self._jit_compile is True:
+                raise ValueError(
+                    f"{owner}: jit_compile=True does not run under a multi-replica "
+                    f"{type(self.distribute_strategy).__name__} (Keras compiles one "
+                    "XLA program across the replicas' devices). Use "
+                    "jit_compile=False."
+                )
             optimizer = getattr(self, "optimizer", None)
             unsupported = [
                 option
@@ -354,22 +363,47 @@ class PrivateModel(HasPrivacyPlan):
         and the datasets Keras distributes meanwhile are `mark_splitting`'s
         (`strategy.experimental_distribute_dataset` splits each batch)."""
         strategy = self.distribute_strategy
-        own = "experimental_distribute_dataset" in vars(strategy)
-        distribute = strategy.experimental_distribute_dataset
-
-        def distribute_and_mark(*args, **kwargs):
-            return mark_splitting(distribute(*args, **kwargs))
-
+        check_strategy(type(self).__name__, strategy)  # no method replaced
         outer = self._dp_batches_split.value  # train_on_batch inside fit
+        patch = "experimental_distribute_dataset" not in vars(strategy)
         self._dp_batches_split.value = True
-        if not own:
-            strategy.experimental_distribute_dataset = distribute_and_mark
+        if patch:
+            strategy.experimental_distribute_dataset = distribute_and_mark(strategy)
         try:
             yield
         finally:
             self._dp_batches_split.value = outer
-            if not own:
+            if patch:
                 del strategy.experimental_distribute_dataset
+
+    def _entry_variable(self) -> tf.Variable:
+        """A mirrored bool, True only while this model's train function runs
+        (set around each call under several replicas)."""
+        if self._dp_entry.value is None:
+            with self.distribute_strategy.scope():
+                self._dp_entry.value = tf.Variable(
+                    False, trainable=False, name="dp_train_function_running"
+                )
+        return self._dp_entry.value
+
+    def _entry_guards(self) -> list:
+        """Under several replicas, the train step's guard that it runs inside
+        this model's train function: a `strategy.run(model.train_step)` of
+        one's own, traced inside `fit` (where the trace-time check passes)
+        and run there or later, can give every replica the whole batch."""
+        if self.distribute_strategy.num_replicas_in_sync == 1:
+            return []
+        if self._dp_entry.value is None:
+            self._check_replica_entry()  # not traced by fit: refused here
+        return [
+            Guard(
+                "under a multi-replica strategy the train step runs only inside "
+                "the model's train function (fit, train_on_batch): a "
+                "strategy.run(train_step) of one's own can give every replica "
+                "the whole batch",
+                self._dp_entry.value.read_value(),
+            )
+        ]
 
     def _check_iterator(self, iterator) -> None:
         """Under several replicas the train function takes only iterators of
@@ -416,10 +450,21 @@ class PrivateModel(HasPrivacyPlan):
         if getattr(function, "_dp_replica_guard", False):
             return function
 
+        if self.distribute_strategy.num_replicas_in_sync > 1:
+            entry = self._entry_variable()  # made before the step is traced
+        else:
+            entry = None
+
         def train_function(iterator):
             self._check_replica_entry()  # each call: a traced step checks once
             self._check_iterator(iterator)
-            return function(iterator)
+            if entry is None:
+                return function(iterator)
+            entry.assign(True)  # read by the step's guard (_entry_guards)
+            try:
+                return function(iterator)
+            finally:
+                entry.assign(False)
 
         train_function._dp_replica_guard = True
         self.train_function = train_function
@@ -508,12 +553,10 @@ class PrivateModel(HasPrivacyPlan):
         self._maybe_symbolic_build(data_batch=(x, y, sample_weight))
         self.make_train_function()
         self.reset_metrics()
-        split = mark_splitting(
-            strategy.experimental_distribute_dataset(
+        with self._splits_batches():  # the split below is marked
+            split = strategy.experimental_distribute_dataset(
                 tf.data.Dataset.from_tensors(batch)
             )
-        )
-        with self._splits_batches():
             logs = python_utils.pythonify_logs(self.train_function(iter(split)))
         return logs if return_dict else self._flatten_metrics_in_order(logs)
 
@@ -767,7 +810,11 @@ class DPTrainer(PrivateModel):
         refuse_nested_batch(x=x, y=y, sample_weight=sample_weight)
         x = _as_float32(x)
         plan = self._privacy_plan
-        guards = [plan.batch_size_guard(x), plan.input_shape_guard(x)]
+        guards = [
+            plan.batch_size_guard(x, sample_weight),
+            plan.input_shape_guard(x),
+            *self._entry_guards(),
+        ]
         first = self.dp_layers[0]
         if not first.enforce_clipping:
             guards.append(

@@ -354,10 +354,12 @@ class PrivacyPlan:
             return max_poisson_batch_size(meta.nb_samples_train, meta.sampling_rate)
         return meta.batch_size
 
-    def batch_size_guard(self, x: tf.Tensor) -> Guard:
-        """A batch may not be larger than the declared sampling can produce
-        (static sizes are refused at trace time). Under several replicas the
-        limit holds for the global batch: the replicas' rows summed."""
+    def batch_size_guard(self, x: tf.Tensor, sample_weight=None) -> Guard:
+        """A batch may not have more samples than the declared sampling can
+        produce (static sizes are refused at trace time). The samples are
+        the rows of weight > 0 when `sample_weight` is given (padding rows of
+        weight 0 do not count); under several replicas the limit holds for
+        the global batch: the replicas' samples summed."""
         limit = self.max_batch_size()
         size = x.shape[0]
         message = (
@@ -368,7 +370,12 @@ class PrivacyPlan:
         )
         if size is not None and size > limit:
             raise ValueError(f"{message} Received: batch of {size}")
-        return Guard(message, sum_over_replicas(tf.shape(x)[0]) <= limit)
+        if sample_weight is None:
+            rows = tf.shape(x)[0]
+        else:
+            weight = tf.reshape(tf.convert_to_tensor(sample_weight), [-1])
+            rows = tf.reduce_sum(tf.cast(weight > 0, tf.int32))
+        return Guard(message, sum_over_replicas(rows) <= limit)
 
     def input_shape_guard(self, x: tf.Tensor) -> Guard:
         """Samples must have the metadata's input shape: the bounds of layers

@@ -130,7 +130,7 @@ def work(args) -> None:
             return tf.data.Dataset.from_tensors((x, y, zero)).repeat(10)
 
         data = (
-            strategy.distribute_datasets_from_function(zero_weight_batches)
+            strategy.experimental_distribute_dataset(zero_weight_batches(None))
             if "TF_CONFIG" in os.environ
             else zero_weight_batches(None)
         )

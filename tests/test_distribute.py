@@ -189,9 +189,9 @@ def test_undistributed_data_never_reaches_every_replica_whole():
 TINY = DatasetMetadata((4,), 2, nb_samples_train=100, nb_samples_test=0, batch_size=10)
 
 
-def _tiny_model(compile_kwargs=None) -> DPSequential:
-    """A one-layer DP model of 4 inputs for TINY (100 samples, B = 10),
-    compiled with `compile_kwargs` (refusals raise from compile)."""
+def _tiny_model(compile_kwargs=None, metadata=TINY) -> DPSequential:
+    """A one-layer DP model of 4 inputs for `metadata` (TINY: 100 samples,
+    B = 10), compiled with `compile_kwargs` (refusals raise from compile)."""
     model = DPSequential(
         [
             keras.Input((4,)),
@@ -199,7 +199,7 @@ def _tiny_model(compile_kwargs=None) -> DPSequential:
             L.DP_QuickSpectralDense(2),
         ],
         dp_parameters=DPParameters(1.0, 1e-5),
-        dataset_metadata=TINY,
+        dataset_metadata=metadata,
     )
     model.compile(
         keras.optimizers.SGD(0.1),
@@ -383,17 +383,22 @@ def test_unsupported_strategies_are_refused_by_name(monkeypatch):
 
 
 def test_declared_distributed_datasets_are_accepted_and_labelled():
+    """A declared dataset that splits each batch (experimental_distribute_
+    dataset) trains, labelled "declared"; one of distribute_datasets_from_
+    function, which gives every replica a dataset of its own (a whole batch
+    each: fourth review, R times the declared rate), is refused."""
     strategy = strategy_of(2)
     x = np.zeros((100, 4), np.float32)
     y = np.zeros((100, 2), np.float32)
-    dataset = strategy.distribute_datasets_from_function(
-        lambda _: tf.data.Dataset.from_tensor_slices((x, y)).batch(5)
-    )
-    declared = declare_sampling(dataset, TINY)
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(10)
+    declared = declare_sampling(strategy.experimental_distribute_dataset(batches), TINY)
     with strategy.scope():
         model = _tiny_model()
     model.fit(declared, epochs=1, verbose=0)
     assert model.privacy_plan.samplings() == ("declared by the user",)
+    per_replica = strategy.distribute_datasets_from_function(lambda _: batches)
+    with pytest.raises(TypeError, match="distribute_datasets_from_function"):
+        declare_sampling(per_replica, TINY)
 
 
 # ------------------------------------------------------------ resume runs
@@ -679,6 +684,94 @@ def test_the_train_function_takes_only_iterators_that_split_the_batch():
             verbose=0,
             callbacks=[DirectCall()],
         )
+
+
+def test_a_train_step_of_ones_own_traced_inside_fit_is_refused_when_run():
+    """Fourth review: `strategy.run(model.train_step)` in a tf.function of
+    one's own, traced inside fit (where the trace-time check passes), gave
+    every replica the whole batch when run, inside fit or after it (update
+    2x, one step). The step now guards in the graph that the model's train
+    function is running."""
+    strategy = strategy_of(2)
+    with strategy.scope():
+        model = _clipless(1.0)
+    x, y = _two_rows()
+    batch = (tf.constant(x), tf.constant(y))
+    step = tf.function(lambda b: strategy.run(model.train_step, args=(b,)))
+    outcomes = []
+
+    class Run(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch_index, logs=None):
+            if batch_index == 0:
+                with pytest.raises(tf.errors.InvalidArgumentError) as refused:
+                    step(batch)
+                outcomes.append(str(refused.value))
+
+    before = [v.numpy() for v in model.trainable_variables]
+    model.fit(
+        poisson_batches(*_samples(1000), 50, seed=6),
+        epochs=1,
+        verbose=0,
+        steps_per_epoch=1,
+        callbacks=[Run()],
+    )
+    assert "assertion failed: [DP tr" in outcomes[0]  # TensorFlow cuts the rest
+    trained = [v.numpy() for v in model.trainable_variables]
+    assert any(not np.array_equal(a, b) for a, b in zip(trained, before, strict=True))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="assertion failed"):
+        step(batch)  # after fit
+    for now, then in zip(model.trainable_variables, trained, strict=True):
+        np.testing.assert_array_equal(now, then)
+
+
+def test_strategies_that_could_split_otherwise_are_refused():
+    """Fourth review: a MirroredStrategy subclass (or an instance with its
+    experimental_distribute_dataset replaced) decides which replica gets
+    which samples; fit marked what it returned as splitting (update 2x)."""
+
+    class Custom(tf.distribute.MirroredStrategy):
+        pass
+
+    custom = Custom(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+    with custom.scope(), pytest.raises(NotImplementedError, match="a subclass"):
+        _clipless(1.0)
+    strategy = strategy_of(2)
+    with strategy.scope():
+        model = _clipless(1.0)
+    strategy.experimental_distribute_dataset = lambda dataset, options=None: None
+    try:
+        with pytest.raises(NotImplementedError, match="replaced on the instance"):
+            model.train_on_batch(*_two_rows())
+    finally:
+        del strategy.experimental_distribute_dataset
+
+
+def test_padding_rows_do_not_count_against_the_batch_limit():
+    """Fourth review: the global limit counted each replica's bucket padding
+    (B = 3, 4 replicas: 32 rows against a limit of 31, every step refused).
+    Rows of weight 0 are not samples."""
+    strategy = strategy_of(4)
+    metadata = DatasetMetadata(
+        (4,), 2, nb_samples_train=1000, nb_samples_test=0, batch_size=3
+    )
+    with strategy.scope():
+        model = _tiny_model(metadata=metadata)
+    x = np.random.default_rng(0).normal(size=(1000, 4)).astype(np.float32) / 4
+    y = np.eye(2, dtype=np.float32)[np.arange(1000) % 2]
+    data = distributed_poisson_batches(strategy, x, y, 3, seed=0, padding="buckets")
+    model.fit(data, epochs=1, verbose=0, steps_per_epoch=5)
+    assert int(model.dp_steps.numpy()) == 5
+
+
+def test_jit_compile_set_after_compile_is_refused_by_name():
+    strategy = strategy_of(2)
+    with strategy.scope():
+        model = _clipless(1.0)
+    model.jit_compile = True
+    with pytest.raises(ValueError, match="jit_compile=True does not run"):
+        model.train_on_batch(*_two_rows())
 
 
 def test_train_on_batch_inside_fit_keeps_fit_running():
