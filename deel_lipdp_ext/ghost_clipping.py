@@ -433,12 +433,14 @@ def _materialised(per_example: tf.Tensor):
 
 
 def _weighted_sum(c: tf.Tensor, per_example: tf.Tensor, kept: tf.Tensor):
-    """``sum_i c_i per_example_i``; the rows of dropped examples are zeroed
-    first (`_keep`) only when there are some: a kept example's norm is
-    finite, so its entries are, and c_i = 0 for the others."""
+    """``sum_i c_i per_example_i``. A kept example's norm is finite, so its
+    entries are; a dropped one has c_i = 0, and its rows are zeroed first
+    (`_keep`: 0 * inf is NaN) only when the plain sum shows a non-finite
+    entry."""
+    plain = tf.tensordot(c, per_example, axes=1)
     return tf.cond(
-        tf.reduce_all(kept),
-        lambda: tf.tensordot(c, per_example, axes=1),
+        tf.reduce_all(tf.math.is_finite(plain)),
+        lambda: plain,
         lambda: tf.tensordot(c, _keep(per_example, kept), axes=1),
     )
 
@@ -774,6 +776,12 @@ def clipped_gradient_sum(
     weights = tf.cast(weights, scale.dtype)
     weights = tf.where(tf.math.is_finite(weights), tf.clip_by_value(weights, 0, 1), 0)
     coefficients = tf.where(kept, scale * weights, 0.0)
+    if squares:
+        # One coefficient per example of the inputs' batch: labels or weights
+        # that outnumber the inputs broadcast above (a malformed batch the
+        # train step's guards refuse or zero); each input row is counted once.
+        examples = tf.shape(norms)[0]
+        kept, coefficients = kept[:examples], coefficients[:examples]
     by_variable = {}
     for unit, result in zip(units, per_unit, strict=True):
         if result is None:  # never called: no gradient

@@ -612,3 +612,30 @@ def test_an_embedding_row_shared_by_thousands_of_positions_contributes_at_most_c
     for _ in range(3):
         y = rng.normal(size=(1, 4096 * 4)).astype(np.float32)
         assert _contribution(model, ids, y) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("layer", ["dense", "conv"])
+def test_labels_outnumbering_the_inputs_count_each_input_row_once(layer):
+    """One input row with 16 label rows broadcasts to 16 losses: the clipped
+    sum holds one example's contribution (at most C), not 16 copies of it,
+    and non-finite dropped rows still never reach it."""
+    if layer == "dense":
+        net = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+        x = np.full((1, 6), 3.0, np.float32)
+    else:
+        net = keras.Sequential(
+            [keras.Input((6, 6, 2)), keras.layers.Conv2D(4, 3), keras.layers.Flatten()]
+        )
+        x = np.full((1, 6, 6, 2), 3.0, np.float32)
+    out = net.output_shape[-1]
+    y = np.eye(out, dtype=np.float32)[np.arange(16) % out]
+    clip = 0.5
+
+    def squared_errors(y, y_pred):  # broadcasts (16, k) against (1, k)
+        return tf.reduce_sum(tf.square(y - y_pred), axis=-1)
+
+    step = clipped_gradient_sum(
+        net, tf.constant(x), tf.constant(y), squared_errors, tf.ones(16), clip
+    )
+    total = np.sqrt(sum(float(tf.reduce_sum(g**2)) for g in step.gradients))
+    assert total <= clip * (1 + 1e-6)
