@@ -40,6 +40,7 @@ vectorised path.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -376,11 +377,15 @@ class _Recorder:
 
 # --------------------------------------------------------- per-layer rules
 def _rows(a: tf.Tensor, delta: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(batch, T, d) views of an input and an output gradient."""
+    """(batch, T, d) views of an input and an output gradient; T is static
+    when the inner dimensions are (with an unknown batch dimension, a -1
+    would leave it unknown, and T = 1 could not take its fast rule)."""
     batch = tf.shape(a)[0]
+    inner = a.shape[1:-1]
+    rows = math.prod(inner) if None not in inner else -1
     return (
-        tf.reshape(a, [batch, -1, a.shape[-1]]),
-        tf.reshape(delta, [batch, -1, delta.shape[-1]]),
+        tf.reshape(a, [batch, rows, a.shape[-1]]),
+        tf.reshape(delta, [batch, rows, delta.shape[-1]]),
     )
 
 
@@ -478,7 +483,7 @@ def _conv(layer, a: tf.Tensor, delta: tf.Tensor) -> tuple[tf.Tensor, Callable]:
     for group in groups:
         group_order = order[start : start + group.shape[-1]]
         start += group.shape[-1]
-        per_example = tf.einsum("bxyi,bxyo->bio", group, delta)
+        per_example = tf.matmul(*_rows(group, delta), transpose_a=True)
         valid = [m for m, tap in enumerate(group_order) if tap >= 0]
         if len(valid) < len(group_order):  # phases past the kernel's edge
             per_example = tf.gather(per_example, valid, axis=1)
