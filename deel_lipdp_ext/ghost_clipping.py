@@ -189,6 +189,14 @@ def _layer_problem(layer: keras.layers.Layer, ranks: set[int] | None) -> str | N
             return f"has a {name} that is not a built-in Keras activation"
     if isinstance(layer, _L.EinsumDense) and _einsum_parts(layer) is None:
         return "has an equation that does not keep the batch letter first"
+    for name in ("dropout", "recurrent_dropout", "_dropout"):
+        rate = getattr(layer, name, 0)
+        if isinstance(rate, int | float) and rate > 0:
+            return (
+                f"applies dropout inside the layer ({name.lstrip('_')}={rate}): "
+                "its per-layer backward pass would draw other masks than the "
+                "forward pass"
+            )
     if ranks is None:
         return None
     if isinstance(layer, _L.MultiHeadAttention):
@@ -405,10 +413,18 @@ def _linear(a: tf.Tensor, delta: tf.Tensor, shape) -> tuple[tf.Tensor, Callable]
     """
     if a.shape[1] == 1:
         a, delta = a[:, 0], delta[:, 0]
-        norms = tf.square(_scaled_norm(a) * _scaled_norm(delta))
+        a_scale, delta_scale = _row_scale(a), _row_scale(delta)
+        a, delta = a / a_scale[:, None], delta / delta_scale[:, None]
+        norms = tf.square(
+            a_scale * tf.norm(a, axis=1) * delta_scale * tf.norm(delta, axis=1)
+        )
 
         def outer_sum(c, kept):
-            weighted = _keep(delta, kept) * c[:, None]
+            # Rows scaled to a largest entry of 1 and c * scales <= C: no
+            # factor under- or overflows (c * delta of a huge input and a tiny
+            # gradient flushed to zero: a review found 0.79 C for 1 C).
+            factor = c * a_scale * delta_scale  # NaN for a dropped inf row
+            weighted = _keep(delta * factor[:, None], kept)
             return tf.reshape(
                 tf.matmul(_keep(a, kept), weighted, transpose_a=True), shape
             )
@@ -418,14 +434,14 @@ def _linear(a: tf.Tensor, delta: tf.Tensor, shape) -> tuple[tf.Tensor, Callable]
     return norms, lambda c, kept: tf.reshape(summed(c, kept), shape)
 
 
-def _scaled_norm(rows: tf.Tensor) -> tf.Tensor:
-    """L2 norm of each row of (batch, d), computed as max|x| * ||x / max|x|||:
-    the squares of huge or tiny entries would overflow or flush to zero,
-    while the products a_k delta_o the clipped sum adds stay finite (a
-    review found an input of 1e19 with gradients of 1e-19 given norm 0)."""
+def _row_scale(rows: tf.Tensor) -> tf.Tensor:
+    """max|x| of each row of (batch, d) (1 for a zero row). Norms are taken
+    as max|x| * ||x / max|x|||: the squares of huge or tiny entries would
+    overflow or flush to zero, while the products a_k delta_o the clipped
+    sum adds stay finite (a review found an input of 1e19 with gradients of
+    1e-19 given norm 0)."""
     scale = tf.reduce_max(tf.abs(rows), axis=1)
-    safe = tf.where(scale > 0, scale, tf.ones_like(scale))
-    return scale * tf.norm(rows / safe[:, None], axis=1)
+    return tf.where(scale > 0, scale, tf.ones_like(scale))
 
 
 def _materialised(per_example: tf.Tensor):
@@ -777,6 +793,8 @@ def clipped_gradient_sum(
     norms = tf.sqrt(tf.add_n(squares)) if squares else tf.zeros([batch])
     kept = tf.math.is_finite(norms) & tf.math.is_finite(losses)
     limit = float(l2_norm_clip) * margin
+    if tensor_float_32_possible():
+        limit *= TF32_MARGIN
     scale = tf.minimum(1.0, limit / tf.maximum(tf.where(kept, norms, 1.0), 1e-30))
     weights = tf.cast(weights, scale.dtype)
     weights = tf.where(tf.math.is_finite(weights), tf.clip_by_value(weights, 0, 1), 0)
@@ -804,6 +822,21 @@ def clipped_gradient_sum(
     return ClippedSum(gradients, norms, losses, predictions)
 
 
+#: The clip's aim when matmuls may round their inputs to TensorFloat-32 (10
+#: mantissa bits: each product within ~2^-10 of exact, so each example's
+#: contribution within that factor of what its norm measured).
+TF32_MARGIN = 1.0 - 2.0**-8
+
+
+def tensor_float_32_possible() -> bool:
+    """Whether matmuls may run in TensorFloat-32 here (TensorFlow enables it by
+    default on Ampere and later GPUs)."""
+    return bool(
+        tf.config.experimental.tensor_float_32_execution_enabled()
+        and tf.config.list_logical_devices("GPU")
+    )
+
+
 def _uses_fast_rule(unit: _Unit) -> bool:
     """A fast layer called once, on an input whose shape the rule needs
     (a convolution's spatial size) known when traced."""
@@ -829,9 +862,11 @@ def _fast_variables(layer) -> list:
 
 __all__ = [
     "FAST_LAYERS",
+    "TF32_MARGIN",
     "ClippedSum",
     "clipped_gradient_sum",
     "ghost_clipping_support",
+    "tensor_float_32_possible",
     "uses_fast_rule",
     "weight_units",
 ]

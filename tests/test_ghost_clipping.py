@@ -639,3 +639,73 @@ def test_labels_outnumbering_the_inputs_count_each_input_row_once(layer):
     )
     total = np.sqrt(sum(float(tf.reduce_sum(g**2)) for g in step.gradients))
     assert total <= clip * (1 + 1e-6)
+
+
+def test_the_clip_aims_lower_where_matmuls_may_round_to_tensor_float_32(monkeypatch):
+    """A review: on an H100 TensorFlow runs float32 matmuls in TF32 by default,
+    whose rounding put contributions up to 1.0005 C (emulated). Where it is
+    possible, each example is clipped to C (1 - 2^-8)."""
+    import deel_lipdp_ext.ghost_clipping as ghost
+
+    net = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+    x = np.full((1, 6), 100.0, np.float32)
+    y = np.eye(4, dtype=np.float32)[:1]
+
+    def contribution():
+        step = clipped_gradient_sum(
+            net, tf.constant(x), tf.constant(y), _losses, tf.ones(1), 1.0
+        )
+        return np.sqrt(sum(float(tf.reduce_sum(g**2)) for g in step.gradients))
+
+    monkeypatch.setattr(ghost, "tensor_float_32_possible", lambda: False)
+    assert contribution() == pytest.approx(1.0, rel=1e-5)
+    monkeypatch.setattr(ghost, "tensor_float_32_possible", lambda: True)
+    assert contribution() == pytest.approx(ghost.TF32_MARGIN, rel=1e-5)
+
+
+def test_layers_with_internal_dropout_take_the_vectorised_path():
+    """A review: the per-layer backward pass of an LSTM or attention with
+    dropout drew other masks than the forward pass (sums off by 38-107%)."""
+    net = keras.Sequential(
+        [keras.Input((5, 3)), keras.layers.LSTM(4, dropout=0.5), keras.layers.Dense(2)]
+    )
+    assert "dropout" in ghost_clipping_support(net)
+    calm = keras.Sequential(
+        [keras.Input((5, 3)), keras.layers.LSTM(4), keras.layers.Dense(2)]
+    )
+    assert ghost_clipping_support(calm) is None
+
+
+def test_a_loss_over_the_batch_axis_is_refused():
+    """A review: CosineSimilarity(axis=0) made each example's loss depend on
+    the others (replace-one 3.9 C against 2 C under ghost clipping)."""
+    model = DPSGDModel(
+        keras.Sequential([keras.Input((4,)), keras.layers.Dense(4)]),
+        DPParameters(1.0, 1e-5, seed=1),
+        metadata(
+            input_shape=(4,), num_classes=4, n=64, batch_size=8, sampling="shuffle"
+        ),
+        l2_norm_clip=1.0,
+    )
+    model.compile(keras.optimizers.SGD(0.1), keras.losses.CosineSimilarity(axis=0))
+    x = np.ones((8, 4), np.float32)
+    with pytest.raises(ValueError, match="reduces over axis=0, the batch"):
+        model.train_on_batch(x, x)
+
+
+def test_a_huge_input_with_a_tiny_gradient_contributes_its_whole_clip():
+    """A review: the dense rule formed c * delta before the product with the
+    input; for an input of 1e37 and an output gradient of 1e-37 clipped to
+    C = 1e-3, c * delta (1e-40) flushed to zero and the example gave 0 C
+    (0.79 C in fit). Rows are scaled first now."""
+    net = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
+    net.layers[0].kernel.assign([[1.0]])
+    x = np.full((1, 1), 1e37, np.float32)
+
+    def tiny_losses(y, y_pred):
+        return 1e-37 * tf.reduce_sum(y_pred * y, axis=-1)
+
+    step = clipped_gradient_sum(
+        net, tf.constant(x), tf.ones((1, 1)), tiny_losses, tf.ones(1), 1e-3
+    )
+    assert float(tf.norm(step.gradients[0])) == pytest.approx(1e-3, rel=1e-5)
