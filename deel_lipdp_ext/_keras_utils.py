@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
 
 def nested_layers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
@@ -34,3 +35,13 @@ def pop_keras_objects(
         for key in keys
     ]
     return config, objects
+
+
+def tensor_float_32_possible() -> bool:
+    """Whether float32 matmuls and convolutions may run in TensorFloat-32
+    here (10 mantissa bits; TensorFlow enables it by default on Ampere and
+    later GPUs)."""
+    return bool(
+        tf.config.experimental.tensor_float_32_execution_enabled()
+        and tf.config.list_logical_devices("GPU")
+    )

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import keras
 import tensorflow as tf
 
-from ._keras_utils import all_sublayers
+from ._keras_utils import all_sublayers, tensor_float_32_possible
 
 #: Layers whose clipping is computed from (input, output gradient) directly.
 FAST_LAYERS = (
@@ -826,15 +826,6 @@ def clipped_gradient_sum(
 #: mantissa bits: each product within ~2^-10 of exact, so each example's
 #: contribution within that factor of what its norm measured).
 TF32_MARGIN = 1.0 - 2.0**-8
-
-
-def tensor_float_32_possible() -> bool:
-    """Whether matmuls may run in TensorFloat-32 here (TensorFlow enables it by
-    default on Ampere and later GPUs)."""
-    return bool(
-        tf.config.experimental.tensor_float_32_execution_enabled()
-        and tf.config.list_logical_devices("GPU")
-    )
 
 
 def _uses_fast_rule(unit: _Unit) -> bool:

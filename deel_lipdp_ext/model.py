@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 import weakref
 from collections.abc import Sequence
 
@@ -31,6 +32,7 @@ from keras.src.ops.function import make_node_key
 from keras.src.trainers.data_adapters import data_adapter_utils
 from keras.src.utils import python_utils
 
+from ._keras_utils import tensor_float_32_possible
 from .augmentation import check_augmentation, mean_over_copies, repeat_and_augment
 from .bounds import (
     check_dp_chain,
@@ -445,7 +447,21 @@ class PrivateModel(HasPrivacyPlan):
 
     def make_train_function(self, force=False):
         """Keras's train function, which under several replicas runs only
-        from `fit` or `train_on_batch` (`_check_replica_entry`)."""
+        from `fit` or `train_on_batch` (`_check_replica_entry`). Where
+        TensorFloat-32 could round the step's matmuls and convolutions (a
+        GPU with it enabled, TensorFlow's default), it is turned off, with a
+        warning: the bounds hold for float32 rounding, not for 10-bit
+        mantissas."""
+        if tensor_float_32_possible():
+            tf.config.experimental.enable_tensor_float_32_execution(False)
+            warnings.warn(
+                f"{type(self).__name__}: TensorFloat-32 execution turned off for "
+                "this process (tf.config.experimental."
+                "enable_tensor_float_32_execution(False)): its rounding of "
+                "float32 matmuls and convolutions is not covered by the "
+                "gradient bounds.",
+                stacklevel=2,
+            )
         function = super().make_train_function(force) or self.train_function
         if getattr(function, "_dp_replica_guard", False):
             return function

@@ -1106,3 +1106,19 @@ def test_dpsgd_refuses_a_network_with_several_inputs_or_outputs(kind):
         net = keras.Model(a, [keras.layers.Dense(2)(a), keras.layers.Dense(1)(a)])
     with pytest.raises(ValueError, match=f"The network has 2 {kind}"):
         DPSGDModel(net, DPParameters(1.0, 1e-5, seed=1), metadata(), l2_norm_clip=1.0)
+
+
+def test_tensor_float_32_is_turned_off_where_it_could_round_the_step(monkeypatch):
+    """A review (ghost clipping, emulated): TensorFlow runs float32 matmuls in
+    TF32 by default on Ampere+ GPUs; its 10-bit rounding is not covered by
+    the bounds (1.0005 C). A DP model turns it off before its train step."""
+    import deel_lipdp_ext.model as model_module
+
+    monkeypatch.setattr(model_module, "tensor_float_32_possible", lambda: True)
+    model = dp_model(small_cnn(), n=8, batch_size=4, sampling="shuffle")
+    try:
+        with pytest.warns(UserWarning, match="TensorFloat-32 execution turned off"):
+            model.train_on_batch(unit_samples(4, (8, 8, 1)), one_hot(range(4)))
+        assert not tf.config.experimental.tensor_float_32_execution_enabled()
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(True)
