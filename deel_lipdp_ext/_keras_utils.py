@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import tensorflow as tf
 
@@ -44,4 +46,21 @@ def tensor_float_32_possible() -> bool:
     return bool(
         tf.config.experimental.tensor_float_32_execution_enabled()
         and tf.config.list_logical_devices("GPU")
+    )
+
+
+def turn_off_tensor_float_32(owner: str) -> None:
+    """Turn TensorFloat-32 off for the process where it could round float32
+    matmuls and convolutions (with a warning): the gradient bounds and the
+    clipping margins hold for float32 rounding, not for 10-bit mantissas
+    (an emulation gave clipped contributions of 1.0005 C)."""
+    if not tensor_float_32_possible():
+        return
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    warnings.warn(
+        f"{owner}: TensorFloat-32 execution turned off for this process "
+        "(tf.config.experimental.enable_tensor_float_32_execution(False)): its "
+        "rounding of float32 matmuls and convolutions is not covered by the "
+        "gradient bounds.",
+        stacklevel=3,
     )

@@ -232,17 +232,17 @@ def mark_splitting(dataset: tf.distribute.DistributedDataset):
         `dataset` (its class becomes a registering subclass of its own).
     """
     cls = type(dataset)
-    if cls not in _MARKED_CLASSES.values():
-        if cls not in _MARKED_CLASSES:
+    if cls in _MARKED_CLASSES.values():  # marked already
+        return dataset
+    if cls not in _MARKED_CLASSES:
 
-            def __iter__(self):  # noqa: N807 (the iterator protocol)
-                iterator = super(marked, self).__iter__()
-                _SPLITTING_ITERATORS.add(iterator)
-                return iterator
+        def __iter__(self):  # noqa: N807 (the iterator protocol)
+            iterator = cls.__iter__(self)
+            _SPLITTING_ITERATORS.add(iterator)
+            return iterator
 
-            marked = type(cls.__name__, (cls,), {"__iter__": __iter__})
-            _MARKED_CLASSES[cls] = marked
-        dataset.__class__ = _MARKED_CLASSES[cls]
+        _MARKED_CLASSES[cls] = type(cls.__name__, (cls,), {"__iter__": __iter__})
+    dataset.__class__ = _MARKED_CLASSES[cls]
     return dataset
 
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import keras
 import tensorflow as tf
 
-from ._keras_utils import all_sublayers, tensor_float_32_possible
+from ._keras_utils import all_sublayers, turn_off_tensor_float_32
 
 #: Layers whose clipping is computed from (input, output gradient) directly.
 FAST_LAYERS = (
@@ -757,6 +757,7 @@ def clipped_gradient_sum(
     Raises:
         ValueError: a network ghost clipping does not support.
     """
+    turn_off_tensor_float_32("clipped_gradient_sum")  # its sums are matmuls
     reason = ghost_clipping_support(model)
     if reason is not None:
         raise ValueError(f"Ghost clipping is not exact for this network: {reason}.")
@@ -793,8 +794,6 @@ def clipped_gradient_sum(
     norms = tf.sqrt(tf.add_n(squares)) if squares else tf.zeros([batch])
     kept = tf.math.is_finite(norms) & tf.math.is_finite(losses)
     limit = float(l2_norm_clip) * margin
-    if tensor_float_32_possible():
-        limit *= TF32_MARGIN
     scale = tf.minimum(1.0, limit / tf.maximum(tf.where(kept, norms, 1.0), 1e-30))
     weights = tf.cast(weights, scale.dtype)
     weights = tf.where(tf.math.is_finite(weights), tf.clip_by_value(weights, 0, 1), 0)
@@ -822,12 +821,6 @@ def clipped_gradient_sum(
     return ClippedSum(gradients, norms, losses, predictions)
 
 
-#: The clip's aim when matmuls may round their inputs to TensorFloat-32 (10
-#: mantissa bits: each product within ~2^-10 of exact, so each example's
-#: contribution within that factor of what its norm measured).
-TF32_MARGIN = 1.0 - 2.0**-8
-
-
 def _uses_fast_rule(unit: _Unit) -> bool:
     """A fast layer called once, on an input whose shape the rule needs
     (a convolution's spatial size) known when traced."""
@@ -853,11 +846,9 @@ def _fast_variables(layer) -> list:
 
 __all__ = [
     "FAST_LAYERS",
-    "TF32_MARGIN",
     "ClippedSum",
     "clipped_gradient_sum",
     "ghost_clipping_support",
-    "tensor_float_32_possible",
     "uses_fast_rule",
     "weight_units",
 ]

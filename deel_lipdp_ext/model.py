@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import warnings
 import weakref
 from collections.abc import Sequence
 
@@ -32,7 +31,7 @@ from keras.src.ops.function import make_node_key
 from keras.src.trainers.data_adapters import data_adapter_utils
 from keras.src.utils import python_utils
 
-from ._keras_utils import tensor_float_32_possible
+from ._keras_utils import turn_off_tensor_float_32
 from .augmentation import check_augmentation, mean_over_copies, repeat_and_augment
 from .bounds import (
     check_dp_chain,
@@ -235,7 +234,6 @@ class PrivateModel(HasPrivacyPlan):
                 f"Received: report_train_metrics={report_train_metrics!r}"
             )
         self.report_train_metrics = report_train_metrics
-        self._dp_batches_split = _Untracked(False)  # see _splits_batches
         self._dp_entry = _Untracked(None)  # see _entry_guards
         self._privacy_plan = PrivacyPlan(
             dp_parameters, dataset_metadata, noise_coefficients
@@ -338,19 +336,18 @@ class PrivateModel(HasPrivacyPlan):
                 )
 
     def _check_replica_entry(self) -> None:
-        """Under several replicas, a train step runs only from this model's
-        `fit` or `train_on_batch`, which hand each replica its own share of
-        the batch (`_splits_batches`); checked at trace time here and at
-        every call of the train function.
+        """Under several replicas, a train step is traced only for this
+        model's train function (`make_train_function`, which `fit` and
+        `train_on_batch` call); a step traced for it and run otherwise is
+        refused in the graph (`_entry_guards`).
 
         Raises:
-            ValueError: a train step run otherwise: a custom
-                `strategy.run(model.train_step, args=(batch,))` or a direct
-                call of `train_function`, which can give every replica the
-                whole batch.
+            ValueError: a step traced outside it, e.g. a custom
+                `strategy.run(model.train_step, args=(batch,))`, which can give
+                every replica the whole batch.
         """
         replicas = max(num_replicas(), self.distribute_strategy.num_replicas_in_sync)
-        if replicas > 1 and not self._dp_batches_split.value:
+        if replicas > 1 and self._dp_entry.value is None:
             raise ValueError(
                 f"Under a multi-replica strategy, {type(self).__name__} trains "
                 "inside fit or train_on_batch only: a custom strategy.run(train_step) "
@@ -360,21 +357,18 @@ class PrivateModel(HasPrivacyPlan):
 
     @contextlib.contextmanager
     def _splits_batches(self):
-        """While `fit` / `train_on_batch` run: their batches are split over
-        the replicas (Keras's distributed datasets, or `train_on_batch`'s),
-        and the datasets Keras distributes meanwhile are `mark_splitting`'s
-        (`strategy.experimental_distribute_dataset` splits each batch)."""
+        """While `fit` / `train_on_batch` run, the datasets Keras distributes
+        (`strategy.experimental_distribute_dataset`, which splits each global
+        batch over the replicas) are `mark_splitting`'s: the train function
+        takes their iterators (`_check_iterator`)."""
         strategy = self.distribute_strategy
         check_strategy(type(self).__name__, strategy)  # no method replaced
-        outer = self._dp_batches_split.value  # train_on_batch inside fit
-        patch = "experimental_distribute_dataset" not in vars(strategy)
-        self._dp_batches_split.value = True
+        patch = "experimental_distribute_dataset" not in vars(strategy)  # else ours
         if patch:
             strategy.experimental_distribute_dataset = distribute_and_mark(strategy)
         try:
             yield
         finally:
-            self._dp_batches_split.value = outer
             if patch:
                 del strategy.experimental_distribute_dataset
 
@@ -395,8 +389,7 @@ class PrivateModel(HasPrivacyPlan):
         and run there or later, can give every replica the whole batch."""
         if self.distribute_strategy.num_replicas_in_sync == 1:
             return []
-        if self._dp_entry.value is None:
-            self._check_replica_entry()  # not traced by fit: refused here
+        self._check_replica_entry()  # the variable exists
         return [
             Guard(
                 "under a multi-replica strategy the train step runs only inside "
@@ -433,35 +426,19 @@ class PrivateModel(HasPrivacyPlan):
         """`compile`'s keyword arguments under a multi-replica strategy: Keras
         compiles ONE XLA program over every replica's devices, which
         TensorFlow refuses (its variables live on other devices), so
-        `jit_compile="auto"` becomes False and True is refused."""
-        if self.distribute_strategy.num_replicas_in_sync == 1:
+        `jit_compile="auto"` becomes False (True is refused by
+        `_check_strategy`, which also sees it set after compile)."""
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if replicas == 1 or kwargs.get("jit_compile", "auto") is True:
             return kwargs
-        if kwargs.get("jit_compile", "auto") is True:
-            raise ValueError(
-                f"{type(self).__name__}: jit_compile=True does not run under a "
-                f"multi-replica {type(self.distribute_strategy).__name__} (Keras "
-                "compiles one XLA program across the replicas' devices). Use "
-                "jit_compile=False."
-            )
         return {**kwargs, "jit_compile": False}
 
     def make_train_function(self, force=False):
-        """Keras's train function, which under several replicas runs only
-        from `fit` or `train_on_batch` (`_check_replica_entry`). Where
-        TensorFloat-32 could round the step's matmuls and convolutions (a
-        GPU with it enabled, TensorFlow's default), it is turned off, with a
-        warning: the bounds hold for float32 rounding, not for 10-bit
-        mantissas."""
-        if tensor_float_32_possible():
-            tf.config.experimental.enable_tensor_float_32_execution(False)
-            warnings.warn(
-                f"{type(self).__name__}: TensorFloat-32 execution turned off for "
-                "this process (tf.config.experimental."
-                "enable_tensor_float_32_execution(False)): its rounding of "
-                "float32 matmuls and convolutions is not covered by the "
-                "gradient bounds.",
-                stacklevel=2,
-            )
+        """Keras's train function, which under several replicas takes only
+        iterators of split batches (`_check_iterator`) and flags that it runs
+        (`_entry_guards`). TensorFloat-32 is turned off first
+        (`turn_off_tensor_float_32`)."""
+        turn_off_tensor_float_32(type(self).__name__)
         function = super().make_train_function(force) or self.train_function
         if getattr(function, "_dp_replica_guard", False):
             return function
@@ -472,7 +449,6 @@ class PrivateModel(HasPrivacyPlan):
             entry = None
 
         def train_function(iterator):
-            self._check_replica_entry()  # each call: a traced step checks once
             self._check_iterator(iterator)
             if entry is None:
                 return function(iterator)

@@ -641,26 +641,26 @@ def test_labels_outnumbering_the_inputs_count_each_input_row_once(layer):
     assert total <= clip * (1 + 1e-6)
 
 
-def test_the_clip_aims_lower_where_matmuls_may_round_to_tensor_float_32(monkeypatch):
+def test_tensor_float_32_is_turned_off_before_the_clipped_sum(monkeypatch):
     """A review: on an H100 TensorFlow runs float32 matmuls in TF32 by default,
     whose rounding put contributions up to 1.0005 C (emulated). Where it is
-    possible, each example is clipped to C (1 - 2^-8)."""
-    import deel_lipdp_ext.ghost_clipping as ghost
+    possible, clipped_gradient_sum turns it off (its sums are matmuls)."""
+    import deel_lipdp_ext._keras_utils as keras_utils
 
     net = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
     x = np.full((1, 6), 100.0, np.float32)
     y = np.eye(4, dtype=np.float32)[:1]
-
-    def contribution():
-        step = clipped_gradient_sum(
-            net, tf.constant(x), tf.constant(y), _losses, tf.ones(1), 1.0
-        )
-        return np.sqrt(sum(float(tf.reduce_sum(g**2)) for g in step.gradients))
-
-    monkeypatch.setattr(ghost, "tensor_float_32_possible", lambda: False)
-    assert contribution() == pytest.approx(1.0, rel=1e-5)
-    monkeypatch.setattr(ghost, "tensor_float_32_possible", lambda: True)
-    assert contribution() == pytest.approx(ghost.TF32_MARGIN, rel=1e-5)
+    monkeypatch.setattr(keras_utils, "tensor_float_32_possible", lambda: True)
+    try:
+        with pytest.warns(UserWarning, match="TensorFloat-32 execution turned off"):
+            step = clipped_gradient_sum(
+                net, tf.constant(x), tf.constant(y), _losses, tf.ones(1), 1.0
+            )
+        assert not tf.config.experimental.tensor_float_32_execution_enabled()
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(True)
+    total = np.sqrt(sum(float(tf.reduce_sum(g**2)) for g in step.gradients))
+    assert total == pytest.approx(1.0, rel=1e-5)
 
 
 def test_layers_with_internal_dropout_take_the_vectorised_path():

@@ -1112,9 +1112,9 @@ def test_tensor_float_32_is_turned_off_where_it_could_round_the_step(monkeypatch
     """A review (ghost clipping, emulated): TensorFlow runs float32 matmuls in
     TF32 by default on Ampere+ GPUs; its 10-bit rounding is not covered by
     the bounds (1.0005 C). A DP model turns it off before its train step."""
-    import deel_lipdp_ext.model as model_module
+    import deel_lipdp_ext._keras_utils as keras_utils
 
-    monkeypatch.setattr(model_module, "tensor_float_32_possible", lambda: True)
+    monkeypatch.setattr(keras_utils, "tensor_float_32_possible", lambda: True)
     model = dp_model(small_cnn(), n=8, batch_size=4, sampling="shuffle")
     try:
         with pytest.warns(UserWarning, match="TensorFloat-32 execution turned off"):
