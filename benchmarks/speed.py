@@ -12,12 +12,14 @@ and memory only):
 Ratios are to plain Keras on the same network and the same batches. For each
 batch size B and sampling (Poisson: `data.poisson_batches`, variable size;
 shuffle: fixed B), the models' epochs alternate in one process (A, B, C, A,
-B, C...) and the table reports medians of wall and process CPU time. The
+B, C...) and the table reports medians of wall and process CPU time. A
+ratio is the median over repeats of the model's time over its baseline's in
+the same repeat (paired: drift between repeats cancels), with its range. The
 peak memory of one epoch is TensorFlow's CPU allocator peak above what was
 allocated before it (after warm-up). Writes JSON.
 
     python benchmarks/speed.py [--n 16384] [--batch-sizes 256 1024 4096]
-        [--epochs 2] [--repeats 2] [--out benchmarks/results/speed.json]
+        [--epochs 2] [--repeats 5] [--out benchmarks/results/speed.json]
 """
 
 from __future__ import annotations
@@ -163,33 +165,36 @@ def measure(args) -> list[dict]:
                 row = {"model": kind, "batch_size": batch_size, "sampling": sampling}
                 for i, clock in enumerate(("wall", "cpu")):
                     row[f"{clock}_s"] = statistics.median(t[i] for t in times[kind])
+                    # paired: each repeat's time over its baseline's in the
+                    # same repeat (neighbouring epochs), then their median
+                    paired = [
+                        t[i] / b[i]
+                        for t, b in zip(times[kind], times[BASELINE[kind]], strict=True)
+                    ]
+                    row[f"{clock}_ratio"] = statistics.median(paired)
+                    row[f"{clock}_ratio_range"] = [min(paired), max(paired)]
                 row["peak_mib"] = peak_memory_mib(models[kind], train)
                 rows.append(row)
             print(f"B={batch_size} {sampling}: done", flush=True)
-    for row in rows:
-        base = next(
-            r
-            for r in rows
-            if r["model"] == BASELINE[row["model"]]
-            and r["batch_size"] == row["batch_size"]
-            and r["sampling"] == row["sampling"]
-        )
-        for clock in ("wall", "cpu"):
-            row[f"{clock}_ratio"] = row[f"{clock}_s"] / base[f"{clock}_s"]
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     print(
         f"{'model':<17} {'B':>5} {'sampling':<8} {'wall s':>8} {'cpu s':>8} "
-        f"{'wall x':>7} {'cpu x':>7} {'peak MiB':>9}"
+        f"{'wall x (range)':>17} {'cpu x (range)':>17} {'peak MiB':>9}"
     )
     for r in rows:
         print(
             f"{r['model']:<17} {r['batch_size']:>5} {r['sampling']:<8} "
-            f"{r['wall_s']:8.3f} {r['cpu_s']:8.3f} {r['wall_ratio']:7.2f} "
-            f"{r['cpu_ratio']:7.2f} {r['peak_mib']:9.1f}"
+            f"{r['wall_s']:8.3f} {r['cpu_s']:8.3f} {_ratio(r, 'wall'):>17} "
+            f"{_ratio(r, 'cpu'):>17} {r['peak_mib']:9.1f}"
         )
+
+
+def _ratio(row: dict, clock: str) -> str:
+    low, high = row[f"{clock}_ratio_range"]
+    return f"{row[f'{clock}_ratio']:.2f} ({low:.2f}-{high:.2f})"
 
 
 def main():
@@ -199,7 +204,7 @@ def main():
     parser.add_argument("--samplings", nargs="+", default=["poisson", "shuffle"])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     args = parser.parse_args()
     needed = {BASELINE[m] for m in args.models} - set(args.models)

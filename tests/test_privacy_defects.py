@@ -1122,3 +1122,29 @@ def test_tensor_float_32_is_turned_off_where_it_could_round_the_step(monkeypatch
         assert not tf.config.experimental.tensor_float_32_execution_enabled()
     finally:
         tf.config.experimental.enable_tensor_float_32_execution(True)
+
+
+def test_a_group_sort_tie_keeps_the_first_layers_gradient_within_its_bound():
+    """Two units with equal weights tie for every input, as equal biases do
+    on a zero background. GroupSort(2) of minimum/maximum sent both output
+    gradients of the tied pair to one entry: the first kernel's gradient
+    was 2.0 against a bound of 1.414."""
+    model = dp_model(
+        [
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_QuickSpectralDense(4),
+            L.DP_GroupSort(2),
+            L.DP_QuickSpectralDense(2),
+        ],
+        input_shape=(3,),
+        num_classes=2,
+    )
+    first, last = model.dp_layers[1], model.dp_layers[3]
+    kernel = np.zeros((3, 4), np.float32)
+    kernel[0, :2] = 0.6  # units 0 and 1 tie
+    kernel[1, 2] = kernel[2, 3] = 0.5
+    first.kernel.assign(kernel)
+    last.kernel.assign(np.array([[0.5, -0.5], [0.5, -0.5], [0, 0], [0, 0]], "f"))
+    x, y = np.array([[1.0, 0.0, 0.0]], "f"), np.array([[0.0, 1.0]], "f")
+    report = gradient_norm_check(model, (x, y))  # raises above 1 + 1e-4
+    assert report.max_ratio > 0.99  # the tie's gradient does reach the bound

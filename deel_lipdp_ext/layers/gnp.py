@@ -415,6 +415,27 @@ class DP_MaxPool2D(keras.layers.MaxPooling2D, GNPLayer):
         super().__init__(pool_size=pool, strides=pool, padding=padding, **kwargs)
 
 
+def _max_min(inputs: tf.Tensor) -> tf.Tensor:
+    """Each pair of adjacent channels (2k, 2k + 1) in ascending order, with a
+    gradient that is a permutation of the output gradient, ties included.
+
+    `concat([minimum(a, b), maximum(a, b)])` is not: at a tie TensorFlow
+    sends both output gradients to `a`, so the input gradient could be
+    sqrt(2) times the output gradient (a first-layer kernel gradient was
+    found sqrt(2) above its bound), and its slices' gradients are slow when
+    the batch dimension is unknown. Here each pair is kept or swapped (a
+    gather: exact copies) on one decision, ``a <= b``, which both entries
+    of the pair evaluate on the same two values (NaN included); the
+    comparison has no gradient.
+    """
+    channels = inputs.shape[-1]
+    swap = np.arange(channels).reshape(-1, 2)[:, ::-1].reshape(-1)
+    swapped = tf.gather(inputs, swap, axis=-1)
+    first = tf.constant(np.arange(channels) % 2 == 0)  # entry a of its pair
+    in_order = (first & (inputs <= swapped)) | (~first & (swapped <= inputs))
+    return tf.where(in_order, inputs, swapped)
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class DP_GroupSort(keras.layers.Layer, GNPLayer):
     """Sorts the last axis in groups of `n` (GroupSort activation).
@@ -458,13 +479,11 @@ class DP_GroupSort(keras.layers.Layer, GNPLayer):
         group = self.group_size
         if group == 1:
             return inputs
+        if group == 2:
+            return _max_min(inputs)
         shape = tf.shape(inputs)
         grouped = tf.reshape(inputs, tf.concat([shape[:-1], [-1, group]], 0))
-        if group == 2:
-            a, b = grouped[..., 0:1], grouped[..., 1:2]
-            out = tf.concat([tf.minimum(a, b), tf.maximum(a, b)], axis=-1)
-        else:
-            out = tf.sort(grouped, axis=-1)
+        out = tf.sort(grouped, axis=-1)  # gradient: scattered by a permutation
         return tf.reshape(out, shape)
 
     def compute_output_shape(self, input_shape):

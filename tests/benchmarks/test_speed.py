@@ -45,6 +45,9 @@ def test_speed_benchmark_writes_ratios_to_the_non_private_baseline(tmp_path):
     }
     for row in rows:
         assert row["wall_s"] > 0 and row["cpu_s"] > 0 and row["peak_mib"] >= 0
+        for clock in ("wall", "cpu"):
+            low, high = row[f"{clock}_ratio_range"]
+            assert low <= row[f"{clock}_ratio"] <= high
         if row["model"] == "keras_cnn":
             assert row["wall_ratio"] == 1.0
     missing = subprocess.run(

@@ -4,6 +4,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deel_lipdp_ext import layers as L
 
@@ -133,6 +135,46 @@ def test_gnp_layers_are_norm_non_increasing_and_1_lipschitz(factory, shape):
         g = tf.constant(rng.normal(size=out.shape), tf.float32)
         total = tf.reduce_sum(out * g)
     assert np.all(norms(tape.gradient(total, a)) <= norms(g) * (1 + 1e-5))
+
+
+@pytest.mark.parametrize("factory,shape", GNP_LAYERS, ids=[_ids(i) for i in GNP_LAYERS])
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_gnp_layers_keep_the_gradient_norm_at_ties(factory, shape, seed):
+    """Inputs on a grid of three values tie everywhere (zero backgrounds,
+    equal biases): the backward pass must stay a contraction there too. A
+    GroupSort(2) of minimum/maximum sent both output gradients of a tied
+    pair to one entry: sqrt(2) times the output gradient's norm."""
+    layer = factory()
+    rng = np.random.default_rng(seed)
+    a = tf.constant(rng.integers(-1, 2, size=(16, *shape)), tf.float32)
+
+    def norms(t):
+        return np.linalg.norm(np.reshape(t, (16, -1)), axis=1)
+
+    @tf.function(input_signature=[tf.TensorSpec((None, *shape)), tf.TensorSpec(None)])
+    def input_gradient(x, g):  # unknown batch dimension, as in fit
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = layer(x)
+        return tape.gradient(out, x, output_gradients=tf.reshape(g, tf.shape(out)))
+
+    out_shape = layer(a).shape
+    g = tf.constant(rng.normal(size=out_shape), tf.float32)
+    assert np.all(norms(input_gradient(a, g)) <= norms(g) * (1 + 1e-6))
+
+
+def test_group_sort_gradient_is_a_permutation_of_the_output_gradient():
+    layer = L.DP_GroupSort(2)
+    x = tf.constant([[0.0, 0.0, 1.0, 1.0, 3.0, 2.0, -0.0, 0.0]])
+    g = tf.constant([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = layer(x)
+    np.testing.assert_array_equal(out, [[0, 0, 1, 1, 2, 3, 0, 0]])
+    np.testing.assert_array_equal(
+        tape.gradient(out, x, output_gradients=g), [[1, 2, 3, 4, 6, 5, 7, 8]]
+    )
 
 
 def _empirical_lipschitz(layer, shape, iters=60):
