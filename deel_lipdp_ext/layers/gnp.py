@@ -32,7 +32,12 @@ def _keras_layers(*names: str) -> tuple[type, ...]:
 # (`_CONFIG_CHECKS`).
 _NOT_GNP: tuple[tuple[tuple[type, ...], str], ...] = (
     (
-        (keras.Model, *_keras_layers("Wrapper", "Pipeline", "RNN", "StackedRNNCells")),
+        (
+            keras.Model,
+            *_keras_layers(
+                "Wrapper", "Bidirectional", "Pipeline", "RNN", "StackedRNNCells"
+            ),
+        ),
         "it runs sub-layers (a model, wrapper, pipeline or RNN) that the factory "
         "cannot check; wrap each parameter-free layer separately",
     ),
@@ -61,6 +66,11 @@ _NOT_GNP: tuple[tuple[tuple[type, ...], str], ...] = (
         "bound",
     ),
     (_keras_layers("MixUp", "CutMix"), "it mixes samples across the batch"),
+    (
+        _keras_layers("MaxPooling3D"),
+        "TensorFlow's 3-D max-pooling gradient sends the output gradient to "
+        "every tied entry of a window (sqrt(8) times its norm at an 8-way tie)",
+    ),
     (
         _keras_layers("ActivityRegularization"),
         "it adds a loss on the activations whose gradient the DP bounds do not cover",
@@ -163,7 +173,9 @@ _NOT_GNP: tuple[tuple[tuple[type, ...], str], ...] = (
 )
 
 # The activations of `keras.layers.Activation` that are 1-Lipschitz with f(0) = 0
-# (hence |f(x)| <= |x|), with their default arguments.
+# (hence |f(x)| <= |x|), with their default arguments, and whose TensorFlow
+# gradient is at most 1 everywhere: not celu, max(x, 0) + expm1(min(x, 0)),
+# whose two branches both take the gradient at x = 0 (derivative 2).
 _GNP_ACTIVATIONS = tuple(
     getattr(keras.activations, n)
     for n in (
@@ -172,7 +184,6 @@ _GNP_ACTIVATIONS = tuple(
         "relu6",
         "leaky_relu",
         "elu",
-        "celu",
         "tanh",
         "hard_tanh",
         "softsign",
