@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from deel_lipdp_ext import DPParameters, DPSequential, losses
 from deel_lipdp_ext import layers as L
@@ -90,3 +91,26 @@ def step_updates(model, *batch, steps: int = 1):
             {v.path: v.numpy() - before[v.path] for v in model.trainable_variables}
         )
     return updates
+
+
+def assert_contraction_at_ties(layer, shape, seed: int, n: int = 16) -> None:
+    """Asserts ``||J^T g|| <= ||g||`` per sample for `layer` on inputs from
+    {-1, 0, 1}: they tie everywhere and sit on every kink (0), where the
+    gradient TensorFlow picks decides (docs/design.md, rule 9). The backward
+    pass runs in a tf.function with an unknown batch dimension, as in fit."""
+    rng = np.random.default_rng(seed)
+    x = tf.constant(rng.integers(-1, 2, size=(n, *shape)), tf.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec((None, *shape)), tf.TensorSpec(None)])
+    def input_gradient(x, g):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = layer(x)
+        return tape.gradient(out, x, output_gradients=tf.reshape(g, tf.shape(out)))
+
+    g = tf.constant(rng.normal(size=layer(x).shape), tf.float32)
+    norms = [
+        np.linalg.norm(np.reshape(t, (n, -1)), axis=1)
+        for t in (input_gradient(x, g), g)
+    ]
+    assert np.all(norms[0] <= norms[1] * (1 + 1e-6)), np.max(norms[0] / norms[1])

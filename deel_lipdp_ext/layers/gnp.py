@@ -452,7 +452,9 @@ class DP_GroupSort(keras.layers.Layer, GNPLayer):
     """Sorts the last axis in groups of `n` (GroupSort activation).
 
     A permutation of its input within each group: norm preserving and
-    1-Lipschitz. `n=2` ("MaxMin") uses min/max instead of a sort.
+    1-Lipschitz. `n=2` ("MaxMin") keeps or swaps each pair instead of
+    sorting (`_max_min`); either way the gradient is a permutation of the
+    output gradient, ties included.
 
     Args:
         n: group size; must divide the size of the last axis. None (the
