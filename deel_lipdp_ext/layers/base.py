@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 Bound = Any  # a scalar tensor, or a tuple of them on residual branches
@@ -96,16 +98,97 @@ def bound_pass() -> Iterator[None]:
         _PASS_CACHE.reset(token)
 
 
+class CertifiedKernel:
+    """The last kernel a layer certified and its certificate.
+
+    Certifying a convolution (Gram iteration per frequency, float64) is the
+    costliest part of a clipless step. The projection certifies the kernel it
+    assigns; the next bound pass reuses that number when, and only when, the
+    kernel is still bitwise the one certified (an optimizer step, a
+    `load_weights` or any assignment in between makes it certify again).
+
+    Both live in ONE int32 variable, the kernel's bits then the float32
+    certificate's (as 32-bit words), read and written together, so a
+    certificate is never paired with another kernel; the comparison is of
+    bits (no cast that could flush subnormals or merge -0.0 and 0.0). It is a
+    plain object holding a raw `tf.Variable`: neither Keras nor
+    `tf.train.Checkpoint` tracks it, so it is never saved or loaded and no
+    file can supply a certificate. A NaN certificate is never served (NaN at
+    creation: nothing certified). Kernels of 16-bit floats are not
+    remembered (always certified).
+    """
+
+    def __init__(self, size: int, dtype, name: str):
+        """`size` entries of `dtype`, the kernel's."""
+        itemsize = tf.as_dtype(dtype).size
+        self.kernel_words = size * itemsize // 4 if itemsize % 4 == 0 else None
+        self.variable = None
+        if self.kernel_words is None:
+            return
+        empty = tf.concat(
+            [tf.zeros([self.kernel_words], tf.int32), _words(tf.constant([np.nan]))],
+            axis=0,
+        )
+        with tf.init_scope():
+            self.variable = tf.Variable(empty, trainable=False, name=name)
+
+    def store(self, kernel: tf.Tensor, certificate: tf.Tensor) -> None:
+        """Remember `certificate` (scalar float32, a certified bound) for
+        exactly these kernel bits."""
+        certificate = tf.convert_to_tensor(certificate)
+        if certificate.dtype != tf.float32:  # a cast could round it down
+            raise TypeError(f"A certificate is float32. Received: {certificate.dtype}")
+        if self._matches_size(kernel):
+            own = _words(tf.reshape(certificate, [1]))
+            self.variable.assign(tf.concat([_words(kernel), own], axis=0))
+
+    def lookup(self, kernel: tf.Tensor, certify) -> tf.Tensor:
+        """The certificate of `kernel`: the remembered one if `kernel` is
+        bitwise the remembered kernel, else `certify(kernel)` (remembered).
+        Scalar float32."""
+        kernel = tf.convert_to_tensor(kernel)
+        if not self._matches_size(kernel):
+            return certify(kernel)  # nothing to reuse
+        stored = self.variable.read_value()  # one read: kernel and certificate
+        remembered = tf.bitcast(stored[self.kernel_words], tf.float32)
+        same = tf.logical_and(
+            tf.reduce_all(tf.equal(stored[: self.kernel_words], _words(kernel))),
+            tf.logical_not(tf.math.is_nan(remembered)),
+        )
+
+        def certify_and_store():
+            certificate = certify(kernel)
+            self.store(kernel, certificate)
+            return tf.identity(certificate)
+
+        return tf.cond(same, lambda: remembered, certify_and_store)
+
+    def _matches_size(self, kernel: tf.Tensor) -> bool:
+        """Whether `kernel` fills exactly the remembered words."""
+        kernel = tf.convert_to_tensor(kernel)
+        size = kernel.shape.num_elements()
+        if self.kernel_words is None or size is None or kernel.dtype.size % 4:
+            return False
+        return size * kernel.dtype.size // 4 == self.kernel_words
+
+
+def _words(value: tf.Tensor) -> tf.Tensor:
+    """The bits of a tensor of rank >= 1 with 32- or 64-bit entries, as flat
+    int32 words."""
+    return tf.reshape(tf.bitcast(value, tf.int32), [-1])
+
+
 class KernelLayer(DPLayer):
     """A linear layer whose forward pass uses `self.kernel` directly.
 
-    Subclasses give `_certify()` (a certified Lipschitz bound from the current
-    weights) and `backpropagate_params`; the forward and input-gradient
-    bounds follow.
+    Subclasses give `_certificate(kernel)` (a certified Lipschitz bound of a
+    kernel), `_projected()` (the projected kernel and its certificate) and
+    `backpropagate_params`; the forward and input-gradient bounds follow.
     """
 
     def _add_kernel(self, shape: tuple, out_features: int, initializer) -> None:
-        """Create `kernel` and the power-iteration vector `u` used by `project`."""
+        """Create `kernel`, the power-iteration vector `u` used by `project`
+        and the remembered certificate (`CertifiedKernel`)."""
         self.kernel = self.add_weight(
             name="kernel", shape=shape, initializer=initializer
         )
@@ -114,6 +197,11 @@ class KernelLayer(DPLayer):
             shape=(1, out_features),
             initializer=keras.initializers.RandomUniform(0.0, 1.0, seed=0),
             trainable=False,
+        )
+        self._certified = CertifiedKernel(
+            math.prod(int(d) for d in shape),
+            self.kernel.dtype,
+            f"{self.name}_certified_kernel",
         )
 
     def lipschitz_bound(self) -> tf.Tensor:
@@ -126,7 +214,23 @@ class KernelLayer(DPLayer):
         return cache[id(self)]
 
     def _certify(self) -> tf.Tensor:
+        """The current kernel's certificate (remembered or computed)."""
+        return self._certified.lookup(self.kernel, self._certificate)
+
+    def _certificate(self, kernel: tf.Tensor) -> tf.Tensor:
+        """Certified upper bound of the Lipschitz constant with this kernel."""
         raise NotImplementedError
+
+    def _projected(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """The projected kernel and a certified bound of its Lipschitz
+        constant (scalar float32)."""
+        raise NotImplementedError
+
+    def project(self) -> None:
+        """Assign the projected kernel and remember its certificate."""
+        kernel, certificate = self._projected()
+        self.kernel.assign(kernel)
+        self._certified.store(kernel, certificate)
 
     def propagate_inputs(self, input_bound: Bound) -> Bound:
         return self.lipschitz_bound() * input_bound

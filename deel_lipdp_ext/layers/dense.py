@@ -14,7 +14,11 @@ import tensorflow as tf
 
 from .._validation import NO_BIAS, pop_harmless, require_positive
 from .base import KernelLayer
-from .spectral import spectral_norm_upper_bound, spectral_project
+from .spectral import (
+    rescaled_certificate,
+    spectral_norm_upper_bound,
+    spectral_project,
+)
 
 _PACKAGE = "deel_lipdp_ext"
 
@@ -57,22 +61,25 @@ class _LipschitzDense(keras.layers.Layer, KernelLayer):
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.units)
 
-    def _certify(self) -> tf.Tensor:
-        """Certified upper bound of this layer's Lipschitz constant (L2)."""
-        return spectral_norm_upper_bound(self.kernel)
+    def _certificate(self, kernel) -> tf.Tensor:
+        """Certified upper bound of the Lipschitz constant (L2): ||K||_2."""
+        return spectral_norm_upper_bound(kernel)
 
     def backpropagate_params(self, input_bound, gradient_bound):
         return input_bound * gradient_bound
 
-    def project(self) -> None:
+    def _projected(self):
         """The subclass's projection; for the spectral ones, then a rescaling
         by the certified norm (power iteration stops short of the top singular
-        value, so its normalisation can leave a certificate above 1)."""
+        value, so its normalisation can leave a certificate above 1), whose
+        certificate follows from the one before it (`rescaled_certificate`)."""
         kernel = self._project_kernel(self.kernel)
-        if not isinstance(self, DP_QuickFrobeniusDense):
-            bound = spectral_norm_upper_bound(kernel)
-            kernel = kernel / tf.where(bound > 0, bound, tf.ones_like(bound))
-        self.kernel.assign(kernel)
+        bound = spectral_norm_upper_bound(kernel)
+        if isinstance(self, DP_QuickFrobeniusDense):
+            return kernel, bound
+        divisor = tf.where(bound > 0, bound, tf.ones_like(bound))
+        rescaled = kernel / divisor
+        return rescaled, rescaled_certificate(kernel, bound, divisor, rescaled)
 
     def _project_kernel(self, kernel):
         raise NotImplementedError

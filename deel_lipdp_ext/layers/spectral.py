@@ -114,6 +114,46 @@ def conv_operator_norm_upper_bound(
     return tf.cast(tf.reduce_max(_gram_iteration(matrices, iterations)), tf.float32)
 
 
+def rescaled_certificate(
+    kernel: tf.Tensor,
+    bound: tf.Tensor,
+    divisor: tf.Tensor,
+    rescaled: tf.Tensor,
+    taps: int = 1,
+) -> tf.Tensor:
+    """Certified Lipschitz bound of `rescaled`, the computed `kernel / divisor`,
+    without a second Gram iteration.
+
+    `bound` certifies `kernel` (for a matrix or a convolution), so the exact
+    quotient has Lipschitz constant <= bound / divisor. The computed quotient
+    differs from it by E, whatever rounding the division used; E is measured
+    here in float64 (the exact quotient's float64 rounding, 2^-53 relative,
+    is added back). A convolution is a sum over its taps of a (c_in, c_out)
+    matrix acting through a partial shift (norm <= 1), so
+    ||E|| <= sum over taps of ||E_tap||_F (`taps` = kh * kw; 1 for a matrix).
+    The float64 sums and norms are covered by a 1e-9 relative margin, and the
+    result is rounded UP to float32.
+
+    Args:
+        kernel: (taps..., c_in, c_out) with the taps leading, or a matrix.
+        bound: scalar, a certified Lipschitz bound of `kernel`.
+        divisor: scalar > 0.
+        rescaled: `kernel / divisor` as computed (any float dtype).
+        taps: kh * kw for a convolution kernel, 1 for a matrix.
+
+    Returns:
+        Scalar float32 tensor >= the Lipschitz constant of `rescaled`.
+    """
+    divisor = tf.cast(divisor, tf.float64)
+    exact = tf.cast(kernel, tf.float64) / divisor  # within 2^-53 of the quotient
+    error = tf.abs(tf.cast(rescaled, tf.float64) - exact) + 2.0**-52 * tf.abs(exact)
+    per_tap = tf.norm(tf.reshape(error, (taps, -1)), axis=1)
+    total = (tf.cast(bound, tf.float64) / divisor + tf.reduce_sum(per_tap)) * (
+        1.0 + 1e-9
+    )
+    return tf.math.nextafter(tf.cast(total, tf.float32), tf.constant(math.inf))
+
+
 def conv_overlap(kernel_size: tuple[int, int], strides: tuple[int, int]) -> int:
     """Most patches one input pixel can lie in: ceil(kh/sh) * ceil(kw/sw)."""
     (kh, kw), (sh, sw) = kernel_size, strides

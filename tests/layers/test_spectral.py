@@ -6,7 +6,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from deel_lipdp_ext import layers as L
-from deel_lipdp_ext.layers.spectral import conv_overlap, spectral_norm_upper_bound
+from deel_lipdp_ext.layers.spectral import (
+    conv_overlap,
+    rescaled_certificate,
+    spectral_norm_upper_bound,
+)
 
 
 @given(
@@ -145,3 +149,95 @@ def test_a_conv_certified_for_one_input_size_refuses_another():
     layer(tf.zeros((1, 8, 8, 2)))
     with pytest.raises(ValueError, match=r"\(8, 8\)"):
         layer(tf.zeros((1, 16, 16, 2)))
+
+
+# ------------------------------ the certificate of a rescaled kernel
+def _top_singular_pair(matrix):
+    u, _, vt = np.linalg.svd(matrix)
+    return u[:, 0], vt[0]
+
+
+@given(
+    st.integers(1, 12),
+    st.integers(1, 12),
+    st.integers(0, 10_000),
+    st.sampled_from([0.0, 1e-7, 1e-6, 1e-3]),
+    st.sampled_from([np.float16, np.float32, np.float64]),
+)
+def test_rescaled_certificate_covers_a_wrong_division(m, n, seed, error, dtype):
+    """`rescaled` is kernel / bound as computed, then pushed along the top
+    singular direction (a division that rounds, or is computed, badly) and
+    stored in `dtype`: the certificate still bounds its exact norm."""
+    kernel = np.random.default_rng(seed).normal(size=(m, n)).astype(np.float32)
+    true = np.linalg.norm(kernel.astype(np.float64), 2)
+    bound = np.nextafter(np.float32(true), np.float32(np.inf))  # a tight certificate
+    u, v = _top_singular_pair(kernel.astype(np.float64))
+    rescaled = (kernel.astype(np.float64) / bound + error * np.outer(u, v)).astype(
+        dtype
+    )
+    certificate = float(
+        rescaled_certificate(
+            tf.constant(kernel), tf.constant(bound), tf.constant(bound), rescaled
+        )
+    )
+    exact = np.linalg.norm(rescaled.astype(np.float64), 2)
+    assert certificate >= exact
+    assert certificate <= exact * (1 + 1e-5) + 2 * error + 1e-3 * (dtype == np.float16)
+
+
+@pytest.mark.parametrize("stride, padding", [(1, "same"), (1, "valid"), (2, "same")])
+def test_rescaled_certificate_sums_the_error_over_the_taps(stride, padding):
+    """The same rank-one error on every tap of a 3x3 kernel adds up over the
+    taps (its operator norm is ~9 eps on a large input): a Frobenius norm of
+    the whole error (3 eps) would be below it."""
+    eps = 1e-3
+    a, b = np.array([0.6, 0.8]), np.array([1.0, 0.0, 0.0])
+    error = np.broadcast_to(eps * np.outer(a, b), (3, 3, 2, 3)).astype(np.float32)
+    zero = tf.zeros((3, 3, 2, 3))
+    certificate = float(
+        rescaled_certificate(zero, tf.constant(0.0), tf.constant(1.0), error, taps=9)
+    )
+    shape = (8, 8, 2)
+    exact = float(_exact_operator_norm(error, stride, padding, shape))
+    assert exact > 1.2 * np.linalg.norm(error)  # the tap sum is needed
+    assert certificate >= exact
+
+
+@given(
+    st.sampled_from([(1, "same"), (1, "valid"), (2, "same"), (2, "valid")]),
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.booleans(),
+    st.integers(0, 10_000),
+    st.floats(1e-3, 1e3),
+)
+def test_the_projected_kernels_certificate_bounds_its_exact_norm(
+    stride_padding, cin, cout, orthogonal, seed, scale
+):
+    """The certificate a conv's projection remembers (and the next bound pass
+    serves) is never below the exact operator norm of the assigned kernel."""
+    stride, padding = stride_padding
+    shape = (5, 5, cin)
+    layer = _conv_layer(cout, 3, stride, padding, shape, orthogonal)
+    rng = np.random.default_rng(seed)
+    layer.kernel.assign(
+        (scale * rng.normal(size=layer.kernel.shape)).astype(np.float32)
+    )
+    layer.project()
+    certificate = float(layer.lipschitz_bound())
+    exact = float(_exact_operator_norm(layer.kernel, stride, padding, shape))
+    assert certificate >= exact
+    assert certificate == pytest.approx(1.0, abs=2e-3)
+
+
+@given(st.integers(1, 20), st.integers(1, 20), st.integers(0, 10_000), st.booleans())
+def test_the_projected_dense_kernels_certificate_bounds_its_exact_norm(
+    n_in, units, seed, orthogonal
+):
+    layer = (L.DP_SpectralDense if orthogonal else L.DP_QuickSpectralDense)(units)
+    layer.build((None, n_in))
+    rng = np.random.default_rng(seed)
+    layer.kernel.assign(rng.normal(size=(n_in, units)).astype(np.float32) * 7.0)
+    layer.project()
+    exact = np.linalg.norm(np.asarray(layer.kernel, np.float64), 2)
+    assert float(layer.lipschitz_bound()) >= exact
