@@ -36,7 +36,7 @@ demo: $(STAMP)
 PYTEST_WORKERS ?= auto
 test: $(STAMP)
 	$(BIN)/ruff check deel_lipdp_ext tests examples benchmarks
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 -n $(PYTEST_WORKERS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 -n $(PYTEST_WORKERS) --dist worksteal
 
 # The documentation site (mkdocs + mkdocstrings API reference) into site/;
 # tests/test_docs.py builds it too, so a broken reference fails `make test`.
