@@ -67,6 +67,21 @@ def small_cnn():
     ]
 
 
+def fitted_with_large_steps():
+    """`small_cnn` fitted 2 epochs with SGD(2.0) on 100 unit samples: its
+    kernels end far from where the projections started them."""
+    model = dp_model(
+        small_cnn(),
+        sigma=0.5,
+        optimizer=keras.optimizers.SGD(2.0),
+        n=100,
+        sampling="shuffle",
+    )
+    x, y = unit_samples(100, (8, 8, 1)), one_hot(np.arange(100))
+    model.fit(x, y, batch_size=50, epochs=2, verbose=0)
+    return model
+
+
 def unit_samples(n, shape, seed=0):
     x = np.random.default_rng(seed).normal(size=(n, *shape)).astype(np.float32)
     return x / np.linalg.norm(x.reshape(n, -1), axis=1).reshape(

@@ -14,6 +14,7 @@ from deel_lipdp_ext.accounting import effective_noise_multiplier
 
 from .helpers import (
     dp_model,
+    fitted_with_large_steps,
     metadata,
     one_hot,
     small_cnn,
@@ -269,15 +270,7 @@ def test_jit_sanitises_nan_samples_instead_of_training_on_them():
 
 
 def test_projection_keeps_certified_constants_near_one():
-    model = dp_model(
-        small_cnn(),
-        sigma=0.5,
-        optimizer=keras.optimizers.SGD(2.0),
-        n=100,
-        sampling="shuffle",
-    )
-    x, y = data(100)
-    model.fit(x, y, batch_size=50, epochs=2, verbose=0)
+    model = fitted_with_large_steps()
     for layer in model.dp_layers:
         if hasattr(layer, "lipschitz_bound"):
             assert float(layer.lipschitz_bound()) == pytest.approx(1.0, abs=0.02), (

@@ -4,7 +4,6 @@ assignment or forged pair can make it serve another kernel's number."""
 
 import zipfile
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,7 +11,7 @@ import tensorflow as tf
 from deel_lipdp_ext import layers as L
 from deel_lipdp_ext.layers.base import CertifiedKernel
 
-from ..helpers import dp_model, one_hot, small_cnn, unit_samples
+from ..helpers import dp_model, fitted_with_large_steps, small_cnn
 
 KERNEL_LAYERS = [
     (lambda: L.DP_QuickSpectralDense(5), (7,)),
@@ -169,16 +168,7 @@ def test_after_training_the_bounds_use_certificates_of_the_trained_kernels():
     """Steps with a large learning rate: each remembered certificate bounds the
     exact norm of the kernel the bound pass reads, and it is the projection's,
     not a stale one."""
-    model = dp_model(
-        small_cnn(),
-        sigma=0.5,
-        optimizer=keras.optimizers.SGD(2.0),
-        n=100,
-        sampling="shuffle",
-    )
-    x = unit_samples(100, (8, 8, 1))
-    y = one_hot(np.arange(100))
-    model.fit(x, y, batch_size=50, epochs=2, verbose=0)
+    model = fitted_with_large_steps()
     dense = model.dp_layers[-1]
     exact = np.linalg.norm(np.asarray(dense.kernel, np.float64), 2)
     counted = _Counted(dense)
