@@ -10,20 +10,23 @@ from .helpers import dp_model, small_cnn
 
 
 def test_each_certificate_is_computed_once_per_pass(monkeypatch):
-    """Forward and backward passes both need it; the Gram iteration runs once."""
+    """Forward and backward passes both need it; the Gram iteration runs once
+    (kernels changed since their projection, so none is remembered)."""
     model = dp_model(small_cnn())
     calls = []
     for cls in {type(x) for x in model.dp_layers if isinstance(x, KernelLayer)}:
 
-        def counting(self, _certify=cls._certify):
+        def counting(self, kernel, _certificate=cls._certificate):
             calls.append(self.name)
-            return _certify(self)
+            return _certificate(self, kernel)
 
-        monkeypatch.setattr(cls, "_certify", counting)
+        monkeypatch.setattr(cls, "_certificate", counting)
+    kernel_layers = [x for x in model.dp_layers if isinstance(x, KernelLayer)]
+    for layer in kernel_layers:
+        layer.kernel.assign(layer.kernel * 2.0)
     model.compute_gradient_bounds()
-    kernel_layers = [x.name for x in model.dp_layers if isinstance(x, KernelLayer)]
     assert len(kernel_layers) == 2
-    assert sorted(calls) == sorted(kernel_layers)
+    assert sorted(calls) == sorted(x.name for x in kernel_layers)
 
 
 def test_certificates_follow_the_weights_between_passes():

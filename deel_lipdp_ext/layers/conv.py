@@ -46,7 +46,7 @@ from .base import KernelLayer
 from .spectral import (
     conv_operator_norm_upper_bound,
     conv_overlap,
-    rescaled_certificate,
+    rescale_to_certificate,
     spectral_norm_upper_bound,
     spectral_project,
 )
@@ -164,7 +164,7 @@ class _LipschitzConv2D(keras.layers.Layer, KernelLayer):
         orthogonal variant) of M to 1/sqrt(overlap); then, if the input size
         is known, a rescaling of the kernel to certificate 1, whose
         certificate follows from the one computed before it
-        (`spectral.rescaled_certificate`: one Gram iteration per step)."""
+        (`spectral.rescale_to_certificate`: one Gram iteration per step)."""
         matrix = spectral_project(
             self._kernel_matrix(self.kernel),
             self.u,
@@ -175,10 +175,9 @@ class _LipschitzConv2D(keras.layers.Layer, KernelLayer):
         bound = self._certificate(kernel)
         if self.input_size is None:
             return kernel, bound
-        divisor = tf.where(bound > 0, bound, tf.ones_like(bound))
-        rescaled = kernel / divisor
-        taps = self.kernel_size[0] * self.kernel_size[1]
-        return rescaled, rescaled_certificate(kernel, bound, divisor, rescaled, taps)
+        return rescale_to_certificate(
+            kernel, bound, taps=self.kernel_size[0] * self.kernel_size[1]
+        )
 
     def get_config(self):
         return {

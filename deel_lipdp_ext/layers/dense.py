@@ -15,7 +15,7 @@ import tensorflow as tf
 from .._validation import NO_BIAS, pop_harmless, require_positive
 from .base import KernelLayer
 from .spectral import (
-    rescaled_certificate,
+    rescale_to_certificate,
     spectral_norm_upper_bound,
     spectral_project,
 )
@@ -25,6 +25,11 @@ _PACKAGE = "deel_lipdp_ext"
 
 class _LipschitzDense(keras.layers.Layer, KernelLayer):
     """Shared code of the three dense layers; subclasses choose `_project_kernel`."""
+
+    #: Whether the projection ends by rescaling the kernel to certificate 1
+    #: (the spectral ones: power iteration stops short of the top singular
+    #: value).
+    rescales_to_certificate = True
 
     def __init__(
         self,
@@ -72,14 +77,12 @@ class _LipschitzDense(keras.layers.Layer, KernelLayer):
         """The subclass's projection; for the spectral ones, then a rescaling
         by the certified norm (power iteration stops short of the top singular
         value, so its normalisation can leave a certificate above 1), whose
-        certificate follows from the one before it (`rescaled_certificate`)."""
+        certificate follows from the one before it (`rescale_to_certificate`)."""
         kernel = self._project_kernel(self.kernel)
         bound = spectral_norm_upper_bound(kernel)
-        if isinstance(self, DP_QuickFrobeniusDense):
+        if not self.rescales_to_certificate:
             return kernel, bound
-        divisor = tf.where(bound > 0, bound, tf.ones_like(bound))
-        rescaled = kernel / divisor
-        return rescaled, rescaled_certificate(kernel, bound, divisor, rescaled)
+        return rescale_to_certificate(kernel, bound)
 
     def _project_kernel(self, kernel):
         raise NotImplementedError
@@ -141,6 +144,8 @@ class DP_QuickFrobeniusDense(_LipschitzDense):
 
     Args: as `DP_QuickSpectralDense`.
     """
+
+    rescales_to_certificate = False  # ||K||_F = 1 is the constraint
 
     def _project_kernel(self, kernel):
         norm = tf.norm(kernel)

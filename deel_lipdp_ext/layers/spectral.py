@@ -114,6 +114,17 @@ def conv_operator_norm_upper_bound(
     return tf.cast(tf.reduce_max(_gram_iteration(matrices, iterations)), tf.float32)
 
 
+def rescale_to_certificate(
+    kernel: tf.Tensor, bound: tf.Tensor, taps: int = 1
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """`kernel / bound` (a projection's last step: certificate ~1) and the
+    certified Lipschitz bound of that computed quotient
+    (`rescaled_certificate`). A zero bound leaves the kernel as it is."""
+    divisor = tf.where(bound > 0, bound, tf.ones_like(bound))
+    rescaled = kernel / divisor
+    return rescaled, rescaled_certificate(kernel, bound, divisor, rescaled, taps)
+
+
 def rescaled_certificate(
     kernel: tf.Tensor,
     bound: tf.Tensor,
