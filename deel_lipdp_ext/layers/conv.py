@@ -18,7 +18,8 @@ known at build time, the layer also certifies the OPERATOR: the circular
 convolution on an (H + kh - 1, W + kw - 1) grid contains every zero-padded or
 strided convolution of an (H, W) input as a crop, and its norm is bounded
 per frequency by Gram iteration (`spectral.conv_operator_norm_upper_bound`,
-within ~1% of the truth). The certificate is the smaller of the two bounds.
+within ~1% of the truth). The certificate is the smaller of the two bounds;
+only the one that can be smaller is computed (`_certificate`).
 
 The projection after each step rescales the kernel so that its certificate is
 1 (post-processing): the layer then really is ~1-Lipschitz, not ~0.5. The
@@ -147,11 +148,22 @@ class _LipschitzConv2D(keras.layers.Layer, KernelLayer):
 
     def _certificate(self, kernel) -> tf.Tensor:
         """Certified bound: the smaller of sqrt(overlap) * ||M||_2 and the
-        operator bound for the build-time input size (module docstring)."""
+        operator bound for the build-time input size (module docstring).
+
+        Only a bound that can be the smaller one is computed. With unit
+        strides (overlap = kh * kw taps K_t), each frequency's matrix
+        sum_t e^(i w t) K_t has norm <= sqrt(overlap) * ||M||_2
+        (Cauchy-Schwarz over the taps), so the operator bound is the smaller
+        up to the Gram iteration's slack. Without overlap (kernel <= stride),
+        the grid's frequencies average ||sum_t e^(i w t) K_t x||^2 to
+        ||M x||^2 (Parseval), so the operator bound is >= ||M||_2."""
+        reshaped_only = self.input_size is None or self.overlap == 1
+        if not reshaped_only and self.strides == (1, 1):
+            return conv_operator_norm_upper_bound(kernel, self.input_size)
         reshaped = math.sqrt(self.overlap) * spectral_norm_upper_bound(
             self._kernel_matrix(kernel)
         )
-        if self.input_size is None:
+        if reshaped_only:
             return reshaped
         operator = conv_operator_norm_upper_bound(kernel, self.input_size)
         return tf.minimum(reshaped, operator)
@@ -164,14 +176,19 @@ class _LipschitzConv2D(keras.layers.Layer, KernelLayer):
         orthogonal variant) of M to 1/sqrt(overlap); then, if the input size
         is known, a rescaling of the kernel to certificate 1, whose
         certificate follows from the one computed before it
-        (`spectral.rescale_to_certificate`: one Gram iteration per step)."""
-        matrix = spectral_project(
-            self._kernel_matrix(self.kernel),
-            self.u,
-            1.0 / math.sqrt(self.overlap),
-            orthogonalize=self.orthogonalize,
-        )
-        kernel = tf.reshape(matrix, tf.shape(self.kernel))
+        (`spectral.rescale_to_certificate`: one Gram iteration per step).
+        Without Björck, that rescaling is the whole projection: the spectral
+        normalisation before it would only divide by a number the rescaling
+        divides out, so it is skipped (no power iteration per step)."""
+        kernel = self.kernel
+        if self.orthogonalize or self.input_size is None:
+            matrix = spectral_project(
+                self._kernel_matrix(kernel),
+                self.u,
+                1.0 / math.sqrt(self.overlap),
+                orthogonalize=self.orthogonalize,
+            )
+            kernel = tf.reshape(matrix, tf.shape(kernel))
         bound = self._certificate(kernel)
         if self.input_size is None:
             return kernel, bound

@@ -27,8 +27,8 @@ class _LipschitzDense(keras.layers.Layer, KernelLayer):
     """Shared code of the three dense layers; subclasses choose `_project_kernel`."""
 
     #: Whether the projection ends by rescaling the kernel to certificate 1
-    #: (the spectral ones: power iteration stops short of the top singular
-    #: value).
+    #: (the spectral ones; for the orthogonal one, Björck's input comes from a
+    #: power iteration, which stops short of the top singular value).
     rescales_to_certificate = True
 
     def __init__(
@@ -75,9 +75,8 @@ class _LipschitzDense(keras.layers.Layer, KernelLayer):
 
     def _projected(self):
         """The subclass's projection; for the spectral ones, then a rescaling
-        by the certified norm (power iteration stops short of the top singular
-        value, so its normalisation can leave a certificate above 1), whose
-        certificate follows from the one before it (`rescale_to_certificate`)."""
+        by the certified norm (to certificate 1), whose certificate follows
+        from the one before it (`rescale_to_certificate`)."""
         kernel = self._project_kernel(self.kernel)
         bound = spectral_norm_upper_bound(kernel)
         if not self.rescales_to_certificate:
@@ -115,7 +114,11 @@ class DP_QuickSpectralDense(_LipschitzDense):
     """
 
     def _project_kernel(self, kernel):
-        return spectral_project(kernel, self.u, 1.0, orthogonalize=False)
+        """Nothing before the rescaling to certificate 1, which is the whole
+        projection: a spectral normalisation first would divide the kernel by
+        a number that the rescaling then divides out (only the rounding would
+        differ), for a power iteration per step."""
+        return kernel
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

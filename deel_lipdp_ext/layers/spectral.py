@@ -5,7 +5,9 @@ projection (post-processing). The number the bound passes use comes from
 Gram iteration, which gives a guaranteed UPPER bound:
 with G_1 = W^T W and G_{k+1} = G_k^2, sigma_max(W)^(2^k) = ||G_k||_2 <=
 ||G_k||_F, hence sigma_max(W) <= ||G_k||_F^(1 / 2^k), converging to
-sigma_max from above.
+sigma_max from above. The same iterate gives a LOWER bound (for a PSD G,
+lambda_max >= tr(G^2) / tr(G)), used only to skip the frequencies of a
+convolution that cannot hold its largest singular value.
 
 Reference: Delattre, Barthélemy, Araujo, Allauzen, "Efficient Bound of
 Lipschitz Constant for Convolutional Layers by Gram Iteration", ICML 2023.
@@ -13,8 +15,11 @@ Lipschitz Constant for Convolutional Layers by Gram Iteration", ICML 2023.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
+import numpy as np
 import tensorflow as tf
 from deel.lip.normalizers import bjorck_normalization, spectral_normalization
 
@@ -24,31 +29,131 @@ SAFETY_MARGIN = 1e-5
 GRAM_ITERATIONS = 12
 
 
+#: Squarings between two renormalisations of the Gram iteration. After a
+#: renormalisation to trace 1 the eigenvalues lie in [0, 1] and the largest is
+#: >= 1/n, so three squarings keep it >= n^-8 (no underflow below n ~ 1e38).
+RENORMALISE_EVERY = 3
+#: Squarings of every frequency before those that cannot hold the largest
+#: singular value are dropped (`_largest_gram_bound`).
+PRUNE_AFTER = 3
+
+
+class _GramState(NamedTuple):
+    """G_k = exp(log_trace) * h with trace(h) = 1 for each matrix W of a batch:
+    G_1 = W^H W and G_(k+1) = G_k^2, so G_k's eigenvalues are
+    sigma_i(W)^power with power = 2^k."""
+
+    h: tf.Tensor  # (batch, n, n), Hermitian
+    log_trace: tf.Tensor  # (batch,) float64
+    power: int
+    first_trace: tf.Tensor  # (batch,) trace of G_1: 0 for a zero matrix
+
+
+def _gram_start(matrices: tf.Tensor) -> _GramState:
+    gram = tf.matmul(matrices, matrices, adjoint_a=True)
+    trace = tf.math.real(tf.linalg.trace(gram))
+    h = gram / tf.cast(trace, gram.dtype)[:, None, None]
+    return _GramState(h, tf.math.log(trace), 2, trace)
+
+
+def _gram_squarings(state: _GramState, squarings: int) -> _GramState:
+    """`squarings` squarings, renormalised to trace 1 every
+    `RENORMALISE_EVERY` of them and at the end (one matmul per squaring)."""
+    h, log_trace = state.h, state.log_trace
+    pending = 0
+    for step in range(1, squarings + 1):
+        h = tf.matmul(h, h)
+        pending += 1
+        if pending == RENORMALISE_EVERY or step == squarings:
+            trace = tf.math.real(tf.linalg.trace(h))
+            log_trace = log_trace * 2.0**pending + tf.math.log(trace)
+            h = h / tf.cast(trace, h.dtype)[:, None, None]
+            pending = 0
+    return _GramState(h, log_trace, state.power * 2**squarings, state.first_trace)
+
+
+def _log_frobenius(h: tf.Tensor) -> tf.Tensor:
+    return 0.5 * tf.math.log(
+        tf.reduce_sum(tf.math.real(tf.math.conj(h) * h), axis=(-2, -1))
+    )
+
+
+def _log_upper_bound(state: _GramState) -> tf.Tensor:
+    """log sigma_max <= log ||G_k||_F / 2^k (as ||G_k||_2 <= ||G_k||_F)."""
+    return (state.log_trace + _log_frobenius(state.h)) / state.power
+
+
+def _log_lower_bound(state: _GramState) -> tf.Tensor:
+    """log sigma_max >= log(tr(G_k^2) / tr(G_k)) / 2^k: for a positive
+    semi-definite G, sum lambda^2 / sum lambda <= lambda_max."""
+    return (state.log_trace + 2.0 * _log_frobenius(state.h)) / state.power
+
+
+def _certified(log_upper: tf.Tensor, state: _GramState) -> tf.Tensor:
+    """exp(log_upper) with the safety margin; 0 for a zero matrix (whose
+    iterate is 0/0 = NaN), NaN for a matrix holding NaN or Inf (its first
+    trace is NaN or Inf): no certificate."""
+    bound = tf.exp(log_upper) * (1.0 + SAFETY_MARGIN)
+    first = state.first_trace
+    return tf.where(first == 0, tf.zeros_like(bound), bound + 0.0 * first)
+
+
 def _gram_iteration(matrices: tf.Tensor, iterations: int) -> tf.Tensor:
     """Upper bounds of the largest singular value of each matrix of a batch.
 
-    `matrices`: (batch, m, n), real or complex float64. With G_1 = W^H W and
-    G_{k+1} = G_k^2 (each normalised by its Frobenius norm, the scale kept in
-    log space), sigma_max(W)^(2^(k+1)) = ||G_k||_2 <= ||G_k||_F. Returns a
-    float64 tensor (batch,), 0 for a zero matrix.
+    `matrices`: (batch, m, n), real or complex float64. After the Gram product
+    G_1 = W^H W and `iterations` squarings, sigma_max(W)^(2^k) = ||G_k||_2 <=
+    ||G_k||_F with k = iterations + 1. Returns a float64 tensor (batch,): 0 for
+    a zero matrix, NaN if a matrix holds NaN or Inf.
     """
-    gram = tf.matmul(matrices, matrices, adjoint_a=True)
+    state = _gram_start(matrices)
+    if state.h.shape[-1] == 1:  # a 1 x 1 Gram: sqrt(trace) is exact
+        iterations = 0
+    state = _gram_squarings(state, iterations)
+    return _certified(_log_upper_bound(state), state)
 
-    def frobenius(h):
-        return tf.sqrt(tf.reduce_sum(tf.math.real(tf.math.conj(h) * h), axis=(-2, -1)))
 
-    fro = frobenius(gram)
-    safe_fro = tf.where(fro > 0, fro, tf.ones_like(fro))
-    h = gram / tf.cast(safe_fro, gram.dtype)[:, None, None]
-    log_scale = tf.math.log(safe_fro)  # gram = exp(log_scale) * h, ||h||_F = 1
-    for _ in range(iterations):
-        h = tf.matmul(h, h)
-        f = frobenius(h)
-        safe_f = tf.where(f > 0, f, tf.ones_like(f))
-        h = h / tf.cast(safe_f, h.dtype)[:, None, None]
-        log_scale = 2.0 * log_scale + tf.math.log(safe_f)
-    bound = tf.exp(log_scale / 2.0 ** (iterations + 1)) * (1.0 + SAFETY_MARGIN)
-    return tf.where(fro > 0, bound, tf.zeros_like(bound))
+def _frequencies_to_keep(state: _GramState) -> tuple[tf.Tensor, tf.Tensor]:
+    """(indices of the batch // 8 matrices with the largest upper bounds,
+    whether every other matrix is certified below the largest singular value
+    of the batch): a dropped matrix's upper bound is below the best lower
+    bound, which belongs to a kept matrix (its upper bound is above its lower
+    bound). False if any bound is NaN. A 1e-9 margin (in log) covers the
+    float64 rounding of both bounds."""
+    keep = state.h.shape[0] // 8
+    zero = state.first_trace == 0  # sigma_max = 0: cannot hold the maximum
+    minus_inf = tf.constant(-math.inf, tf.float64)
+    upper = tf.where(zero, minus_inf, _log_upper_bound(state))
+    lower = tf.where(zero, minus_inf, _log_lower_bound(state))
+    top = tf.math.top_k(upper, keep + 1)
+    prunable = top.values[keep] < tf.reduce_max(lower) - 1e-9
+    return top.indices[:keep], prunable
+
+
+def _largest_gram_bound(matrices: tf.Tensor, iterations: int) -> tf.Tensor:
+    """`max(_gram_iteration(matrices, iterations))`, the later squarings only
+    for the matrices that can hold the maximum: after `PRUNE_AFTER` squarings
+    the batch // 8 with the largest upper bounds go on when every other one is
+    certified below the maximum (`_frequencies_to_keep`), else all of them do.
+    The result is the same number either way: the maximum's matrix is kept."""
+    batch, gram_size = matrices.shape[0], matrices.shape[-1]
+    if gram_size == 1 or batch is None or batch < 16 or iterations <= PRUNE_AFTER:
+        return tf.reduce_max(_gram_iteration(matrices, iterations))
+    first = PRUNE_AFTER
+    state = _gram_squarings(_gram_start(matrices), first)
+
+    def finish(part: _GramState) -> tf.Tensor:
+        part = _gram_squarings(part, iterations - first)
+        return tf.reduce_max(_certified(_log_upper_bound(part), part))
+
+    indices, prunable = _frequencies_to_keep(state)
+    kept = _GramState(
+        tf.gather(state.h, indices),
+        tf.gather(state.log_trace, indices),
+        state.power,
+        tf.gather(state.first_trace, indices),
+    )
+    return tf.cond(prunable, lambda: finish(kept), lambda: finish(state))
 
 
 def spectral_norm_upper_bound(
@@ -68,7 +173,7 @@ def spectral_norm_upper_bound(
     w = tf.cast(matrix, tf.float64)
     if w.shape[0] is not None and w.shape[1] is not None and w.shape[0] < w.shape[1]:
         w = tf.transpose(w)
-    return tf.cast(_gram_iteration(w[None], iterations)[0], tf.float32)
+    return _float32_certificate(_gram_iteration(w[None], iterations)[0])
 
 
 def conv_operator_norm_upper_bound(
@@ -102,16 +207,46 @@ def conv_operator_norm_upper_bound(
     Paddings", 2024.
     """
     kh, kw, c_in, c_out = (int(d) for d in kernel.shape)
-    grid_h, grid_w = int(input_size[0]) + kh - 1, int(input_size[1]) + kw - 1
-    k = tf.transpose(tf.cast(kernel, tf.float64), (2, 3, 0, 1))  # c_in, c_out, kh, kw
-    k = tf.pad(k, [[0, 0], [0, 0], [0, grid_h - kh], [0, grid_w - kw]])
-    # The real-input FFT keeps half the frequencies: the others are conjugates,
-    # with the same singular values.
-    spectrum = tf.transpose(tf.signal.rfft2d(k), (2, 3, 0, 1))
-    matrices = tf.reshape(spectrum, (-1, c_in, c_out))
-    if c_in < c_out:
-        matrices = tf.linalg.adjoint(matrices)
-    return tf.cast(tf.reduce_max(_gram_iteration(matrices, iterations)), tf.float32)
+    grid = (int(input_size[0]) + kh - 1, int(input_size[1]) + kw - 1)
+    # K^(w) = sum over taps t of e^(-i w.t) K_t: one matmul with the phases.
+    # Its Gram iteration runs on min(c_in, c_out) x min(c_in, c_out) Grams, so
+    # a kernel with more outputs gives (K^(w))^H = sum_t e^(+i w.t) K_t^T.
+    adjoint = c_in < c_out
+    if adjoint:
+        kernel = tf.transpose(kernel, (0, 1, 3, 2))
+    taps = tf.reshape(tf.cast(kernel, tf.complex128), (kh * kw, c_in * c_out))
+    phases = tf.constant(_half_spectrum_phases((kh, kw), grid, conjugate=adjoint))
+    shape = (-1, c_out, c_in) if adjoint else (-1, c_in, c_out)
+    matrices = tf.reshape(tf.matmul(phases, taps), shape)
+    return _float32_certificate(_largest_gram_bound(matrices, iterations))
+
+
+def _float32_certificate(bound: tf.Tensor) -> tf.Tensor:
+    """A float64 bound as float32 (SAFETY_MARGIN covers the rounding), never
+    below the smallest normal float32 when positive: the cast of a bound under
+    1.2e-38 would be flushed to 0, a certificate of 0 for a nonzero kernel."""
+    bound32 = tf.cast(bound, tf.float32)
+    floor = tf.constant(np.finfo(np.float32).tiny, tf.float32)
+    return tf.where(bound > 0, tf.maximum(bound32, floor), bound32)
+
+
+@functools.lru_cache(maxsize=64)
+def _half_spectrum_phases(
+    kernel_size: tuple[int, int], grid: tuple[int, int], conjugate: bool
+) -> np.ndarray:
+    """(frequencies, kh * kw) complex128 matrix of e^(-2 pi i (u a / gh +
+    v b / gw)) (conjugated if `conjugate`), for the real FFT's frequencies
+    (u, v) in [0, gh) x [0, gw // 2] (the others are the conjugates of these,
+    with the same singular values) and the taps (a, b) in row-major order. The
+    angles are reduced modulo 1 in integers before the float64 cos and sin."""
+    (kh, kw), (gh, gw) = kernel_size, grid
+    u = np.arange(gh)[:, None, None, None]
+    v = np.arange(gw // 2 + 1)[None, :, None, None]
+    a = np.arange(kh)[None, None, :, None]
+    b = np.arange(kw)[None, None, None, :]
+    turns = ((u * a) % gh) / gh + ((v * b) % gw) / gw
+    phases = np.exp((2j if conjugate else -2j) * np.pi * turns)
+    return phases.reshape(gh * (gw // 2 + 1), kh * kw)
 
 
 def rescale_to_certificate(

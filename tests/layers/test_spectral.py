@@ -7,6 +7,13 @@ from hypothesis import strategies as st
 
 from deel_lipdp_ext import layers as L
 from deel_lipdp_ext.layers.spectral import (
+    GRAM_ITERATIONS,
+    _frequencies_to_keep,
+    _gram_iteration,
+    _gram_squarings,
+    _gram_start,
+    _largest_gram_bound,
+    conv_operator_norm_upper_bound,
     conv_overlap,
     rescaled_certificate,
     spectral_norm_upper_bound,
@@ -31,6 +38,43 @@ def test_gram_bound_on_orthogonal_and_rank_one_and_zero():
     u = np.outer(np.arange(1, 6), np.arange(1, 4)).astype(float)
     assert float(spectral_norm_upper_bound(tf.constant(u))) >= np.linalg.norm(u, 2)
     assert float(spectral_norm_upper_bound(tf.zeros((3, 4)))) == 0.0
+
+
+@given(
+    st.integers(1, 24), st.integers(1, 24), st.integers(-100, 100), st.integers(0, 999)
+)
+def test_gram_bound_keeps_its_scale_across_renormalisations(m, n, exponent, seed):
+    """The iterate is renormalised every few squarings and the scale kept as
+    logs: float64 matrices from 1e-100 to 1e100 (beyond float32's range: the
+    first Gram product must not underflow), with singular values spread
+    over many decades, are bounded from above and tightly (in float64); the
+    float32 certificate of a positive bound is never flushed below the
+    smallest normal float32."""
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.normal(size=(m, m)))
+    v, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    spread = 10.0 ** -rng.uniform(0, 12, size=min(m, n))
+    w = (u[:, : min(m, n)] * spread) @ v[: min(m, n)] * 10.0**exponent
+    true = np.linalg.norm(w, 2)
+    bound = float(_gram_iteration(tf.constant(w)[None], GRAM_ITERATIONS)[0])
+    assert true * (1 - 1e-6) <= bound <= true * 1.002
+    certificate = float(spectral_norm_upper_bound(tf.constant(w)))
+    assert certificate >= min(true, np.finfo(np.float32).tiny)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_nan_or_inf_kernel_has_no_certificate(bad):
+    """A non-finite entry gives NaN (no bound), never a finite number: the
+    old Frobenius guard turned a NaN kernel into the certificate 0."""
+    matrix = np.ones((4, 3), np.float32)
+    matrix[1, 2] = bad
+    assert np.isnan(float(spectral_norm_upper_bound(tf.constant(matrix))))
+    kernel = np.ones((3, 3, 2, 4), np.float32)
+    kernel[0, 1, 1, 3] = bad
+    assert np.isnan(float(conv_operator_norm_upper_bound(tf.constant(kernel), (5, 5))))
+    layer = _conv_layer(4, 3, 1, "same", (5, 5, 2))
+    layer.kernel.assign(kernel)
+    assert np.isnan(float(layer.lipschitz_bound()))
 
 
 def test_conv_overlap():
@@ -93,6 +137,123 @@ def test_conv_certificate_is_never_below_the_exact_operator_norm(
     layer.kernel.assign(kernel.astype(np.float32))
     exact = float(_exact_operator_norm(layer.kernel, stride, padding, shape))
     assert float(layer.lipschitz_bound()) >= exact * (1 - 1e-6)
+
+
+@given(
+    st.integers(1, 5),
+    st.integers(1, 5),
+    st.integers(1, 6),
+    st.integers(1, 6),
+    st.integers(0, 6),
+    st.integers(0, 6),
+    st.sampled_from(["gaussian", "equal", "checkerboard", "spike"]),
+    st.integers(0, 10_000),
+)
+def test_conv_operator_bound_is_the_full_spectrum_norm(
+    kh, kw, cin, cout, extra_h, extra_w, kind, seed
+):
+    """The phases matmul on the real FFT's half grid (either orientation,
+    1 x 1 Grams included) gives the largest singular value over ALL the
+    frequencies of the (H + kh - 1, W + kw - 1) grid (numpy's full FFT, SVD),
+    from above and within the Gram slack."""
+    size = (kh + extra_h, kw + extra_w)
+    kernel = _kernel(kind, (kh, kw, cin, cout), np.random.default_rng(seed))
+    kernel = kernel.astype(np.float32)
+    grid = (size[0] + kh - 1, size[1] + kw - 1)
+    padded = np.zeros((*grid, cin, cout))
+    padded[:kh, :kw] = kernel
+    spectrum = np.fft.fft2(padded, axes=(0, 1)).reshape(-1, cin, cout)
+    exact = np.max(np.linalg.svd(spectrum, compute_uv=False))
+    bound = float(conv_operator_norm_upper_bound(tf.constant(kernel), size))
+    assert exact * (1 - 1e-9) <= bound <= exact * 1.002 + 1e-30
+
+
+@given(
+    st.sampled_from([((3, 3), 1), ((2, 2), 1), ((1, 3), 1), ((2, 2), 2), ((3, 2), 3)]),
+    st.integers(1, 4),
+    st.integers(1, 4),
+    st.sampled_from(["gaussian", "equal", "checkerboard", "spike"]),
+    st.integers(0, 10_000),
+)
+def test_a_conv_computes_only_the_bound_that_can_be_the_smaller(
+    kernel_stride, cin, cout, kind, seed
+):
+    """With unit strides the layer computes the operator bound alone, without
+    overlap (kernel <= stride) the reshaped bound alone: the skipped one is
+    never smaller beyond the Gram slack, whatever the kernel."""
+    kernel_size, stride = kernel_stride
+    shape = (6, 7, cin)
+    layer = _conv_layer(cout, kernel_size, stride, "same", shape)
+    kernel = _kernel(kind, (*kernel_size, cin, cout), np.random.default_rng(seed))
+    kernel = tf.constant(kernel.astype(np.float32))
+    reshaped = np.sqrt(layer.overlap) * float(
+        spectral_norm_upper_bound(tf.reshape(kernel, (-1, cout)))
+    )
+    operator = float(conv_operator_norm_upper_bound(kernel, shape[:2]))
+    certificate = float(layer._certificate(kernel))
+    assert certificate <= min(reshaped, operator) * 1.002 + 1e-30
+    assert certificate >= float(_exact_operator_norm(kernel, stride, "same", shape))
+
+
+def _batch_with_spectra(rng, batch, n, kind):
+    """(batch, n, n) complex matrices with chosen singular values: `flat`
+    ones (all equal: the loosest early bounds), `ties` (every matrix's top
+    value within 1e-6 of the others), or `spread` (one decade per matrix)."""
+    tops = {
+        "flat": rng.uniform(0.5, 1.0, batch),
+        "ties": 1.0 + 1e-6 * rng.uniform(size=batch),
+        "spread": 10.0 ** rng.uniform(-1, 1, batch),
+    }[kind]
+    matrices = []
+    for top in tops:
+        u, _ = np.linalg.qr(rng.normal(size=(n, n)) + 1j * rng.normal(size=(n, n)))
+        v, _ = np.linalg.qr(rng.normal(size=(n, n)) + 1j * rng.normal(size=(n, n)))
+        values = np.full(n, top) if kind == "flat" else top * rng.uniform(0, 1, n)
+        values[0] = top
+        matrices.append((u * values) @ v)
+    return np.stack(matrices), tops.max()
+
+
+@given(
+    st.integers(16, 80),
+    st.integers(2, 8),
+    st.sampled_from(["flat", "ties", "spread"]),
+    st.integers(0, 10_000),
+)
+def test_pruned_frequencies_give_the_unpruned_certificate(batch, n, kind, seed):
+    """The later squarings run only for the matrices that can hold the
+    maximum: the result is the unpruned maximum (to float64 rounding) and
+    never below the true largest singular value, for flat spectra, near ties
+    and spread ones."""
+    matrices, true = _batch_with_spectra(np.random.default_rng(seed), batch, n, kind)
+    matrices = tf.constant(matrices)
+    pruned = float(_largest_gram_bound(matrices, 10))
+    unpruned = float(tf.reduce_max(_gram_iteration(matrices, 10)))
+    assert pruned == pytest.approx(unpruned, rel=1e-12)
+    assert pruned >= true
+
+
+def _full_spectrum_matrices(kernel, size):
+    kh, kw, cin, cout = kernel.shape
+    padded = np.zeros((size[0] + kh - 1, size[1] + kw - 1, cin, cout))
+    padded[:kh, :kw] = kernel
+    return np.fft.fft2(padded, axes=(0, 1)).reshape(-1, cin, cout)
+
+
+def test_pruning_keeps_the_largest_frequency_and_runs_for_typical_kernels():
+    """After three squarings a random 3x3x32x16 kernel on 14x14 needs at most
+    an eighth of its 256 frequencies, among them the one with the largest
+    singular value; with every frequency equal (a 1x1 kernel) nothing can be
+    dropped."""
+    rng = np.random.default_rng(0)
+    matrices = _full_spectrum_matrices(rng.normal(size=(3, 3, 32, 16)), (14, 14))
+    state = _gram_squarings(_gram_start(tf.constant(matrices)), 3)
+    indices, prunable = _frequencies_to_keep(state)
+    top = np.argmax(np.linalg.svd(matrices, compute_uv=False)[:, 0])
+    assert bool(prunable) and top in indices.numpy() and len(indices) == 256 // 8
+    flat = _full_spectrum_matrices(rng.normal(size=(1, 1, 32, 16)), (14, 14))
+    state = _gram_squarings(_gram_start(tf.constant(flat)), 3)
+    assert not bool(_frequencies_to_keep(state)[1])
 
 
 def test_adversarially_optimised_kernels_stay_below_the_certificate():
