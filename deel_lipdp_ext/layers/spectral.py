@@ -91,11 +91,12 @@ def _log_lower_bound(state: _GramState) -> tf.Tensor:
 
 def _certified(log_upper: tf.Tensor, state: _GramState) -> tf.Tensor:
     """exp(log_upper) with the safety margin; 0 for a zero matrix (whose
-    iterate is 0/0 = NaN), NaN for a matrix holding NaN or Inf (its first
-    trace is NaN or Inf): no certificate."""
+    iterate is 0/0 = NaN); +inf (no finite certificate) for a matrix holding
+    NaN or Inf, or any other NaN, so that no maximum can drop it (XLA's
+    reduce_max on CPU skips NaN)."""
     bound = tf.exp(log_upper) * (1.0 + SAFETY_MARGIN)
-    first = state.first_trace
-    return tf.where(first == 0, tf.zeros_like(bound), bound + 0.0 * first)
+    bound = tf.where(state.first_trace == 0, tf.zeros_like(bound), bound)
+    return tf.where(tf.math.is_nan(bound), tf.constant(math.inf, tf.float64), bound)
 
 
 def _gram_iteration(matrices: tf.Tensor, iterations: int) -> tf.Tensor:
@@ -124,6 +125,7 @@ def _frequencies_to_keep(state: _GramState) -> tuple[tf.Tensor, tf.Tensor]:
     zero = state.first_trace == 0  # sigma_max = 0: cannot hold the maximum
     minus_inf = tf.constant(-math.inf, tf.float64)
     upper = tf.where(zero, minus_inf, _log_upper_bound(state))
+    upper = tf.where(tf.math.is_nan(upper), -minus_inf, upper)  # kept, or no pruning
     lower = tf.where(zero, minus_inf, _log_lower_bound(state))
     top = tf.math.top_k(upper, keep + 1)
     prunable = top.values[keep] < tf.reduce_max(lower) - 1e-9
@@ -170,10 +172,11 @@ def spectral_norm_upper_bound(
     Returns:
         Scalar float32 tensor `>= sigma_max(matrix)`.
     """
-    w = tf.cast(matrix, tf.float64)
+    w, scale = _as_float64(matrix)
     if w.shape[0] is not None and w.shape[1] is not None and w.shape[0] < w.shape[1]:
         w = tf.transpose(w)
-    return _float32_certificate(_gram_iteration(w[None], iterations)[0])
+    bound = scale * _gram_iteration(w[None], iterations)[0]
+    return _float32_certificate(bound + _flush_allowance(matrix, 1))
 
 
 def conv_operator_norm_upper_bound(
@@ -214,20 +217,48 @@ def conv_operator_norm_upper_bound(
     adjoint = c_in < c_out
     if adjoint:
         kernel = tf.transpose(kernel, (0, 1, 3, 2))
-    taps = tf.reshape(tf.cast(kernel, tf.complex128), (kh * kw, c_in * c_out))
+    real, scale = _as_float64(kernel)
+    taps = tf.reshape(tf.cast(real, tf.complex128), (kh * kw, c_in * c_out))
     phases = tf.constant(_half_spectrum_phases((kh, kw), grid, conjugate=adjoint))
     shape = (-1, c_out, c_in) if adjoint else (-1, c_in, c_out)
     matrices = tf.reshape(tf.matmul(phases, taps), shape)
-    return _float32_certificate(_largest_gram_bound(matrices, iterations))
+    bound = scale * _largest_gram_bound(matrices, iterations)
+    return _float32_certificate(bound + _flush_allowance(kernel, kh * kw))
+
+
+def _as_float64(weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(weights / scale in float64, scale): a float64 input is divided by
+    its largest magnitude, so its Gram products neither underflow (entries
+    under 1e-154) nor overflow; narrower inputs are cast (their squares stay
+    within float64's range) with scale 1."""
+    if weights.dtype != tf.float64:
+        return tf.cast(weights, tf.float64), tf.constant(1.0, tf.float64)
+    largest = tf.reduce_max(tf.abs(weights))
+    scale = tf.where(largest > 0, largest, tf.ones_like(largest))
+    return weights / scale, scale
+
+
+def _flush_allowance(weights: tf.Tensor, taps: int) -> tf.Tensor:
+    """What flushing subnormals to zero can hide (float64 scalar): the cast
+    to float64 reads a float32 or bfloat16 subnormal as 0 on CPUs that
+    flush (this one does), and a GPU may still compute with it. Each hidden
+    entry is under 2^-126, so the hidden kernel has a norm under
+    taps * sqrt(entries per tap) * 2^-126 (each tap acts through a shift of
+    norm <= 1). Float16 subnormals convert exactly; float64 is not cast."""
+    if weights.dtype not in (tf.float32, tf.bfloat16):
+        return tf.constant(0.0, tf.float64)
+    per_tap = math.prod(int(d) for d in weights.shape) // taps
+    return tf.constant(taps * math.sqrt(per_tap) * 2.0**-126, tf.float64)
 
 
 def _float32_certificate(bound: tf.Tensor) -> tf.Tensor:
     """A float64 bound as float32 (SAFETY_MARGIN covers the rounding), never
     below the smallest normal float32 when positive: the cast of a bound under
-    1.2e-38 would be flushed to 0, a certificate of 0 for a nonzero kernel."""
+    1.2e-38 would be flushed to 0, a certificate of 0 for a nonzero kernel.
+    +inf stays +inf."""
     bound32 = tf.cast(bound, tf.float32)
     floor = tf.constant(np.finfo(np.float32).tiny, tf.float32)
-    return tf.where(bound > 0, tf.maximum(bound32, floor), bound32)
+    return tf.where((bound > 0) & (bound32 < floor), floor, bound32)
 
 
 @functools.lru_cache(maxsize=64)

@@ -37,7 +37,10 @@ def test_gram_bound_on_orthogonal_and_rank_one_and_zero():
     assert 1.0 <= b <= 1.001  # all singular values equal: the hardest case for Gram
     u = np.outer(np.arange(1, 6), np.arange(1, 4)).astype(float)
     assert float(spectral_norm_upper_bound(tf.constant(u))) >= np.linalg.norm(u, 2)
-    assert float(spectral_norm_upper_bound(tf.zeros((3, 4)))) == 0.0
+    assert float(spectral_norm_upper_bound(tf.zeros((3, 4), tf.float64))) == 0.0
+    # float32: what a flushed subnormal could hide, sqrt(12) * 2^-126
+    zero32 = float(spectral_norm_upper_bound(tf.zeros((3, 4))))
+    assert 0.0 < zero32 <= np.sqrt(12) * 2.0**-126 * 1.001
 
 
 @given(
@@ -62,19 +65,73 @@ def test_gram_bound_keeps_its_scale_across_renormalisations(m, n, exponent, seed
     assert certificate >= min(true, np.finfo(np.float32).tiny)
 
 
+@pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_a_nan_or_inf_kernel_has_no_certificate(bad):
-    """A non-finite entry gives NaN (no bound), never a finite number: the
-    old Frobenius guard turned a NaN kernel into the certificate 0."""
+def test_a_nan_or_inf_kernel_has_no_finite_certificate(bad, jit):
+    """A non-finite entry gives +inf (no finite bound), also under XLA, whose
+    reduce_max on CPU skips NaN: the old Frobenius guard turned a NaN kernel
+    into the certificate 0, and a NaN passed to a maximum can vanish."""
     matrix = np.ones((4, 3), np.float32)
     matrix[1, 2] = bad
-    assert np.isnan(float(spectral_norm_upper_bound(tf.constant(matrix))))
     kernel = np.ones((3, 3, 2, 4), np.float32)
     kernel[0, 1, 1, 3] = bad
-    assert np.isnan(float(conv_operator_norm_upper_bound(tf.constant(kernel), (5, 5))))
     layer = _conv_layer(4, 3, 1, "same", (5, 5, 2))
-    layer.kernel.assign(kernel)
-    assert np.isnan(float(layer.lipschitz_bound()))
+    strided = _conv_layer(4, 3, 2, "same", (5, 5, 2))  # both bounds, a minimum
+    certificates = tf.function(
+        lambda m, k: (
+            spectral_norm_upper_bound(m),
+            conv_operator_norm_upper_bound(k, (5, 5)),
+            layer._certificate(k),
+            strided._certificate(k),
+        ),
+        jit_compile=jit,
+    )
+    for certificate in certificates(tf.constant(matrix), tf.constant(kernel)):
+        assert float(certificate) == np.inf
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (64, 4), (3, 3, 2, 2), (2, 3, 1, 5)])
+def test_subnormal_kernels_are_not_certified_below_their_norm(shape):
+    """This CPU reads float32 subnormals as 0 when casting them (a GPU may
+    compute with them): subnormal and mixed kernels, one normal entry among
+    subnormals included, keep a certificate above their exact norm."""
+    rng = np.random.default_rng(len(shape))
+    for values in (
+        np.full(shape, 1e-40, np.float32),
+        (rng.uniform(-1, 1, shape) * 1.1e-38).astype(np.float32),
+        np.where(np.arange(np.prod(shape)).reshape(shape) == 0, 1.2e-38, 1.1e-38),
+    ):
+        values = values.astype(np.float32)
+        exact64 = values.astype(np.float64)  # numpy does not flush
+        if len(shape) == 2:
+            exact = np.linalg.norm(exact64, 2)
+            certificate = float(spectral_norm_upper_bound(tf.constant(values)))
+        else:
+            exact = np.max(
+                np.linalg.svd(
+                    _full_spectrum_matrices(exact64, (4, 4)), compute_uv=False
+                )
+            )
+            certificate = float(
+                conv_operator_norm_upper_bound(tf.constant(values), (4, 4))
+            )
+        assert exact > 0 and certificate >= exact
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-155, 1e150, 1e300])
+def test_float64_matrices_far_from_one_are_bounded(scale):
+    """A float64 input is divided by its largest entry before the Gram
+    products (which would underflow or overflow): the certificate is never
+    below the norm (the smallest normal float32 at least, +inf beyond
+    float32's range)."""
+    w = np.random.default_rng(0).normal(size=(6, 4)) * scale
+    true = np.linalg.norm(w, 2)
+    certificate = float(spectral_norm_upper_bound(tf.constant(w)))
+    assert certificate >= min(true, np.finfo(np.float32).tiny)
+    if true > np.finfo(np.float32).max:
+        assert certificate == np.inf
+    else:
+        assert certificate <= max(true * 1.002, np.finfo(np.float32).tiny)
 
 
 def test_conv_overlap():
@@ -231,6 +288,17 @@ def test_pruned_frequencies_give_the_unpruned_certificate(batch, n, kind, seed):
     unpruned = float(tf.reduce_max(_gram_iteration(matrices, 10)))
     assert pruned == pytest.approx(unpruned, rel=1e-12)
     assert pruned >= true
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("position", [0, 17, 63])
+def test_a_nan_matrix_in_a_batch_is_never_pruned_away(jit, position):
+    """One NaN matrix among 64 gives +inf, pruned or not, also under XLA
+    (whose reduce_max on CPU skips NaN)."""
+    matrices, _ = _batch_with_spectra(np.random.default_rng(position), 64, 4, "spread")
+    matrices[position, 1, 2] = np.nan
+    largest = tf.function(lambda m: _largest_gram_bound(m, 10), jit_compile=jit)
+    assert float(largest(tf.constant(matrices))) == np.inf
 
 
 def _full_spectrum_matrices(kernel, size):
