@@ -239,16 +239,23 @@ def _as_float64(weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 def _flush_allowance(weights: tf.Tensor, taps: int) -> tf.Tensor:
-    """What flushing subnormals to zero can hide (float64 scalar): the cast
-    to float64 reads a float32 or bfloat16 subnormal as 0 on CPUs that
-    flush (this one does), and a GPU may still compute with it. Each hidden
-    entry is under 2^-126, so the hidden kernel has a norm under
-    taps * sqrt(entries per tap) * 2^-126 (each tap acts through a shift of
-    norm <= 1). Float16 subnormals convert exactly; float64 is not cast."""
-    if weights.dtype not in (tf.float32, tf.bfloat16):
+    """What flushing subnormals to zero can hide (float64 scalar): this CPU
+    reads a float32 or bfloat16 subnormal as 0 in the cast to float64, and a
+    float64 subnormal as 0 in float64 arithmetic, while a GPU may still
+    compute with them. Each hidden entry is under the dtype's smallest normal
+    (2^-126, 2^-1022), so the hidden kernel has a norm under
+    taps * sqrt(entries per tap) * that (each tap acts through a shift of
+    norm <= 1). Float16 subnormals convert exactly."""
+    smallest_normal = {
+        tf.float32: 2.0**-126,
+        tf.bfloat16: 2.0**-126,
+        tf.float64: 2.0**-1022,
+    }
+    if weights.dtype not in smallest_normal:
         return tf.constant(0.0, tf.float64)
     per_tap = math.prod(int(d) for d in weights.shape) // taps
-    return tf.constant(taps * math.sqrt(per_tap) * 2.0**-126, tf.float64)
+    allowance = taps * math.sqrt(per_tap) * smallest_normal[weights.dtype]
+    return tf.constant(allowance, tf.float64)
 
 
 def _float32_certificate(bound: tf.Tensor) -> tf.Tensor:

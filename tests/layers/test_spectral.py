@@ -37,10 +37,13 @@ def test_gram_bound_on_orthogonal_and_rank_one_and_zero():
     assert 1.0 <= b <= 1.001  # all singular values equal: the hardest case for Gram
     u = np.outer(np.arange(1, 6), np.arange(1, 4)).astype(float)
     assert float(spectral_norm_upper_bound(tf.constant(u))) >= np.linalg.norm(u, 2)
-    assert float(spectral_norm_upper_bound(tf.zeros((3, 4), tf.float64))) == 0.0
-    # float32: what a flushed subnormal could hide, sqrt(12) * 2^-126
+    assert float(spectral_norm_upper_bound(tf.zeros((3, 4), tf.float16))) == 0.0
+    # float32: what flushed subnormals could hide, sqrt(12) * 2^-126; float64:
+    # sqrt(12) * 2^-1022, as float32 the smallest normal
     zero32 = float(spectral_norm_upper_bound(tf.zeros((3, 4))))
     assert 0.0 < zero32 <= np.sqrt(12) * 2.0**-126 * 1.001
+    zero64 = float(spectral_norm_upper_bound(tf.zeros((3, 4), tf.float64)))
+    assert zero64 == np.finfo(np.float32).tiny
 
 
 @given(
@@ -118,10 +121,11 @@ def test_subnormal_kernels_are_not_certified_below_their_norm(shape):
         assert exact > 0 and certificate >= exact
 
 
-@pytest.mark.parametrize("scale", [1e-300, 1e-155, 1e150, 1e300])
+@pytest.mark.parametrize("scale", [1e-310, 1e-300, 1e-155, 1e150, 1e300])
 def test_float64_matrices_far_from_one_are_bounded(scale):
     """A float64 input is divided by its largest entry before the Gram
-    products (which would underflow or overflow): the certificate is never
+    products (which would underflow or overflow), and all-subnormal ones
+    (which this CPU reads as 0) get the flush allowance: the certificate is never
     below the norm (the smallest normal float32 at least, +inf beyond
     float32's range)."""
     w = np.random.default_rng(0).normal(size=(6, 4)) * scale
@@ -132,6 +136,12 @@ def test_float64_matrices_far_from_one_are_bounded(scale):
         assert certificate == np.inf
     else:
         assert certificate <= max(true * 1.002, np.finfo(np.float32).tiny)
+    kernel = np.random.default_rng(1).normal(size=(3, 3, 2, 4)) * scale
+    exact = np.max(
+        np.linalg.svd(_full_spectrum_matrices(kernel, (4, 4)), compute_uv=False)
+    )
+    conv = float(conv_operator_norm_upper_bound(tf.constant(kernel), (4, 4)))
+    assert conv >= min(exact, np.finfo(np.float32).tiny)
 
 
 def test_conv_overlap():
