@@ -169,6 +169,10 @@ def _exact_operator_norm(kernel, strides, padding, input_shape):
     return tf.linalg.svd(matrix, compute_uv=False)[0]
 
 
+#: The kernel families of `_kernel`.
+KERNEL_KINDS = st.sampled_from(["gaussian", "equal", "checkerboard", "spike"])
+
+
 def _kernel(kind, shape, rng):
     kh, kw, cin, cout = shape
     if kind == "gaussian":
@@ -192,7 +196,7 @@ def _kernel(kind, shape, rng):
     st.integers(0, 5),
     st.integers(1, 3),
     st.integers(1, 3),
-    st.sampled_from(["gaussian", "equal", "checkerboard", "spike"]),
+    KERNEL_KINDS,
     st.integers(0, 10_000),
 )
 def test_conv_certificate_is_never_below_the_exact_operator_norm(
@@ -207,29 +211,21 @@ def test_conv_certificate_is_never_below_the_exact_operator_norm(
 
 
 @given(
-    st.integers(1, 5),
-    st.integers(1, 5),
-    st.integers(1, 6),
-    st.integers(1, 6),
-    st.integers(0, 6),
-    st.integers(0, 6),
-    st.sampled_from(["gaussian", "equal", "checkerboard", "spike"]),
+    st.tuples(
+        st.integers(1, 5), st.integers(1, 5), st.integers(1, 6), st.integers(1, 6)
+    ),
+    st.tuples(st.integers(0, 6), st.integers(0, 6)),
+    KERNEL_KINDS,
     st.integers(0, 10_000),
 )
-def test_conv_operator_bound_is_the_full_spectrum_norm(
-    kh, kw, cin, cout, extra_h, extra_w, kind, seed
-):
+def test_conv_operator_bound_is_the_full_spectrum_norm(shape, extra, kind, seed):
     """The phases matmul on the real FFT's half grid (either orientation,
     1 x 1 Grams included) gives the largest singular value over ALL the
     frequencies of the (H + kh - 1, W + kw - 1) grid (numpy's full FFT, SVD),
     from above and within the Gram slack."""
-    size = (kh + extra_h, kw + extra_w)
-    kernel = _kernel(kind, (kh, kw, cin, cout), np.random.default_rng(seed))
-    kernel = kernel.astype(np.float32)
-    grid = (size[0] + kh - 1, size[1] + kw - 1)
-    padded = np.zeros((*grid, cin, cout))
-    padded[:kh, :kw] = kernel
-    spectrum = np.fft.fft2(padded, axes=(0, 1)).reshape(-1, cin, cout)
+    size = (shape[0] + extra[0], shape[1] + extra[1])
+    kernel = _kernel(kind, shape, np.random.default_rng(seed)).astype(np.float32)
+    spectrum = _full_spectrum_matrices(kernel.astype(np.float64), size)
     exact = np.max(np.linalg.svd(spectrum, compute_uv=False))
     bound = float(conv_operator_norm_upper_bound(tf.constant(kernel), size))
     assert exact * (1 - 1e-9) <= bound <= exact * 1.002 + 1e-30
@@ -239,7 +235,7 @@ def test_conv_operator_bound_is_the_full_spectrum_norm(
     st.sampled_from([((3, 3), 1), ((2, 2), 1), ((1, 3), 1), ((2, 2), 2), ((3, 2), 3)]),
     st.integers(1, 4),
     st.integers(1, 4),
-    st.sampled_from(["gaussian", "equal", "checkerboard", "spike"]),
+    KERNEL_KINDS,
     st.integers(0, 10_000),
 )
 def test_a_conv_computes_only_the_bound_that_can_be_the_smaller(
