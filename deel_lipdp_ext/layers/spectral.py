@@ -105,7 +105,7 @@ def _gram_iteration(matrices: tf.Tensor, iterations: int) -> tf.Tensor:
     `matrices`: (batch, m, n), real or complex float64. After the Gram product
     G_1 = W^H W and `iterations` squarings, sigma_max(W)^(2^k) = ||G_k||_2 <=
     ||G_k||_F with k = iterations + 1. Returns a float64 tensor (batch,): 0 for
-    a zero matrix, NaN if a matrix holds NaN or Inf.
+    a zero matrix, +inf if a matrix holds NaN or Inf (`_certified`).
     """
     state = _gram_start(matrices)
     if state.h.shape[-1] == 1:  # a 1 x 1 Gram: sqrt(trace) is exact
@@ -119,8 +119,8 @@ def _frequencies_to_keep(state: _GramState) -> tuple[tf.Tensor, tf.Tensor]:
     whether every other matrix is certified below the largest singular value
     of the batch): a dropped matrix's upper bound is below the best lower
     bound, which belongs to a kept matrix (its upper bound is above its lower
-    bound). False if any bound is NaN. A 1e-9 margin (in log) covers the
-    float64 rounding of both bounds."""
+    bound). A NaN upper bound counts as +inf (kept, or nothing is dropped).
+    A 1e-9 margin (in log) covers the float64 rounding of both bounds."""
     keep = state.h.shape[0] // 8
     zero = state.first_trace == 0  # sigma_max = 0: cannot hold the maximum
     minus_inf = tf.constant(-math.inf, tf.float64)
