@@ -78,7 +78,7 @@ class _LipschitzDense(keras.layers.Layer, KernelLayer):
         by the certified norm (to certificate 1), whose certificate follows
         from the one before it (`rescale_to_certificate`)."""
         kernel = self._project_kernel(self.kernel)
-        bound = spectral_norm_upper_bound(kernel)
+        bound = self._certificate(kernel)
         if not self.rescales_to_certificate:
             return kernel, bound
         return rescale_to_certificate(kernel, bound)

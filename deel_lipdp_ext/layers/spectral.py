@@ -251,10 +251,11 @@ def _flush_allowance(weights: tf.Tensor, taps: int) -> tf.Tensor:
         tf.bfloat16: 2.0**-126,
         tf.float64: 2.0**-1022,
     }
-    if weights.dtype not in smallest_normal:
+    dtype = tf.as_dtype(weights.dtype)  # numpy arrays too
+    if dtype not in smallest_normal:
         return tf.constant(0.0, tf.float64)
     per_tap = math.prod(int(d) for d in weights.shape) // taps
-    allowance = taps * math.sqrt(per_tap) * smallest_normal[weights.dtype]
+    allowance = taps * math.sqrt(per_tap) * smallest_normal[dtype]
     return tf.constant(allowance, tf.float64)
 
 
@@ -315,8 +316,10 @@ def rescaled_certificate(
     is added back). A convolution is a sum over its taps of a (c_in, c_out)
     matrix acting through a partial shift (norm <= 1), so
     ||E|| <= sum over taps of ||E_tap||_F (`taps` = kh * kw; 1 for a matrix).
-    The float64 sums and norms are covered by a 1e-9 relative margin, and the
-    result is rounded UP to float32.
+    Subnormal entries of `rescaled` read as 0 by the cast hide at most
+    `_flush_allowance`, which is added. The float64 sums and norms are
+    covered by a 1e-9 relative margin, and the result is rounded UP to
+    float32.
 
     Args:
         kernel: (taps..., c_in, c_out) with the taps leading, or a matrix.
@@ -332,7 +335,8 @@ def rescaled_certificate(
     exact = tf.cast(kernel, tf.float64) / divisor  # within 2^-53 of the quotient
     error = tf.abs(tf.cast(rescaled, tf.float64) - exact) + 2.0**-52 * tf.abs(exact)
     per_tap = tf.norm(tf.reshape(error, (taps, -1)), axis=1)
-    total = (tf.cast(bound, tf.float64) / divisor + tf.reduce_sum(per_tap)) * (
+    hidden = _flush_allowance(rescaled, taps)
+    total = (tf.cast(bound, tf.float64) / divisor + tf.reduce_sum(per_tap) + hidden) * (
         1.0 + 1e-9
     )
     return tf.math.nextafter(tf.cast(total, tf.float32), tf.constant(math.inf))

@@ -420,6 +420,25 @@ def test_rescaled_certificate_covers_a_wrong_division(m, n, seed, error, dtype):
     assert certificate <= exact * (1 + 1e-5) + 2 * error + 1e-3 * (dtype == np.float16)
 
 
+@pytest.mark.parametrize("shape, taps", [((5, 3), 1), ((3, 3, 2, 2), 9)])
+def test_rescaled_certificate_covers_subnormal_quotients(shape, taps):
+    """A quotient whose entries are float32 subnormals (read as 0 by this
+    CPU's cast to float64) still gets a certificate above its norm."""
+    rescaled = np.full(shape, 1e-40, np.float32)
+    certificate = float(
+        rescaled_certificate(
+            tf.zeros(shape), tf.constant(0.0), tf.constant(1.0), rescaled, taps=taps
+        )
+    )
+    if taps == 1:
+        exact = np.linalg.norm(rescaled.astype(np.float64), 2)
+    else:
+        exact = float(
+            _exact_operator_norm(rescaled.astype(np.float64), 1, "same", (4, 4, 2))
+        )
+    assert exact > 0 and certificate >= exact
+
+
 @pytest.mark.parametrize("stride, padding", [(1, "same"), (1, "valid"), (2, "same")])
 def test_rescaled_certificate_sums_the_error_over_the_taps(stride, padding):
     """The same rank-one error on every tap of a 3x3 kernel adds up over the
