@@ -293,9 +293,11 @@ def rescale_to_certificate(
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """`kernel / bound` (a projection's last step: certificate ~1) and the
     certified Lipschitz bound of that computed quotient
-    (`rescaled_certificate`). A zero bound leaves the kernel as it is."""
+    (`rescaled_certificate`). A zero bound leaves the kernel as it is. The
+    division runs in the kernel's dtype (the float32 divisor cast to it; its
+    rounding is part of the error `rescaled_certificate` measures)."""
     divisor = tf.where(bound > 0, bound, tf.ones_like(bound))
-    rescaled = kernel / divisor
+    rescaled = kernel / tf.cast(divisor, kernel.dtype)
     return rescaled, rescaled_certificate(kernel, bound, divisor, rescaled, taps)
 
 
@@ -356,9 +358,15 @@ def spectral_project(
     Uses deel-lip's power iteration (warm-started from `u`, updated in place)
     and, when `orthogonalize`, Björck orthonormalisation. The result is not
     certified: the bound passes re-certify it with `spectral_norm_upper_bound`.
+    A 16-bit matrix is projected in float32 (Björck's iteration overflows to
+    NaN in float16) and cast back.
     """
-    normalized, new_u, _ = spectral_normalization(matrix, u)
-    u.assign(new_u)
+    dtype = tf.as_dtype(matrix.dtype)
+    compute = tf.float32 if dtype.size == 2 else dtype
+    normalized, new_u, _ = spectral_normalization(
+        tf.cast(matrix, compute), tf.cast(u, compute)
+    )
+    u.assign(tf.cast(new_u, u.dtype))
     if orthogonalize:
         normalized = bjorck_normalization(normalized)
-    return normalized * target
+    return tf.cast(normalized * target, dtype)

@@ -495,3 +495,41 @@ def test_the_projected_dense_kernels_certificate_bounds_its_exact_norm(
     layer.project()
     exact = np.linalg.norm(np.asarray(layer.kernel, np.float64), 2)
     assert float(layer.lipschitz_bound()) >= exact
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("orthogonal", [False, True])
+@pytest.mark.parametrize("conv", [False, True])
+def test_spectral_layers_of_other_float_dtypes_project_and_certify(
+    dtype, orthogonal, conv
+):
+    """A layer built with dtype="float64" crashed in `build` (a float64 kernel
+    divided by the float32 certificate); each dtype now keeps its kernel dtype
+    and a certificate never below the exact norm of the kernel it stores."""
+    shape = (5, 5, 3)
+    # Keras's orthogonal initializer has no bfloat16 QR
+    init = "glorot_uniform" if dtype == "bfloat16" else "orthogonal"
+    if conv:
+        cls = L.DP_SpectralConv2D if orthogonal else L.DP_QuickSpectralConv2D
+        layer = cls(
+            4, 3, strides=2, padding="same", kernel_initializer=init, dtype=dtype
+        )
+        layer.build((None, *shape))
+    else:
+        cls = L.DP_SpectralDense if orthogonal else L.DP_QuickSpectralDense
+        layer = cls(4, kernel_initializer=init, dtype=dtype)
+        layer.build((None, 6))
+
+    def exact():
+        if conv:
+            return float(_exact_operator_norm(layer.kernel, 2, "same", shape))
+        return np.linalg.norm(np.asarray(layer.kernel).astype(np.float64), 2)
+
+    assert layer.kernel.dtype == dtype
+    assert float(layer.lipschitz_bound()) >= exact()
+    rng = np.random.default_rng(0)
+    layer.kernel.assign((5.0 * rng.normal(size=layer.kernel.shape)).astype(dtype))
+    layer.project()
+    assert layer.kernel.dtype == dtype
+    certificate = float(layer.lipschitz_bound())
+    assert exact() <= certificate <= 1.05
