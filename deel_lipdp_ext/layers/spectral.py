@@ -294,10 +294,14 @@ def rescale_to_certificate(
     """`kernel / bound` (a projection's last step: certificate ~1) and the
     certified Lipschitz bound of that computed quotient
     (`rescaled_certificate`). A zero bound leaves the kernel as it is. The
-    division runs in the kernel's dtype (the float32 divisor cast to it; its
-    rounding is part of the error `rescaled_certificate` measures)."""
+    division runs in float32, or float64 for a float64 kernel, and the
+    quotient is cast to the kernel's dtype (its rounding is part of the
+    error `rescaled_certificate` measures)."""
     divisor = tf.where(bound > 0, bound, tf.ones_like(bound))
-    rescaled = kernel / tf.cast(divisor, kernel.dtype)
+    dtype = tf.as_dtype(kernel.dtype)
+    compute = tf.float64 if dtype == tf.float64 else tf.float32
+    quotient = tf.cast(kernel, compute) / tf.cast(divisor, compute)
+    rescaled = tf.cast(quotient, dtype)
     return rescaled, rescaled_certificate(kernel, bound, divisor, rescaled, taps)
 
 
