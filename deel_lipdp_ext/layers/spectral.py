@@ -335,7 +335,8 @@ def rescaled_certificate(
         taps: kh * kw for a convolution kernel, 1 for a matrix.
 
     Returns:
-        Scalar float32 tensor >= the Lipschitz constant of `rescaled`.
+        Scalar float32 tensor >= the Lipschitz constant of `rescaled`: +inf
+        when the bound is +inf or a kernel holds NaN or Inf.
     """
     divisor = tf.cast(divisor, tf.float64)
     exact = tf.cast(kernel, tf.float64) / divisor  # within 2^-53 of the quotient
@@ -345,6 +346,7 @@ def rescaled_certificate(
     total = (tf.cast(bound, tf.float64) / divisor + tf.reduce_sum(per_tap) + hidden) * (
         1.0 + 1e-9
     )
+    total = tf.where(tf.math.is_nan(total), tf.constant(math.inf, tf.float64), total)
     return tf.math.nextafter(tf.cast(total, tf.float32), tf.constant(math.inf))
 
 
@@ -370,7 +372,10 @@ def spectral_project(
     normalized, new_u, _ = spectral_normalization(
         tf.cast(matrix, compute), tf.cast(u, compute)
     )
-    u.assign(tf.cast(new_u, u.dtype))
+    # A zero or NaN matrix gives a zero or NaN vector, from which the power
+    # iteration never recovers: such a vector is not kept.
+    usable = tf.reduce_all(tf.math.is_finite(new_u)) & tf.reduce_any(new_u != 0)
+    u.assign(tf.where(usable, tf.cast(new_u, u.dtype), u))
     if orthogonalize:
         normalized = bjorck_normalization(normalized)
     return tf.cast(normalized * target, dtype)

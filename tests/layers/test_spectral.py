@@ -1,3 +1,5 @@
+import math
+
 import keras
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from deel_lipdp_ext.layers.spectral import (
     _largest_gram_bound,
     conv_operator_norm_upper_bound,
     conv_overlap,
+    rescale_to_certificate,
     rescaled_certificate,
     spectral_norm_upper_bound,
 )
@@ -536,3 +539,44 @@ def test_spectral_layers_of_other_float_dtypes_project_and_certify(
         assert layer.kernel.dtype == dtype
         certificate = float(layer.lipschitz_bound())
         assert 0.5 <= exact() <= certificate <= 1.05, scale
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_rescaled_certificate_of_an_infinite_bound_or_a_nan_kernel_is_inf(bad):
+    """inf / inf gave a NaN certificate, which no comparison can read as a
+    bound; it is +inf."""
+    kernel = tf.constant([[1.0, 2.0], [3.0, bad]])
+    bound = tf.constant(math.inf)
+    _, certificate = rescale_to_certificate(kernel, bound)
+    assert float(certificate) == math.inf
+    certificate = rescaled_certificate(
+        kernel, tf.constant(4.0), tf.constant(4.0), kernel / 4.0
+    )
+    assert float(certificate) == math.inf
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_the_power_iteration_recovers_after_a_zero_or_nan_kernel(conv):
+    """A zero kernel (here the initializer's) or a NaN one set the power
+    iteration's vector to 0 or NaN for good: every later projection of the
+    Björck layers gave a NaN kernel. That vector is no longer kept."""
+    shape = (6, 6, 2)
+    if conv:
+        layer = L.DP_SpectralConv2D(3, 3, padding="same", kernel_initializer="zeros")
+        layer.build((None, *shape))
+    else:
+        layer = L.DP_SpectralDense(3, kernel_initializer="zeros")
+        layer.build((None, 5))
+    rng = np.random.default_rng(0)
+    for poison in (0.0, math.nan):
+        layer.kernel.assign(np.full(layer.kernel.shape, poison, np.float32))
+        layer.project()
+        layer.kernel.assign(rng.normal(size=layer.kernel.shape).astype(np.float32))
+        layer.project()
+        kernel = np.asarray(layer.kernel)
+        assert np.isfinite(kernel).all() and np.abs(kernel).max() > 0, poison
+        if conv:
+            exact = float(_exact_operator_norm(layer.kernel, 1, "same", shape))
+        else:
+            exact = np.linalg.norm(kernel.astype(np.float64), 2)
+        assert 0.5 <= exact <= float(layer.lipschitz_bound()) <= 1.05, poison
