@@ -288,18 +288,25 @@ def _half_spectrum_phases(
     return phases.reshape(gh * (gw // 2 + 1), kh * kw)
 
 
+def _working_dtype(tensor) -> tuple[tf.DType, tf.DType]:
+    """(the dtype of `tensor`, the dtype a projection computes it in): float32
+    for 16-bit tensors (their range and precision are too small for a
+    division by the certificate or Björck's iteration), else its own."""
+    dtype = tf.as_dtype(tensor.dtype)
+    return dtype, tf.float32 if dtype.size == 2 else dtype
+
+
 def rescale_to_certificate(
     kernel: tf.Tensor, bound: tf.Tensor, taps: int = 1
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """`kernel / bound` (a projection's last step: certificate ~1) and the
     certified Lipschitz bound of that computed quotient
     (`rescaled_certificate`). A zero bound leaves the kernel as it is. The
-    division runs in float32, or float64 for a float64 kernel, and the
-    quotient is cast to the kernel's dtype (its rounding is part of the
-    error `rescaled_certificate` measures)."""
+    division runs in `_working_dtype` and the quotient is cast to the
+    kernel's dtype (its rounding is part of the error `rescaled_certificate`
+    measures)."""
     divisor = tf.where(bound > 0, bound, tf.ones_like(bound))
-    dtype = tf.as_dtype(kernel.dtype)
-    compute = tf.float64 if dtype == tf.float64 else tf.float32
+    dtype, compute = _working_dtype(kernel)
     quotient = tf.cast(kernel, compute) / tf.cast(divisor, compute)
     rescaled = tf.cast(quotient, dtype)
     return rescaled, rescaled_certificate(kernel, bound, divisor, rescaled, taps)
@@ -364,11 +371,10 @@ def spectral_project(
     Uses deel-lip's power iteration (warm-started from `u`, updated in place)
     and, when `orthogonalize`, Björck orthonormalisation. The result is not
     certified: the bound passes re-certify it with `spectral_norm_upper_bound`.
-    A 16-bit matrix is projected in float32 (Björck's iteration overflows to
-    NaN in float16) and cast back.
+    A 16-bit matrix is projected in float32 (`_working_dtype`: Björck's
+    iteration overflowed to NaN in float16) and cast back.
     """
-    dtype = tf.as_dtype(matrix.dtype)
-    compute = tf.float32 if dtype.size == 2 else dtype
+    dtype, compute = _working_dtype(matrix)
     normalized, new_u, _ = spectral_normalization(
         tf.cast(matrix, compute), tf.cast(u, compute)
     )
