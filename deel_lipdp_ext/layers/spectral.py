@@ -301,11 +301,13 @@ def rescale_to_certificate(
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """`kernel / bound` (a projection's last step: certificate ~1) and the
     certified Lipschitz bound of that computed quotient
-    (`rescaled_certificate`). A zero bound leaves the kernel as it is. The
-    division runs in `_working_dtype` and the quotient is cast to the
-    kernel's dtype (its rounding is part of the error `rescaled_certificate`
-    measures)."""
-    divisor = tf.where(bound > 0, bound, tf.ones_like(bound))
+    (`rescaled_certificate`). A zero or infinite bound leaves the kernel as
+    it is (a division by +inf would zero it, silently: its certificate stays
+    +inf instead). The division runs in `_working_dtype` and the quotient is
+    cast to the kernel's dtype (its rounding is part of the error
+    `rescaled_certificate` measures)."""
+    usable = (bound > 0) & tf.math.is_finite(bound)
+    divisor = tf.where(usable, bound, tf.ones_like(bound))
     dtype, compute = _working_dtype(kernel)
     quotient = tf.cast(kernel, compute) / tf.cast(divisor, compute)
     rescaled = tf.cast(quotient, dtype)

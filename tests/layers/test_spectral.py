@@ -580,3 +580,21 @@ def test_the_power_iteration_recovers_after_a_zero_or_nan_kernel(conv):
         else:
             exact = np.linalg.norm(kernel.astype(np.float64), 2)
         assert 0.5 <= exact <= float(layer.lipschitz_bound()) <= 1.05, poison
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_a_kernel_whose_certificate_overflows_is_not_silently_zeroed(conv):
+    """Entries near the float32 maximum: the certificate is +inf. Dividing by
+    it zeroed the kernel, and the layer trained on as a dead one; the kernel
+    is now left as it is, with certificate +inf (never NaN)."""
+    if conv:
+        layer = L.DP_QuickSpectralConv2D(3, 3, padding="same")
+        layer.build((None, 6, 6, 2))
+    else:
+        layer = L.DP_QuickSpectralDense(3)
+        layer.build((None, 5))
+    kernel = np.full(layer.kernel.shape, 3e38, np.float32)
+    layer.kernel.assign(kernel)
+    layer.project()
+    np.testing.assert_array_equal(np.asarray(layer.kernel), kernel)
+    assert float(layer.lipschitz_bound()) == math.inf
