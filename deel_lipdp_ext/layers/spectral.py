@@ -23,8 +23,9 @@ import numpy as np
 import tensorflow as tf
 from deel.lip.normalizers import bjorck_normalization, spectral_normalization
 
-# Relative margin added after the float64 computation and the cast to float32,
-# so rounding can never make the certified number smaller than the truth.
+# Relative margin added after the float64 Gram iteration, so its rounding can
+# never make the certified number smaller than the truth (the cast to float32
+# rounds up: `_float32_certificate`).
 SAFETY_MARGIN = 1e-5
 GRAM_ITERATIONS = 12
 
@@ -260,13 +261,21 @@ def _flush_allowance(weights: tf.Tensor, taps: int) -> tf.Tensor:
 
 
 def _float32_certificate(bound: tf.Tensor) -> tf.Tensor:
-    """A float64 bound as float32 (SAFETY_MARGIN covers the rounding), never
-    below the smallest normal float32 when positive: the cast of a bound under
-    1.2e-38 would be flushed to 0, a certificate of 0 for a nonzero kernel.
-    +inf stays +inf."""
+    """A float64 bound as a float32 certificate never below it, the one
+    conversion of every certificate: NaN (no bound) is +inf; the cast is
+    rounded UP when it rounded down; a positive bound is never below the
+    smallest normal float32 (the cast of a bound under 1.2e-38 would be
+    flushed to 0, a certificate of 0 for a nonzero kernel)."""
+    bound = tf.where(tf.math.is_nan(bound), tf.constant(math.inf, tf.float64), bound)
     bound32 = tf.cast(bound, tf.float32)
+    rounded_down = tf.cast(bound32, tf.float64) < bound
+    bound32 = tf.where(
+        rounded_down, tf.math.nextafter(bound32, tf.constant(math.inf)), bound32
+    )
+    # positive by its bits: this CPU reads a float64 subnormal as 0 in `> 0`
+    positive = tf.bitcast(bound, tf.int64) > 0
     floor = tf.constant(np.finfo(np.float32).tiny, tf.float32)
-    return tf.where((bound > 0) & (bound32 < floor), floor, bound32)
+    return tf.where(positive & (bound32 < floor), floor, bound32)
 
 
 @functools.lru_cache(maxsize=64)
@@ -334,7 +343,7 @@ def rescaled_certificate(
     Subnormal entries of `rescaled` read as 0 by the cast hide at most
     `_flush_allowance`, which is added. The float64 sums and norms are
     covered by a 1e-9 relative margin, and the result is rounded UP to
-    float32.
+    float32 (`_float32_certificate`).
 
     Args:
         kernel: (taps..., c_in, c_out) with the taps leading, or a matrix.
@@ -355,8 +364,7 @@ def rescaled_certificate(
     total = (tf.cast(bound, tf.float64) / divisor + tf.reduce_sum(per_tap) + hidden) * (
         1.0 + 1e-9
     )
-    total = tf.where(tf.math.is_nan(total), tf.constant(math.inf, tf.float64), total)
-    return tf.math.nextafter(tf.cast(total, tf.float32), tf.constant(math.inf))
+    return _float32_certificate(total)
 
 
 def conv_overlap(kernel_size: tuple[int, int], strides: tuple[int, int]) -> int:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from deel_lipdp_ext import layers as L
 from deel_lipdp_ext.layers.spectral import (
     GRAM_ITERATIONS,
+    _float32_certificate,
     _frequencies_to_keep,
     _gram_iteration,
     _gram_squarings,
@@ -124,6 +125,34 @@ def test_subnormal_kernels_are_not_certified_below_their_norm(shape):
         assert exact > 0 and certificate >= exact
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("shape", [(5, 3), (3, 3, 2, 2)])
+def test_16_bit_subnormal_kernels_are_not_certified_below_their_norm(dtype, shape):
+    """bfloat16 subnormals (float32's exponent range) are read as 0 by the
+    cast to float64 on this CPU and get the float32 flush allowance; float16
+    subnormals convert exactly and get none. Both claims, attacked with
+    all-subnormal kernels and one normal entry among subnormals."""
+    tiny = float(tf.experimental.numpy.finfo(dtype).tiny)
+    for values in (
+        np.full(shape, tiny / 3),
+        np.where(np.arange(np.prod(shape)).reshape(shape) == 0, tiny, tiny / 3),
+    ):
+        values = values.astype(tf.as_dtype(dtype).as_numpy_dtype)
+        kernel = tf.constant(values)
+        exact64 = values.astype(np.float64)  # numpy does not flush
+        if len(shape) == 2:
+            exact = np.linalg.norm(exact64, 2)
+            certificate = float(spectral_norm_upper_bound(kernel))
+        else:
+            exact = np.max(
+                np.linalg.svd(
+                    _full_spectrum_matrices(exact64, (4, 4)), compute_uv=False
+                )
+            )
+            certificate = float(conv_operator_norm_upper_bound(kernel, (4, 4)))
+        assert exact > 0 and certificate >= exact
+
+
 @pytest.mark.parametrize("scale", [1e-310, 1e-300, 1e-155, 1e150, 1e300])
 def test_float64_matrices_far_from_one_are_bounded(scale):
     """A float64 input is divided by its largest entry before the Gram
@@ -155,9 +184,11 @@ def test_conv_overlap():
 
 
 # ------------------------------------------- convolution operator certificate
-def _conv_layer(filters, kernel, strides, padding, input_shape, orthogonal=False):
+def _conv_layer(
+    filters, kernel, strides, padding, input_shape, orthogonal=False, **kwargs
+):
     cls = L.DP_SpectralConv2D if orthogonal else L.DP_QuickSpectralConv2D
-    layer = cls(filters, kernel, strides=strides, padding=padding)
+    layer = cls(filters, kernel, strides=strides, padding=padding, **kwargs)
     layer.build((None, *input_shape))
     return layer
 
@@ -500,6 +531,20 @@ def test_the_projected_dense_kernels_certificate_bounds_its_exact_norm(
     assert float(layer.lipschitz_bound()) >= exact
 
 
+def _layer_and_exact_norm(conv, orthogonal, shape=(6, 6, 2), strides=1, **kwargs):
+    """A built spectral layer with 3 outputs (conv: 3x3, "same", on `shape`;
+    dense: on shape[-1] inputs) and a function giving the exact norm of the
+    kernel it holds (SVD, float64)."""
+    if conv:
+        layer = _conv_layer(3, 3, strides, "same", shape, orthogonal, **kwargs)
+        return layer, lambda: float(
+            _exact_operator_norm(layer.kernel, strides, "same", shape)
+        )
+    layer = (L.DP_SpectralDense if orthogonal else L.DP_QuickSpectralDense)(3, **kwargs)
+    layer.build((None, shape[-1]))
+    return layer, lambda: np.linalg.norm(np.asarray(layer.kernel).astype(np.float64), 2)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
 @pytest.mark.parametrize("orthogonal", [False, True])
 @pytest.mark.parametrize("conv", [False, True])
@@ -509,25 +554,11 @@ def test_spectral_layers_of_other_float_dtypes_project_and_certify(
     """A layer built with dtype="float64" crashed in `build` (a float64 kernel
     divided by the float32 certificate); each dtype now keeps its kernel dtype
     and a certificate never below the exact norm of the kernel it stores."""
-    shape = (5, 5, 3)
     # Keras's orthogonal initializer has no bfloat16 QR
     init = "glorot_uniform" if dtype == "bfloat16" else "orthogonal"
-    if conv:
-        cls = L.DP_SpectralConv2D if orthogonal else L.DP_QuickSpectralConv2D
-        layer = cls(
-            4, 3, strides=2, padding="same", kernel_initializer=init, dtype=dtype
-        )
-        layer.build((None, *shape))
-    else:
-        cls = L.DP_SpectralDense if orthogonal else L.DP_QuickSpectralDense
-        layer = cls(4, kernel_initializer=init, dtype=dtype)
-        layer.build((None, 6))
-
-    def exact():
-        if conv:
-            return float(_exact_operator_norm(layer.kernel, 2, "same", shape))
-        return np.linalg.norm(np.asarray(layer.kernel).astype(np.float64), 2)
-
+    layer, exact = _layer_and_exact_norm(
+        conv, orthogonal, strides=2, kernel_initializer=init, dtype=dtype
+    )
     assert layer.kernel.dtype == dtype
     assert float(layer.lipschitz_bound()) >= exact()
     rng = np.random.default_rng(0)
@@ -560,13 +591,7 @@ def test_the_power_iteration_recovers_after_a_zero_or_nan_kernel(conv):
     """A zero kernel (here the initializer's) or a NaN one set the power
     iteration's vector to 0 or NaN for good: every later projection of the
     Björck layers gave a NaN kernel. That vector is no longer kept."""
-    shape = (6, 6, 2)
-    if conv:
-        layer = L.DP_SpectralConv2D(3, 3, padding="same", kernel_initializer="zeros")
-        layer.build((None, *shape))
-    else:
-        layer = L.DP_SpectralDense(3, kernel_initializer="zeros")
-        layer.build((None, 5))
+    layer, exact = _layer_and_exact_norm(conv, True, kernel_initializer="zeros")
     rng = np.random.default_rng(0)
     for poison in (0.0, math.nan):
         layer.kernel.assign(np.full(layer.kernel.shape, poison, np.float32))
@@ -575,11 +600,7 @@ def test_the_power_iteration_recovers_after_a_zero_or_nan_kernel(conv):
         layer.project()
         kernel = np.asarray(layer.kernel)
         assert np.isfinite(kernel).all() and np.abs(kernel).max() > 0, poison
-        if conv:
-            exact = float(_exact_operator_norm(layer.kernel, 1, "same", shape))
-        else:
-            exact = np.linalg.norm(kernel.astype(np.float64), 2)
-        assert 0.5 <= exact <= float(layer.lipschitz_bound()) <= 1.05, poison
+        assert 0.5 <= exact() <= float(layer.lipschitz_bound()) <= 1.05, poison
 
 
 @pytest.mark.parametrize("conv", [False, True])
@@ -587,14 +608,29 @@ def test_a_kernel_whose_certificate_overflows_is_not_silently_zeroed(conv):
     """Entries near the float32 maximum: the certificate is +inf. Dividing by
     it zeroed the kernel, and the layer trained on as a dead one; the kernel
     is now left as it is, with certificate +inf (never NaN)."""
-    if conv:
-        layer = L.DP_QuickSpectralConv2D(3, 3, padding="same")
-        layer.build((None, 6, 6, 2))
-    else:
-        layer = L.DP_QuickSpectralDense(3)
-        layer.build((None, 5))
+    layer, _ = _layer_and_exact_norm(conv, False)
     kernel = np.full(layer.kernel.shape, 3e38, np.float32)
     layer.kernel.assign(kernel)
     layer.project()
     np.testing.assert_array_equal(np.asarray(layer.kernel), kernel)
     assert float(layer.lipschitz_bound()) == math.inf
+
+
+@given(
+    st.one_of(
+        st.floats(0.0, 1e300, allow_subnormal=True),
+        st.floats(1.0, 1.0 + 1e-6),  # between two float32 neighbours of 1
+        st.sampled_from([math.inf, math.nan, 3.5e38, 1e-39, 1e-320]),
+    )
+)
+def test_every_certificate_is_rounded_up_to_float32(value):
+    """The one float64 -> float32 conversion of the certificates never gives
+    less than its input: NaN is +inf, a rounded-down cast is moved up one
+    float32, a positive value is never flushed below the smallest normal."""
+    certificate = float(_float32_certificate(tf.constant(value, tf.float64)))
+    if math.isnan(value):
+        assert certificate == math.inf
+        return
+    assert certificate >= value
+    if 1.2e-38 < value < 3.4e38:  # tight: the next float32 at most
+        assert certificate <= np.nextafter(np.float32(value), np.float32(np.inf))
