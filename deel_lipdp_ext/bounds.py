@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from .layers.base import DPLayer, as_bound, bound_pass
 from .layers.bounded import DP_BoundedInput
+from .layers.residual import DP_MergeResidual, DP_SplitResidual, DP_WrappedResidual
 
 
 def walk_layers(layers: Sequence, depth: int = 0) -> Iterator[tuple[object, int]]:
@@ -62,6 +63,7 @@ def check_dp_chain(dp_layers: Sequence[keras.layers.Layer]) -> None:
             f"bound; received first layer '{dp_layers[0].name}' "
             f"({type(dp_layers[0]).__name__})"
         )
+    problems += residual_pair_problems(dp_layers)
     seen_layers: dict[int, str] = {}
     owner_of: dict[int, str] = {}
     paths: dict[str, str] = {}
@@ -93,6 +95,36 @@ def check_dp_chain(dp_layers: Sequence[keras.layers.Layer]) -> None:
             paths[variable.path] = layer.name
     if problems:
         raise ValueError("Invalid DP chain: " + "; ".join(dict.fromkeys(problems)))
+
+
+def residual_pair_problems(dp_layers: Sequence[keras.layers.Layer]) -> list[str]:
+    """Between a DP_SplitResidual and its DP_MergeResidual the chain carries a
+    (main, skip) pair, which only DP_WrappedResidual takes (other layers
+    failed on the tuple with errors that did not say why)."""
+    problems, split = [], None
+    for layer in dp_layers:
+        if isinstance(layer, DP_SplitResidual):
+            if split is not None:
+                problems.append(
+                    f"DP_SplitResidual '{layer.name}' inside the residual block of "
+                    f"'{split.name}' (merge that block first)"
+                )
+            split = layer
+        elif isinstance(layer, DP_MergeResidual):
+            if split is None:
+                problems.append(
+                    f"DP_MergeResidual '{layer.name}' has no DP_SplitResidual before it"
+                )
+            split = None
+        elif split is not None and not isinstance(layer, DP_WrappedResidual):
+            problems.append(
+                f"layer '{layer.name}' ({type(layer).__name__}) is applied to the "
+                f"(main, skip) pair of the residual block of '{split.name}': wrap it "
+                "in DP_WrappedResidual (layers.make_residuals does)"
+            )
+    if split is not None:
+        problems.append(f"DP_SplitResidual '{split.name}' is never merged")
+    return problems
 
 
 def compute_gradient_bounds(

@@ -183,7 +183,7 @@ class DP_Accountant(keras.callbacks.Callback):
         self.history.append(
             {
                 "epoch": epoch,
-                "steps": int(plan.steps.numpy()),
+                "steps": plan.steps_taken(),
                 **record,
                 "sampling": plan.samplings(),
                 "exact": plan.is_exact(),
@@ -193,7 +193,8 @@ class DP_Accountant(keras.callbacks.Callback):
             self.log_fn(epoch, dict(record))
         if (
             self.epsilon_budget is not None
-            and self._plan_after(next_epoch=epoch + 1) > self.epsilon_budget
+            and self._plan_after(next_epoch=plan.model_epoch(epoch + 1))
+            > self.epsilon_budget
         ):
             print(
                 f"DP_Accountant: epsilon={epsilon:.4g}; another epoch would exceed "

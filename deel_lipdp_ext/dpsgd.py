@@ -33,6 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from . import losses as dp_losses
 from ._keras_utils import all_sublayers, pop_keras_objects
 from ._validation import require_one_of
 from .data import DatasetMetadata
@@ -43,12 +44,73 @@ from .model import (
     PrivateModel,
     check_float32_compute,
     refuse_nested_batch,
+    refuse_regularizers,
     sanitize_batch,
 )
 
 _PACKAGE = "deel_lipdp_ext"
 CLIPPINGS = ("auto", "ghost", "vectorized")
 _SAMPLE_MIXING = (keras.layers.BatchNormalization,)
+#: Smallest `l2_norm_clip`. TensorFlow's CPU kernels flush squares below
+#: 2^-126 to zero, so a computed norm can miss up to n * 2^-126 of a squared
+#: norm (n: parameters); above this C that is below the 1e-6 clip margin for
+#: any n up to 1e12 (a review clipped nothing at C = 1e-25).
+MIN_L2_NORM_CLIP = 1e-10
+#: Losses whose value for one example depends on that example alone (with an
+#: axis off the batch: `_refuse_batch_axis`): the Keras losses but Circle
+#: (which compares the examples of a batch), as classes and functions, and
+#: this library's DP losses. Ghost clipping differentiates the batch's summed
+#: loss, so it needs one of them; any other loss (one's own function or
+#: class included) runs on the vectorised path, which evaluates each example
+#: alone (a review measured 64 C for one example under Circle at B = 128).
+PER_EXAMPLE_LOSSES = tuple(
+    getattr(keras.losses, name)
+    for name in (
+        "BinaryCrossentropy BinaryFocalCrossentropy CTC CategoricalCrossentropy "
+        "CategoricalFocalCrossentropy CategoricalGeneralizedCrossEntropy "
+        "CategoricalHinge CosineSimilarity Dice Hinge Huber KLDivergence LogCosh "
+        "MeanAbsoluteError MeanAbsolutePercentageError MeanSquaredError "
+        "MeanSquaredLogarithmicError Poisson SparseCategoricalCrossentropy "
+        "SquaredHinge Tversky"
+    ).split()
+    if hasattr(keras.losses, name)
+) + tuple(
+    cls
+    for cls in vars(dp_losses).values()
+    if isinstance(cls, type)
+    and issubclass(cls, dp_losses.DPLoss)
+    and cls is not dp_losses.DPLoss
+)
+PER_EXAMPLE_LOSS_FUNCTIONS = tuple(
+    getattr(keras.losses, name)
+    for name in (
+        "binary_crossentropy binary_focal_crossentropy categorical_crossentropy "
+        "categorical_focal_crossentropy categorical_generalized_cross_entropy "
+        "categorical_hinge cosine_similarity ctc dice hinge huber kl_divergence "
+        "log_cosh mean_absolute_error mean_absolute_percentage_error "
+        "mean_squared_error mean_squared_logarithmic_error poisson "
+        "sparse_categorical_crossentropy squared_hinge tversky"
+    ).split()
+    if hasattr(keras.losses, name)
+)
+
+
+def loss_problem(loss) -> str | None:
+    """None if `loss` (a Keras loss, its name, or a function) computes each
+    example's value from that example alone (`PER_EXAMPLE_LOSSES`), else why
+    ghost clipping cannot use it."""
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    if type(loss) in PER_EXAMPLE_LOSSES or any(
+        loss is f for f in PER_EXAMPLE_LOSS_FUNCTIONS
+    ):
+        return None
+    name = getattr(loss, "__name__", type(loss).__name__)
+    return (
+        f"the loss {name} is not known to compute each example's value from "
+        "that example alone (ghost clipping differentiates the batch's summed "
+        "loss)"
+    )
 
 
 def _check_network(model: keras.Model, probe: bool = True) -> None:
@@ -70,6 +132,13 @@ def _check_network(model: keras.Model, probe: bool = True) -> None:
                 f"Layer {layer.name!r} ({type(layer).__name__}) mixes the examples "
                 "of a batch: per-example gradients would not be per example."
             )
+        if getattr(layer, "stateful", False):
+            raise ValueError(
+                f"Layer {layer.name!r} ({type(layer).__name__}) is stateful: it "
+                "carries state computed from one step's examples into the next "
+                "steps, without noise. Use stateful=False."
+            )
+    refuse_regularizers([model, *all_sublayers(model)], "DPSGDModel")
     check_float32_compute([model, *all_sublayers(model)], "DPSGDModel")
     if probe:
         _refuse_training_state(model)
@@ -154,10 +223,11 @@ class DPSGDModel(PrivateModel, keras.Model):
 
     Raises:
         TypeError: wrong argument types.
-        ValueError: a non-positive clip norm, a per-layer noise strategy, a
-            layer that mixes examples, a loss without per-example values, or
-            clipping="ghost" for a network it does not support (the reason
-            is named).
+        ValueError: a clip norm below `MIN_L2_NORM_CLIP`, a per-layer noise
+            strategy, a layer that mixes examples or is stateful, a
+            regularizer, a loss without per-example values, or
+            clipping="ghost" for a network or (at compile) a loss it does
+            not support (the reason is named).
     """
 
     def __init__(
@@ -194,12 +264,13 @@ class DPSGDModel(PrivateModel, keras.Model):
         if not (
             isinstance(l2_norm_clip, int | float)
             and not isinstance(l2_norm_clip, bool)
-            and l2_norm_clip > 0
+            and l2_norm_clip >= MIN_L2_NORM_CLIP
             and math.isfinite(l2_norm_clip)
         ):
             raise ValueError(
-                "`l2_norm_clip` must be a positive finite number. "
-                f"Received: l2_norm_clip={l2_norm_clip!r}"
+                f"`l2_norm_clip` must be a finite number >= {MIN_L2_NORM_CLIP} "
+                "(below it, float32 squares flushed to zero make gradient norms "
+                f"too small to clip). Received: l2_norm_clip={l2_norm_clip!r}"
             )
         if not model.built:  # its sublayers exist once built: check them all
             model.build((None, *dataset_metadata.input_shape))
@@ -232,14 +303,22 @@ class DPSGDModel(PrivateModel, keras.Model):
         """The clipping that runs: "ghost" or "vectorized" ("auto" resolved
         for this network)."""
         if self.clipping == "auto":
-            supported = ghost_clipping_support(self.model) is None
-            return "ghost" if supported else "vectorized"
+            return "ghost" if self._ghost_problem() is None else "vectorized"
         return self.clipping
+
+    def _ghost_problem(self) -> str | None:
+        """Why ghost clipping is not exact for the network and the loss
+        (once compiled), or None."""
+        problem = ghost_clipping_support(self.model)
+        loss = getattr(self, "loss", None)
+        if problem is None and loss is not None:
+            problem = loss_problem(loss)
+        return problem
 
     def _check_clipping(self) -> None:
         if self.clipping != "ghost" or not self.model.built:
             return
-        reason = ghost_clipping_support(self.model)
+        reason = self._ghost_problem()
         if reason is not None:
             raise ValueError(
                 f"clipping='ghost' is not exact for this network: {reason}. Use "
@@ -359,6 +438,7 @@ class DPSGDModel(PrivateModel, keras.Model):
         super().compile(*args, **self._distributed_compile_options(kwargs))
         self.privacy_plan.check_ready("DPSGDModel")
         self._check_strategy()
+        self._check_clipping()  # the loss, now known
 
     def train_step(self, data):
         self._check_strategy()

@@ -19,6 +19,7 @@ noise follows: a post-processing of the release.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Sequence
 
 import keras
@@ -33,6 +34,7 @@ from .layers.base import sample_norms
 from .layers.clipping import DP_ClipGradient
 from .model import DPTrainer
 from .privacy_plan import (
+    ReproducibleNoiseWarning,
     privacy_plan_of,
 )
 
@@ -87,7 +89,8 @@ def clip_layer_gradient_norms(
 
 class _DynamicClipping(keras.callbacks.Callback):
     """Shared schedule: an update at the start of every `patience`-th epoch
-    (epochs 0, patience, 2 patience, ...), on one batch of `ds_train`."""
+    of the model (epochs 0, patience, 2 patience, ... counted over all its
+    fits: `PrivacyPlan.model_epoch`), on one batch of `ds_train`."""
 
     name = "dynamic_clipping"
 
@@ -117,6 +120,15 @@ class _DynamicClipping(keras.callbacks.Callback):
             )
         self.ds_train = ds_train
         self.patience = patience
+        if seed is not None:
+            warnings.warn(
+                f"{type(self).__name__}(seed={seed}) fixes the noise of its clip "
+                "updates: the privacy guarantee assumes the seed stays secret and "
+                "is never reused. Use seed=None (default) for noise from the "
+                "operating system's entropy.",
+                ReproducibleNoiseWarning,
+                stacklevel=3,
+            )
         self.rng = np.random.default_rng(seed)
         self.updates = 0
         self._iterator = None
@@ -126,7 +138,8 @@ class _DynamicClipping(keras.callbacks.Callback):
         raise NotImplementedError
 
     def scheduled_release(self, epoch: int) -> Release | None:
-        """The release this callback makes at the start of epoch `epoch`."""
+        """The release this callback makes at the start of the model's epoch
+        `epoch` (`PrivacyPlan.model_epoch`: counted over all its fits)."""
         return self.release() if epoch % self.patience == 0 else None
 
     def set_model(self, model):
@@ -173,15 +186,14 @@ class _DynamicClipping(keras.callbacks.Callback):
         raise ValueError(f"`ds_train` of {type(self).__name__} yields no batch.")
 
     def on_epoch_begin(self, epoch, logs=None):
-        if epoch % self.patience != 0:
+        plan = privacy_plan_of(self.model)
+        if self.scheduled_release(plan.model_epoch(epoch)) is None:
             return
         layers = self.target_layers()
         x, y, weight = self._next_batch()
         norms, included = clip_layer_gradient_norms(self.model, layers, x, y, weight)
         # Recorded first: if the ledger cannot take it, nothing is released.
-        privacy_plan_of(self.model).record_release(
-            self.release(), self.sampling_label()
-        )
+        plan.record_release(self.release(), self.sampling_label())
         self.update(layers, norms, included)
         self.updates += 1
 

@@ -140,6 +140,16 @@ def ghost_clipping_support(model: keras.Model) -> str | None:
             problem = _inner_problem(layer)
         if problem is not None:
             return f"layer {layer.name!r} ({type(layer).__name__}) {problem}"
+    owners = {}
+    for unit in weight_units(model):
+        for v in unit.trainable_variables:
+            owner = owners.setdefault(id(v), unit)
+            if owner is not unit:
+                return (
+                    f"layers {owner.name!r} and {unit.name!r} share the weight "
+                    f"{v.path!r} (one layer inside two wrappers?): each would "
+                    "clip its own part of that weight's gradient"
+                )
     return None
 
 
@@ -188,7 +198,12 @@ def _layer_problem(layer: keras.layers.Layer, ranks: set[int] | None) -> str | N
         ):
             return f"has a {name} that is not a built-in Keras activation"
     if isinstance(layer, _L.EinsumDense) and _einsum_parts(layer) is None:
-        return "has an equation that does not keep the batch letter first"
+        return (
+            f"has an equation ({layer.equation!r}, bias_axes "
+            f"{getattr(layer, 'bias_axes', None)!r}) whose batch letter is not "
+            "first, or is in the kernel or the bias, or whose kernel repeats a "
+            "letter or has one absent from the input and output"
+        )
     for name in ("dropout", "recurrent_dropout", "_dropout"):
         rate = getattr(layer, name, 0)
         if isinstance(rate, int | float) and rate > 0:
@@ -588,8 +603,9 @@ def _conv_patches(layer, a: tf.Tensor) -> tuple[list[tf.Tensor], list[int]]:
 
 def _einsum_parts(layer) -> tuple[str, str, str] | None:
     """(input, kernel, output) subscripts of an EinsumDense whose first input
-    and output letter is the batch axis and whose kernel letters all appear
-    in the input or output; None otherwise."""
+    and output letter is the batch axis, absent from the kernel and the bias,
+    and whose kernel letters are distinct and all appear in the input or
+    output; None otherwise."""
     equation = layer.equation.replace(" ", "")
     if "..." in equation or "->" not in equation:
         return None
@@ -600,7 +616,11 @@ def _einsum_parts(layer) -> tuple[str, str, str] | None:
     a, kernel = parts
     if not a or not output or a[0] != output[0] or a[0] in kernel:
         return None
+    if len(set(kernel)) < len(kernel):  # a diagonal of the kernel
+        return None
     if any(letter not in a + output for letter in kernel):
+        return None
+    if a[0] in (getattr(layer, "bias_axes", None) or ""):  # a bias per example
         return None
     return a, kernel, output
 

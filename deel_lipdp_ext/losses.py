@@ -16,6 +16,7 @@ import keras
 import tensorflow as tf
 
 from ._validation import require_positive
+from .layers.base import stable_norm
 
 _PACKAGE = "deel_lipdp_ext"
 
@@ -137,10 +138,11 @@ class DP_KCosineSimilarity(DPLoss):
 
     def call(self, y_true, y_pred):
         y = self._labels(y_true, y_pred)
-        y_norm = tf.norm(y, axis=-1, keepdims=True)
+        # stable norms: a label of entries near 1e-19 (squares flushed to 0)
+        # got a norm too small and y / ||y|| a norm of sqrt(C) (a review)
+        y_norm = stable_norm(y, axis=-1)
         y = y / tf.where(y_norm > 0, y_norm, tf.ones_like(y_norm))
-        z_norm = tf.norm(y_pred, axis=-1, keepdims=True)
-        z = y_pred / tf.maximum(z_norm, self.K)
+        z = y_pred / tf.maximum(stable_norm(y_pred, axis=-1), self.K)
         return -tf.reduce_sum(y * z, axis=-1)
 
     def get_L(self, num_classes=None):

@@ -37,6 +37,7 @@ from .bounds import (
     check_dp_chain,
     compute_gradient_bounds,
     noise_coefficients,
+    residual_pair_problems,
     walk_layers,
 )
 from .data import DatasetMetadata, pad_to_buckets, sampling_provenance
@@ -217,6 +218,75 @@ def check_float32_compute(layers, owner: str) -> None:
         )
 
 
+def refuse_regularizers(layers, owner: str) -> None:
+    """Refuse weight and activity regularizers: a DP model differentiates
+    the per-example losses only, so their loss would be left out silently
+    (and an activity regularizer's is computed from the data, outside every
+    bound).
+
+    Raises:
+        ValueError: naming every such layer (use the optimizer's
+            `weight_decay` for weight decay).
+    """
+    found = {}
+    for layer in layers:
+        if getattr(layer, "activity_regularizer", None) is not None:
+            found[f"{layer.name}.activity_regularizer"] = None
+        for v in getattr(layer, "weights", ()):
+            if getattr(v, "regularizer", None) is not None:
+                found[f"{v.path} regularizer"] = None
+    if found:
+        raise ValueError(
+            f"{owner} does not support regularizers: their loss is not part of the "
+            "per-example losses it differentiates. For weight decay, use the "
+            "optimizer's `weight_decay`. Received: " + ", ".join(found)
+        )
+
+
+def _check_fit_callbacks(callbacks) -> None:
+    """Refuse a callback of `fit` whose output would report less than ran.
+
+    Raises:
+        ValueError: a `ModelCheckpoint(save_best_only=True)`.
+    """
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        callbacks = callbacks.callbacks
+    for callback in callbacks or ():
+        if isinstance(callback, keras.callbacks.ModelCheckpoint) and getattr(
+            callback, "save_best_only", False
+        ):
+            raise ValueError(
+                "ModelCheckpoint(save_best_only=True) is not supported by a DP "
+                "model: the file it keeps was chosen by the epochs after it, but "
+                "reports the epsilon of the epoch it was written at. Use "
+                "EarlyStopping(restore_best_weights=True) and save after fit (the "
+                "saved model reports every step that ran), or save_best_only=False."
+            )
+
+
+def _check_validation_data(validation_data, x) -> None:
+    """Refuse the training data as `validation_data`: its metrics would be
+    computed from private data without noise, outside the epsilon.
+
+    Raises:
+        ValueError: a dataset built (or declared) as training batches
+            (`data.sampling_provenance`), or the training arrays themselves.
+    """
+    if validation_data is None:
+        return
+    parts = validation_data if isinstance(validation_data, tuple | list) else ()
+    first = parts[0] if parts else validation_data
+    if sampling_provenance(validation_data) is not None or (
+        first is x and x is not None
+    ):
+        raise ValueError(
+            "validation_data is the training data: its loss and metrics would be "
+            "computed from the private samples without noise, which the epsilon "
+            "does not cover. Pass held-out data (e.g. the test dataset of "
+            "data.from_numpy)."
+        )
+
+
 class PrivateModel(HasPrivacyPlan):
     """What every DP model shares: its privacy plan, the check of `fit`'s data
     against the declared sampling, and the DP configuration it saves."""
@@ -246,11 +316,31 @@ class PrivateModel(HasPrivacyPlan):
         for name, variable in self._privacy_plan.state_variables.items():
             setattr(self, name, variable)
 
+    # The saved ledger is what ran, rollbacks included, wherever the state
+    # variables leave the model or older ones come in: a model exported after
+    # set_weights or restore_best_weights must not report less (a review
+    # found tf.train.Checkpoint and get_weights carrying the rolled-back rows).
     def save_own_variables(self, store):
-        # Saved ledger = what ran, rollbacks included (a model saved after
-        # set_weights or restore_best_weights must not report less).
         self._privacy_plan.persist_ledger()
         super().save_own_variables(store)
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        self._privacy_plan.persist_ledger()
+
+    def get_weights(self):
+        self._privacy_plan.persist_ledger()
+        return super().get_weights()
+
+    def set_weights(self, weights):
+        super().set_weights(weights)
+        self._privacy_plan.persist_ledger()
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        # tf.train.Checkpoint / SavedModel list the variables to write here
+        if tf.executing_eagerly():
+            self._privacy_plan.persist_ledger()
+        return super()._trackable_children(save_type, **kwargs)
 
     @property
     def dp_parameters(self) -> DPParameters | None:
@@ -272,7 +362,13 @@ class PrivateModel(HasPrivacyPlan):
         self._privacy_plan.set_noise_multiplier(noise_multiplier)
 
     def _forget_train_function(self) -> None:
+        # A running fit calls self.train_function at its next step (e.g. after
+        # a callback's set_noise_multiplier): a fresh one, traced with the new
+        # values at its first call, not None.
+        traced = getattr(self, "train_function", None) is not None
         self.train_function = None
+        if traced:
+            self.make_train_function()
 
     def _check_strategy(self) -> None:
         """Refuse an unsupported strategy, and a model used under another
@@ -496,6 +592,9 @@ class PrivateModel(HasPrivacyPlan):
             validation_split=a["validation_split"],
             strategy=self.distribute_strategy,
         )
+        _check_fit_callbacks(a["callbacks"])
+        _check_validation_data(a["validation_data"], a["x"])
+        plan.start_fit(a["initial_epoch"])
         data = a["x"]
         provenance = sampling_provenance(data)
         if (
@@ -706,10 +805,9 @@ class DPTrainer(PrivateModel):
         if plan.dp_parameters is None or plan.dataset_metadata is None:
             plan.check_ready(type(self).__name__)
         check_dp_chain(self.dp_layers)
-        check_float32_compute(
-            [self, *(layer for layer, _ in walk_layers(self.dp_layers))],
-            type(self).__name__,
-        )
+        layers = [self, *(layer for layer, _ in walk_layers(self.dp_layers))]
+        check_float32_compute(layers, type(self).__name__)
+        refuse_regularizers(layers, type(self).__name__)
         self._check_strategy()
         first = self.dp_layers[0]
         if not first.enforce_clipping and self.compiled and self.jit_compile:
@@ -964,6 +1062,12 @@ class DPSequential(DPTrainer, keras.Sequential):
         augmentation_multiplicity: int = 1,
         **kwargs,
     ):
+        # before Keras builds them: a layer on a residual pair fails there
+        problems = residual_pair_problems(
+            [layer for layer in layers or () if isinstance(layer, keras.layers.Layer)]
+        )
+        if problems:
+            raise ValueError("Invalid DP chain: " + "; ".join(problems))
         keras.Sequential.__init__(self, layers=layers, **kwargs)
         self._init_dp(
             dp_parameters,

@@ -201,8 +201,9 @@ class PrivacyPlan:
             order; None for a model whose noise is one joint group (DP-SGD).
 
     Attributes:
-        steps, ledger_table, ledger_size, sampling_code: the state variables;
-            the owning model holds them as attributes so they are saved.
+        steps, ledger_table, ledger_size, lineage: the state variables; the
+            owning model holds them as attributes so they are saved.
+        sampling_code: the sampling of the steps to come (not saved).
         release_schedules: callbacks that plan releases (not saved).
     """
 
@@ -226,9 +227,10 @@ class PrivacyPlan:
         self.ledger_size = keras.Variable(
             0, dtype="int64", trainable=False, name="dp_privacy_ledger_size"
         )
-        self.sampling_code = keras.Variable(
-            UNVERIFIED, dtype="int64", trainable=False, name="dp_sampling"
-        )
+        # The sampling the next steps run on, set by `fit` for its own data;
+        # never saved: a model loaded from a checkpoint written during a
+        # Poisson fit must not label its later custom-loop steps Poisson.
+        self.sampling_code = tf.Variable(UNVERIFIED, dtype=tf.int64, trainable=False)
         # Never saved: a raw tf.Variable in a plain object is tracked by
         # neither Keras saving nor tf.train.Checkpoint.
         self._draws = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -294,6 +296,18 @@ class PrivacyPlan:
                 "ledger describes the old sampling. Train a new model on the new "
                 f"data. Received: {dataset_metadata!r}, was {old!r}"
             )
+        if (
+            dp_parameters is not None
+            and dataset_metadata is not None
+            and dp_parameters.delta * dataset_metadata.nb_samples_train >= 1
+        ):
+            warnings.warn(
+                f"delta={dp_parameters.delta} is >= 1/N (N = "
+                f"{dataset_metadata.nb_samples_train}): an (epsilon, delta) "
+                "guarantee then allows a mechanism that publishes one training "
+                "sample in the clear. Use delta well below 1/N (e.g. 1/N^1.1).",
+                stacklevel=3,
+            )
         self.dp_parameters = dp_parameters
         self.dataset_metadata = dataset_metadata
         if self.on_change is not None:
@@ -306,7 +320,6 @@ class PrivacyPlan:
             "_dp_steps": self.steps,
             "_dp_ledger_table": self.ledger_table,
             "_dp_ledger_size": self.ledger_size,
-            "_dp_sampling": self.sampling_code,
             "_dp_lineage": self.lineage,
         }
 
@@ -526,7 +539,7 @@ class PrivacyPlan:
             noise_multiplier,
             self.dataset_metadata.sampling_rate,
             1,
-            tf.cast(self.sampling_code.value, tf.float64),
+            tf.cast(self.sampling_code.read_value(), tf.float64),
         )
 
     def _record(self, mechanism, parameter, rate, count, sampling) -> tf.Tensor:
@@ -807,14 +820,18 @@ class PrivacyPlan:
 
     def persist_ledger(self) -> None:
         """Write the combined ledger (`ledger()`: what ran, rollbacks
-        included) into the saved variables, under this process's lineage.
+        included) and the step count (`steps_taken()`) into the saved
+        variables, under this process's lineage.
 
-        The owning model calls it before its variables are saved, so a model
-        saved after a rollback (`EarlyStopping(restore_best_weights=True)`,
-        `set_weights`) carries everything that ran, not the rolled-back rows.
+        The owning model calls it whenever its variables leave it or older
+        ones come in (`get_weights`, saving, checkpoints; after `set_weights`
+        and `load_weights`), so state exported after a rollback
+        (`EarlyStopping(restore_best_weights=True)`, `set_weights`) carries
+        everything that ran, not the rolled-back rows. Eager only.
         """
         if int(self._shadow_size.numpy()) == 0:  # nothing ran in this process
             return
+        self.steps.assign(self.steps_taken())
         combined = self._combined_rows()
         if len(combined) > LEDGER_CAPACITY:
             raise RuntimeError(
@@ -998,9 +1015,34 @@ class PrivacyPlan:
             delta=self.delta,
         )
 
+    def start_fit(self, initial_epoch: int) -> None:
+        """Tie `fit`'s epoch index to the model's: its first epoch,
+        `initial_epoch`, is the model's epoch `completed_epochs()`."""
+        self._epoch_offset = self.completed_epochs() - int(initial_epoch)
+
+    def model_epoch(self, fit_epoch: int) -> int:
+        """The model's epoch (counted over all its training, as
+        `planned_ledger` and `calibrate_noise_multiplier` count) of epoch
+        `fit_epoch` of the running (or last) `fit`. Release schedules run on
+        it: numbered by `fit`, a second `fit` without `initial_epoch` would
+        release in epochs the budget did not plan (a review found epsilon
+        2.66 for a budget of 1.73)."""
+        return int(fit_epoch) + getattr(self, "_epoch_offset", 0)
+
+    def steps_taken(self) -> int:
+        """Gradient steps taken: the step counter, or the steps in `ledger()`
+        if more (a restore rolls the counter back, not what ran)."""
+        in_ledger = sum(
+            count
+            for (mechanism, *_), count in self._combined_rows().items()
+            if mechanism == _STEPS
+        )
+        return max(int(self.steps.numpy()), in_ledger)
+
     def completed_epochs(self) -> int:
-        """Epochs' worth of steps taken so far (steps // steps per epoch)."""
-        return int(self.steps.numpy()) // self.dataset_metadata.nb_steps_per_epoch
+        """Epochs' worth of steps taken so far (`steps_taken()` // steps per
+        epoch)."""
+        return self.steps_taken() // self.dataset_metadata.nb_steps_per_epoch
 
 
 def _upsert(table_var, size_var, key: tf.Tensor, count, enabled=True) -> tf.Tensor:

@@ -292,7 +292,7 @@ def run_train(config: TrainConfig) -> dict:
         "epochs": rows,
         # from the model's ledger (what ran), never from the rows of run.json
         "final_epsilon": plan.epsilon(settings.accountant),
-        "steps": int(plan.steps.numpy()),
+        "steps": plan.steps_taken(),
         "final_test_accuracy": rows[-1]["test_accuracy"] if rows else None,
         "tightness": {
             r.path: {"max_ratio": r.ratio, "mean_ratio": r.mean_ratio}
@@ -346,7 +346,7 @@ def evaluate_model(path: str, data: str, accountant: str = "pld") -> dict:
         "test_loss": float(results["loss"]),
         "epsilon": plan.epsilon(accountant),
         "delta": plan.delta,
-        "steps": int(plan.steps.numpy()),
+        "steps": plan.steps_taken(),
         "sampling": list(plan.samplings()),
     }
 

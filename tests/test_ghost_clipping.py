@@ -709,3 +709,102 @@ def test_a_huge_input_with_a_tiny_gradient_contributes_its_whole_clip():
         net, tf.constant(x), tf.ones((1, 1)), tiny_losses, tf.ones(1), 1e-3
     )
     assert float(tf.norm(step.gradients[0])) == pytest.approx(1e-3, rel=1e-5)
+
+
+# ============================= fourth review (stop 30): a fresh adversary
+def _one_example_effect(clipping, loss, batch=8, seed=1):
+    """Largest change of the released sum (sigma ~ 0) when one example is
+    removed, in units of C, for DPSGDModel(clipping) trained by `loss`."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, 4)).astype(np.float32)
+    y = rng.integers(0, 2, batch).astype(np.int32)
+
+    def update(rows):
+        keras.utils.set_random_seed(0)
+        net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        model = DPSGDModel(
+            net,
+            DPParameters(1e-7, 1e-5, seed=0),
+            metadata((4,), 3, n=100 * batch, batch_size=batch, sampling="shuffle"),
+            l2_norm_clip=1.0,
+            clipping=clipping,
+        )
+        model.compile(keras.optimizers.SGD(1.0), loss=loss)
+        before = [v.numpy().astype(np.float64) for v in net.trainable_variables]
+        model.train_on_batch(x[rows], y[rows])
+        after = [v.numpy().astype(np.float64) for v in net.trainable_variables]
+        return model, [(b - a) * batch for b, a in zip(before, after, strict=True)]
+
+    model, full = update(list(range(batch)))
+    effects = []
+    for k in range(batch):
+        _, without = update([i for i in range(batch) if i != k])
+        pairs = zip(full, without, strict=True)
+        effects.append(np.sqrt(sum(np.sum((f - w) ** 2) for f, w in pairs)))
+    return model, max(effects)
+
+
+def test_a_loss_that_compares_examples_takes_the_vectorised_path():
+    """keras.losses.Circle compares the examples of a batch; ghost clipping
+    differentiates the summed loss, so one example moved the others'
+    gradients: 3.1 C at B = 32, 64 C at B = 128. Unknown losses (one's own
+    function) go to the vectorised path, which evaluates each example alone."""
+    model, effect = _one_example_effect("auto", keras.losses.Circle())
+    assert model.clipping_method == "vectorized"
+    assert effect <= 1.0 + 1e-4
+    _, effect = _one_example_effect("auto", "circle")
+    assert effect <= 1.0 + 1e-4
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    own = _dpsgd(net, "auto")
+    own.compile(keras.optimizers.SGD(1.0), loss=lambda y, p: tf.reduce_sum(p, -1))
+    assert own.clipping_method == "vectorized"
+    with pytest.raises(ValueError, match="Circle is not known"):
+        _dpsgd(net, "ghost").compile(keras.optimizers.SGD(1.0), keras.losses.Circle())
+    for name in ("categorical_crossentropy", "mse"):
+        known = _dpsgd(net, "ghost")
+        known.compile(keras.optimizers.SGD(1.0), loss=name)
+        assert known.clipping_method == "ghost"
+
+
+def test_a_layer_inside_two_wrappers_takes_the_vectorised_path():
+    """One Dense inside two TimeDistributed: two ghost units owned its
+    kernel, each clipped its part, and the sum kept only the last unit's
+    (3.69 of a true 7.38)."""
+    inner = keras.layers.Dense(2)
+    x = keras.Input((3, 4))
+    y = keras.layers.Add()(
+        [keras.layers.TimeDistributed(inner)(x), keras.layers.TimeDistributed(inner)(x)]
+    )
+    net = keras.Model(x, keras.layers.Flatten()(y))
+    assert "share the weight" in ghost_clipping_support(net)
+
+
+def test_einsum_equations_without_an_exact_rule_are_refused():
+    """A repeated kernel letter crashed the rule; a bias over the batch
+    letter (fixed batch) gave a wrongly shaped gradient."""
+    for equation, bias_axes, shape in (
+        ("ab,bb->ab", None, (3,)),
+        ("ab,bc->ac", "ac", (3,)),
+    ):
+        x = keras.Input(shape, batch_size=5)
+        layer = keras.layers.EinsumDense(equation, (3,), bias_axes=bias_axes)
+        net = keras.Model(x, layer(x))
+        assert "equation" in ghost_clipping_support(net)
+
+
+def test_a_stateful_layer_and_a_vanishing_clip_are_refused():
+    """A stateful RNN carried one step's data into the next step without
+    noise (1.3 C on the next clipped sum); a clip of 1e-25 clipped nothing
+    (squares flushed to zero: 1e6 C)."""
+    net = keras.Sequential(
+        [
+            keras.Input((5, 3), batch_size=1),
+            keras.layers.SimpleRNN(4, stateful=True),
+            keras.layers.Dense(3),
+        ]
+    )
+    with pytest.raises(ValueError, match="stateful"):
+        DPSGDModel(net, DPParameters(1.0, 1e-5), metadata((5, 3), 3), 1.0)
+    dense = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    with pytest.raises(ValueError, match="l2_norm_clip"):
+        DPSGDModel(dense, DPParameters(1.0, 1e-5), metadata((4,), 3), 1e-25)

@@ -247,9 +247,38 @@ class KernelLayer(DPLayer):
 
 
 def sample_norms(x: tf.Tensor) -> tf.Tensor:
-    """L2 norm of each sample of `x` over all non-batch axes. Shape (batch,)."""
+    """L2 norm of each sample of `x` over all non-batch axes (`stable_norm`).
+    Shape (batch,)."""
     x = tf.reshape(x, (tf.shape(x)[0], -1))
-    return tf.norm(x, axis=1)
+    return stable_norm(x, axis=1)[:, 0]
+
+
+def stable_norm(x: tf.Tensor, axis) -> tf.Tensor:
+    """L2 norm of `x` over `axis` (kept as size-1 axes), computed as
+    ``peak * ||x / peak||`` with ``peak = max |x|``, so that no square under-
+    or overflows. TensorFlow's CPU kernels flush subnormal results to zero:
+    the plain sum of squares drops every entry below ~1.1e-19, and a norm
+    used as a divisor (x / ||x||) then amplifies (a review found an L2
+    pooling gradient 11x its bound). Gradient ``x / ||x||`` (0 where the
+    norm is 0): at most 1 in norm, whatever the scale."""
+
+    @tf.custom_gradient
+    def norm(x):
+        peak = tf.reduce_max(tf.abs(x), axis=axis, keepdims=True)
+        positive = peak > 0
+        safe_peak = tf.where(positive, peak, tf.ones_like(peak))
+        value = safe_peak * tf.sqrt(
+            tf.reduce_sum(tf.square(x / safe_peak), axis=axis, keepdims=True)
+        )
+        value = tf.where(positive, value, tf.zeros_like(value))
+
+        def grad(upstream):
+            safe_value = tf.where(positive, value, tf.ones_like(value))
+            return upstream * tf.where(positive, x / safe_value, tf.zeros_like(x))
+
+        return value, grad
+
+    return norm(x)
 
 
 def as_bound(value: Any) -> tf.Tensor:

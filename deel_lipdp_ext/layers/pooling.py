@@ -2,8 +2,9 @@
 
 With disjoint windows the output norm equals the input norm and the map is
 1-Lipschitz (| ||a|| - ||b|| | <= ||a - b|| per window), so they are GNP.
-The window norm has gradient x/||x||, set to 0 at x = 0 (no NaN).
-The "Scaled" in the names follows deel-lip (avg-pool of squares scaled by the
+The window norm has gradient x/||x||, set to 0 at x = 0 (no NaN) and where
+the sum of squares is too small to be trusted (`_window_norms`). The
+"Scaled" in the names follows deel-lip (avg-pool of squares scaled by the
 window area); here the sum is computed exactly, zero padding included.
 """
 
@@ -18,10 +19,24 @@ from .base import GNPLayer
 _PACKAGE = "deel_lipdp_ext"
 
 
-def _safe_sqrt(s: tf.Tensor) -> tf.Tensor:
-    """sqrt with gradient 0 (not inf) where s == 0."""
-    positive = s > 0
-    return tf.where(positive, tf.sqrt(tf.where(positive, s, tf.ones_like(s))), 0.0)
+#: Below `area * 2^-102`, a window's sum of squares may have lost a large
+#: part of itself to squares flushed to zero (each below 2^-126); above it,
+#: at most 2^-24 of it.
+_TRUSTED_SUM = 2.0**-102
+
+
+def _window_norms(sums: tf.Tensor, area) -> tf.Tensor:
+    """sqrt of each window's sum of squares, with gradient x / ||x|| (0 at
+    0). TensorFlow's CPU kernels flush subnormal squares to zero: a window
+    of entries near 1e-19 and one slightly larger got the norm of that one
+    entry, and x / sqrt(sum) a norm up to sqrt(area) (a review: a bias
+    before a global pooling got 11x its bound). Where the sum is below
+    `area * _TRUSTED_SUM` the gradient is stopped (0: a contraction) and
+    the value, at most the true norm, is kept."""
+    positive = sums > 0
+    norms = tf.where(positive, tf.sqrt(tf.where(positive, sums, 1.0)), 0.0)
+    trusted = sums >= area * _TRUSTED_SUM
+    return tf.where(trusted, norms, tf.stop_gradient(norms))
 
 
 class _L2NormPooling(keras.layers.Layer, GNPLayer):
@@ -58,7 +73,7 @@ class _L2NormPooling(keras.layers.Layer, GNPLayer):
         sums = tf.nn.avg_pool(
             squares, self.pool_size, self.pool_size, padding="VALID"
         ) * float(area)
-        return _safe_sqrt(sums)
+        return _window_norms(sums, area)
 
     def compute_output_shape(self, input_shape):
         out = [input_shape[0]]
@@ -109,7 +124,8 @@ class DP_ScaledGlobalL2NormPooling2D(keras.layers.Layer, GNPLayer):
     """
 
     def call(self, inputs):
-        return _safe_sqrt(tf.reduce_sum(tf.square(inputs), axis=[1, 2]))
+        area = tf.cast(tf.reduce_prod(tf.shape(inputs)[1:3]), inputs.dtype)
+        return _window_norms(tf.reduce_sum(tf.square(inputs), axis=[1, 2]), area)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], input_shape[-1])
