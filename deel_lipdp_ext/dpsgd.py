@@ -304,6 +304,7 @@ class DPSGDModel(PrivateModel, keras.Model):
         for this network)."""
         if self.clipping == "auto":
             return "ghost" if self._ghost_problem() is None else "vectorized"
+        self._check_clipping()  # the loss may have been replaced since compile
         return self.clipping
 
     def _ghost_problem(self) -> str | None:

@@ -1465,3 +1465,134 @@ def test_a_layer_on_a_residual_pair_is_refused_by_name(middle):
             dp_parameters=DPParameters(1.0, 1e-5),
             dataset_metadata=metadata((8, 8, 2), 4),
         )
+
+
+# ============================= review of the stop-30 fixes (a fourth adversary)
+#: Squares just below half an ulp of 1: a float32 sum of them after a 1 drops
+#: every one (the sum rounds low by (n - 1) 2^-24).
+_ROUNDED_AWAY = np.float32(2.0**-12 * (1 - 2e-3))
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [L.DP_ScaledGlobalL2NormPooling2D(), L.DP_ScaledL2NormPooling2D(32)],
+    ids=lambda layer: type(layer).__name__,
+)
+def test_a_large_pooling_window_does_not_round_its_norm_low(layer):
+    """A 32x32 window of one 1 and 1023 entries whose squares round away:
+    the float32 sum was 1 where the norm is 1.00003, and x / sqrt(sum) had
+    norm 1.00003 (1.03 at 1024x1024). Large windows sum in float64."""
+    x = np.full((1, 32, 32, 1), _ROUNDED_AWAY, np.float32)
+    x[0, 0, 0, 0] = 1.0  # first: the sum then rounds every later square away
+    x = tf.constant(x)
+    for run in (layer, tf.function(layer, jit_compile=True)):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.reduce_sum(run(x))
+        assert float(tf.norm(tf.cast(tape.gradient(y, x), tf.float64))) <= 1 + 1e-7
+
+
+def test_the_input_projection_does_not_round_its_norm_low():
+    """DP_BoundedInput measured ||x|| with a float32 sum: a 1024x1024 sample
+    of 64 ones and entries whose squares round away came out 1.00005x
+    upper_bound under XLA."""
+    x = np.full((1, 1024, 1024, 1), _ROUNDED_AWAY, np.float32)
+    x.reshape(-1)[:64] = 1.0
+    true = float(np.linalg.norm(x.astype(np.float64)))
+    layer = L.DP_BoundedInput(upper_bound=true * (1 - 5e-5))
+    for run in (layer, tf.function(layer, jit_compile=True)):
+        out = run(tf.constant(x)).numpy().astype(np.float64)
+        assert np.linalg.norm(out) <= layer.upper_bound
+
+
+def test_input_bounds_whose_squares_could_overflow_are_refused():
+    """upper_bound 1e20: an entry of 1.9e19 made an L2 pooling's sum of
+    squares inf, and the update non-finite with the sample, finite without
+    (its presence shown)."""
+    with pytest.raises(ValueError, match="upper_bound"):
+        L.DP_BoundedInput(upper_bound=1e20)
+
+
+def test_a_loss_replaced_after_compile_does_not_keep_ghost_clipping():
+    """clipping='ghost' compiled with a per-example loss, then model.loss =
+    Circle: the step ran ghost clipping on a loss that compares examples
+    (3.1 C)."""
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model = DPSGDModel(
+        net,
+        DPParameters(1.0, 1e-5),
+        metadata((4,), 3, n=100, batch_size=8, sampling="shuffle"),
+        1.0,
+        clipping="ghost",
+    )
+    model.compile(
+        keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy()
+    )
+    model.loss = keras.losses.Circle()
+    with pytest.raises(ValueError, match="Circle is not known"):
+        model.train_on_batch(np.ones((8, 4), "f"), np.zeros(8, "i"))
+
+
+def test_guards_of_fit_see_through_nesting_and_copies(tmp_path):
+    """A ModelCheckpoint(save_best_only=True) inside a CallbackList, and a
+    copy or a view of the training arrays as validation data, passed."""
+    x, y = unit_samples(100, (8, 8, 1)), one_hot(np.arange(100))
+    model = dp_model(small_cnn(), n=100, sampling="shuffle")
+    best = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "b.keras"), save_best_only=True
+    )
+    with pytest.raises(ValueError, match="save_best_only"):
+        model.fit(
+            x,
+            y,
+            batch_size=50,
+            verbose=0,
+            callbacks=[keras.callbacks.CallbackList([best])],
+        )
+    for copy in (x.copy(), x[:]):
+        with pytest.raises(ValueError, match="validation_data is the training data"):
+            model.fit(x, y, batch_size=50, validation_data=(copy, y), verbose=0)
+    assert int(model.dp_steps.numpy()) == 0
+
+
+def test_a_budget_is_checked_after_backup_and_restore_restored(tmp_path):
+    """DP_Accountant before BackupAndRestore in the callback list checked the
+    budget against the fresh model, then the restore brought back 3 epochs
+    and a 4th ran: epsilon 10.3 for a budget of 9.1."""
+    x, y = unit_samples(100, (8, 8, 1)), one_hot(np.arange(100))
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 2:
+                raise _Crash
+
+    first = dp_model(small_cnn(), n=100, sampling="shuffle")
+    with pytest.raises(_Crash):
+        first.fit(x, y, batch_size=50, epochs=5, verbose=0, callbacks=[backup, Crash()])
+    budget = _epsilon((0.5, 1.0, 7))  # 3 epochs fit, a 4th does not
+    second = dp_model(small_cnn(), n=100, sampling="shuffle")
+    accountant = DP_Accountant(epsilon_budget=budget)
+    with pytest.raises(ValueError, match="already exceeds"):
+        second.fit(
+            x, y, batch_size=50, epochs=5, verbose=0, callbacks=[accountant, backup]
+        )
+    assert second.privacy_plan.epsilon() <= budget
+
+
+def test_a_state_tree_after_a_checkpoint_restore_carries_everything_that_ran(
+    tmp_path,
+):
+    """tf.train.Checkpoint.restore of earlier state, then get_state_tree into a
+    fresh model: 2 of 12 steps."""
+    x, y = unit_samples(100, (8, 8, 1)), one_hot(np.arange(100))
+    model = dp_model(small_cnn(), n=100, sampling="shuffle")
+    model.fit(x, y, batch_size=50, epochs=1, verbose=0)
+    early = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
+    model.fit(x, y, batch_size=50, epochs=5, verbose=0)
+    tf.train.Checkpoint(model=model).restore(early)
+    fresh = dp_model(small_cnn(), n=100, sampling="shuffle")
+    fresh.build((None, 8, 8, 1))
+    fresh.set_state_tree(model.get_state_tree())
+    assert fresh.privacy_plan.steps_taken() == 12
+    assert fresh.privacy_plan.epsilon() == pytest.approx(_epsilon((0.5, 1.0, 12)))

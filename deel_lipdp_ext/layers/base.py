@@ -267,8 +267,10 @@ def stable_norm(x: tf.Tensor, axis) -> tf.Tensor:
         peak = tf.reduce_max(tf.abs(x), axis=axis, keepdims=True)
         positive = peak > 0
         safe_peak = tf.where(positive, peak, tf.ones_like(peak))
-        value = safe_peak * tf.sqrt(
-            tf.reduce_sum(tf.square(x / safe_peak), axis=axis, keepdims=True)
+        # summed in float64: a float32 sum of n squares can round 1e-5 low
+        squares = tf.square(tf.cast(x / safe_peak, tf.float64))
+        value = safe_peak * tf.cast(
+            tf.sqrt(tf.reduce_sum(squares, axis=axis, keepdims=True)), x.dtype
         )
         value = tf.where(positive, value, tf.zeros_like(value))
 

@@ -9,6 +9,10 @@ from .._validation import require_positive
 from .base import BOUND_MARGIN, DPLayer, as_bound
 
 _PACKAGE = "deel_lipdp_ext"
+#: Largest `upper_bound`: float32 squares overflow above ~1.8e19, and the
+#: layers after the input may grow activations (a residual "add" doubles
+#: them), so inputs are kept 1e7 below that.
+MAX_INPUT_BOUND = 1e12
 #: Relative slack above `upper_bound` that the no-clipping check admits (the
 #: data loaders' rescaling rounds to about 1e-7).
 _TRUSTED_SLACK = 1e-6
@@ -41,6 +45,13 @@ class DP_BoundedInput(keras.layers.Layer, DPLayer):
         self.upper_bound = require_positive(
             "upper_bound", upper_bound, "DP_BoundedInput"
         )
+        if self.upper_bound > MAX_INPUT_BOUND:
+            raise ValueError(
+                f"`upper_bound` of DP_BoundedInput must be <= {MAX_INPUT_BOUND:g}: "
+                "the squares of larger activations overflow float32 (an L2 "
+                "pooling then outputs inf for one sample and the update shows "
+                f"it). Rescale the data. Received: upper_bound={upper_bound!r}"
+            )
         if not isinstance(enforce_clipping, bool):
             raise ValueError(
                 "`enforce_clipping` of DP_BoundedInput must be a bool. "
@@ -124,5 +135,7 @@ def _peak_unit_norms(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     unit = tf.where(
         _per_sample(nonzero, x), x / _per_sample(safe_peak, x), tf.ones_like(x)
     )
-    unit_norm = tf.norm(tf.reshape(unit, (batch, -1)), axis=1)
+    # summed in float64: a float32 sum of 1e6 squares rounded 5e-5 low (XLA)
+    flat = tf.cast(tf.reshape(unit, (batch, -1)), tf.float64)
+    unit_norm = tf.cast(tf.sqrt(tf.reduce_sum(tf.square(flat), axis=1)), dtype)
     return peak, unit, unit_norm
