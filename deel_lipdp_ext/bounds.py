@@ -97,6 +97,24 @@ def check_dp_chain(dp_layers: Sequence[keras.layers.Layer]) -> None:
         raise ValueError("Invalid DP chain: " + "; ".join(dict.fromkeys(problems)))
 
 
+#: Largest accepted bound on an activation's norm: float32 squares overflow
+#: above ~1.8e19 (an L2 pooling window then sums to inf for one sample, and
+#: the update shows that sample: a review, behind a DP_Lambda of gain 1e8).
+MAX_ACTIVATION_BOUND = 1e18
+
+
+def max_activation_bound(dp_layers: Sequence[DPLayer]) -> tf.Tensor:
+    """The largest bound on the norm of any layer's input or output (one
+    sample), from the forward bound pass. Scalar float32 tensor."""
+    with bound_pass():
+        bound, peak = None, as_bound(0.0)
+        for layer in dp_layers:
+            bound = layer.propagate_inputs(bound)
+            for part in tf.nest.flatten(bound):
+                peak = tf.maximum(peak, tf.cast(part, tf.float32))
+    return peak
+
+
 def residual_pair_problems(dp_layers: Sequence[keras.layers.Layer]) -> list[str]:
     """Between a DP_SplitResidual and its DP_MergeResidual the chain carries a
     (main, skip) pair, which only DP_WrappedResidual takes (other layers

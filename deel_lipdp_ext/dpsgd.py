@@ -38,7 +38,7 @@ from ._keras_utils import all_sublayers, pop_keras_objects
 from ._validation import require_one_of
 from .data import DatasetMetadata
 from .ghost_clipping import clipped_gradient_sum, ghost_clipping_support
-from .layers.base import BOUND_MARGIN
+from .layers.base import BOUND_MARGIN, example_squares
 from .model import (
     DPParameters,
     PrivateModel,
@@ -403,10 +403,7 @@ class DPSGDModel(PrivateModel, keras.Model):
             )
             for g in gradients
         ]
-        squares = [
-            tf.reduce_sum(tf.reshape(tf.square(g), (tf.shape(g)[0], -1)), axis=1)
-            for g in gradients
-        ]
+        squares = [example_squares(g) for g in gradients]
         norms = tf.sqrt(tf.add_n(squares))
         scale = tf.minimum(1.0, self.l2_norm_clip / tf.maximum(norms, 1e-12))
         clipped = [

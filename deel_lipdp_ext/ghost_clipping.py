@@ -48,6 +48,7 @@ import keras
 import tensorflow as tf
 
 from ._keras_utils import all_sublayers, turn_off_tensor_float_32
+from .layers.base import example_squares
 
 #: Layers whose clipping is computed from (input, output gradient) directly.
 FAST_LAYERS = (
@@ -431,7 +432,10 @@ def _linear(a: tf.Tensor, delta: tf.Tensor, shape) -> tuple[tf.Tensor, Callable]
         a_scale, delta_scale = _row_scale(a), _row_scale(delta)
         a, delta = a / a_scale[:, None], delta / delta_scale[:, None]
         norms = tf.square(
-            a_scale * tf.norm(a, axis=1) * delta_scale * tf.norm(delta, axis=1)
+            a_scale
+            * tf.sqrt(example_squares(a))
+            * delta_scale
+            * tf.sqrt(example_squares(delta))
         )
 
         def outer_sum(c, kept):
@@ -462,9 +466,7 @@ def _row_scale(rows: tf.Tensor) -> tf.Tensor:
 def _materialised(per_example: tf.Tensor):
     """Squared norms (batch,) of per-example gradients (batch, *shape), and
     their clipped sum as a function of (c, kept)."""
-    norms = tf.reduce_sum(
-        tf.reshape(tf.square(per_example), [tf.shape(per_example)[0], -1]), 1
-    )
+    norms = example_squares(per_example)
     return norms, lambda c, kept: _weighted_sum(c, per_example, kept)
 
 
@@ -674,7 +676,7 @@ def _embedding(layer, ids: tf.Tensor, delta: tf.Tensor):
         first = ~tf.reduce_any(same & earlier[None], axis=2)  # (batch, T)
         summed_rows = tf.matmul(tf.cast(same, rows.dtype), rows)
         first_rows = tf.where(first[:, :, None], summed_rows, tf.zeros_like(rows))
-    norms = tf.reduce_sum(tf.square(first_rows), axis=[1, 2])
+    norms = example_squares(first_rows)
 
     def sums(c, kept):
         weighted = _keep(first_rows, kept) * c[:, None, None]

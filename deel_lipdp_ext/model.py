@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import keras
 import numpy as np
@@ -35,8 +35,10 @@ from keras.src.utils import python_utils
 from ._keras_utils import turn_off_tensor_float_32
 from .augmentation import check_augmentation, mean_over_copies, repeat_and_augment
 from .bounds import (
+    MAX_ACTIVATION_BOUND,
     check_dp_chain,
     compute_gradient_bounds,
+    max_activation_bound,
     noise_coefficients,
     residual_pair_problems,
     walk_layers,
@@ -185,6 +187,8 @@ def sanitize_batch(
     )
     weight = tf.where(tf.math.is_finite(weight), weight, tf.zeros_like(weight))
     batch_ok = tf.cast(tf.reduce_all(tf.stack([g.holds for g in guards])), tf.float32)
+    # a refused batch does not reach the forward pass either (0 * inf is NaN)
+    x = tf.where(batch_ok > 0, x, tf.zeros_like(x))
     weight = (
         tf.clip_by_value(weight, 0.0, 1.0)
         * tf.cast(finite_x, tf.float32)
@@ -244,13 +248,14 @@ def refuse_regularizers(layers, owner: str) -> None:
         )
 
 
-def _check_fit_callbacks(callbacks) -> None:
-    """Refuse a callback of `fit` whose output would report less than ran.
+def _check_fit_callbacks(callbacks: list) -> None:
+    """Refuse a callback of `fit` (flat: `_flat_callbacks`) whose output would
+    report less than ran.
 
     Raises:
         ValueError: a `ModelCheckpoint(save_best_only=True)`.
     """
-    for callback in _flat_callbacks(callbacks):
+    for callback in callbacks:
         if isinstance(callback, keras.callbacks.ModelCheckpoint) and getattr(
             callback, "save_best_only", False
         ):
@@ -264,11 +269,17 @@ def _check_fit_callbacks(callbacks) -> None:
 
 
 def _flat_callbacks(callbacks) -> list:
-    """The callbacks of `fit`'s argument, through nested CallbackLists."""
+    """`fit`'s callbacks as one flat list, as Keras reads them (any nest of
+    lists, tuples and dicts, CallbackLists unwrapped); an iterator is read
+    once (checked, then passed on as this list)."""
+    if callbacks is None:
+        return []
     if isinstance(callbacks, keras.callbacks.CallbackList):
         callbacks = callbacks.callbacks
+    elif isinstance(callbacks, Iterator):
+        callbacks = list(callbacks)
     flat = []
-    for callback in callbacks or ():
+    for callback in keras.tree.flatten(callbacks):
         if isinstance(callback, keras.callbacks.CallbackList):
             flat += _flat_callbacks(callback)
         else:
@@ -276,13 +287,11 @@ def _flat_callbacks(callbacks) -> list:
     return flat
 
 
-def _backups_first(callbacks):
-    """`fit`'s callbacks with BackupAndRestore first, so that the state it
+def _backups_first(callbacks: list) -> list:
+    """`callbacks` (flat) with BackupAndRestore first, so that the state it
     restores at the start of training is what every other callback's
     `on_train_begin` reads (a DP_Accountant before it checked the budget
     against the state before the restore: epsilon 10.3 for a budget of 9.1)."""
-    if callbacks is None or isinstance(callbacks, keras.callbacks.CallbackList):
-        return callbacks
     backups = [c for c in callbacks if isinstance(c, keras.callbacks.BackupAndRestore)]
     return backups + [c for c in callbacks if c not in backups]
 
@@ -639,11 +648,12 @@ class PrivateModel(HasPrivacyPlan):
             validation_split=a["validation_split"],
             strategy=self.distribute_strategy,
         )
-        _check_fit_callbacks(a["callbacks"])
+        callbacks = _flat_callbacks(a["callbacks"])
+        _check_fit_callbacks(callbacks)
         _check_validation_data(a["validation_data"], a["x"])
         plan.start_fit(a["initial_epoch"])
         call = {name: value for name, value in a.items() if name != "self"}
-        call["callbacks"] = _backups_first(a["callbacks"])
+        call["callbacks"] = _backups_first(callbacks)
         data = a["x"]
         provenance = sampling_provenance(data)
         if (
@@ -951,6 +961,14 @@ class DPTrainer(PrivateModel):
             plan.input_shape_guard(x),
             *self._entry_guards(),
         ]
+        guards.append(
+            Guard(
+                "an activation of the model may exceed the float32-safe norm "
+                f"{MAX_ACTIVATION_BOUND:g} (its squares would overflow): lower "
+                "the input bound, a DP_Lambda's gain or a bias's norm_max",
+                max_activation_bound(self.dp_layers) <= MAX_ACTIVATION_BOUND,
+            )
+        )
         first = self.dp_layers[0]
         if not first.enforce_clipping:
             guards.append(

@@ -37,7 +37,7 @@ from deel_lipdp_ext.data import (
     sampling_provenance,
 )
 from deel_lipdp_ext.dpsgd import DPSGDModel
-from deel_lipdp_ext.layers.base import sample_norms
+from deel_lipdp_ext.layers.base import example_squares, sample_norms
 from deel_lipdp_ext.privacy_plan import ReproducibleNoiseWarning
 from deel_lipdp_ext.sensitivity import gradient_norm_check
 
@@ -1596,3 +1596,85 @@ def test_a_state_tree_after_a_checkpoint_restore_carries_everything_that_ran(
     fresh.set_state_tree(model.get_state_tree())
     assert fresh.privacy_plan.steps_taken() == 12
     assert fresh.privacy_plan.epsilon() == pytest.approx(_epsilon((0.5, 1.0, 12)))
+
+
+# ============================= third round: the review of the second fixes
+def test_every_form_of_fit_callbacks_is_checked_and_kept(tmp_path):
+    """Callbacks as an iterator were used up by the check and fit ran
+    without them (a budget of 7.4 ended at 16.6); a dict crashed; nested
+    lists hid a save_best_only checkpoint and a BackupAndRestore (not moved
+    first: a budget of 9.1 ended at 10.3)."""
+    x, y = unit_samples(100, (8, 8, 1)), one_hot(np.arange(100))
+    budget = _epsilon((0.5, 1.0, 4)) * 1.001  # two epochs fit, a third does not
+    for wrap in (
+        lambda c: filter(None, [c]),
+        lambda c: (item for item in [c]),
+        lambda c: {"accountant": c},
+        lambda c: [[c]],
+    ):
+        model = dp_model(small_cnn(), n=100, sampling="shuffle")
+        accountant = DP_Accountant(epsilon_budget=budget)
+        model.fit(x, y, batch_size=50, epochs=6, verbose=0, callbacks=wrap(accountant))
+        assert int(model.dp_steps.numpy()) == 4
+    best = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "b.keras"), save_best_only=True
+    )
+    with pytest.raises(ValueError, match="save_best_only"):
+        model.fit(x, y, batch_size=50, verbose=0, callbacks=[[best]])
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 2:
+                raise _Crash
+
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    with pytest.raises(_Crash):
+        dp_model(small_cnn(), n=100, sampling="shuffle").fit(
+            x, y, batch_size=50, epochs=5, verbose=0, callbacks=[backup, Crash()]
+        )
+    accountant = DP_Accountant(epsilon_budget=_epsilon((0.5, 1.0, 7)))
+    for callbacks in (
+        [keras.callbacks.CallbackList([accountant, backup])],
+        [accountant, [backup]],
+    ):
+        resumed = dp_model(small_cnn(), n=100, sampling="shuffle")
+        with pytest.raises(ValueError, match="already exceeds"):
+            resumed.fit(x, y, batch_size=50, epochs=5, verbose=0, callbacks=callbacks)
+
+
+def test_an_amplifying_layer_cannot_overflow_the_squares():
+    """DP_BoundedInput(1e12) then DP_Lambda(x * 1e8): one sample's pooling
+    window summed to inf, the update was NaN with it and finite without.
+    Activation bounds above 1e18 now refuse the step (noise only, under XLA)."""
+    model = dp_model(
+        [
+            L.DP_BoundedInput(upper_bound=1e12),
+            L.DP_Lambda(lambda t: t * 1e8, lipschitz=1e8),
+            L.DP_ScaledL2NormPooling2D(2),
+            L.DP_Flatten(),
+            L.DP_QuickSpectralDense(2),
+        ],
+        input_shape=(4, 4, 1),
+        num_classes=2,
+        n=2,
+        batch_size=2,
+        sampling="shuffle",
+    )
+    x = np.zeros((2, 4, 4, 1), np.float32)
+    x[0, 0, 0, 0] = 0.99e12
+    with pytest.raises(tf.errors.InvalidArgumentError, match="float32-safe norm"):
+        model.train_on_batch(x, one_hot([0, 1], 2))
+
+
+def test_per_example_squares_do_not_round_low_at_any_size():
+    """DP-SGD's clip norms summed 2^22 float32 squares: under XLA one 512-entry
+    example of ones among entries whose squares round away came out 2.4e-4
+    low, and the clipped example contributed 1.00024 C."""
+    n = 2**22
+    x = np.full((1, n), _ROUNDED_AWAY, np.float32)
+    x[0, :512] = 1.0
+    exact = float(np.sum(x.astype(np.float64) ** 2))
+    for run in (example_squares, tf.function(example_squares, jit_compile=True)):
+        assert float(run(tf.constant(x))[0]) >= exact * (1 - 2e-5)
+    plan = dp_model(small_cnn(), n=100_000, batch_size=4096).privacy_plan
+    assert plan.noise_margin() >= 1 + 1e-4 + 4 * plan.max_batch_size() * 2.0**-24
