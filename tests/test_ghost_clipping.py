@@ -808,3 +808,16 @@ def test_a_stateful_layer_and_a_vanishing_clip_are_refused():
     dense = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     with pytest.raises(ValueError, match="l2_norm_clip"):
         DPSGDModel(dense, DPParameters(1.0, 1e-5), metadata((4,), 3), 1e-25)
+
+
+def test_an_allowed_loss_with_its_function_replaced_is_not_trusted():
+    """A MeanSquaredError whose fn was replaced by one that centres the batch
+    passed the type check and ran ghost clipping (3.19 C)."""
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    loss = keras.losses.MeanSquaredError()
+    loss.fn = lambda y, p: tf.reduce_mean(tf.square(p - tf.reduce_mean(p, 0) - y), -1)
+    model = _dpsgd(net, "auto")
+    model.compile(keras.optimizers.SGD(1.0), loss=loss)
+    assert model.clipping_method == "vectorized"
+    with pytest.raises(ValueError, match="MeanSquaredError is not known"):
+        _dpsgd(net, "ghost").compile(keras.optimizers.SGD(1.0), loss=loss)
