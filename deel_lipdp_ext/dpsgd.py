@@ -103,13 +103,18 @@ def loss_problem(loss) -> str | None:
         loss = keras.losses.get(loss)
     if any(loss is f for f in PER_EXAMPLE_LOSS_FUNCTIONS):
         return None
-    # an allowed class, as its class defines it: not with another function
-    # or `call` set on the instance (a review's MSE whose fn centred the
-    # batch: 3.19 C)
+    # an allowed class, as its class defines it: no method replaced on the
+    # instance, no other function wrapped (reviews: an MSE whose fn centred
+    # the batch, 3.19 C; a DP loss whose _labels did, 2.75 C)
     function = getattr(loss, "fn", None)
+    replaced = [
+        name
+        for name, value in vars(loss).items()
+        if callable(value) and callable(getattr(type(loss), name, None))
+    ]
     if (
         type(loss) in PER_EXAMPLE_LOSSES
-        and "call" not in vars(loss)
+        and not replaced
         and (function is None or any(function is f for f in PER_EXAMPLE_LOSS_FUNCTIONS))
     ):
         return None

@@ -58,6 +58,22 @@ def _one_hot_labels(y_true, y_pred):
     )
 
 
+#: Largest temperature: tau * z must stay far inside float32 for logits up
+#: to the models' activation bound (1e18); a review's tau = 1e27 overflowed
+#: for one sample only (its presence shown by a NaN update).
+MAX_TAU = 1e6
+
+
+def _require_tau(tau, owner: str) -> float:
+    tau = require_positive("tau", tau, owner)
+    if tau > MAX_TAU:
+        raise ValueError(
+            f"`tau` of {owner} must be <= {MAX_TAU:g} (tau * logits would "
+            f"overflow float32). Received: tau={tau!r}"
+        )
+    return tau
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class DP_TauCategoricalCrossentropy(DPLoss):
     """Cross-entropy of softmax(tau * z), divided by tau.
@@ -75,7 +91,7 @@ class DP_TauCategoricalCrossentropy(DPLoss):
         self, tau: float = 1.0, name: str = "DP_TauCategoricalCrossentropy", **kw
     ):
         super().__init__(name=name, **kw)
-        self.tau = require_positive("tau", tau, "DP_TauCategoricalCrossentropy")
+        self.tau = _require_tau(tau, "DP_TauCategoricalCrossentropy")
 
     def call(self, y_true, y_pred):
         y = tf.clip_by_value(self._labels(y_true, y_pred), 0.0, 1.0)
@@ -104,7 +120,7 @@ class DP_TauBCE(DPLoss):
 
     def __init__(self, tau: float = 1.0, name: str = "DP_TauBCE", **kw):
         super().__init__(name=name, **kw)
-        self.tau = require_positive("tau", tau, "DP_TauBCE")
+        self.tau = _require_tau(tau, "DP_TauBCE")
 
     def call(self, y_true, y_pred):
         y = tf.clip_by_value(self._labels(y_true, y_pred), 0.0, 1.0)

@@ -296,6 +296,26 @@ def _backups_first(callbacks: list) -> list:
     return backups + [c for c in callbacks if c not in backups]
 
 
+def _callbacks_for_fit(given, flat: list):
+    """What `fit` passes to Keras: a CallbackList as given (its history and
+    progress-bar settings kept) when its BackupAndRestore callbacks already
+    come first, else the flat list with them first.
+
+    Raises:
+        ValueError: a CallbackList whose BackupAndRestore is not first.
+    """
+    ordered = _backups_first(flat)
+    if not isinstance(given, keras.callbacks.CallbackList):
+        return ordered
+    if ordered != flat:
+        raise ValueError(
+            "Put BackupAndRestore first in the CallbackList given to a DP model's "
+            "fit: the state it restores must be what the other callbacks (a "
+            "DP_Accountant's budget check) read when training starts."
+        )
+    return given
+
+
 def _same_rows(a, b) -> bool:
     """Whether two inputs hold the same samples (one array, a view of it, or a
     copy); anything but arrays of one shape is not compared."""
@@ -653,7 +673,7 @@ class PrivateModel(HasPrivacyPlan):
         _check_validation_data(a["validation_data"], a["x"])
         plan.start_fit(a["initial_epoch"])
         call = {name: value for name, value in a.items() if name != "self"}
-        call["callbacks"] = _backups_first(callbacks)
+        call["callbacks"] = _callbacks_for_fit(a["callbacks"], callbacks)
         data = a["x"]
         provenance = sampling_provenance(data)
         if (

@@ -821,3 +821,16 @@ def test_an_allowed_loss_with_its_function_replaced_is_not_trusted():
     assert model.clipping_method == "vectorized"
     with pytest.raises(ValueError, match="MeanSquaredError is not known"):
         _dpsgd(net, "ghost").compile(keras.optimizers.SGD(1.0), loss=loss)
+
+
+def test_a_dp_loss_with_a_method_replaced_is_not_trusted():
+    """A DP loss whose _labels, replaced on the instance, centred the batch
+    ran ghost clipping (2.75 C)."""
+    from deel_lipdp_ext import losses
+
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    loss = losses.DP_MeanAbsoluteError()
+    loss._labels = lambda y_true, y_pred: y_true - tf.reduce_mean(y_true, 0)
+    model = _dpsgd(net, "auto")
+    model.compile(keras.optimizers.SGD(1.0), loss=loss)
+    assert model.clipping_method == "vectorized"

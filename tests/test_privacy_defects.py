@@ -1678,3 +1678,35 @@ def test_per_example_squares_do_not_round_low_at_any_size():
         assert float(run(tf.constant(x))[0]) >= exact * (1 - 2e-5)
     plan = dp_model(small_cnn(), n=100_000, batch_size=4096).privacy_plan
     assert plan.noise_margin() >= 1 + 1e-4 + 4 * plan.max_batch_size() * 2.0**-24
+
+
+def test_a_temperature_that_could_overflow_is_refused():
+    """tau = 1e27: tau * z overflowed for one sample of norm 1e12 only (a NaN
+    update showed its presence), inside the loss, past the activation
+    guard."""
+    for loss in (losses.DP_TauCategoricalCrossentropy, losses.DP_TauBCE):
+        with pytest.raises(ValueError, match="tau"):
+            loss(1e27)
+
+
+def test_a_callback_list_is_kept_or_refused_but_never_reordered_silently(tmp_path):
+    """A CallbackList given to fit lost its own history and progress-bar
+    settings when flattened; one whose BackupAndRestore comes after the
+    accountant cannot be reordered without them, so it is refused."""
+    x, y = unit_samples(100, (8, 8, 1)), one_hot(np.arange(100))
+    model = dp_model(small_cnn(), n=100, sampling="shuffle")
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    accountant = DP_Accountant()
+    with pytest.raises(ValueError, match="BackupAndRestore first"):
+        model.fit(
+            x,
+            y,
+            batch_size=50,
+            verbose=0,
+            callbacks=keras.callbacks.CallbackList([accountant, backup], model=model),
+        )
+    given = keras.callbacks.CallbackList(
+        [backup, accountant], add_history=True, model=model
+    )
+    history = model.fit(x, y, batch_size=50, verbose=0, callbacks=given)
+    assert history is given._history and "epsilon" in history.history
