@@ -103,18 +103,6 @@ def check_dp_chain(dp_layers: Sequence[keras.layers.Layer]) -> None:
 MAX_ACTIVATION_BOUND = 1e18
 
 
-def max_activation_bound(dp_layers: Sequence[DPLayer]) -> tf.Tensor:
-    """The largest bound on the norm of any layer's input or output (one
-    sample), from the forward bound pass. Scalar float32 tensor."""
-    with bound_pass():
-        bound, peak = None, as_bound(0.0)
-        for layer in dp_layers:
-            bound = layer.propagate_inputs(bound)
-            for part in tf.nest.flatten(bound):
-                peak = tf.maximum(peak, tf.cast(part, tf.float32))
-    return peak
-
-
 def residual_pair_problems(dp_layers: Sequence[keras.layers.Layer]) -> list[str]:
     """Between a DP_SplitResidual and its DP_MergeResidual the chain carries a
     (main, skip) pair, which only DP_WrappedResidual takes (other layers
@@ -148,6 +136,13 @@ def residual_pair_problems(dp_layers: Sequence[keras.layers.Layer]) -> list[str]
 def compute_gradient_bounds(
     dp_layers: Sequence[DPLayer], loss_lipschitz: float
 ) -> dict[str, tf.Tensor]:
+    """`gradient_bounds_and_peak` without the peak."""
+    return gradient_bounds_and_peak(dp_layers, loss_lipschitz)[0]
+
+
+def gradient_bounds_and_peak(
+    dp_layers: Sequence[DPLayer], loss_lipschitz: float
+) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
     """One bound per bounded trainable variable, keyed by `variable.path`.
 
     Args:
@@ -157,14 +152,17 @@ def compute_gradient_bounds(
 
     Returns:
         {variable.path: scalar float32 bound on the norm of one sample's
-        gradient of its own loss}.
+        gradient of its own loss}, and the largest bound on the norm of any
+        layer's input or output (compared with `MAX_ACTIVATION_BOUND`).
     """
     with bound_pass():  # each layer's certificate is computed once per pass
         input_bounds = []
-        bound = None
+        bound, peak = None, as_bound(0.0)
         for layer in dp_layers:
             input_bounds.append(bound)
             bound = layer.propagate_inputs(bound)
+            for part in tf.nest.flatten(bound):
+                peak = tf.maximum(peak, tf.cast(part, tf.float32))
         gradient_bound = as_bound(loss_lipschitz)
         bounds: dict[str, tf.Tensor] = {}
         for layer, input_bound in zip(
@@ -176,7 +174,7 @@ def compute_gradient_bounds(
                     input_bound, gradient_bound
                 )
             gradient_bound = layer.backpropagate_inputs(input_bound, gradient_bound)
-    return bounds
+    return bounds, peak
 
 
 def noise_coefficients(dp_layers: Sequence[DPLayer]) -> dict[str, float]:

@@ -38,7 +38,7 @@ from .bounds import (
     MAX_ACTIVATION_BOUND,
     check_dp_chain,
     compute_gradient_bounds,
-    max_activation_bound,
+    gradient_bounds_and_peak,
     noise_coefficients,
     residual_pair_problems,
     walk_layers,
@@ -981,14 +981,6 @@ class DPTrainer(PrivateModel):
             plan.input_shape_guard(x),
             *self._entry_guards(),
         ]
-        guards.append(
-            Guard(
-                "an activation of the model may exceed the float32-safe norm "
-                f"{MAX_ACTIVATION_BOUND:g} (its squares would overflow): lower "
-                "the input bound, a DP_Lambda's gain or a bias's norm_max",
-                max_activation_bound(self.dp_layers) <= MAX_ACTIVATION_BOUND,
-            )
-        )
         first = self.dp_layers[0]
         if not first.enforce_clipping:
             guards.append(
@@ -1002,6 +994,31 @@ class DPTrainer(PrivateModel):
         return sanitize_batch(
             x, y, sample_weight, run_asserts=not self.jit_compile, guards=guards
         )
+
+    def _refuse_overflow(self, summed: list, peak: tf.Tensor) -> list:
+        """The summed gradients, or zeros (a noise-only step) when an
+        activation bound exceeds `MAX_ACTIVATION_BOUND`: squares there could
+        overflow float32 for one sample only (an L2 pooling behind a
+        DP_Lambda of gain 1e8 made the update NaN with a sample and finite
+        without). Outside XLA, an error."""
+        safe = peak <= MAX_ACTIVATION_BOUND
+        checks = []
+        if not self.jit_compile:
+            checks.append(
+                tf.debugging.Assert(
+                    safe,
+                    [
+                        "DP train step: an activation of the model may exceed the "
+                        f"float32-safe norm {MAX_ACTIVATION_BOUND:g} (its squares "
+                        "would overflow): lower the input bound, a DP_Lambda's gain "
+                        "or a bias's norm_max"
+                    ],
+                )
+            )
+        with tf.control_dependencies(checks):
+            return [
+                g if g is None else tf.where(safe, g, tf.zeros_like(g)) for g in summed
+            ]
 
     def _project(self) -> None:
         for layer in self.dp_layers:
@@ -1080,7 +1097,10 @@ class DPTrainer(PrivateModel):
             loss = tf.reduce_sum(per_sample)
         variables = self.trainable_variables
         summed = tape.gradient(loss, variables)
-        bounds = self.compute_gradient_bounds(int(y_pred.shape[-1]))
+        bounds, peak = gradient_bounds_and_peak(
+            self.dp_layers, self.loss_lipschitz_constant(int(y_pred.shape[-1]))
+        )
+        summed = self._refuse_overflow(summed, peak)
         coefficients = self._coefficients()
         groups = plan.noise_groups(
             variables,
