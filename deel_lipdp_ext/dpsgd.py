@@ -317,7 +317,6 @@ class DPSGDModel(PrivateModel, keras.Model):
         for this network)."""
         if self.clipping == "auto":
             return "ghost" if self._ghost_problem() is None else "vectorized"
-        self._check_clipping()  # the loss may have been replaced since compile
         return self.clipping
 
     def _ghost_problem(self) -> str | None:
@@ -453,6 +452,7 @@ class DPSGDModel(PrivateModel, keras.Model):
 
     def train_step(self, data):
         self._check_strategy()
+        self._check_clipping()  # where the loss is read: it may be a new one
         self._check_replica_entry()
         _check_network(self.model, probe=False)  # sublayers made since (lazily)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)

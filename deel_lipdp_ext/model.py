@@ -187,8 +187,6 @@ def sanitize_batch(
     )
     weight = tf.where(tf.math.is_finite(weight), weight, tf.zeros_like(weight))
     batch_ok = tf.cast(tf.reduce_all(tf.stack([g.holds for g in guards])), tf.float32)
-    # a refused batch does not reach the forward pass either (0 * inf is NaN)
-    x = tf.where(batch_ok > 0, x, tf.zeros_like(x))
     weight = (
         tf.clip_by_value(weight, 0.0, 1.0)
         * tf.cast(finite_x, tf.float32)
@@ -996,8 +994,9 @@ class DPTrainer(PrivateModel):
         )
 
     def _refuse_overflow(self, summed: list, peak: tf.Tensor) -> list:
-        """The summed gradients, or zeros (a noise-only step) when an
-        activation bound exceeds `MAX_ACTIVATION_BOUND`: squares there could
+        """The summed gradients, or zeros (a noise-only step, chosen by
+        `tf.cond`, not multiplied: 0 * inf is NaN) when an activation bound
+        exceeds `MAX_ACTIVATION_BOUND`: squares there could
         overflow float32 for one sample only (an L2 pooling behind a
         DP_Lambda of gain 1e8 made the update NaN with a sample and finite
         without). Outside XLA, an error."""
@@ -1016,9 +1015,12 @@ class DPTrainer(PrivateModel):
                 )
             )
         with tf.control_dependencies(checks):
-            return [
-                g if g is None else tf.where(safe, g, tf.zeros_like(g)) for g in summed
-            ]
+            present = [g for g in summed if g is not None]  # None: refused later
+            kept = tf.cond(
+                safe, lambda: present, lambda: [tf.zeros_like(g) for g in present]
+            )
+        kept = iter(kept)
+        return [None if g is None else next(kept) for g in summed]
 
     def _project(self) -> None:
         for layer in self.dp_layers:

@@ -228,6 +228,7 @@ class PrivacyPlan:
         self.configure(dp_parameters, dataset_metadata)
         self._noise_coefficients = noise_coefficients
         self.release_schedules: list[ReleaseSchedule] = []
+        self._epoch_offset = 0  # model epoch - fit epoch (`start_fit`)
         self.steps = keras.Variable(0, dtype="int64", trainable=False, name="dp_steps")
         self.ledger_table = keras.Variable(
             np.zeros((LEDGER_CAPACITY, 5)),
@@ -522,12 +523,10 @@ class PrivacyPlan:
         sensitivities = max_over_replicas(
             tf.stack([tf.cast(g.sensitivity, tf.float32) for g in groups])
         )
-        std_of = {}
+        std_of, margin = {}, self.noise_margin()
         for k, group in enumerate(groups):
             for v in group.variables:
-                std_of[id(v)] = (
-                    group.noise_multiplier * sensitivities[k] * self.noise_margin()
-                )
+                std_of[id(v)] = group.noise_multiplier * sensitivities[k] * margin
         missing = [v.path for v in variables if id(v) not in std_of]
         if missing:
             raise ValueError(f"Trainable variables without a noise group: {missing}")
@@ -853,8 +852,8 @@ class PrivacyPlan:
         """
         if int(self._shadow_size.numpy()) == 0:  # nothing ran in this process
             return
-        self.steps.assign(self.steps_taken())
         combined = self._combined_rows()
+        self.steps.assign(self._steps_in(combined))
         if len(combined) > LEDGER_CAPACITY:
             raise RuntimeError(
                 f"The privacy ledger holds more than {LEDGER_CAPACITY} distinct "
@@ -1049,15 +1048,16 @@ class PrivacyPlan:
         it: numbered by `fit`, a second `fit` without `initial_epoch` would
         release in epochs the budget did not plan (a review found epsilon
         2.66 for a budget of 1.73)."""
-        return int(fit_epoch) + getattr(self, "_epoch_offset", 0)
+        return int(fit_epoch) + self._epoch_offset
 
     def steps_taken(self) -> int:
         """Gradient steps taken: the step counter, or the steps in `ledger()`
         if more (a restore rolls the counter back, not what ran)."""
+        return self._steps_in(self._combined_rows())
+
+    def _steps_in(self, rows: dict[tuple, int]) -> int:
         in_ledger = sum(
-            count
-            for (mechanism, *_), count in self._combined_rows().items()
-            if mechanism == _STEPS
+            count for (mechanism, *_), count in rows.items() if mechanism == _STEPS
         )
         return max(int(self.steps.numpy()), in_ledger)
 

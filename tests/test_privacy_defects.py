@@ -1710,3 +1710,54 @@ def test_a_callback_list_is_kept_or_refused_but_never_reordered_silently(tmp_pat
     )
     history = model.fit(x, y, batch_size=50, verbose=0, callbacks=given)
     assert history is given._history and "epsilon" in history.history
+
+
+# ===================================== review of the whole change (stop 30)
+def test_the_noise_std_carries_the_margin_and_tiny_sensitivities_add_up(
+    monkeypatch,
+):
+    """The accountant assumes std = sigma * sensitivity; the rounding margin
+    is on top of it, on the noise actually added. The global total of tiny
+    sensitivities (1e-20: squares flushed to 0) was 0, and so was the noise."""
+    model = dp_model(small_cnn(), n=1000, batch_size=50, sigma=2.0)
+    plan = model.privacy_plan
+    variables = model.trainable_variables
+    for sensitivity in (0.5, 1e-20):
+        groups = plan.noise_groups(variables, [sensitivity] * len(variables), None)
+        total = float(groups[0].sensitivity)
+        assert total == pytest.approx(sensitivity * np.sqrt(len(variables)), rel=1e-6)
+        monkeypatch.setattr(
+            plan, "_standard_normal", lambda size, draw=True: tf.ones([size])
+        )
+        zeros = [tf.zeros_like(v) for v in variables]
+        noisy = plan.privatize(zeros, variables, groups)
+        std = float(tf.reshape(noisy[0], [-1])[0]) * plan.expected_batch_size
+        assert std == pytest.approx(2.0 * total * plan.noise_margin(), rel=1e-6)
+        assert plan.noise_margin() > 1 + 1e-4
+
+
+def test_an_overflowing_step_under_xla_releases_noise_only():
+    """Under jit_compile the activation guard cannot assert: the step's
+    summed gradient is replaced by zeros, so a sample whose squares would
+    overflow leaves a finite update (it was NaN with the sample, finite
+    without)."""
+    model = dp_model(
+        [
+            L.DP_BoundedInput(upper_bound=1e12),
+            L.DP_Lambda(lambda t: t * 1e8, lipschitz=1e8),
+            L.DP_ScaledL2NormPooling2D(2),
+            L.DP_Flatten(),
+            L.DP_QuickSpectralDense(2),
+        ],
+        input_shape=(4, 4, 1),
+        num_classes=2,
+        n=2,
+        batch_size=2,
+        sampling="shuffle",
+        jit_compile=True,
+        sigma=1e-3,
+    )
+    x = np.zeros((2, 4, 4, 1), np.float32)
+    x[0, 0, 0, 0] = 0.99e12
+    model.train_on_batch(x, one_hot([0, 1], 2))
+    assert all(np.all(np.isfinite(v.numpy())) for v in model.trainable_variables)

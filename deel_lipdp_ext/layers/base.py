@@ -253,6 +253,13 @@ def sample_norms(x: tf.Tensor) -> tf.Tensor:
     return stable_norm(x, axis=1)[:, 0]
 
 
+def float64_square_sum(x: tf.Tensor, axis, keepdims: bool = False) -> tf.Tensor:
+    """Sum of squares of `x` over `axis`, accumulated in float64 (a float32
+    sum of n squares can round up to (n - 1) 2^-24 low), in `x`'s dtype."""
+    squares = tf.square(tf.cast(x, tf.float64))
+    return tf.cast(tf.reduce_sum(squares, axis=axis, keepdims=keepdims), x.dtype)
+
+
 def example_squares(x: tf.Tensor) -> tf.Tensor:
     """Sum of squares of each example of `x` (batch, ...), shape (batch,).
     Float32 partial sums of at most 256 entries, added in float64: it rounds
@@ -261,8 +268,7 @@ def example_squares(x: tf.Tensor) -> tf.Tensor:
     through). Inner dimensions unknown at trace time: summed in float64."""
     inner = x.shape[1:]
     if None in inner:
-        flat = tf.cast(tf.reshape(x, [tf.shape(x)[0], -1]), tf.float64)
-        return tf.cast(tf.reduce_sum(tf.square(flat), axis=1), x.dtype)
+        return float64_square_sum(tf.reshape(x, [tf.shape(x)[0], -1]), axis=1)
     size = math.prod(inner)
     chunk = math.gcd(size, 256)
     squares = tf.reshape(tf.square(x), [-1, size // chunk, chunk])
@@ -284,10 +290,8 @@ def stable_norm(x: tf.Tensor, axis) -> tf.Tensor:
         peak = tf.reduce_max(tf.abs(x), axis=axis, keepdims=True)
         positive = peak > 0
         safe_peak = tf.where(positive, peak, tf.ones_like(peak))
-        # summed in float64: a float32 sum of n squares can round 1e-5 low
-        squares = tf.square(tf.cast(x / safe_peak, tf.float64))
-        value = safe_peak * tf.cast(
-            tf.sqrt(tf.reduce_sum(squares, axis=axis, keepdims=True)), x.dtype
+        value = safe_peak * tf.sqrt(
+            float64_square_sum(x / safe_peak, axis=axis, keepdims=True)
         )
         value = tf.where(positive, value, tf.zeros_like(value))
 

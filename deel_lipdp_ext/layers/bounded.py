@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 from .._validation import require_positive
-from .base import BOUND_MARGIN, DPLayer, as_bound
+from .base import BOUND_MARGIN, DPLayer, as_bound, float64_square_sum
 
 _PACKAGE = "deel_lipdp_ext"
 #: Largest `upper_bound`: float32 squares overflow above ~1.8e19, and the
@@ -135,7 +135,6 @@ def _peak_unit_norms(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     unit = tf.where(
         _per_sample(nonzero, x), x / _per_sample(safe_peak, x), tf.ones_like(x)
     )
-    # summed in float64: a float32 sum of 1e6 squares rounded 5e-5 low (XLA)
-    flat = tf.cast(tf.reshape(unit, (batch, -1)), tf.float64)
-    unit_norm = tf.cast(tf.sqrt(tf.reduce_sum(tf.square(flat), axis=1)), dtype)
+    # float64 sum: in float32, 1e6 squares rounded 5e-5 low (XLA)
+    unit_norm = tf.sqrt(float64_square_sum(tf.reshape(unit, (batch, -1)), axis=1))
     return peak, unit, unit_norm
