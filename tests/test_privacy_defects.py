@@ -1642,10 +1642,9 @@ def test_every_form_of_fit_callbacks_is_checked_and_kept(tmp_path):
             resumed.fit(x, y, batch_size=50, epochs=5, verbose=0, callbacks=callbacks)
 
 
-def test_an_amplifying_layer_cannot_overflow_the_squares():
-    """DP_BoundedInput(1e12) then DP_Lambda(x * 1e8): one sample's pooling
-    window summed to inf, the update was NaN with it and finite without.
-    Activation bounds above 1e18 now refuse the step (noise only, under XLA)."""
+def _amplifying_model_and_canary(**kwargs):
+    """DP_BoundedInput(1e12), then a DP_Lambda of gain 1e8 before an L2
+    pooling; and a batch whose first sample puts its norm in one entry."""
     model = dp_model(
         [
             L.DP_BoundedInput(upper_bound=1e12),
@@ -1659,9 +1658,18 @@ def test_an_amplifying_layer_cannot_overflow_the_squares():
         n=2,
         batch_size=2,
         sampling="shuffle",
+        **kwargs,
     )
     x = np.zeros((2, 4, 4, 1), np.float32)
     x[0, 0, 0, 0] = 0.99e12
+    return model, x
+
+
+def test_an_amplifying_layer_cannot_overflow_the_squares():
+    """DP_BoundedInput(1e12) then DP_Lambda(x * 1e8): one sample's pooling
+    window summed to inf, the update was NaN with it and finite without.
+    Activation bounds above 1e18 now refuse the step (noise only, under XLA)."""
+    model, x = _amplifying_model_and_canary()
     with pytest.raises(tf.errors.InvalidArgumentError, match="float32-safe norm"):
         model.train_on_batch(x, one_hot([0, 1], 2))
 
@@ -1741,23 +1749,6 @@ def test_an_overflowing_step_under_xla_releases_noise_only():
     summed gradient is replaced by zeros, so a sample whose squares would
     overflow leaves a finite update (it was NaN with the sample, finite
     without)."""
-    model = dp_model(
-        [
-            L.DP_BoundedInput(upper_bound=1e12),
-            L.DP_Lambda(lambda t: t * 1e8, lipschitz=1e8),
-            L.DP_ScaledL2NormPooling2D(2),
-            L.DP_Flatten(),
-            L.DP_QuickSpectralDense(2),
-        ],
-        input_shape=(4, 4, 1),
-        num_classes=2,
-        n=2,
-        batch_size=2,
-        sampling="shuffle",
-        jit_compile=True,
-        sigma=1e-3,
-    )
-    x = np.zeros((2, 4, 4, 1), np.float32)
-    x[0, 0, 0, 0] = 0.99e12
+    model, x = _amplifying_model_and_canary(jit_compile=True, sigma=1e-3)
     model.train_on_batch(x, one_hot([0, 1], 2))
     assert all(np.all(np.isfinite(v.numpy())) for v in model.trainable_variables)
