@@ -297,6 +297,7 @@ class DPSGDModel(PrivateModel, keras.Model):
             dataset_metadata,
             report_train_metrics=report_train_metrics,
         )
+        self._claim_network()
         if model.built:  # the wrapper owns no weights of its own to build
             self.built = True
 
@@ -309,7 +310,13 @@ class DPSGDModel(PrivateModel, keras.Model):
             self.model.build(input_shape)
             _check_network(self.model)
             self._check_clipping()
+            self._claim_network()
         self.built = True
+
+    def _claim_network(self) -> None:
+        """Claim the network and its layers (`PrivateModel._claim`): a second
+        DPSGDModel around a network this one trained would forget its steps."""
+        self._claim([self.model, *all_sublayers(self.model)])
 
     @property
     def clipping_method(self) -> str:
@@ -455,6 +462,7 @@ class DPSGDModel(PrivateModel, keras.Model):
         self._check_clipping()  # where the loss is read: it may be a new one
         self._check_replica_entry()
         _check_network(self.model, probe=False)  # sublayers made since (lazily)
+        self._claim_network()
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         refuse_nested_batch(x=x, y=y, sample_weight=sample_weight)
         x, y, weight = sanitize_batch(

@@ -201,6 +201,21 @@ def step_noise_multiplier(
     return effective_noise_multiplier([sigma * c for c in coefficients])
 
 
+class TrainingRecord:
+    """What the layers a plan claims keep of it (a layer holds this, not the
+    plan): whether steps of that plan may have trained them, readable after
+    the plan and its model are gone. A step traced counts as run; so does any
+    count in the plan's step counter, saved ledger or in-process ledger
+    (restored state included)."""
+
+    def __init__(self, counters: Sequence[tf.Variable]):
+        self._counters = tuple(counters)
+        self.traced = False
+
+    def trained(self) -> bool:
+        return self.traced or any(int(c.numpy()) > 0 for c in self._counters)
+
+
 class PrivacyPlan:
     """The privacy state and mechanism of one DP model.
 
@@ -216,6 +231,7 @@ class PrivacyPlan:
             owning model holds them as attributes so they are saved.
         sampling_code: the sampling of the steps to come (not saved).
         release_schedules: callbacks that plan releases (not saved).
+        record: the `TrainingRecord` the layers of the owning model keep.
     """
 
     def __init__(
@@ -258,6 +274,7 @@ class PrivacyPlan:
             np.zeros((LEDGER_CAPACITY, 5)), dtype=tf.float64, trainable=False
         )
         self._shadow_size = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.record = TrainingRecord([self.steps, self.ledger_size, self._shadow_size])
         self._shadow_lineage = tf.Variable(0, dtype=tf.int64, trainable=False)
         # The saved state at this process's first record (where the shadow
         # starts): restoring exactly it is restoring the start of this process.
@@ -515,6 +532,7 @@ class PrivacyPlan:
             optimizer: the optimizer the update goes to (None: assume it
                 may transform each replica's gradient).
         """
+        self.record.traced = True  # this step may run: the weights are ours
         for g, v in zip(summed_gradients, variables, strict=True):
             if g is None:
                 raise ValueError(f"Trainable variable '{v.path}' received no gradient.")

@@ -322,6 +322,11 @@ def test_networks_that_could_mix_examples_are_refused_by_name():
     assert ghost_clipping_support(keras.Sequential([x, keras.layers.Dense(3)])) is None
 
 
+def _small_net():
+    """A fresh (4,) -> (3,) dense network: a network belongs to one DP model."""
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+
+
 def _dpsgd(net, clipping, sigma=1.0):
     model = DPSGDModel(
         net,
@@ -335,17 +340,22 @@ def _dpsgd(net, clipping, sigma=1.0):
 
 
 def test_dpsgd_model_chooses_ghost_where_exact_and_refuses_it_by_name_elsewhere():
-    dense = keras.Sequential([keras.Input((4,)), keras.layers.Dense(CLASSES)])
-    assert _dpsgd(dense, "auto").clipping_method == "ghost"
-    assert _dpsgd(dense, "vectorized").clipping_method == "vectorized"
-    custom = keras.Sequential(
-        [keras.Input((4,)), _BatchCentering(), keras.layers.Dense(CLASSES)]
-    )
-    assert _dpsgd(custom, "auto").clipping_method == "vectorized"
+    # a fresh network per model: a network belongs to one DP model
+    def dense():
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(CLASSES)])
+
+    def custom():
+        return keras.Sequential(
+            [keras.Input((4,)), _BatchCentering(), keras.layers.Dense(CLASSES)]
+        )
+
+    assert _dpsgd(dense(), "auto").clipping_method == "ghost"
+    assert _dpsgd(dense(), "vectorized").clipping_method == "vectorized"
+    assert _dpsgd(custom(), "auto").clipping_method == "vectorized"
     with pytest.raises(ValueError, match="_batch_centering.*clipping='vectorized'"):
-        _dpsgd(custom, "ghost")
+        _dpsgd(custom(), "ghost")
     with pytest.raises(ValueError, match="clipping"):
-        _dpsgd(dense, "fast")
+        _dpsgd(dense(), "fast")
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
@@ -754,14 +764,15 @@ def test_a_loss_that_compares_examples_takes_the_vectorised_path():
     assert effect <= 1.0 + 1e-4
     _, effect = _one_example_effect("auto", "circle")
     assert effect <= 1.0 + 1e-4
-    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    own = _dpsgd(net, "auto")
+    own = _dpsgd(_small_net(), "auto")
     own.compile(keras.optimizers.SGD(1.0), loss=lambda y, p: tf.reduce_sum(p, -1))
     assert own.clipping_method == "vectorized"
     with pytest.raises(ValueError, match="Circle is not known"):
-        _dpsgd(net, "ghost").compile(keras.optimizers.SGD(1.0), keras.losses.Circle())
+        _dpsgd(_small_net(), "ghost").compile(
+            keras.optimizers.SGD(1.0), keras.losses.Circle()
+        )
     for name in ("categorical_crossentropy", "mse"):
-        known = _dpsgd(net, "ghost")
+        known = _dpsgd(_small_net(), "ghost")
         known.compile(keras.optimizers.SGD(1.0), loss=name)
         assert known.clipping_method == "ghost"
 
@@ -813,14 +824,13 @@ def test_a_stateful_layer_and_a_vanishing_clip_are_refused():
 def test_an_allowed_loss_with_its_function_replaced_is_not_trusted():
     """A MeanSquaredError whose fn was replaced by one that centres the batch
     passed the type check and ran ghost clipping (3.19 C)."""
-    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     loss = keras.losses.MeanSquaredError()
     loss.fn = lambda y, p: tf.reduce_mean(tf.square(p - tf.reduce_mean(p, 0) - y), -1)
-    model = _dpsgd(net, "auto")
+    model = _dpsgd(_small_net(), "auto")
     model.compile(keras.optimizers.SGD(1.0), loss=loss)
     assert model.clipping_method == "vectorized"
     with pytest.raises(ValueError, match="MeanSquaredError is not known"):
-        _dpsgd(net, "ghost").compile(keras.optimizers.SGD(1.0), loss=loss)
+        _dpsgd(_small_net(), "ghost").compile(keras.optimizers.SGD(1.0), loss=loss)
 
 
 def test_a_dp_loss_with_a_method_replaced_is_not_trusted():

@@ -941,6 +941,79 @@ def test_layers_of_a_dp_model_cannot_be_reused_by_another():
         ).compile(loss=losses.DP_TauCategoricalCrossentropy(1.0))
 
 
+def test_a_network_trained_by_one_dpsgd_model_cannot_be_wrapped_by_another():
+    """A second DPSGDModel around a network the first trained 40 steps
+    reported epsilon 3.79 after 8 more steps, where 7.11 ran on its weights."""
+    net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    first = DPSGDModel(
+        net,
+        DPParameters(1.0, 1e-5, seed=0),
+        metadata((8,), 4, n=64, batch_size=8, sampling="shuffle"),
+        1.0,
+    )
+    first.compile(keras.optimizers.SGD(0.1), keras.losses.CategoricalCrossentropy())
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    first.fit(x, one_hot(np.arange(64), 4), batch_size=8, epochs=1, verbose=0)
+    for wrapped in (net, net.layers[-1], first):
+        network = (
+            wrapped
+            if isinstance(wrapped, keras.Model)
+            else keras.Sequential([keras.Input((8,)), wrapped])
+        )
+        with pytest.raises(ValueError, match="belongs to another DP model"):
+            DPSGDModel(network, DPParameters(1.0, 1e-5), metadata((8,), 4), 1.0)
+
+
+def test_layers_trained_by_a_model_that_is_gone_stay_claimed():
+    """The claim was a weak reference: once the trained model was collected,
+    a DPSequential rebuilt from its layers started a fresh ledger (3.79 for
+    7.11). Layers of a model that never stepped can still be reused."""
+    import gc
+
+    def build(layers):
+        return dp_model(layers, n=100, sampling="shuffle")
+
+    trained_layers, idle_layers = small_cnn(), small_cnn()
+    trained = build(trained_layers)
+    trained.fit(
+        unit_samples(100, (8, 8, 1)),
+        one_hot(np.arange(100)),
+        batch_size=50,
+        epochs=1,
+        verbose=0,
+    )
+    build(idle_layers)  # never stepped
+    del trained
+    gc.collect()
+    with pytest.raises(ValueError, match="another DP model, now gone,"):
+        build(trained_layers)
+    build(idle_layers)
+
+
+def test_a_claim_counts_restored_steps_of_a_model_that_is_gone(tmp_path):
+    """A model that never stepped in this process but loaded a trained state
+    holds those steps too: its layers stay claimed once it is gone."""
+    import gc
+
+    trained = dp_model(small_cnn(), n=100, sampling="shuffle")
+    trained.fit(
+        unit_samples(100, (8, 8, 1)),
+        one_hot(np.arange(100)),
+        batch_size=50,
+        epochs=1,
+        verbose=0,
+    )
+    trained.save_weights(tmp_path / "m.weights.h5")
+    layers = small_cnn()
+    loaded = dp_model(layers, n=100, sampling="shuffle")
+    loaded.build((None, 8, 8, 1))
+    loaded.load_weights(tmp_path / "m.weights.h5")
+    del loaded
+    gc.collect()
+    with pytest.raises(ValueError, match="now gone"):
+        dp_model(layers, n=100, sampling="shuffle")
+
+
 class _LazyBlock(keras.layers.Layer):
     """Creates a BatchNormalization only when built."""
 
