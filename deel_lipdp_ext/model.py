@@ -381,35 +381,54 @@ class PrivateModel(HasPrivacyPlan):
             setattr(self, name, variable)
 
     def _claim(self, layers) -> None:
-        """A layer belongs to one DP model: the ledger of the steps that
-        trained its weights lives in that model's plan, so another DP model
-        built from the same layer objects would report an epsilon that forgets
-        them (a review: a network trained 40 steps by one DPSGDModel, wrapped
-        by a second, reported epsilon 3.79 after 8 more steps for 7.11). The
-        claim outlives its model: layers that a collected model's plan
-        stepped stay refused. Weights travel between models by save/load or
-        get/set_weights, with the ledger.
+        """A layer, and each variable it holds, belongs to one DP model: the
+        ledger of the steps that trained the weights lives in that model's
+        plan, so another DP model built from the same layer objects, or from
+        a layer holding the same variables, would report an epsilon that
+        forgets them (reviews: a network trained 40 steps by one DPSGDModel,
+        wrapped by a second, reported epsilon 3.79 after 8 more steps for
+        7.11; so did a layer holding the trained kernel, 3.79 for 5.41). The
+        claim outlives its model: what a collected model's plan stepped stays
+        refused. Trained weights move between models by save/load or
+        get/set_weights of the DP model, with the ledger; weights copied out
+        of a bare layer or network (its get_weights, copy, deepcopy, pickle)
+        carry no ledger, and a model built on them reports only its own
+        steps (docs/design.md, rule 6).
 
         Raises:
-            ValueError: a layer claimed by another live DP model, or by one
-                that is gone but whose steps may have trained it.
+            ValueError: a layer or variable claimed by another live DP model,
+                or by one that is gone but whose steps may have trained it.
         """
         plan = self._privacy_plan
         for layer in layers:
-            owner, record = getattr(layer, "_dp_claim", (None, None))
-            owner = owner() if owner is not None else None
-            if owner is plan:
-                continue
-            if owner is not None or (record is not None and record.trained()):
-                trained = "" if owner is not None else ", now gone,"
-                raise ValueError(
-                    f"Layer '{layer.name}' belongs to another DP model{trained} "
-                    "whose privacy plan accounts the steps that trained it. Build "
-                    "the new model from fresh layers and load the weights "
-                    "(save_weights/load_weights carry the ledger)."
-                )
-            # untracked: neither Keras nor tf.train.Checkpoint may save it
-            object.__setattr__(layer, "_dp_claim", (weakref.ref(plan), plan.record))
+            for item in (layer, *layer.weights):
+                owner, record = getattr(item, "_dp_claim", (None, None))
+                owner = owner() if owner is not None else None
+                if owner is plan:
+                    continue
+                if owner is not None or (record is not None and record.trained()):
+                    what = (
+                        f"Layer '{item.name}'"
+                        if item is layer
+                        else f"Variable '{item.path}' (of layer '{layer.name}')"
+                    )
+                    gone = "" if owner is not None else ", now gone,"
+                    raise ValueError(
+                        f"{what} belongs to another DP model{gone} whose privacy "
+                        "plan accounts the steps that trained it. Build the new "
+                        "model from fresh layers and load the weights "
+                        "(save_weights/load_weights carry the ledger)."
+                    )
+                # untracked: neither Keras nor tf.train.Checkpoint may save it
+                object.__setattr__(item, "_dp_claim", (weakref.ref(plan), plan.record))
+
+    def compile_from_config(self, config):
+        """Re-compile on `load_model` (our `compile` only adds checks)."""
+        from keras.src.saving import serialization_lib
+
+        self.compile(**serialization_lib.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
 
     # The saved ledger is what ran, rollbacks included, wherever the state
     # variables leave the model or older ones come in: a model exported after
@@ -895,14 +914,6 @@ class DPTrainer(PrivateModel):
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
         self._dp_loss = loss
         self._check_dp_ready()
-
-    def compile_from_config(self, config):
-        """Re-compile on `load_model` (our `compile` only adds checks)."""
-        from keras.src.saving import serialization_lib
-
-        self.compile(**serialization_lib.deserialize_keras_object(config))
-        if self.built:
-            self.optimizer.build(self.trainable_variables)
 
     def _check_dp_ready(self) -> None:
         """Refuse (docs/design.md, rule 6) anything that would train unbounded."""

@@ -162,6 +162,11 @@ def test_save_and_load_round_trip(tmp_path):
     assert isinstance(loaded, DPSGDModel) and loaded.l2_norm_clip == 1.0
     assert int(loaded.dp_steps.numpy()) == 1
     np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6)
+    # compiled as saved (a review found compiled=True with no loss): it
+    # trains on without a new compile, and its ledger goes on
+    assert type(loaded.loss) is type(model.loss)
+    loaded.fit(x, y, batch_size=6, verbose=0)
+    assert loaded.privacy_plan.steps_taken() == 2
 
 
 def test_refusals():
