@@ -941,9 +941,8 @@ def test_layers_of_a_dp_model_cannot_be_reused_by_another():
         ).compile(loss=losses.DP_TauCategoricalCrossentropy(1.0))
 
 
-def test_a_network_trained_by_one_dpsgd_model_cannot_be_wrapped_by_another():
-    """A second DPSGDModel around a network the first trained 40 steps
-    reported epsilon 3.79 after 8 more steps, where 7.11 ran on its weights."""
+def _trained_dpsgd_network():
+    """A (8,) -> (4,) dense network and the DPSGDModel that trained it 8 steps."""
     net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
     first = DPSGDModel(
         net,
@@ -954,6 +953,13 @@ def test_a_network_trained_by_one_dpsgd_model_cannot_be_wrapped_by_another():
     first.compile(keras.optimizers.SGD(0.1), keras.losses.CategoricalCrossentropy())
     x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
     first.fit(x, one_hot(np.arange(64), 4), batch_size=8, epochs=1, verbose=0)
+    return net, first
+
+
+def test_a_network_trained_by_one_dpsgd_model_cannot_be_wrapped_by_another():
+    """A second DPSGDModel around a network the first trained 40 steps
+    reported epsilon 3.79 after 8 more steps, where 7.11 ran on its weights."""
+    net, first = _trained_dpsgd_network()
     for wrapped in (net, net.layers[-1], first):
         network = (
             wrapped
@@ -979,16 +985,7 @@ def test_a_layer_holding_trained_variables_is_claimed_with_them():
     """A new layer holding a trained DPSGDModel's kernel and bias passed the
     claim (a layer object check): 3.79 reported after 8 more steps, 5.41 ran
     on those variables."""
-    net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
-    first = DPSGDModel(
-        net,
-        DPParameters(1.0, 1e-5, seed=0),
-        metadata((8,), 4, n=64, batch_size=8, sampling="shuffle"),
-        1.0,
-    )
-    first.compile(keras.optimizers.SGD(0.1), keras.losses.CategoricalCrossentropy())
-    x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
-    first.fit(x, one_hot(np.arange(64), 4), batch_size=8, epochs=1, verbose=0)
+    net, _first = _trained_dpsgd_network()
     tied = keras.Sequential([keras.Input((8,)), _HoldsVariablesOf(net.layers[-1])])
     with pytest.raises(ValueError, match="Variable .*kernel.* another DP model"):
         DPSGDModel(tied, DPParameters(1.0, 1e-5), metadata((8,), 4), 1.0)
