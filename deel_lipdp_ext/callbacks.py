@@ -103,7 +103,11 @@ class DP_Accountant(keras.callbacks.Callback):
     dynamic-clipping releases). With `epsilon_budget`, training stops at the
     end of the last epoch whose epsilon is within budget: after each epoch it
     checks whether ONE MORE epoch (its steps and the releases planned for it)
-    would exceed the budget, so the reported epsilon never does.
+    would exceed the budget, so the reported epsilon never does. A
+    configuration changed during training (`set_noise_multiplier` from a
+    callback, a release schedule) is checked again before the next step: if
+    one more epoch at the new configuration would exceed the budget, `fit`
+    raises before that step runs.
 
     Args:
         accountant: "rdp" or "pld".
@@ -116,7 +120,9 @@ class DP_Accountant(keras.callbacks.Callback):
 
     Raises:
         ValueError: an unknown accountant or `log_fn` name, `log_fn="wandb"`
-            without `wandb`, or a non-positive `epsilon_budget`.
+            without `wandb`, or a non-positive `epsilon_budget`; during `fit`,
+            a budget one epoch would exceed (at the start, or after a change
+            of configuration).
 
     Example:
         >>> accountant = DP_Accountant(log_fn="logging")
@@ -150,16 +156,19 @@ class DP_Accountant(keras.callbacks.Callback):
         self.epsilon_budget = epsilon_budget
         self.log_fn = resolve_log_fn(log_fn)
         self.history: list[dict] = []
+        self._checked = None  # the planned epoch the budget was checked with
+        self._epoch = 0  # the model epoch running
 
     def _plan_after(self, next_epoch: int) -> float:
-        """Epsilon if epoch `next_epoch` runs too."""
+        """Epsilon if epoch `next_epoch` runs too, at the configuration now
+        (kept as the one checked: `on_train_batch_begin`)."""
         plan = privacy_plan_of(self.model)
-        return plan.epsilon(
-            self.accountant, plan.planned_ledger(1, first_epoch=next_epoch)
-        )
+        self._checked = plan.planned_ledger(1, first_epoch=next_epoch)
+        return plan.epsilon(self.accountant, self._checked)
 
     def on_train_begin(self, logs=None):
         plan = privacy_plan_of(self.model)
+        self._epoch = plan.completed_epochs()
         if plan.dataset_metadata.sampling != "poisson":
             print(
                 f"DP_Accountant: sampling={plan.dataset_metadata.sampling!r}; epsilon "
@@ -167,12 +176,37 @@ class DP_Accountant(keras.callbacks.Callback):
                 "shuffled batches."
             )
         if self.epsilon_budget is not None:
-            first = self._plan_after(next_epoch=plan.completed_epochs())
+            first = self._plan_after(next_epoch=self._epoch)
             if first > self.epsilon_budget:
                 raise ValueError(
                     f"One epoch already exceeds epsilon_budget={self.epsilon_budget} "
                     f"(epsilon would be {first:.4g})."
                 )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = privacy_plan_of(self.model).model_epoch(epoch)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        """Before each step: a configuration other than the one last checked
+        (a review lowered sigma from 4 to 0.6 in on_epoch_begin: the budget
+        stop ran 2 epochs to epsilon 11.7 for a budget of 3) is checked with
+        one more whole epoch at it (counting this epoch's steps already run
+        twice: never under)."""
+        if self.epsilon_budget is None:
+            return
+        plan = privacy_plan_of(self.model)
+        if plan.planned_ledger(1, first_epoch=self._epoch) == self._checked:
+            return
+        epsilon = self._plan_after(next_epoch=self._epoch)
+        if epsilon > self.epsilon_budget:
+            sigma = plan.dp_parameters.noise_multiplier
+            raise ValueError(
+                f"DP_Accountant: the privacy configuration changed during training "
+                f"(noise multiplier now {sigma:.4g}): one more "
+                f"epoch at it would exceed epsilon_budget={self.epsilon_budget} "
+                f"(epsilon {epsilon:.4g}). Stopped before the next step; "
+                f"epsilon so far: {plan.epsilon(self.accountant):.4g}."
+            )
 
     def on_epoch_end(self, epoch, logs=None):
         plan = privacy_plan_of(self.model)

@@ -1508,6 +1508,51 @@ def test_the_noise_multiplier_can_change_from_a_callback():
     assert rows == [(pytest.approx(0.5), 10), (pytest.approx(2.0), 5)]
 
 
+class _NoiseFromEpoch1(keras.callbacks.Callback):
+    """Sets the noise multiplier to `sigma` at the start of each epoch >= 1."""
+
+    def __init__(self, sigma):
+        super().__init__()
+        self.sigma = sigma
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch >= 1:
+            self.model.set_noise_multiplier(self.sigma)
+
+
+def test_a_budget_holds_when_the_noise_changes_during_fit():
+    """DP_Accountant(epsilon_budget=3) checked one more epoch at each epoch's
+    end with the noise then configured: a callback lowering sigma from 4 to
+    0.6 in on_epoch_begin ran 2 epochs to epsilon 11.7. The change is now
+    checked before the next step, which does not run."""
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+
+    def model(sigma):
+        layers = [L.DP_BoundedInput(upper_bound=1.0), L.DP_QuickSpectralDense(2)]
+        return dp_model(layers, input_shape=(8,), num_classes=2, sigma=sigma, n=200)
+
+    lowered = model(4.0)
+    with pytest.raises(ValueError, match="would exceed epsilon_budget=3.0"):
+        lowered.fit(
+            poisson_batches(x, y, 50),
+            epochs=10,
+            verbose=0,
+            callbacks=[DP_Accountant(epsilon_budget=3.0), _NoiseFromEpoch1(0.6)],
+        )
+    assert lowered.privacy_plan.steps_taken() == 4  # the first epoch only
+    assert lowered.privacy_plan.epsilon() <= 3.0
+    raised = model(4.0)  # more noise: within budget, training goes on
+    accountant = DP_Accountant(epsilon_budget=3.0)
+    raised.fit(
+        poisson_batches(x, y, 50),
+        epochs=3,
+        verbose=0,
+        callbacks=[accountant, _NoiseFromEpoch1(8.0)],
+    )
+    assert len(accountant.history) == 3
+    assert raised.privacy_plan.epsilon() <= 3.0
+
+
 def test_weak_settings_warn():
     """delta >= 1/N, and a fixed seed for the clip updates' noise, were
     accepted in silence."""
