@@ -182,18 +182,25 @@ class DP_Accountant(keras.callbacks.Callback):
                     f"One epoch already exceeds epsilon_budget={self.epsilon_budget} "
                     f"(epsilon would be {first:.4g})."
                 )
+            plan.step_checks.append(self._check_before_steps)
+
+    def on_train_end(self, logs=None):
+        checks = privacy_plan_of(self.model).step_checks
+        if self._check_before_steps in checks:
+            checks.remove(self._check_before_steps)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = privacy_plan_of(self.model).model_epoch(epoch)
 
-    def on_train_batch_begin(self, batch, logs=None):
-        """Before each step: a configuration other than the one last checked
-        (a review lowered sigma from 4 to 0.6 in on_epoch_begin: the budget
-        stop ran 2 epochs to epsilon 11.7 for a budget of 3) is checked with
-        one more whole epoch at it (counting this epoch's steps already run
-        twice: never under)."""
-        if self.epsilon_budget is None:
-            return
+    def _check_before_steps(self) -> None:
+        """Run by the model's train function before each execution of steps,
+        after every callback (a change made by a callback after this one, or
+        inside an execution of several steps, reached the step unchecked when
+        this ran in on_train_batch_begin: epsilon 287 for a budget of 3): a
+        configuration other than the one last checked (a review lowered sigma
+        from 4 to 0.6 in on_epoch_begin: the budget stop ran 2 epochs to
+        epsilon 11.7 for a budget of 3) is checked with one more whole epoch
+        at it (counting this epoch's steps already run twice: never under)."""
         plan = privacy_plan_of(self.model)
         if plan.planned_ledger(1, first_epoch=self._epoch) == self._checked:
             return

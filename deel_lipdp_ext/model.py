@@ -62,6 +62,7 @@ from .privacy_plan import (
     Guard,
     HasPrivacyPlan,
     PrivacyPlan,
+    variable_storage,
 )
 
 _PACKAGE = "deel_lipdp_ext"
@@ -351,6 +352,26 @@ def _check_validation_data(validation_data, x) -> None:
         )
 
 
+def _claim_one(plan, item, what: str, variables: list) -> None:
+    """Claim `item` (a layer, a variable or its storage) for `plan`, unless
+    another live plan holds it, or a gone one whose steps may have trained
+    `variables` (`PrivateModel._claim`)."""
+    owner, record = getattr(item, "_dp_claim", (None, None))
+    owner = owner() if owner is not None else None
+    if owner is plan:
+        return
+    if owner is not None or (record is not None and record.trained(variables)):
+        gone = "" if owner is not None else ", now gone,"
+        raise ValueError(
+            f"{what} belongs to another DP model{gone} whose privacy plan "
+            "accounts the steps that trained it. Build the new model from fresh "
+            "layers and load the weights (save_weights/load_weights carry the "
+            "ledger)."
+        )
+    # untracked: neither Keras nor tf.train.Checkpoint may save it
+    object.__setattr__(item, "_dp_claim", (weakref.ref(plan), plan.record))
+
+
 class PrivateModel(HasPrivacyPlan):
     """What every DP model shares: its privacy plan, the check of `fit`'s data
     against the declared sampling, and the DP configuration it saves."""
@@ -401,26 +422,15 @@ class PrivateModel(HasPrivacyPlan):
         """
         plan = self._privacy_plan
         for layer in layers:
-            for item in (layer, *layer.weights):
-                owner, record = getattr(item, "_dp_claim", (None, None))
-                owner = owner() if owner is not None else None
-                if owner is plan:
-                    continue
-                if owner is not None or (record is not None and record.trained()):
-                    what = (
-                        f"Layer '{item.name}'"
-                        if item is layer
-                        else f"Variable '{item.path}' (of layer '{layer.name}')"
-                    )
-                    gone = "" if owner is not None else ", now gone,"
-                    raise ValueError(
-                        f"{what} belongs to another DP model{gone} whose privacy "
-                        "plan accounts the steps that trained it. Build the new "
-                        "model from fresh layers and load the weights "
-                        "(save_weights/load_weights carry the ledger)."
-                    )
-                # untracked: neither Keras nor tf.train.Checkpoint may save it
-                object.__setattr__(item, "_dp_claim", (weakref.ref(plan), plan.record))
+            weights = list(layer.weights)
+            plan.record.note_trainable(layer.trainable_weights)
+            for variable in weights:
+                what = f"Variable '{variable.path}' (of layer '{layer.name}')"
+                _claim_one(plan, variable, what, [variable])
+                storage = variable_storage(variable)
+                if storage is not variable:  # another wrapper may hold it
+                    _claim_one(plan, storage, what, [variable])
+            _claim_one(plan, layer, f"Layer '{layer.name}'", weights)
 
     def compile_from_config(self, config):
         """Re-compile on `load_model` (our `compile` only adds checks)."""
@@ -670,6 +680,8 @@ class PrivateModel(HasPrivacyPlan):
 
         def train_function(iterator):
             self._check_iterator(iterator)
+            for check in list(self._privacy_plan.step_checks):
+                check()  # after every callback: a budget check sees all changes
             if entry is None:
                 return function(iterator)
             entry.assign(True)  # read by the step's guard (_entry_guards)
@@ -739,6 +751,7 @@ class PrivateModel(HasPrivacyPlan):
                 return super().fit(**call)
         finally:
             plan.use_unverified_sampling()
+            plan.step_checks.clear()
 
     def train_on_batch(
         self, x, y=None, sample_weight=None, class_weight=None, return_dict=False

@@ -201,19 +201,45 @@ def step_noise_multiplier(
     return effective_noise_multiplier([sigma * c for c in coefficients])
 
 
+def variable_storage(variable):
+    """The object holding a variable's values: the `tf.Variable` behind a
+    Keras variable (another `keras.Variable` can wrap the same one), else
+    `variable` itself."""
+    storage = getattr(variable, "value", None)
+    return storage if isinstance(storage, tf.Variable) else variable
+
+
 class TrainingRecord:
-    """What the layers a plan claims keep of it (a layer holds this, not the
-    plan): whether steps of that plan may have trained them, readable after
-    the plan and its model are gone. A step traced counts as run; so does any
-    count in the plan's step counter, saved ledger or in-process ledger
-    (restored state included)."""
+    """What the layers and variables a plan claims keep of it (they hold
+    this, not the plan): which of them steps of that plan may have trained,
+    readable after the plan and its model are gone. A variable a traced step
+    updates counts as trained; so does every variable trainable when claimed
+    once the plan's step counter, saved ledger or in-process ledger counts
+    steps (restored state included). Variables are known by their storage
+    (`variable_storage`)."""
 
     def __init__(self, counters: Sequence[tf.Variable]):
         self._counters = tuple(counters)
-        self.traced = False
+        self._stepped: dict[int, object] = {}  # id(storage) -> storage
+        self._trainable: dict[int, object] = {}
 
-    def trained(self) -> bool:
-        return self.traced or any(int(c.numpy()) > 0 for c in self._counters)
+    def note_trainable(self, variables: Sequence) -> None:
+        """`variables` were trainable when claimed."""
+        for storage in map(variable_storage, variables):
+            self._trainable[id(storage)] = storage
+
+    def note_stepped(self, variables: Sequence) -> None:
+        """A traced step updates `variables`."""
+        for storage in map(variable_storage, variables):
+            self._stepped[id(storage)] = storage
+
+    def trained(self, variables: Sequence) -> bool:
+        """Whether steps of the plan may have trained any of `variables`."""
+        ids = {id(variable_storage(v)) for v in variables}
+        if ids & self._stepped.keys():
+            return True
+        restored = any(int(c.numpy()) > 0 for c in self._counters)
+        return restored and bool(ids & self._trainable.keys())
 
 
 class PrivacyPlan:
@@ -231,6 +257,8 @@ class PrivacyPlan:
             owning model holds them as attributes so they are saved.
         sampling_code: the sampling of the steps to come (not saved).
         release_schedules: callbacks that plan releases (not saved).
+        step_checks: functions run before each execution of the train
+            function, which raise to stop a step (not saved).
         record: the `TrainingRecord` the layers of the owning model keep.
     """
 
@@ -244,6 +272,9 @@ class PrivacyPlan:
         self.configure(dp_parameters, dataset_metadata)
         self._noise_coefficients = noise_coefficients
         self.release_schedules: list[ReleaseSchedule] = []
+        # Run by the owner's train function before each execution of steps,
+        # after every callback (not saved; `fit` clears them when it ends).
+        self.step_checks: list[Callable[[], None]] = []
         self._epoch_offset = 0  # model epoch - fit epoch (`start_fit`)
         self.steps = keras.Variable(0, dtype="int64", trainable=False, name="dp_steps")
         self.ledger_table = keras.Variable(
@@ -532,7 +563,7 @@ class PrivacyPlan:
             optimizer: the optimizer the update goes to (None: assume it
                 may transform each replica's gradient).
         """
-        self.record.traced = True  # this step may run: the weights are ours
+        self.record.note_stepped(variables)  # this step may run: they are ours
         for g, v in zip(summed_gradients, variables, strict=True):
             if g is None:
                 raise ValueError(f"Trainable variable '{v.path}' received no gradient.")

@@ -377,3 +377,18 @@ def test_refuses_a_loss_without_one_value_per_sample():
     x, y = data(4)
     with pytest.raises(ValueError, match="one value per sample"):
         model.train_on_batch(x, y)
+
+
+def test_a_model_without_input_builds_in_its_first_step_and_trains():
+    """Without keras.Input a quick-spectral kernel is built inside the traced
+    step: its certificate memory was made from a tensor of that graph, and
+    fit failed ("defined in FuncGraph one_step_on_data")."""
+    model = DPSequential(
+        [L.DP_BoundedInput(upper_bound=1.0), L.DP_QuickSpectralDense(2)],
+        dp_parameters=DPParameters(1.0, 1e-5, seed=0),
+        dataset_metadata=metadata((8,), 2, n=64, batch_size=8, sampling="shuffle"),
+    )
+    model.compile(keras.optimizers.SGD(0.1), losses.DP_TauCategoricalCrossentropy(8.0))
+    x, y = unit_samples(64, (8,)), one_hot(np.arange(64), 2)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert model.privacy_plan.steps_taken() == 8

@@ -991,6 +991,52 @@ def test_a_layer_holding_trained_variables_is_claimed_with_them():
         DPSGDModel(tied, DPParameters(1.0, 1e-5), metadata((8,), 4), 1.0)
 
 
+def test_a_second_wrapper_of_a_trained_variable_is_claimed_with_it():
+    """keras.Variable(kernel.value) wraps the same tf.Variable without the
+    claim: a second DPSGDModel stepped the first one's kernel and reported
+    3.79 where 7.11 ran on it. The claim is on the storage too."""
+    net, _first = _trained_dpsgd_network()
+    dense = net.layers[-1]
+    alias = keras.Variable(dense.kernel.value)
+    assert alias.value is dense.kernel.value
+    holder = _HoldsVariablesOf(dense)
+    holder.k = alias
+    tied = keras.Sequential([keras.Input((8,)), holder])
+    with pytest.raises(ValueError, match="another DP model"):
+        DPSGDModel(tied, DPParameters(1.0, 1e-5), metadata((8,), 4), 1.0)
+
+
+def test_a_frozen_encoder_serves_another_model_once_the_first_is_gone():
+    """A frozen (public) encoder that a DP head was trained on is not trained
+    by it: after that model is gone it serves the next one (a sweep of DP
+    heads over one public backbone)."""
+    import gc
+
+    encoder = keras.layers.Dense(8)
+    encoder.build((None, 8))
+    encoder.trainable = False
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+
+    def head_model():
+        net = keras.Sequential([keras.Input((8,)), encoder, keras.layers.Dense(4)])
+        model = DPSGDModel(
+            net,
+            DPParameters(1.0, 1e-5, seed=0),
+            metadata((8,), 4, n=64, batch_size=8, sampling="shuffle"),
+            1.0,
+        )
+        model.compile(keras.optimizers.SGD(0.1), keras.losses.CategoricalCrossentropy())
+        return model
+
+    first = head_model()
+    first.fit(x, one_hot(np.arange(64), 4), batch_size=8, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="another DP model"):
+        head_model()  # while the first is alive, it could still train it
+    del first
+    gc.collect()
+    head_model().fit(x, one_hot(np.arange(64), 4), batch_size=8, verbose=0)
+
+
 def test_layers_trained_by_a_model_that_is_gone_stay_claimed():
     """The claim was a weak reference: once the trained model was collected,
     a DPSequential rebuilt from its layers started a fresh ledger (3.79 for
@@ -1551,6 +1597,45 @@ def test_a_budget_holds_when_the_noise_changes_during_fit():
     )
     assert len(accountant.history) == 3
     assert raised.privacy_plan.epsilon() <= 3.0
+
+
+class _NoiseAtBatch(keras.callbacks.Callback):
+    """Sets the noise multiplier to `sigma` in on_train_batch_begin of
+    batch `batch` of the first epoch."""
+
+    def __init__(self, sigma, batch):
+        super().__init__()
+        self.sigma, self.batch = sigma, batch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == self.batch:
+            self.model.set_noise_multiplier(self.sigma)
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+def test_a_budget_holds_when_a_later_callback_changes_the_noise(steps_per_execution):
+    """A callback after the DP_Accountant lowering sigma to 0.05 in the same
+    on_train_batch_begin reached the step unchecked (epsilon 287 for a budget
+    of 3; 931 with steps_per_execution=4, one execution for the epoch). The
+    check runs in the train function, after every callback."""
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    model = dp_model(
+        [L.DP_BoundedInput(upper_bound=1.0), L.DP_QuickSpectralDense(2)],
+        input_shape=(8,),
+        num_classes=2,
+        sigma=4.0,
+        n=200,
+        steps_per_execution=steps_per_execution,
+    )
+    with pytest.raises(ValueError, match="would exceed epsilon_budget=3.0"):
+        model.fit(
+            poisson_batches(x, y, 50),
+            epochs=3,
+            verbose=0,
+            callbacks=[DP_Accountant(epsilon_budget=3.0), _NoiseAtBatch(0.05, 0)],
+        )
+    assert model.privacy_plan.steps_taken() == 0
+    assert model.privacy_plan.step_checks == []  # fit ended: none left behind
 
 
 def test_weak_settings_warn():

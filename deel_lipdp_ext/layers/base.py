@@ -125,11 +125,14 @@ class CertifiedKernel:
         self.variable = None
         if self.kernel_words is None:
             return
-        empty = tf.concat(
-            [tf.zeros([self.kernel_words], tf.int32), _words(tf.constant([np.nan]))],
-            axis=0,
-        )
-        with tf.init_scope():
+        with tf.init_scope():  # built inside a traced step too (no Input)
+            empty = tf.concat(
+                [
+                    tf.zeros([self.kernel_words], tf.int32),
+                    _words(tf.constant([np.nan])),
+                ],
+                axis=0,
+            )
             self.variable = tf.Variable(empty, trainable=False, name=name)
 
     def store(self, kernel: tf.Tensor, certificate: tf.Tensor) -> None:
