@@ -157,14 +157,21 @@ class DP_Accountant(keras.callbacks.Callback):
         self.log_fn = resolve_log_fn(log_fn)
         self.history: list[dict] = []
         self._checked = None  # the planned epoch the budget was checked with
+        self._checked_steps = 0  # the steps taken when it was checked
         self._epoch = 0  # the model epoch running
 
-    def _plan_after(self, next_epoch: int) -> float:
+    def _plan_after(self, next_epoch: int, pending: tuple = ()) -> float:
         """Epsilon if epoch `next_epoch` runs too, at the configuration now
-        (kept as the one checked: `on_train_batch_begin`)."""
+        (kept as the one checked: `_check_before`); with `pending`, the
+        epoch's release about to be recorded, that release and the epoch's
+        steps."""
         plan = privacy_plan_of(self.model)
-        self._checked = plan.planned_ledger(1, first_epoch=next_epoch)
-        return plan.epsilon(self.accountant, self._checked)
+        if pending:  # the release replaces what the schedules plan
+            planned = plan.planned_ledger(1, first_epoch=next_epoch, schedules=())
+            return plan.epsilon(self.accountant, (*pending, *planned))
+        planned = plan.planned_ledger(1, first_epoch=next_epoch)
+        self._checked, self._checked_steps = planned, plan.steps_taken()
+        return plan.epsilon(self.accountant, planned)
 
     def on_train_begin(self, logs=None):
         plan = privacy_plan_of(self.model)
@@ -182,37 +189,51 @@ class DP_Accountant(keras.callbacks.Callback):
                     f"One epoch already exceeds epsilon_budget={self.epsilon_budget} "
                     f"(epsilon would be {first:.4g})."
                 )
-            plan.step_checks.append(self._check_before_steps)
+            plan.step_checks.append(self._check_before)
 
     def on_train_end(self, logs=None):
         checks = privacy_plan_of(self.model).step_checks
-        if self._check_before_steps in checks:
-            checks.remove(self._check_before_steps)
+        if self._check_before in checks:
+            checks.remove(self._check_before)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = privacy_plan_of(self.model).model_epoch(epoch)
 
-    def _check_before_steps(self) -> None:
-        """Run by the model's train function before each execution of steps,
-        after every callback (a change made by a callback after this one, or
-        inside an execution of several steps, reached the step unchecked when
-        this ran in on_train_batch_begin: epsilon 287 for a budget of 3): a
-        configuration other than the one last checked (a review lowered sigma
-        from 4 to 0.6 in on_epoch_begin: the budget stop ran 2 epochs to
-        epsilon 11.7 for a budget of 3) is checked with one more whole epoch
-        at it (counting this epoch's steps already run twice: never under)."""
+    def _check_before(self, pending: tuple = ()) -> None:
+        """Run by the plan before each execution of steps (from the model's
+        train function, after every callback) and before each release it
+        records (`pending`). Reviews found the budget passed by: a sigma
+        lowered from 4 to 0.6 in on_epoch_begin (epsilon 11.7 for a budget
+        of 3); a change by a callback after this one in the same hook (287);
+        a clipping release with a changed parameter (1472); steps added by a
+        callback's train_on_batch (8.96). So one more whole epoch is checked
+        again (counting this epoch's steps already run twice: never under)
+        unless the configuration is the one last checked and the steps of the
+        next execution still fit in the epoch checked; a release is always
+        checked with it."""
         plan = privacy_plan_of(self.model)
-        if plan.planned_ledger(1, first_epoch=self._epoch) == self._checked:
+        steps = plan.steps_taken() + max(int(self.model.steps_per_execution), 1)
+        if (
+            not pending
+            and plan.planned_ledger(1, first_epoch=self._epoch) == self._checked
+            and steps <= self._checked_steps + plan.dataset_metadata.nb_steps_per_epoch
+        ):
             return
-        epsilon = self._plan_after(next_epoch=self._epoch)
+        epsilon = self._plan_after(self._epoch, pending)
         if epsilon > self.epsilon_budget:
             sigma = plan.dp_parameters.noise_multiplier
+            what = (
+                f"the release {pending[0].name!r}"
+                if pending
+                else "the next steps (noise multiplier now "
+                f"{sigma:.4g}; more steps than an epoch, or a changed "
+                "configuration)"
+            )
             raise ValueError(
-                f"DP_Accountant: the privacy configuration changed during training "
-                f"(noise multiplier now {sigma:.4g}): one more "
-                f"epoch at it would exceed epsilon_budget={self.epsilon_budget} "
-                f"(epsilon {epsilon:.4g}). Stopped before the next step; "
-                f"epsilon so far: {plan.epsilon(self.accountant):.4g}."
+                f"DP_Accountant: {what} and one more epoch would exceed "
+                f"epsilon_budget={self.epsilon_budget} (epsilon {epsilon:.4g}). "
+                f"Stopped before them; epsilon so far: "
+                f"{plan.epsilon(self.accountant):.4g}."
             )
 
     def on_epoch_end(self, epoch, logs=None):

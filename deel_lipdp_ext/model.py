@@ -390,6 +390,7 @@ class PrivateModel(HasPrivacyPlan):
             )
         self.report_train_metrics = report_train_metrics
         self._dp_entry = _Untracked(None)  # see _entry_guards
+        self._dp_fitting = _Untracked(False)  # a fit runs (`fit`)
         self._privacy_plan = PrivacyPlan(
             dp_parameters, dataset_metadata, noise_coefficients
         )
@@ -423,7 +424,7 @@ class PrivateModel(HasPrivacyPlan):
         plan = self._privacy_plan
         for layer in layers:
             weights = list(layer.weights)
-            plan.record.note_trainable(layer.trainable_weights)
+            plan.record.note_claimed(weights)
             for variable in weights:
                 what = f"Variable '{variable.path}' (of layer '{layer.name}')"
                 _claim_one(plan, variable, what, [variable])
@@ -681,7 +682,7 @@ class PrivateModel(HasPrivacyPlan):
         def train_function(iterator):
             self._check_iterator(iterator)
             for check in list(self._privacy_plan.step_checks):
-                check()  # after every callback: a budget check sees all changes
+                check(())  # after every callback: a budget check sees all changes
             if entry is None:
                 return function(iterator)
             entry.assign(True)  # read by the step's guard (_entry_guards)
@@ -716,6 +717,13 @@ class PrivateModel(HasPrivacyPlan):
         the sampling that runs is recorded with every step. Under
         `jit_compile=True`, unpadded Poisson batches are padded to a few
         bucket sizes (`data.pad_to_buckets`) so XLA compiles a few shapes."""
+        if self._dp_fitting.value:
+            raise RuntimeError(
+                "fit was called while this model's fit runs (from a callback): "
+                "the inner fit would reset what the outer one checks (its "
+                "sampling, its epoch count and its budget checks). Train after "
+                "fit returns."
+            )
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
@@ -746,10 +754,12 @@ class PrivateModel(HasPrivacyPlan):
             call["x"] = pad_to_buckets(data)
         if isinstance(data, tf.distribute.DistributedDataset):
             mark_splitting(data)  # checked above: its batches are split
+        self._dp_fitting.value = True
         try:
             with self._splits_batches():
                 return super().fit(**call)
         finally:
+            self._dp_fitting.value = False
             plan.use_unverified_sampling()
             plan.step_checks.clear()
 

@@ -211,35 +211,46 @@ def variable_storage(variable):
 
 class TrainingRecord:
     """What the layers and variables a plan claims keep of it (they hold
-    this, not the plan): which of them steps of that plan may have trained,
+    this, not the plan): which of them that plan's steps may have trained,
     readable after the plan and its model are gone. A variable a traced step
-    updates counts as trained; so does every variable trainable when claimed
-    once the plan's step counter, saved ledger or in-process ledger counts
-    steps (restored state included). Variables are known by their storage
-    (`variable_storage`)."""
+    updates counts as trained. Once the plan holds steps that did not run in
+    this process (restored by load_weights, set_weights or a checkpoint),
+    every variable it claimed counts, frozen ones included: the restored
+    values may come from training. Variables are known by their storage
+    (`variable_storage`).
 
-    def __init__(self, counters: Sequence[tf.Variable]):
-        self._counters = tuple(counters)
+    Args:
+        steps: the plan's step counter.
+        saved: (table, size) of its saved ledger.
+        shadow: (table, size) of its in-process ledger.
+    """
+
+    def __init__(self, steps: tf.Variable, saved: tuple, shadow: tuple):
+        self._steps, self._saved, self._shadow = steps, saved, shadow
         self._stepped: dict[int, object] = {}  # id(storage) -> storage
-        self._trainable: dict[int, object] = {}
+        self._claimed: dict[int, object] = {}
 
-    def note_trainable(self, variables: Sequence) -> None:
-        """`variables` were trainable when claimed."""
+    def note_claimed(self, variables: Sequence) -> None:
         for storage in map(variable_storage, variables):
-            self._trainable[id(storage)] = storage
+            self._claimed[id(storage)] = storage
 
     def note_stepped(self, variables: Sequence) -> None:
         """A traced step updates `variables`."""
         for storage in map(variable_storage, variables):
             self._stepped[id(storage)] = storage
 
+    def restored(self) -> bool:
+        """Whether the plan holds steps that did not run in this process."""
+        here = _step_count(_rows(*self._shadow))
+        held = max(_step_count(_rows(*self._saved)), int(self._steps.numpy()))
+        return held > here
+
     def trained(self, variables: Sequence) -> bool:
         """Whether steps of the plan may have trained any of `variables`."""
         ids = {id(variable_storage(v)) for v in variables}
         if ids & self._stepped.keys():
             return True
-        restored = any(int(c.numpy()) > 0 for c in self._counters)
-        return restored and bool(ids & self._trainable.keys())
+        return bool(ids & self._claimed.keys()) and self.restored()
 
 
 class PrivacyPlan:
@@ -258,7 +269,8 @@ class PrivacyPlan:
         sampling_code: the sampling of the steps to come (not saved).
         release_schedules: callbacks that plan releases (not saved).
         step_checks: functions run before each execution of the train
-            function, which raise to stop a step (not saved).
+            function and each recorded release, which raise to stop it (not
+            saved).
         record: the `TrainingRecord` the layers of the owning model keep.
     """
 
@@ -272,9 +284,11 @@ class PrivacyPlan:
         self.configure(dp_parameters, dataset_metadata)
         self._noise_coefficients = noise_coefficients
         self.release_schedules: list[ReleaseSchedule] = []
-        # Run by the owner's train function before each execution of steps,
-        # after every callback (not saved; `fit` clears them when it ends).
-        self.step_checks: list[Callable[[], None]] = []
+        # Run before each execution of steps (by the owner's train function,
+        # after every callback) with (), and before each recorded release
+        # with (release,); they raise to stop it. Not saved; `fit` clears
+        # those registered in it when it ends.
+        self.step_checks: list[Callable[[tuple], None]] = []
         self._epoch_offset = 0  # model epoch - fit epoch (`start_fit`)
         self.steps = keras.Variable(0, dtype="int64", trainable=False, name="dp_steps")
         self.ledger_table = keras.Variable(
@@ -305,7 +319,11 @@ class PrivacyPlan:
             np.zeros((LEDGER_CAPACITY, 5)), dtype=tf.float64, trainable=False
         )
         self._shadow_size = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.record = TrainingRecord([self.steps, self.ledger_size, self._shadow_size])
+        self.record = TrainingRecord(
+            self.steps,
+            (self.ledger_table, self.ledger_size),
+            (self._shadow_table, self._shadow_size),
+        )
         self._shadow_lineage = tf.Variable(0, dtype=tf.int64, trainable=False)
         # The saved state at this process's first record (where the shadow
         # starts): restoring exactly it is restoring the start of this process.
@@ -827,6 +845,8 @@ class PrivacyPlan:
         mechanism = _GAUSSIAN if release.mechanism == "gaussian" else _PURE_DP
         if release.count == 0:
             return
+        for check in list(self.step_checks):
+            check((release,))  # a budget may refuse it before it happens
         recorded = self._record(
             mechanism,
             release.parameter,
@@ -1105,10 +1125,7 @@ class PrivacyPlan:
         return self._steps_in(self._combined_rows())
 
     def _steps_in(self, rows: dict[tuple, int]) -> int:
-        in_ledger = sum(
-            count for (mechanism, *_), count in rows.items() if mechanism == _STEPS
-        )
-        return max(int(self.steps.numpy()), in_ledger)
+        return max(int(self.steps.numpy()), _step_count(rows))
 
     def completed_epochs(self) -> int:
         """Epochs' worth of steps taken so far (`steps_taken()` // steps per
@@ -1138,6 +1155,11 @@ def _upsert(table_var, size_var, key: tf.Tensor, count, enabled=True) -> tf.Tens
     table_var.assign(tf.where(recorded, new_table, table))
     size_var.assign(tf.where(recorded & ~found, size + 1, size))
     return recorded
+
+
+def _step_count(rows: dict[tuple, int]) -> int:
+    """The gradient steps in ledger rows (`_rows`)."""
+    return sum(count for (mechanism, *_), count in rows.items() if mechanism == _STEPS)
 
 
 def _rows(table_var, size_var) -> dict[tuple, int]:

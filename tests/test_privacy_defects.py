@@ -1037,6 +1037,27 @@ def test_a_frozen_encoder_serves_another_model_once_the_first_is_gone():
     head_model().fit(x, one_hot(np.arange(64), 4), batch_size=8, verbose=0)
 
 
+def test_a_frozen_layer_that_loaded_trained_weights_stays_claimed(tmp_path):
+    """A layer frozen when its model was built, then given trained weights by
+    that model's load_weights, passed as untrained once the model was gone:
+    a new model on it reported 4.87 where 9.10 ran on its kernel."""
+    import gc
+
+    x, y = unit_samples(100, (8, 8, 1)), one_hot(np.arange(100))
+    trained = dp_model(small_cnn(), n=100, sampling="shuffle")
+    trained.fit(x, y, batch_size=50, epochs=1, verbose=0)
+    trained.save_weights(tmp_path / "m.weights.h5")
+    layers = small_cnn()
+    layers[1].trainable = False
+    loaded = dp_model(layers, n=100, sampling="shuffle")
+    loaded.load_weights(tmp_path / "m.weights.h5")
+    del loaded
+    gc.collect()
+    layers[1].trainable = True
+    with pytest.raises(ValueError, match="now gone"):
+        dp_model(layers, n=100, sampling="shuffle")
+
+
 def test_layers_trained_by_a_model_that_is_gone_stay_claimed():
     """The claim was a weak reference: once the trained model was collected,
     a DPSequential rebuilt from its layers started a fresh ledger (3.79 for
@@ -1636,6 +1657,95 @@ def test_a_budget_holds_when_a_later_callback_changes_the_noise(steps_per_execut
         )
     assert model.privacy_plan.steps_taken() == 0
     assert model.privacy_plan.step_checks == []  # fit ended: none left behind
+
+
+def _budget_model(sigma=4.0, clip_layer=False):
+    """(8,) -> (2,) DPSequential over 200 samples in Poisson batches of 50."""
+    layers = [L.DP_BoundedInput(upper_bound=1.0), L.DP_QuickSpectralDense(2)]
+    if clip_layer:
+        layers.append(L.DP_ClipGradient(2.0, mode="dynamic"))
+    return dp_model(layers, input_shape=(8,), num_classes=2, sigma=sigma, n=200)
+
+
+class _SetAt(keras.callbacks.Callback):
+    """Sets `target.attribute = value` at the start of epoch `epoch`."""
+
+    def __init__(self, target, attribute, value, epoch):
+        super().__init__()
+        self.target, self.attribute, self.value, self.epoch = (
+            target,
+            attribute,
+            value,
+            epoch,
+        )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            setattr(self.target, self.attribute, self.value)
+
+
+def test_a_budget_holds_for_a_release_whose_parameter_changed():
+    """A clipping release made in on_epoch_begin with a parameter a callback
+    changed (noise multiplier 10 -> 0.02) was recorded before any check:
+    epsilon 1472 for a budget of 3. Each release is checked before it is
+    recorded."""
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    model = _budget_model(clip_layer=True)
+    clipping = AdaptiveQuantileClipping(
+        poisson_batches(x, y, 50), patience=1, noise_multiplier=10.0
+    )
+    with pytest.raises(ValueError, match="release 'adaptive_quantile_clipping'"):
+        model.fit(
+            poisson_batches(x, y, 50),
+            epochs=3,
+            verbose=0,
+            callbacks=[
+                DP_Accountant(epsilon_budget=3.0),
+                _SetAt(clipping, "noise_multiplier", 0.02, 1),
+                clipping,
+            ],
+        )
+    assert model.privacy_plan.epsilon() <= 3.0
+    assert model.privacy_plan.steps_taken() == 4  # epoch 0 only
+
+
+def test_a_budget_holds_when_a_callback_adds_steps():
+    """150 train_on_batch steps from a callback, at the configuration
+    checked, ran unchecked until the epoch's end: epsilon 8.96 for a budget
+    of 3. Steps beyond the checked epoch are checked again."""
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    model = _budget_model(sigma=2.0)
+
+    class ExtraSteps(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 0:
+                for _ in range(150):
+                    self.model.train_on_batch(x[:50], y[:50])
+
+    with pytest.raises(ValueError, match="would exceed epsilon_budget=3.0"):
+        model.fit(
+            poisson_batches(x, y, 50),
+            epochs=5,
+            verbose=0,
+            callbacks=[DP_Accountant(epsilon_budget=3.0), ExtraSteps()],
+        )
+    assert model.privacy_plan.epsilon() <= 3.0
+
+
+def test_fit_cannot_run_inside_its_own_fit():
+    """A fit from a callback cleared the outer fit's budget check (and reset
+    its sampling and epoch offset): epsilon 33.1 for a budget of 3."""
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    model = _budget_model()
+
+    class Nested(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.model.fit(poisson_batches(x, y, 50), epochs=0, verbose=0)
+
+    with pytest.raises(RuntimeError, match="while this model's fit runs"):
+        model.fit(poisson_batches(x, y, 50), verbose=0, callbacks=[Nested()])
+    model.fit(poisson_batches(x, y, 50), verbose=0)  # afterwards, it trains
+    assert model.privacy_plan.steps_taken() == 4
 
 
 def test_weak_settings_warn():
