@@ -107,7 +107,8 @@ class DP_Accountant(keras.callbacks.Callback):
     configuration changed during training (`set_noise_multiplier` from a
     callback, a release schedule) is checked again before the next step: if
     one more epoch at the new configuration would exceed the budget, `fit`
-    raises before that step runs.
+    raises before that step runs. The budget bounds this accountant's
+    epsilon; with several accountants, the logs' `epsilon` is the last one's.
 
     Args:
         accountant: "rdp" or "pld".
@@ -166,12 +167,20 @@ class DP_Accountant(keras.callbacks.Callback):
         epoch's release about to be recorded, that release and the epoch's
         steps."""
         plan = privacy_plan_of(self.model)
+        # one call of the train function may run more steps than an epoch
+        epochs = -(-self._steps_per_call() // plan.dataset_metadata.nb_steps_per_epoch)
         if pending:  # the release replaces what the schedules plan
-            planned = plan.planned_ledger(1, first_epoch=next_epoch, schedules=())
+            planned = plan.planned_ledger(epochs, first_epoch=next_epoch, schedules=())
             return plan.epsilon(self.accountant, (*pending, *planned))
-        planned = plan.planned_ledger(1, first_epoch=next_epoch)
+        planned = plan.planned_ledger(epochs, first_epoch=next_epoch)
         self._checked, self._checked_steps = planned, plan.steps_taken()
         return plan.epsilon(self.accountant, planned)
+
+    def _steps_per_call(self) -> int:
+        steps_per_call = getattr(self.model, "steps_per_call", None)
+        if steps_per_call is not None:
+            return steps_per_call()
+        return max(int(getattr(self.model, "steps_per_execution", 1)), 1)
 
     def on_train_begin(self, logs=None):
         plan = privacy_plan_of(self.model)
@@ -212,7 +221,7 @@ class DP_Accountant(keras.callbacks.Callback):
         next execution still fit in the epoch checked; a release is always
         checked with it."""
         plan = privacy_plan_of(self.model)
-        steps = plan.steps_taken() + max(int(self.model.steps_per_execution), 1)
+        steps = plan.steps_taken() + self._steps_per_call()
         if (
             not pending
             and plan.planned_ledger(1, first_epoch=self._epoch) == self._checked

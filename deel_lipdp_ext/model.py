@@ -391,6 +391,8 @@ class PrivateModel(HasPrivacyPlan):
         self.report_train_metrics = report_train_metrics
         self._dp_entry = _Untracked(None)  # see _entry_guards
         self._dp_fitting = _Untracked(False)  # a fit runs (`fit`)
+        self._dp_in_train_function = _Untracked(False)  # (`make_train_function`)
+        self._dp_traced_steps = _Untracked(1)  # steps per execution, as traced
         self._privacy_plan = PrivacyPlan(
             dp_parameters, dataset_metadata, noise_coefficients
         )
@@ -577,6 +579,13 @@ class PrivateModel(HasPrivacyPlan):
                 `strategy.run(model.train_step, args=(batch,))`, which can give
                 every replica the whole batch.
         """
+        if self._privacy_plan.step_checks and not self._dp_in_train_function.value:
+            raise RuntimeError(
+                f"{type(self).__name__}.train_step was called directly while fit "
+                "runs with a budget (from a callback): its steps would pass the "
+                "budget check, which runs in the train function. Use "
+                "train_on_batch, or train after fit returns."
+            )
         replicas = max(num_replicas(), self.distribute_strategy.num_replicas_in_sync)
         if replicas > 1 and self._dp_entry.value is None:
             raise ValueError(
@@ -679,21 +688,32 @@ class PrivateModel(HasPrivacyPlan):
         else:
             entry = None
 
+        self._dp_traced_steps.value = max(int(self.steps_per_execution), 1)
+
         def train_function(iterator):
             self._check_iterator(iterator)
             for check in list(self._privacy_plan.step_checks):
                 check(())  # after every callback: a budget check sees all changes
-            if entry is None:
-                return function(iterator)
-            entry.assign(True)  # read by the step's guard (_entry_guards)
+            self._dp_in_train_function.value = True
             try:
-                return function(iterator)
+                if entry is None:
+                    return function(iterator)
+                entry.assign(True)  # read by the step's guard (_entry_guards)
+                try:
+                    return function(iterator)
+                finally:
+                    entry.assign(False)
             finally:
-                entry.assign(False)
+                self._dp_in_train_function.value = False
 
         train_function._dp_replica_guard = True
         self.train_function = train_function
         return train_function
+
+    def steps_per_call(self) -> int:
+        """The most steps one call of the train function runs: its steps per
+        execution as traced, or as set since (a budget check plans for it)."""
+        return max(self._dp_traced_steps.value, int(self.steps_per_execution), 1)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Under a strategy, Keras builds from the element-wise MEAN of the

@@ -941,18 +941,29 @@ def test_layers_of_a_dp_model_cannot_be_reused_by_another():
         ).compile(loss=losses.DP_TauCategoricalCrossentropy(1.0))
 
 
-def _trained_dpsgd_network():
-    """A (8,) -> (4,) dense network and the DPSGDModel that trained it 8 steps."""
-    net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
-    first = DPSGDModel(
+def _dpsgd_on(net):
+    """A compiled DPSGDModel on `net` ((8,) -> (4,)), for 64 samples in
+    shuffled batches of 8."""
+    model = DPSGDModel(
         net,
         DPParameters(1.0, 1e-5, seed=0),
         metadata((8,), 4, n=64, batch_size=8, sampling="shuffle"),
         1.0,
     )
-    first.compile(keras.optimizers.SGD(0.1), keras.losses.CategoricalCrossentropy())
+    model.compile(keras.optimizers.SGD(0.1), keras.losses.CategoricalCrossentropy())
+    return model
+
+
+def _fit_one_epoch(model):
     x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
-    first.fit(x, one_hot(np.arange(64), 4), batch_size=8, epochs=1, verbose=0)
+    model.fit(x, one_hot(np.arange(64), 4), batch_size=8, epochs=1, verbose=0)
+
+
+def _trained_dpsgd_network():
+    """A (8,) -> (4,) dense network and the DPSGDModel that trained it 8 steps."""
+    net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    first = _dpsgd_on(net)
+    _fit_one_epoch(first)
     return net, first
 
 
@@ -1015,26 +1026,28 @@ def test_a_frozen_encoder_serves_another_model_once_the_first_is_gone():
     encoder = keras.layers.Dense(8)
     encoder.build((None, 8))
     encoder.trainable = False
-    x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
 
     def head_model():
-        net = keras.Sequential([keras.Input((8,)), encoder, keras.layers.Dense(4)])
-        model = DPSGDModel(
-            net,
-            DPParameters(1.0, 1e-5, seed=0),
-            metadata((8,), 4, n=64, batch_size=8, sampling="shuffle"),
-            1.0,
+        return _dpsgd_on(
+            keras.Sequential([keras.Input((8,)), encoder, keras.layers.Dense(4)])
         )
-        model.compile(keras.optimizers.SGD(0.1), keras.losses.CategoricalCrossentropy())
-        return model
 
     first = head_model()
-    first.fit(x, one_hot(np.arange(64), 4), batch_size=8, epochs=1, verbose=0)
+    _fit_one_epoch(first)
     with pytest.raises(ValueError, match="another DP model"):
         head_model()  # while the first is alive, it could still train it
     del first
     gc.collect()
-    head_model().fit(x, one_hot(np.arange(64), 4), batch_size=8, verbose=0)
+    _fit_one_epoch(head_model())
+
+
+def _cnn_trained_one_epoch(layers):
+    """A DPSequential of `layers` (`small_cnn`) trained one epoch (2 steps)
+    on 100 unit samples."""
+    model = dp_model(layers, n=100, sampling="shuffle")
+    x, y = unit_samples(100, (8, 8, 1)), one_hot(np.arange(100))
+    model.fit(x, y, batch_size=50, epochs=1, verbose=0)
+    return model
 
 
 def test_a_frozen_layer_that_loaded_trained_weights_stays_claimed(tmp_path):
@@ -1043,9 +1056,7 @@ def test_a_frozen_layer_that_loaded_trained_weights_stays_claimed(tmp_path):
     a new model on it reported 4.87 where 9.10 ran on its kernel."""
     import gc
 
-    x, y = unit_samples(100, (8, 8, 1)), one_hot(np.arange(100))
-    trained = dp_model(small_cnn(), n=100, sampling="shuffle")
-    trained.fit(x, y, batch_size=50, epochs=1, verbose=0)
+    trained = _cnn_trained_one_epoch(small_cnn())
     trained.save_weights(tmp_path / "m.weights.h5")
     layers = small_cnn()
     layers[1].trainable = False
@@ -1068,14 +1079,7 @@ def test_layers_trained_by_a_model_that_is_gone_stay_claimed():
         return dp_model(layers, n=100, sampling="shuffle")
 
     trained_layers, idle_layers = small_cnn(), small_cnn()
-    trained = build(trained_layers)
-    trained.fit(
-        unit_samples(100, (8, 8, 1)),
-        one_hot(np.arange(100)),
-        batch_size=50,
-        epochs=1,
-        verbose=0,
-    )
+    trained = _cnn_trained_one_epoch(trained_layers)
     build(idle_layers)  # never stepped
     del trained
     gc.collect()
@@ -1089,14 +1093,7 @@ def test_a_claim_counts_restored_steps_of_a_model_that_is_gone(tmp_path):
     holds those steps too: its layers stay claimed once it is gone."""
     import gc
 
-    trained = dp_model(small_cnn(), n=100, sampling="shuffle")
-    trained.fit(
-        unit_samples(100, (8, 8, 1)),
-        one_hot(np.arange(100)),
-        batch_size=50,
-        epochs=1,
-        verbose=0,
-    )
+    trained = _cnn_trained_one_epoch(small_cnn())
     trained.save_weights(tmp_path / "m.weights.h5")
     layers = small_cnn()
     loaded = dp_model(layers, n=100, sampling="shuffle")
@@ -1728,6 +1725,49 @@ def test_a_budget_holds_when_a_callback_adds_steps():
             epochs=5,
             verbose=0,
             callbacks=[DP_Accountant(epsilon_budget=3.0), ExtraSteps()],
+        )
+    assert model.privacy_plan.epsilon() <= 3.0
+
+
+def test_a_budget_counts_every_step_of_a_long_execution():
+    """steps_per_execution=40 over 4-step epochs: the check priced one epoch
+    and the execution ran 40 steps (epsilon 4.36 for a budget of 3)."""
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    model = _budget_model(sigma=2.0)
+    model.compile(
+        keras.optimizers.SGD(0.1),
+        losses.DP_TauCategoricalCrossentropy(8.0),
+        steps_per_execution=40,
+    )
+    batches = declare_sampling(
+        poisson_batches(x, y, 50).repeat(), model.privacy_plan.dataset_metadata
+    )
+    with pytest.raises(ValueError, match="exceeds epsilon_budget=3.0"):
+        model.fit(
+            batches,
+            epochs=1,
+            steps_per_epoch=40,
+            verbose=0,
+            callbacks=[DP_Accountant(epsilon_budget=3.0)],
+        )
+    assert model.privacy_plan.steps_taken() == 0
+
+
+def test_train_step_cannot_run_around_the_budget_check():
+    """60 direct train_step calls from a callback ran unchecked (epsilon 5.41
+    for a budget of 3): the budget check runs in the train function."""
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    model = _budget_model(sigma=2.0)
+
+    class Direct(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            self.model.train_step((x[:50], y[:50]))
+
+    with pytest.raises(RuntimeError, match="train_step was called directly"):
+        model.fit(
+            poisson_batches(x, y, 50),
+            verbose=0,
+            callbacks=[DP_Accountant(epsilon_budget=3.0), Direct()],
         )
     assert model.privacy_plan.epsilon() <= 3.0
 
