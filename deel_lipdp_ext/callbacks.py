@@ -157,30 +157,35 @@ class DP_Accountant(keras.callbacks.Callback):
         self.epsilon_budget = epsilon_budget
         self.log_fn = resolve_log_fn(log_fn)
         self.history: list[dict] = []
-        self._checked = None  # the planned epoch the budget was checked with
-        self._checked_steps = 0  # the steps taken when it was checked
+        # what the budget was last checked with: (planned releases, the last
+        # step they cover)
+        self._checked = None
         self._epoch = 0  # the model epoch running
 
-    def _plan_after(self, next_epoch: int, pending: tuple = ()) -> float:
-        """Epsilon if epoch `next_epoch` runs too, at the configuration now
-        (kept as the one checked: `_check_before`); with `pending`, the
-        epoch's release about to be recorded, that release and the epoch's
-        steps."""
+    def _planned(self, next_epoch: int, schedules=None) -> tuple[int, tuple]:
+        """(steps, releases) planned from epoch `next_epoch` on: whole
+        epochs, as many as one call of the train function may need (it can
+        run more steps than an epoch: `steps_per_call`)."""
         plan = privacy_plan_of(self.model)
-        # one call of the train function may run more steps than an epoch
-        epochs = -(-self._steps_per_call() // plan.dataset_metadata.nb_steps_per_epoch)
-        if pending:  # the release replaces what the schedules plan
-            planned = plan.planned_ledger(epochs, first_epoch=next_epoch, schedules=())
-            return plan.epsilon(self.accountant, (*pending, *planned))
-        planned = plan.planned_ledger(epochs, first_epoch=next_epoch)
-        self._checked, self._checked_steps = planned, plan.steps_taken()
-        return plan.epsilon(self.accountant, planned)
+        per_epoch = plan.dataset_metadata.nb_steps_per_epoch
+        epochs = -(-self.model.steps_per_call() // per_epoch)
+        planned = plan.planned_ledger(
+            epochs, first_epoch=next_epoch, schedules=schedules
+        )
+        return epochs * per_epoch, planned
 
-    def _steps_per_call(self) -> int:
-        steps_per_call = getattr(self.model, "steps_per_call", None)
-        if steps_per_call is not None:
-            return steps_per_call()
-        return max(int(getattr(self.model, "steps_per_execution", 1)), 1)
+    def _plan_after(self, next_epoch: int, pending: tuple = ()) -> float:
+        """Epsilon if the planned epochs (`_planned`) from `next_epoch` run
+        too, at the configuration now, kept as the one checked
+        (`_check_before`); with `pending`, the epoch's release about to be
+        recorded, that release and the epochs' steps."""
+        plan = privacy_plan_of(self.model)
+        if pending:  # the release replaces what the schedules plan
+            _, planned = self._planned(next_epoch, schedules=())
+            return plan.epsilon(self.accountant, (*pending, *planned))
+        horizon, planned = self._planned(next_epoch)
+        self._checked = (planned, plan.steps_taken() + horizon)
+        return plan.epsilon(self.accountant, planned)
 
     def on_train_begin(self, logs=None):
         plan = privacy_plan_of(self.model)
@@ -221,13 +226,13 @@ class DP_Accountant(keras.callbacks.Callback):
         next execution still fit in the epoch checked; a release is always
         checked with it."""
         plan = privacy_plan_of(self.model)
-        steps = plan.steps_taken() + self._steps_per_call()
-        if (
-            not pending
-            and plan.planned_ledger(1, first_epoch=self._epoch) == self._checked
-            and steps <= self._checked_steps + plan.dataset_metadata.nb_steps_per_epoch
-        ):
-            return
+        if not pending and self._checked is not None:
+            planned, last_step = self._checked
+            if (
+                self._planned(self._epoch)[1] == planned
+                and plan.steps_taken() + self.model.steps_per_call() <= last_step
+            ):
+                return
         epsilon = self._plan_after(self._epoch, pending)
         if epsilon > self.epsilon_budget:
             sigma = plan.dp_parameters.noise_multiplier

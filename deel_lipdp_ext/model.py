@@ -1082,13 +1082,12 @@ class DPTrainer(PrivateModel):
                     ],
                 )
             )
+        if any(g is None for g in summed):
+            return summed  # `privatize` refuses it, naming the variable
         with tf.control_dependencies(checks):
-            present = [g for g in summed if g is not None]  # None: refused later
-            kept = tf.cond(
-                safe, lambda: present, lambda: [tf.zeros_like(g) for g in present]
+            return tf.cond(
+                safe, lambda: summed, lambda: [tf.zeros_like(g) for g in summed]
             )
-        kept = iter(kept)
-        return [None if g is None else next(kept) for g in summed]
 
     def _project(self) -> None:
         for layer in self.dp_layers:

@@ -61,6 +61,7 @@ from .distribution import (
     sum_over_replicas,
     sums_replica_gradients,
 )
+from .layers.base import stable_norm
 
 NOISIFY_STRATEGIES = ("global", "per-layer")
 #: The noise std is `sigma * sensitivity * noise_margin()`, with margin
@@ -240,9 +241,11 @@ class TrainingRecord:
             self._stepped[id(storage)] = storage
 
     def restored(self) -> bool:
-        """Whether the plan holds steps that did not run in this process."""
-        here = _step_count(_rows(*self._shadow))
-        held = max(_step_count(_rows(*self._saved)), int(self._steps.numpy()))
+        """Whether the plan holds steps that did not run in this process
+        (read eagerly: claims also run while a train step is traced)."""
+        with tf.init_scope():
+            here = _step_count(_rows(*self._shadow))
+            held = max(_step_count(_rows(*self._saved)), int(self._steps.numpy()))
         return held > here
 
     def trained(self, variables: Sequence) -> bool:
@@ -503,11 +506,9 @@ class PrivacyPlan:
         sigma = float(self.dp_parameters.noise_multiplier)
         variables, sensitivities = tuple(variables), list(sensitivities)
         if coefficients is None or self.dp_parameters.noisify_strategy == "global":
-            peak = tf.reduce_max(tf.stack(sensitivities))  # no square overflows
-            scale = tf.where(peak > 0, peak, 1.0)
-            total = scale * tf.sqrt(
-                tf.add_n([tf.square(s / scale) for s in sensitivities])
-            )
+            stacked = tf.stack(sensitivities)
+            peak = tf.reduce_max(stacked)
+            total = stable_norm(stacked, axis=0)[0]  # no square under/overflows
             total = tf.where(tf.math.is_finite(peak), total, peak)  # inf stays inf
             return [NoiseGroup(variables, sigma, total)]
         return [

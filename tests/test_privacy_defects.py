@@ -38,7 +38,7 @@ from deel_lipdp_ext.data import (
 )
 from deel_lipdp_ext.dpsgd import DPSGDModel
 from deel_lipdp_ext.layers.base import example_squares, sample_norms
-from deel_lipdp_ext.privacy_plan import ReproducibleNoiseWarning
+from deel_lipdp_ext.privacy_plan import ROUNDING_MARGIN, ReproducibleNoiseWarning
 from deel_lipdp_ext.sensitivity import gradient_norm_check
 
 from .helpers import dp_model, metadata, one_hot, small_cnn, unit_samples
@@ -1870,6 +1870,23 @@ def test_a_large_pooling_window_does_not_round_its_norm_low(layer):
             tape.watch(x)
             y = tf.reduce_sum(run(x))
         assert float(tf.norm(tf.cast(tape.gradient(y, x), tf.float64))) <= 1 + 1e-7
+
+
+@pytest.mark.parametrize("window", [2, 8])
+def test_a_float32_pooling_window_rounds_within_the_noise_margin(window):
+    """Windows of at most 64 entries (`pooling._FLOAT32_SUM_AREA`) keep a
+    float32 sum: one 1 then entries whose squares round away must leave the
+    gradient within the noise's ROUNDING_MARGIN of norm 1."""
+    x = np.full((1, window, window, 1), _ROUNDED_AWAY, np.float32)
+    x[0, 0, 0, 0] = 1.0
+    x = tf.constant(x)
+    layer = L.DP_ScaledL2NormPooling2D(window)
+    for run in (layer, tf.function(layer, jit_compile=True)):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.reduce_sum(run(x))
+        norm = float(tf.norm(tf.cast(tape.gradient(y, x), tf.float64)))
+        assert norm <= 1 + ROUNDING_MARGIN
 
 
 def test_the_input_projection_does_not_round_its_norm_low():
