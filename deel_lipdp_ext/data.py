@@ -317,6 +317,19 @@ def _inclusion_threshold(n: int, batch_size: int) -> int | None:
     return None if scaled >= 1 << 64 else scaled - (1 << 63)
 
 
+def public_nb_samples(rows: int, nb_samples: int | None) -> int:
+    """N for sampling `rows` rows: `rows` itself (None), or a public
+    `nb_samples` that must bound it (fewer rows only lower the batches)."""
+    if nb_samples is None:
+        return int(rows)
+    if not isinstance(nb_samples, int | np.integer) or nb_samples < rows:
+        raise ValueError(
+            "nb_samples (a public N, fixed without the data) must be an int >= "
+            f"the {rows} rows sampled from. Received: nb_samples={nb_samples!r}"
+        )
+    return int(nb_samples)
+
+
 def _split_seed(seed: int) -> tuple[int, int]:
     """A 63-bit seed as the two 32-bit halves of a stateless RNG seed."""
     return seed >> 32, seed & 0xFFFFFFFF
@@ -330,11 +343,12 @@ def poisson_batches(
     *,
     padding: str = "none",
     shard: tuple[int, int] = (0, 1),
+    nb_samples: int | None = None,
 ) -> tf.data.Dataset:
     """Poisson-subsampled batches `(x, y, mask)`, sampled inside tf.data.
 
-    One epoch has ceil(N / batch_size) steps; each step includes every sample
-    independently with probability q = batch_size / N (exactly
+    One epoch has ceil(N / batch_size) steps; each step includes every row
+    of `x` independently with probability q = batch_size / N (exactly
     floor(B 2^64 / N) / 2^64: a full-range 64-bit stateless draw per sample,
     keyed by the seed, the epoch and the step). Iterating the dataset again
     (next epoch) draws fresh batches; two datasets with the same seed draw
@@ -353,8 +367,15 @@ def poisson_batches(
             are disjoint parts of the unsharded batch; with different seeds,
             their union is still a Poisson sample at rate q). For several
             workers: `distribution.distributed_poisson_batches`.
+        nb_samples: N. None (default): len(x), so the size of the private
+            data sets q and the number of steps, and is public (as in DP-SGD
+            generally). An int >= len(x) fixed without the data (a public
+            bound on its size): q, the steps and the provenance then come
+            from it alone, and the add/remove guarantee covers the size too
+            (the expected batch has B len(x) / N rows).
 
     Raises:
+        ValueError: batch_size outside [1, N], or nb_samples below len(x).
         tf.errors.InvalidArgumentError: (while iterating) a batch larger than
             `max_poisson_batch_size` (probability < 1e-20): samples are never
             dropped.
@@ -365,7 +386,8 @@ def poisson_batches(
         raise ValueError(
             f"shard must be (index, count) with 0 <= index < count. Received: {shard}"
         )
-    n = len(x)
+    rows_in_x = len(x)
+    n = public_nb_samples(rows_in_x, nb_samples)
     if not 0 < batch_size <= n:
         raise ValueError(
             f"batch_size must lie in [1, N={n}]. Received: batch_size={batch_size!r}"
@@ -386,12 +408,12 @@ def poisson_batches(
         key = tf.random.experimental.stateless_fold_in(
             tf.constant(seed_words, tf.int64), epoch * steps + step
         )
-        index = tf.range(n, dtype=tf.int64)
+        index = tf.range(rows_in_x, dtype=tf.int64)
         if threshold is None:
-            sampled = tf.ones((n,), tf.bool)
+            sampled = tf.ones((rows_in_x,), tf.bool)
         else:
             bits = tf.random.stateless_uniform(
-                (n,), key, minval=None, maxval=None, dtype=tf.int64
+                (rows_in_x,), key, minval=None, maxval=None, dtype=tf.int64
             )
             sampled = bits < threshold
         if shard_count > 1:
@@ -472,17 +494,25 @@ def pad_to_buckets(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def shuffled_batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None = None
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    seed: int | None = None,
+    *,
+    sample_weight: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """A fresh permutation each epoch, cut into batches (the last may be short).
 
     Args:
         seed: None (default): operating-system entropy (not TensorFlow's global
             seed). An int: reproducible order.
+        sample_weight: optional per-sample weights (N,), batched with the
+            samples as `(x, y, sample_weight)`.
     """
-    ds = tf.data.Dataset.from_tensor_slices(
-        (x.astype(np.float32), y.astype(np.float32))
-    )
+    parts = [np.asarray(x, np.float32), np.asarray(y, np.float32)]
+    if sample_weight is not None:
+        parts.append(np.asarray(sample_weight, np.float32))
+    ds = tf.data.Dataset.from_tensor_slices(tuple(parts))
     ds = ds.shuffle(len(x), seed=_secret_seed(seed), reshuffle_each_iteration=True)
     return _with_provenance(
         ds.batch(batch_size).prefetch(2),
@@ -580,6 +610,7 @@ def from_numpy(
     num_classes: int | None = None,
     seed: int | None = None,
     feature_map: Callable[[np.ndarray], np.ndarray] | None = None,
+    nb_samples: int | None = None,
 ) -> tuple[tf.data.Dataset, tf.data.Dataset | None, DatasetMetadata]:
     """Wrap arrays as DP-ready datasets.
 
@@ -601,15 +632,27 @@ def from_numpy(
             `features.ScatteringFeatures()`, which runs on whole arrays); any
             other callable is applied to one sample at a time, on a fresh
             copy of it each time, so no sample's features depend on another.
+        nb_samples: Poisson sampling only: a public N >= len(x_train), fixed
+            without the data, for q = B / N, the steps of an epoch and the
+            metadata (`poisson_batches`). None: len(x_train), which the
+            metadata, and so a saved model, then record (the size is public).
 
     Returns:
         (train dataset, test dataset or None, DatasetMetadata).
 
     Raises:
-        ValueError: NaN/Inf samples or features, mismatched lengths, or a
-            feature map that does not return one row per sample.
+        ValueError: NaN/Inf samples or features, mismatched lengths, a
+            feature map that does not return one row per sample, or
+            nb_samples below len(x_train) or with shuffle sampling.
     """
     require_one_of("sampling", sampling, SAMPLINGS, "from_numpy")
+    if nb_samples is not None and sampling != "poisson":
+        raise ValueError(
+            "nb_samples (a public N) needs Poisson sampling: a shuffled epoch "
+            "is a permutation of the rows themselves, so its steps count them. "
+            f"Received: sampling={sampling!r}, nb_samples={nb_samples!r}"
+        )
+    n = public_nb_samples(len(x_train), nb_samples)
     require_one_of("preprocessing", preprocessing, ("normalize", "clip"), "from_numpy")
     if preprocessing == "normalize":
         bound = bound_normalize(input_bound)
@@ -628,8 +671,12 @@ def from_numpy(
         if x_test is not None:
             x_test = _apply_feature_map(feature_map, np.asarray(x_test, np.float32))
     x_train = bound(x_train)
-    batches = poisson_batches if sampling == "poisson" else shuffled_batches
-    ds_train = batches(x_train, y_train, batch_size, seed=seed)
+    if sampling == "poisson":
+        ds_train = poisson_batches(
+            x_train, y_train, batch_size, seed=seed, nb_samples=nb_samples
+        )
+    else:
+        ds_train = shuffled_batches(x_train, y_train, batch_size, seed=seed)
     ds_test = None
     n_test = 0
     if x_test is not None:
@@ -640,7 +687,7 @@ def from_numpy(
     meta = DatasetMetadata(
         input_shape=x_train.shape[1:],
         num_classes=int(y_train.shape[1]),
-        nb_samples_train=len(x_train),
+        nb_samples_train=n,
         nb_samples_test=n_test,
         batch_size=int(batch_size),
         sampling=sampling,

@@ -52,6 +52,7 @@ from .data import (
     _with_provenance,
     bucket_padding,
     poisson_batches,
+    public_nb_samples,
 )
 
 #: The strategies a DP model trains under (the default one: no strategy).
@@ -303,6 +304,7 @@ def distributed_poisson_batches(
     seed: int | None = None,
     *,
     padding: str = "none",
+    nb_samples: int | None = None,
 ):
     """Poisson batches of the whole dataset for `fit` under `strategy`.
 
@@ -325,19 +327,21 @@ def distributed_poisson_batches(
             batches). An int: reproducible batches, reported as not secret.
         padding: "buckets" pads each replica's batch with masked rows to a
             few sizes (for `jit_compile=True`); "none" (default) does not.
+        nb_samples: a public N >= len(x) for q and the steps, as in
+            `data.poisson_batches` (None: len(x), public).
 
     Returns:
         A distributed dataset whose provenance (`data.sampling_provenance`)
         is the whole dataset's: N rows, expected batch size B, Poisson.
     """
     require_one_of("padding", padding, POISSON_PADDINGS, "distributed_poisson_batches")
-    n = len(x)
+    n = public_nb_samples(len(x), nb_samples)
     steps = steps_per_epoch(batch_size / n) if 0 < batch_size <= n else 0
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         local = context.num_replicas_in_sync // context.num_input_pipelines
         shard = (context.input_pipeline_id, context.num_input_pipelines)
-        ds = poisson_batches(x, y, batch_size, seed, shard=shard)
+        ds = poisson_batches(x, y, batch_size, seed, shard=shard, nb_samples=n)
 
         def pieces(*batch):
             rows = tf.shape(batch[-1])[0]

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.models.functional import Functional, functional_from_config
 from keras.src.ops.function import make_node_key
-from keras.src.trainers.data_adapters import data_adapter_utils
+from keras.src.trainers.data_adapters import array_slicing, data_adapter_utils
 from keras.src.utils import python_utils
 
 from ._keras_utils import turn_off_tensor_float_32
@@ -43,7 +43,12 @@ from .bounds import (
     residual_pair_problems,
     walk_layers,
 )
-from .data import DatasetMetadata, pad_to_buckets, sampling_provenance
+from .data import (
+    DatasetMetadata,
+    pad_to_buckets,
+    sampling_provenance,
+    shuffled_batches,
+)
 from .distribution import (
     check_strategy,
     distribute_and_mark,
@@ -350,6 +355,33 @@ def _check_validation_data(validation_data, x) -> None:
             "does not cover. Pass held-out data (e.g. the test dataset of "
             "data.from_numpy)."
         )
+
+
+def _secretly_shuffled(a: dict, batch_size: int) -> dict:
+    """fit's arguments with its training arrays (checked: shuffled sampling,
+    B, N rows) as `data.shuffled_batches`, a fresh permutation each epoch
+    from operating-system entropy. Keras shuffles arrays from the global seed:
+    after `keras.utils.set_random_seed` every epoch and every run had the
+    same, known batches (a review). `validation_split` splits off the last
+    rows first, as Keras does when `validation_data` is None."""
+    arrays = (a["x"], a["y"], a["sample_weight"])
+    validation = a["validation_data"]
+    if validation is None and a["validation_split"]:
+        arrays, held_out = array_slicing.train_validation_split(
+            arrays, validation_split=a["validation_split"]
+        )
+        validation = tuple(t for t in held_out if t is not None)
+    x, y, sample_weight = arrays
+    if y is None:
+        raise ValueError("A DP model's fit() on arrays needs the labels y.")
+    return {
+        "x": shuffled_batches(x, y, batch_size, sample_weight=sample_weight),
+        "y": None,
+        "sample_weight": None,
+        "batch_size": None,
+        "validation_split": 0.0,
+        "validation_data": validation,
+    }
 
 
 def _claim_one(plan, item, what: str, variables: list) -> None:
@@ -749,11 +781,12 @@ class PrivateModel(HasPrivacyPlan):
         a = bound.arguments
         plan = self._privacy_plan
         plan.check_ready(type(self).__name__)
+        splits = a["validation_data"] is None  # as Keras: else the split is ignored
         plan.check_training_data(
             a["x"],
             batch_size=a["batch_size"],
             shuffle=a["shuffle"],
-            validation_split=a["validation_split"],
+            validation_split=a["validation_split"] if splits else 0.0,
             strategy=self.distribute_strategy,
         )
         callbacks = _flat_callbacks(a["callbacks"])
@@ -763,6 +796,9 @@ class PrivateModel(HasPrivacyPlan):
         call = {name: value for name, value in a.items() if name != "self"}
         call["callbacks"] = _callbacks_for_fit(a["callbacks"], callbacks)
         data = a["x"]
+        if not isinstance(data, tf.data.Dataset | tf.distribute.DistributedDataset):
+            call.update(_secretly_shuffled(a, plan.expected_batch_size))
+        call["shuffle"] = False  # datasets sample themselves (Keras warns on True)
         provenance = sampling_provenance(data)
         if (
             self.jit_compile

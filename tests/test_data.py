@@ -235,3 +235,39 @@ def test_a_poisson_batch_above_the_limit_raises_instead_of_dropping(monkeypatch)
         data.poisson_batches(x, y, 101)
     with pytest.raises(ValueError, match="padding"):
         data.poisson_batches(x, y, 10, padding="max")
+
+
+def test_a_public_sample_count_fixes_the_rate_steps_and_metadata():
+    """With nb_samples, q = B / N, the steps of an epoch and the metadata come
+    from the public N, not from the rows: neighbours of 80 and 81 rows give
+    the same mechanism (by default N = len(x), which a saved model records,
+    and a multiple of B changes the step count when a row is added)."""
+    y = np.ones((81, 2), np.float32)
+    x = np.arange(81, dtype=np.float32).reshape(81, 1) + 1.0
+    metas = []
+    for rows in (80, 81):
+        train, _, meta = data.from_numpy(
+            x[:rows], y[:rows], batch_size=10, num_classes=2, nb_samples=100
+        )
+        provenance = data.sampling_provenance(train)
+        assert (provenance.nb_samples, provenance.batch_size) == (100, 10)
+        assert int(train.cardinality()) == 10
+        metas.append(meta)
+    assert metas[0] == metas[1]
+    assert metas[0].nb_samples_train == 100 and metas[0].sampling_rate == 0.1
+    # every row joins a step with probability B / N = 0.1
+    ds = data.poisson_batches(x[:80], y[:80], 10, seed=0, nb_samples=100)
+    joined = sum(int(mask.numpy().sum()) for _ in range(25) for *_, mask in ds)
+    assert joined / (80 * 250) == pytest.approx(0.1, abs=5 * np.sqrt(0.09 / 20000))
+    _, _, default = data.from_numpy(x[:80], y[:80], batch_size=10, num_classes=2)
+    assert default.nb_samples_train == 80
+
+
+def test_a_public_sample_count_must_bound_the_rows_and_needs_poisson():
+    x, y = np.ones((50, 1), np.float32), np.ones((50, 2), np.float32)
+    with pytest.raises(ValueError, match="nb_samples.*>= the 50 rows"):
+        data.poisson_batches(x, y, 10, nb_samples=49)
+    with pytest.raises(ValueError, match="nb_samples.*>= the 50 rows"):
+        data.from_numpy(x, y, batch_size=10, nb_samples=40.5)
+    with pytest.raises(ValueError, match="needs Poisson sampling"):
+        data.from_numpy(x, y, batch_size=10, sampling="shuffle", nb_samples=60)

@@ -21,6 +21,7 @@ from deel_lipdp_ext.data import (
     declare_sampling,
     digits_arrays,
     poisson_batches,
+    sampling_provenance,
 )
 from deel_lipdp_ext.distribution import (
     check_strategy,
@@ -231,6 +232,33 @@ def test_distributed_poisson_batches_split_the_single_device_batch():
         )
         steps += 1
     assert steps == 10
+
+
+def test_distributed_poisson_batches_take_a_public_sample_count():
+    """nb_samples: the same draws as poisson_batches at q = B / N_public, with
+    its steps and provenance (the rows' count stays out of the mechanism)."""
+    strategy = strategy_of(2)
+    x = np.arange(280, dtype=np.float32)[:, None]
+    y = np.zeros((280, 1), np.float32)
+    single = [
+        sorted(b[0][:, 0].numpy().tolist())
+        for b in poisson_batches(x, y, 30, 7, nb_samples=300)
+    ]
+    distributed = distributed_poisson_batches(strategy, x, y, 30, 7, nb_samples=300)
+    assert sampling_provenance(distributed).nb_samples == 300
+    split = [
+        sorted(
+            sum(
+                (
+                    t[:, 0].numpy().tolist()
+                    for t in strategy.experimental_local_results(b[0])
+                ),
+                [],
+            )
+        )
+        for b in distributed
+    ]
+    assert split == single and len(split) == 10
 
 
 def test_poisson_shards_partition_the_batch():

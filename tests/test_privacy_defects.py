@@ -360,6 +360,110 @@ def test_the_report_states_the_sampling_that_ran():
     )
 
 
+def test_a_public_sample_count_keeps_the_data_size_out_of_the_mechanism():
+    """By default q = B / N and ceil(N / B) steps come from the rows (the size
+    is public; a saved model records N): one more row changed the step count,
+    which the add/remove guarantee cannot hide (a review). With a public
+    nb_samples, both neighbours run and report the same mechanism."""
+    x, y = unit_samples(81, (8, 8, 1)), one_hot(np.arange(81))
+    reports = []
+    for rows in (80, 81):
+        train, _, meta = from_numpy(
+            x[:rows], y[:rows], batch_size=10, num_classes=10, nb_samples=100
+        )
+        model = DPSequential(
+            [keras.Input((8, 8, 1)), *small_cnn()],
+            dp_parameters=DPParameters(1.0, 1e-5),
+            dataset_metadata=meta,
+        )
+        model.compile(
+            keras.optimizers.SGD(0.1), losses.DP_TauCategoricalCrossentropy(8.0)
+        )
+        model.fit(train, epochs=1, verbose=0)
+        reports.append((int(model.dp_steps.numpy()), model.privacy_plan.epsilon()))
+    assert reports[0] == reports[1]
+    assert reports[0][1] == pytest.approx(_epsilon((0.1, 1.0, 10)), rel=1e-9)
+
+
+def _rows_per_step(model, x) -> list[list[int]]:
+    """Run `model` eagerly and record the rows of `x` each train step gets."""
+    seen = []
+    keys = {float(v): i for i, v in enumerate(x.reshape(len(x), -1)[:, 0])}
+    step = model.train_step
+
+    def recording_step(data):
+        seen.append(
+            [keys[float(v)] for v in np.reshape(data[0], (len(data[0]), -1))[:, 0]]
+        )
+        return step(data)
+
+    model.train_step = recording_step
+    model.run_eagerly = True
+    return seen
+
+
+def test_fit_on_arrays_draws_secret_batches_whatever_the_global_seed():
+    """Keras shuffles arrays from the global seed: after
+    keras.utils.set_random_seed(0) every epoch of every run trained on the
+    same known batches (accounted: fresh secret shuffles; with fixed batches
+    N = 60000, B = 256, 10 epochs: epsilon 15.8, not 0.92; a review)."""
+    x, y = unit_samples(40, (8, 8, 1)), one_hot(np.arange(40))
+    x[:, 0, 0, 0] = np.linspace(0.01, 0.4, 40)  # a key per row
+    orders = []
+    for make in (
+        lambda: dp_model(small_cnn(), n=40, batch_size=10, sampling="shuffle"),
+        lambda: DPSGDModel(
+            keras.Sequential(
+                [keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(10)]
+            ),
+            DPParameters(1.0, 1e-5),
+            metadata(n=40, batch_size=10, sampling="shuffle"),
+            l2_norm_clip=1.0,
+        ),
+    ):
+        for _ in range(2):  # two runs, each from the same global seed
+            keras.utils.set_random_seed(0)
+            model = make()
+            if not model.compiled:
+                model.compile(keras.optimizers.SGD(0.1), "categorical_crossentropy")
+            seen = _rows_per_step(model, x)
+            model.fit(x, y, batch_size=10, epochs=2, verbose=0)
+            epochs = [sum(seen[:4], []), sum(seen[4:], [])]
+            assert all(sorted(epoch) == list(range(40)) for epoch in epochs)
+            assert epochs[0] != epochs[1]
+            orders.append(epochs[0])
+            assert model.privacy_plan.samplings() == (
+                "shuffle (accounted as Poisson: heuristic)",
+            )
+    assert orders[0] != orders[1] and orders[2] != orders[3]
+
+
+def test_fit_on_arrays_keeps_keras_validation_split_and_sample_weight():
+    """validation_split holds out the last rows (as Keras), and only when no
+    validation_data is given: with both, Keras trained on all 125 rows for a
+    metadata of N = 100 (13 steps per epoch accounted as 10; a review)."""
+    x, y = unit_samples(125, (8, 8, 1)), one_hot(np.arange(125))
+    x[:, 0, 0, 0] = np.linspace(0.01, 0.4, 125)
+    model = dp_model(small_cnn(), n=100, batch_size=10, sampling="shuffle")
+    with pytest.raises(ValueError, match="125 training rows"):
+        model.fit(
+            x,
+            y,
+            batch_size=10,
+            validation_split=0.2,
+            validation_data=(x[:5], y[:5]),
+            verbose=0,
+        )
+    seen = _rows_per_step(model, x)
+    weights = np.where(np.arange(125) % 2 == 0, 1.0, 0.5).astype(np.float32)
+    history = model.fit(
+        x, y, batch_size=10, validation_split=0.2, sample_weight=weights, verbose=0
+    )
+    assert sorted(sum(seen, [])) == list(range(100))  # the last 25 held out
+    assert "val_loss" in history.history
+    assert int(model.dp_steps.numpy()) == 10
+
+
 # ---------------------------------------- 5. past steps keep their mechanism
 def test_epsilon_of_past_steps_survives_freezing_and_nm_coef_changes():
     """Per-layer noise: freezing 2 of 3 layers after 100 steps lowered the

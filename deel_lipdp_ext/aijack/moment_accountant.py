@@ -416,12 +416,14 @@ class GeneralMomentAccountant:
         nm_precision: float = 0.01,
     ) -> float:
         """Smallest noise parameter (within `nm_precision`) reaching
-        `target_epsilon` after `num_iterations` EPOCHS (steps = int(epochs / q)).
+        `target_epsilon` after `num_iterations` EPOCHS (steps = int(epochs / q),
+        a quotient within 1e-9 of an integer taken as that integer: in floats
+        7 / 0.28 is 24.999999999999996, and upstream planned 24 steps for 25).
 
         Overwrites `steps_info`, as upstream. Returns the upper end of the
         final bisection bracket: its epsilon is <= target_epsilon.
         """
-        steps = int(num_iterations / sampling_rate)
+        steps = _whole_steps(num_iterations / sampling_rate)
 
         def eps(noise: float) -> float:
             self.steps_info = [({noise_name: noise}, sampling_rate, steps)]
@@ -441,3 +443,10 @@ class GeneralMomentAccountant:
                 nm_min = mid
         self.steps_info = [({noise_name: nm_max}, sampling_rate, steps)]
         return nm_max
+
+
+def _whole_steps(quotient: float) -> int:
+    """int(quotient), but a quotient within 1e-9 (relative) of an integer is
+    that integer (float division rounds epochs / q just below it)."""
+    nearest = round(quotient)
+    return nearest if math.isclose(quotient, nearest, rel_tol=1e-9) else int(quotient)

@@ -210,3 +210,17 @@ def test_bad_steps_and_orders_are_refused():
     tight.add_step_info({"sigma": 1.0}, 0.1, 1)
     with pytest.raises(ValueError, match="integer orders"):
         tight.get_epsilon(1e-5)
+
+
+def test_noise_multiplier_plans_every_step_of_a_whole_number_of_lots():
+    # 7 epochs at q = 0.28 are 25 steps, but 7 / 0.28 is 24.999999999999996
+    # in floats: int() planned 24 and the 25 steps that run overshot the
+    # target (epsilon 1.021 for 1; a review).
+    accountant = GeneralMomentAccountant(**UNIT_TEST)
+    sigma = accountant.get_noise_multiplier("sigma", 1.0, 1e-5, 280 / 1000, 7)
+    assert accountant.steps_info[0][2] == 25
+    accountant.steps_info = [({"sigma": sigma}, 280 / 1000, 25)]
+    assert accountant.get_epsilon(1e-5) <= 1.0
+    # a quotient that is not whole keeps upstream's int()
+    accountant.get_noise_multiplier("sigma", 1.0, 1e-5, 0.3, 7)
+    assert accountant.steps_info[0][2] == 23
