@@ -550,9 +550,33 @@ def _one_hot(y: np.ndarray, num_classes: int | None) -> np.ndarray:
     k = int(num_classes or (y.max() + 1))
     if y.min() < 0 or y.max() >= k:
         raise ValueError(
-            f"Labels must lie in [0, {k}). Received range [{y.min()}, {y.max()}]"
+            f"Labels must lie in [0, {k}) (num_classes={k}). Received range "
+            f"[{y.min()}, {y.max()}]"
         )
     return np.eye(k, dtype=np.float32)[y]
+
+
+def _public_num_classes(y_train, y_test, num_classes: int | None) -> int | None:
+    """The class count, never read from the training labels' values: given,
+    the width of one-hot rows, or (class indices) max(y_test) + 1 from the
+    held-out labels, which the guarantee does not cover (as validation
+    metrics). max(y_train) + 1 made the model's output size show whether a
+    sample of the last class was in the data (a review).
+
+    Raises:
+        ValueError: class indices with neither num_classes nor test labels.
+    """
+    if num_classes is not None or (np.ndim(y_train) == 2 and np.shape(y_train)[1] > 1):
+        return num_classes
+    if y_test is None:
+        _one_hot(y_train, None)  # values that are no class indices: named first
+        raise ValueError(
+            "The training labels are class indices: pass num_classes (public). "
+            "Counting the classes in the training labels (max + 1) would let the "
+            "model's output size show whether a sample of the last class is in "
+            "the data."
+        )
+    return int(_one_hot(y_test, None).shape[1])
 
 
 def _batched_feature_maps() -> tuple[type, ...]:
@@ -624,7 +648,9 @@ def from_numpy(
         preprocessing: "normalize" (every sample scaled to norm `input_bound`)
             or "clip" (samples projected onto the ball).
         sampling: "poisson" or "shuffle".
-        num_classes: number of classes if the labels are integers.
+        num_classes: number of classes if the labels are class indices
+            (public). None: the width of one-hot labels, or max(y_test) + 1
+            (held-out labels); never counted in the training labels.
         seed: seed of the batch sampling; None (default): operating-system
             entropy (secret batches); an int: reproducible, not secret.
         feature_map: a FIXED function applied to x_train and x_test before
@@ -642,8 +668,9 @@ def from_numpy(
 
     Raises:
         ValueError: NaN/Inf samples or features, mismatched lengths, a
-            feature map that does not return one row per sample, or
-            nb_samples below len(x_train) or with shuffle sampling.
+            feature map that does not return one row per sample,
+            nb_samples below len(x_train) or with shuffle sampling, or
+            class-index labels with neither num_classes nor test labels.
     """
     require_one_of("sampling", sampling, SAMPLINGS, "from_numpy")
     if nb_samples is not None and sampling != "poisson":
@@ -665,7 +692,7 @@ def from_numpy(
         raise ValueError(
             f"x_train and y_train differ in length: {len(x_train)} vs {len(y_train)}"
         )
-    y_train = _one_hot(y_train, num_classes)
+    y_train = _one_hot(y_train, _public_num_classes(y_train, y_test, num_classes))
     if feature_map is not None:
         x_train = _apply_feature_map(feature_map, x_train)
         if x_test is not None:

@@ -357,7 +357,7 @@ def _check_validation_data(validation_data, x) -> None:
         )
 
 
-def _secretly_shuffled(a: dict, batch_size: int) -> dict:
+def _secretly_shuffled(a: dict, batch_size: int, nb_samples: int) -> dict:
     """fit's arguments with its training arrays (checked: shuffled sampling,
     B, N rows) as `data.shuffled_batches`, a fresh permutation each epoch
     from operating-system entropy. Keras shuffles arrays from the global seed:
@@ -374,6 +374,11 @@ def _secretly_shuffled(a: dict, batch_size: int) -> dict:
     x, y, sample_weight = arrays
     if y is None:
         raise ValueError("A DP model's fit() on arrays needs the labels y.")
+    if len(x) != nb_samples:  # checked before; this is what trains
+        raise ValueError(
+            f"fit() would train on {len(x)} rows but the metadata's N is "
+            f"{nb_samples}: the epsilon would be false."
+        )
     return {
         "x": shuffled_batches(x, y, batch_size, sample_weight=sample_weight),
         "y": None,
@@ -797,7 +802,11 @@ class PrivateModel(HasPrivacyPlan):
         call["callbacks"] = _callbacks_for_fit(a["callbacks"], callbacks)
         data = a["x"]
         if not isinstance(data, tf.data.Dataset | tf.distribute.DistributedDataset):
-            call.update(_secretly_shuffled(a, plan.expected_batch_size))
+            call.update(
+                _secretly_shuffled(
+                    a, plan.expected_batch_size, plan.dataset_metadata.nb_samples_train
+                )
+            )
         call["shuffle"] = False  # datasets sample themselves (Keras warns on True)
         provenance = sampling_provenance(data)
         if (

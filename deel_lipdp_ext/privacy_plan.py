@@ -741,6 +741,12 @@ class PrivacyPlan:
             code = self._dataset_sampling_code(x)
         elif isinstance(x, np.ndarray | tf.Tensor) or hasattr(x, "__array__"):
             rows = int(np.shape(x)[0])
+            if not 0.0 <= validation_split < 1.0:  # NaN too
+                raise ValueError(
+                    "validation_split must lie in [0, 1) (a negative one trained "
+                    "every row while the check counted more). Received: "
+                    f"validation_split={validation_split!r}"
+                )
             if validation_split:
                 rows = int(math.floor(rows * (1.0 - validation_split)))
             batch = 32 if batch_size is None else batch_size

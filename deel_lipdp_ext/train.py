@@ -27,6 +27,9 @@ from .sensitivity import gradient_norm_check
 
 CHECKPOINT = "model.keras"
 RUN_FILE = "run.json"
+#: Written when a run ends, removed when one starts or resumes (a report
+#: never describes a model other than the checkpoint beside it).
+REPORT_FILES = ("report.json", "report.png")
 
 
 @dataclass
@@ -242,6 +245,10 @@ def run_train(config: TrainConfig) -> dict:
     model, settings, train, test, rows, run_config = (
         _resume(config) if config.resume else _start(config)
     )
+    for name in REPORT_FILES:  # the training below changes the checkpoint
+        path = os.path.join(config.output_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
     # epochs done: from the model's own step counter, not from the rows
     initial_epoch = model.privacy_plan.completed_epochs()
     meta = model.dataset_metadata
@@ -366,7 +373,7 @@ def _write(report: dict, output_dir: str) -> None:
     import matplotlib.pyplot as plt
 
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "report.json"), "w") as f:
+    with open(os.path.join(output_dir, REPORT_FILES[0]), "w") as f:
         json.dump(report, f, indent=2)
     epochs = [r["epoch"] for r in report["epochs"]]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -383,5 +390,5 @@ def _write(report: dict, output_dir: str) -> None:
     ax.legend(handles, [h.get_label() for h in handles], loc="lower right")
     ax.set_title(f"Clipless DP training, sigma={report['noise_multiplier']:.3f}")
     fig.tight_layout()
-    fig.savefig(os.path.join(output_dir, "report.png"), dpi=100)
+    fig.savefig(os.path.join(output_dir, REPORT_FILES[1]), dpi=100)
     plt.close(fig)

@@ -92,7 +92,9 @@ def test_load_digits_dataset():
 def test_shuffle_sampling_and_metadata():
     x = np.random.rand(103, 4).astype(np.float32)
     y = np.arange(103) % 3
-    train, test, meta = data.from_numpy(x, y, batch_size=10, sampling="shuffle")
+    train, test, meta = data.from_numpy(
+        x, y, batch_size=10, sampling="shuffle", num_classes=3
+    )
     sizes = [len(xb) for xb, _ in train]
     assert sizes == [10] * 10 + [3]
     assert test is None and meta.num_classes == 3 and meta.sampling == "shuffle"
@@ -219,7 +221,9 @@ def test_bucketed_poisson_batches_pad_the_same_rows_to_few_sizes():
     assert data.poisson_bucket_size(0, n, b / n) == width  # empty: masked rows
     with pytest.raises(ValueError, match="unpadded Poisson"):
         data.pad_to_buckets(bucketed)
-    shuffled, _, _ = data.from_numpy(x, y[:, 0], batch_size=b, sampling="shuffle")
+    shuffled, _, _ = data.from_numpy(
+        x, y[:, 0], batch_size=b, sampling="shuffle", num_classes=2
+    )
     with pytest.raises(ValueError, match="unpadded Poisson"):
         data.pad_to_buckets(shuffled)
 
@@ -271,3 +275,25 @@ def test_a_public_sample_count_must_bound_the_rows_and_needs_poisson():
         data.from_numpy(x, y, batch_size=10, nb_samples=40.5)
     with pytest.raises(ValueError, match="needs Poisson sampling"):
         data.from_numpy(x, y, batch_size=10, sampling="shuffle", nb_samples=60)
+
+
+def test_the_class_count_is_never_read_from_the_training_labels():
+    """num_classes=None counted max(y_train) + 1: removing the only sample of
+    class 9 gave the model 9 outputs instead of 10, showing with certainty
+    that it was absent (a review). The count is given, one-hot's width, or
+    the held-out labels'."""
+    x = np.random.rand(20, 4).astype(np.float32)
+    y = np.arange(20) % 9
+    y[0] = 9  # the only sample of the last class
+    y_test = np.arange(10)
+    for rows in (slice(0, 20), slice(1, 20)):  # with and without it
+        _, _, meta = data.from_numpy(x[rows], y[rows], x[:10], y_test, batch_size=5)
+        assert meta.num_classes == 10
+        _, _, meta = data.from_numpy(x[rows], y[rows], batch_size=5, num_classes=12)
+        assert meta.num_classes == 12
+        with pytest.raises(ValueError, match="pass num_classes"):
+            data.from_numpy(x[rows], y[rows], batch_size=5)
+    _, _, meta = data.from_numpy(x, np.eye(11)[y], batch_size=5)
+    assert meta.num_classes == 11  # one-hot: the width, not the values
+    with pytest.raises(ValueError, match=r"lie in \[0, 5\).*num_classes=5"):
+        data.from_numpy(x, y, x[:5], np.arange(5), batch_size=5)

@@ -454,6 +454,13 @@ def test_fit_on_arrays_keeps_keras_validation_split_and_sample_weight():
             validation_data=(x[:5], y[:5]),
             verbose=0,
         )
+    # a negative split passed 100 rows as 150 and trained all 100 at q = B / 150
+    # (epsilon 0.62 reported for 4.85 with N = 10000, split -99; a review)
+    larger = dp_model(small_cnn(), n=150, batch_size=10, sampling="shuffle")
+    for split in (-0.5, float("nan"), 1.0):
+        with pytest.raises(ValueError, match="validation_split must lie in"):
+            larger.fit(x[:100], y[:100], batch_size=10, validation_split=split)
+    assert int(larger.dp_steps.numpy()) == 0
     seen = _rows_per_step(model, x)
     weights = np.where(np.arange(125) % 2 == 0, 1.0, 0.5).astype(np.float32)
     history = model.fit(
@@ -619,7 +626,9 @@ def test_fractional_column_labels_are_refused():
     y = np.array([[0.9], [0.2]] * 5)
     with pytest.raises(ValueError, match="whole numbers"):
         from_numpy(x, y, batch_size=2)
-    _, _, meta = from_numpy(x, np.arange(10.0).reshape(-1, 1) % 3, batch_size=2)
+    _, _, meta = from_numpy(
+        x, np.arange(10.0).reshape(-1, 1) % 3, batch_size=2, num_classes=3
+    )
     assert meta.num_classes == 3  # integral floats are class indices
 
 

@@ -131,6 +131,30 @@ def test_reports_take_epsilon_from_the_model_and_runs_never_mix(npz, tmp_path):
     assert fresh["final_epsilon"] <= 2.0 * 1.0001
 
 
+def test_an_interrupted_run_leaves_no_report_of_another_run(npz, tmp_path, monkeypatch):
+    """An overwriting run killed mid-way left the first run's report.json
+    (epsilon 1.0, 6 steps) beside its own checkpoint (12 steps, epsilon
+    3.18; a review): reports are removed when a run starts or resumes."""
+    out = tmp_path / "run"
+    run_train(_config(npz, out, epochs=1, target_epsilon=1.0))
+    assert (out / "report.json").exists() and (out / "report.png").exists()
+    save = train._SaveRun.on_epoch_end
+
+    def crash(self, epoch, logs=None):
+        save(self, epoch, logs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train._SaveRun, "on_epoch_end", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(_config(npz, out, epochs=3, target_epsilon=8.0, overwrite=True))
+    assert not (out / "report.json").exists() and not (out / "report.png").exists()
+    monkeypatch.setattr(train._SaveRun, "on_epoch_end", save)
+    resumed = run_train(TrainConfig(output_dir=str(out), resume=True, verbose=0))
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == resumed["steps"] == 9  # 3 epochs of 3 steps
+    assert report["final_epsilon"] == resumed["final_epsilon"]
+
+
 def test_cli_resume_refuses_settings_it_would_ignore(tmp_path):
     with pytest.raises(SystemExit, match="learning_rate"):
         cli.main(
