@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
         help="start afresh in an --output-dir that holds a run (its files are "
         "replaced)",
     )
+    train.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="the number of classes of class-index labels (public; default: "
+        "counted in the test labels, never in the training labels)",
+    )
     _add_run_arguments(train, None)
     evaluate = sub.add_parser(
         "evaluate", help="test accuracy and epsilon of a saved DP model"
@@ -148,6 +155,7 @@ _RUN_FIELDS = (
     "output_dir",
     "resume",
     "overwrite",
+    "num_classes",
     "verbose",
 )
 

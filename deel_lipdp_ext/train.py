@@ -54,6 +54,9 @@ class TrainConfig:
             report never mixes two runs.
         checkpoint: save `model.keras` after every epoch.
         verbose: Keras' progress display (0, 1 or 2).
+        num_classes: the number of classes of an `.npz` with class-index
+            labels (public). None: the test labels' count (never counted in
+            the training labels: `data.from_numpy`); the digits have 10.
     """
 
     data: str = "digits"
@@ -70,11 +73,19 @@ class TrainConfig:
     overwrite: bool = False
     checkpoint: bool = True
     verbose: int = 1
+    num_classes: int | None = None
 
 
-def load_data(data: str, batch_size: int, seed: int | None = None, feature_map=None):
+def load_data(
+    data: str,
+    batch_size: int,
+    seed: int | None = None,
+    feature_map=None,
+    num_classes: int | None = None,
+):
     """(train, test, metadata): Poisson batches of the digits or of an `.npz`
-    path, each image (or its `feature_map` features) scaled to L2 norm 1."""
+    path, each image (or its `feature_map` features) scaled to L2 norm 1;
+    `num_classes` as in `TrainConfig`."""
     kwargs = {
         "batch_size": batch_size,
         "input_bound": 1.0,
@@ -88,7 +99,9 @@ def load_data(data: str, batch_size: int, seed: int | None = None, feature_map=N
             f"`data` must be 'digits' or the path of an .npz file (x_train, "
             f"y_train, x_test, y_test). Received: {data!r} (no such file)"
         )
-    return load_npz_dataset(data, preprocessing="normalize", **kwargs)
+    return load_npz_dataset(
+        data, preprocessing="normalize", num_classes=num_classes, **kwargs
+    )
 
 
 def run_recipe(config: TrainConfig, dataset_size: int) -> Recipe:
@@ -168,10 +181,14 @@ def _start(config: TrainConfig):
         os.remove(os.path.join(config.output_dir, name))
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
-    _, _, full = load_data(config.data, 1, config.seed)
+    _, _, full = load_data(config.data, 1, config.seed, None, config.num_classes)
     settings = run_recipe(config, full.nb_samples_train)
     train, test, meta = load_data(
-        config.data, settings.batch_size, config.seed, settings.feature_map()
+        config.data,
+        settings.batch_size,
+        config.seed,
+        settings.feature_map(),
+        config.num_classes,
     )
     model = settings.build(meta, settings.dp_parameters(config.delta, seed=config.seed))
     sigma = model.privacy_plan.calibrate_noise_multiplier(
@@ -219,7 +236,11 @@ def _resume(config: TrainConfig):
         seed = seed * 1_000_003 + done
     run_config = TrainConfig(**state["config"])
     train, test, _ = load_data(
-        run_config.data, settings.batch_size, seed, settings.feature_map()
+        run_config.data,
+        settings.batch_size,
+        seed,
+        settings.feature_map(),
+        run_config.num_classes,
     )
     return model, settings, train, test, state["epochs"][:done], run_config
 
@@ -336,7 +357,10 @@ def evaluate_model(path: str, data: str, accountant: str = "pld") -> dict:
         with open(run_file) as f:
             feature_map = _recipe_of(json.load(f)).feature_map()
     _, test, meta = load_data(
-        data, model.dataset_metadata.batch_size, feature_map=feature_map
+        data,
+        model.dataset_metadata.batch_size,
+        feature_map=feature_map,
+        num_classes=model.dataset_metadata.num_classes,
     )
     if tuple(meta.input_shape) != tuple(model.dataset_metadata.input_shape):
         raise ValueError(

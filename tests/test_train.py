@@ -3,6 +3,7 @@ the whole run, `lipdp evaluate` reading the result."""
 
 import json
 
+import keras
 import numpy as np
 import pytest
 
@@ -161,3 +162,35 @@ def test_cli_resume_refuses_settings_it_would_ignore(tmp_path):
             ["train", "--resume", "--output-dir", str(tmp_path)]
             + ["--learning-rate", "0.1"]
         )
+
+
+def test_a_public_class_count_for_labels_the_test_split_lacks(tmp_path):
+    """The class count is never counted in the training labels: a dataset
+    whose only sample of class 9 is in the training split trains with
+    --num-classes 10 (10 outputs with or without that sample); without it,
+    the test labels' count (9) refuses the training label 9 by name."""
+    rng = np.random.default_rng(0)
+    y_train = rng.integers(0, 9, 300)
+    y_train[0] = 9
+    arrays = dict(
+        x_train=rng.integers(0, 256, (300, 28, 28), dtype=np.uint8),
+        x_test=rng.integers(0, 256, (60, 28, 28), dtype=np.uint8),
+        y_test=np.arange(60) % 9,
+    )
+    outputs = []
+    for rows in (slice(0, 300), slice(1, 300)):
+        path = tmp_path / f"{rows.start}.npz"
+        np.savez(
+            path,
+            y_train=y_train[rows],
+            **{**arrays, "x_train": arrays["x_train"][rows]},
+        )
+        out = tmp_path / f"run{rows.start}"
+        argv = ["train", "--data", str(path), "--output-dir", str(out), "--epochs", "1"]
+        assert cli.main([*argv, "--num-classes", "10", "--verbose", "0"]) == 0
+        model = keras.models.load_model(out / "model.keras")
+        outputs.append((model.output_shape[-1], model.dataset_metadata.num_classes))
+        assert evaluate_model(str(out / "model.keras"), str(path))["steps"] > 0
+    assert outputs == [(10, 10), (10, 10)]
+    with pytest.raises(ValueError, match=r"lie in \[0, 9\).*num_classes=9"):
+        run_train(_config(str(tmp_path / "0.npz"), tmp_path / "counted", epochs=1))

@@ -148,7 +148,9 @@ def run_audit(config: AuditConfig) -> dict:
     x_train, y_train, x_held, y_held = _arrays(config.data)
     y_train = np.asarray(y_train).astype(np.int64).ravel()
     y_held = np.asarray(y_held).astype(np.int64).ravel()
-    num_classes = int(max(y_train.max(), y_held.max()) + 1)
+    # public: counted in the held-out labels, never in the training labels
+    # (whose max + 1 shows whether a sample of the last class is present)
+    num_classes = int(y_held.max() + 1)
     if config.max_train_samples is not None:
         x_train = x_train[: config.max_train_samples]
         y_train = y_train[: config.max_train_samples]

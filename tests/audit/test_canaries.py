@@ -122,3 +122,23 @@ def test_lipdp_audit_writes_its_json_and_png(tmp_path, capsys):
     assert report["runs"][1]["result"]["epsilon_reported"] == "inf"
     assert (tmp_path / "audit.png").stat().st_size > 10_000
     assert "epsilon lower bound" in capsys.readouterr().out
+
+
+def test_the_audit_counts_classes_in_the_held_out_labels_only(tmp_path):
+    """max(y_train, y_held) + 1 gave the audited model 10 outputs or 9 as the
+    only training sample of class 9 was present or not (a review): the count
+    comes from the held-out labels, and a training label beyond it is
+    refused by name before anything trains."""
+    rng = np.random.default_rng(0)
+    y_train = rng.integers(0, 9, 200)
+    y_train[0] = 9
+    path = tmp_path / "nine.npz"
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (200, 8, 8), dtype=np.uint8),
+        y_train=y_train,
+        x_test=rng.integers(0, 256, (100, 8, 8), dtype=np.uint8),
+        y_test=np.arange(100) % 9,
+    )
+    with pytest.raises(ValueError, match=r"lie in \[0, 9\)"):
+        run_audit(AuditConfig(data=str(path), epsilon=2.0, epochs=1, num_canaries=20))
