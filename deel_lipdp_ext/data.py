@@ -520,7 +520,9 @@ def shuffled_batches(
     )
 
 
-def _one_hot(y: np.ndarray, num_classes: int | None) -> np.ndarray:
+def _one_hot(
+    y: np.ndarray, num_classes: int | None, counted_in: str = ""
+) -> np.ndarray:
     """Labels as one-hot rows: (N, C) rows are kept; (N,) or (N, 1) must hold
     class indices (integers, or floats with integer values).
 
@@ -547,13 +549,25 @@ def _one_hot(y: np.ndarray, num_classes: int | None) -> np.ndarray:
     elif y.dtype.kind not in "iub":
         raise ValueError(f"Labels must be numbers. Received dtype {y.dtype}")
     y = y.astype(np.int64)
-    k = int(num_classes or (y.max() + 1))
+    k = int(y.max() + 1) if num_classes is None else int(num_classes)
     if y.min() < 0 or y.max() >= k:
         raise ValueError(
-            f"Labels must lie in [0, {k}) (num_classes={k}). Received range "
-            f"[{y.min()}, {y.max()}]"
+            f"Labels must lie in [0, {k}) (num_classes={k}{counted_in}). "
+            f"Received range [{y.min()}, {y.max()}]"
         )
     return np.eye(k, dtype=np.float32)[y]
+
+
+def _train_one_hot(y_train, y_test, num_classes: int | None) -> np.ndarray:
+    """The training labels as one-hot rows of `_public_num_classes` classes."""
+    k = _public_num_classes(y_train, y_test, num_classes)
+    counted = (
+        ", counted in the test labels: pass num_classes (lipdp train "
+        "--num-classes) if the training data has more classes"
+        if num_classes is None and k is not None
+        else ""
+    )
+    return _one_hot(y_train, k, counted)
 
 
 def _public_num_classes(y_train, y_test, num_classes: int | None) -> int | None:
@@ -566,8 +580,15 @@ def _public_num_classes(y_train, y_test, num_classes: int | None) -> int | None:
     Raises:
         ValueError: class indices with neither num_classes nor test labels.
     """
-    if num_classes is not None or (np.ndim(y_train) == 2 and np.shape(y_train)[1] > 1):
-        return num_classes
+    if num_classes is not None:
+        if not isinstance(num_classes, int | np.integer) or num_classes < 1:
+            raise ValueError(
+                "num_classes must be a positive int (0 would count the classes "
+                f"in the training labels). Received: num_classes={num_classes!r}"
+            )
+        return int(num_classes)
+    if np.ndim(y_train) == 2 and np.shape(y_train)[1] > 1:
+        return None  # one-hot rows: their width
     if y_test is None:
         _one_hot(y_train, None)  # values that are no class indices: named first
         raise ValueError(
@@ -692,7 +713,7 @@ def from_numpy(
         raise ValueError(
             f"x_train and y_train differ in length: {len(x_train)} vs {len(y_train)}"
         )
-    y_train = _one_hot(y_train, _public_num_classes(y_train, y_test, num_classes))
+    y_train = _train_one_hot(y_train, y_test, num_classes)
     if feature_map is not None:
         x_train = _apply_feature_map(feature_map, x_train)
         if x_test is not None:

@@ -372,8 +372,20 @@ def _secretly_shuffled(a: dict, batch_size: int, nb_samples: int) -> dict:
         )
         validation = tuple(t for t in held_out if t is not None)
     x, y, sample_weight = arrays
-    if y is None:
-        raise ValueError("A DP model's fit() on arrays needs the labels y.")
+    for name, value in (("y", y), ("sample_weight", sample_weight)):
+        if value is None and name == "sample_weight":
+            continue
+        if not (
+            isinstance(value, np.ndarray | tf.Tensor) or hasattr(value, "__array__")
+        ):
+            raise ValueError(
+                f"A DP model's fit() on arrays takes {name} as one array (the "
+                f"labels of one output). Received: {type(value).__name__}"
+            )
+        if len(value) != len(x):
+            raise ValueError(
+                f"fit()'s x and {name} differ in length: {len(x)} vs {len(value)}"
+            )
     if len(x) != nb_samples:  # checked before; this is what trains
         raise ValueError(
             f"fit() would train on {len(x)} rows but the metadata's N is "
@@ -783,9 +795,23 @@ class PrivateModel(HasPrivacyPlan):
             )
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
         bound.apply_defaults()
-        a = bound.arguments
         plan = self._privacy_plan
         plan.check_ready(type(self).__name__)
+        try:  # a refusal below leaves later steps "unverified", as after fit
+            call = self._checked_fit_arguments(bound.arguments)
+            self._dp_fitting.value = True
+            with self._splits_batches():
+                return super().fit(**call)
+        finally:
+            self._dp_fitting.value = False
+            plan.use_unverified_sampling()
+            plan.step_checks.clear()
+
+    def _checked_fit_arguments(self, a: dict) -> dict:
+        """Keras fit's arguments once `a` (fit's bound arguments) passed the
+        checks: the sampling (recorded), the callbacks, the validation data;
+        arrays shuffled secretly, unpadded Poisson batches bucketed for XLA."""
+        plan = self._privacy_plan
         splits = a["validation_data"] is None  # as Keras: else the split is ignored
         plan.check_training_data(
             a["x"],
@@ -819,14 +845,7 @@ class PrivateModel(HasPrivacyPlan):
             call["x"] = pad_to_buckets(data)
         if isinstance(data, tf.distribute.DistributedDataset):
             mark_splitting(data)  # checked above: its batches are split
-        self._dp_fitting.value = True
-        try:
-            with self._splits_batches():
-                return super().fit(**call)
-        finally:
-            self._dp_fitting.value = False
-            plan.use_unverified_sampling()
-            plan.step_checks.clear()
+        return call
 
     def train_on_batch(
         self, x, y=None, sample_weight=None, class_weight=None, return_dict=False

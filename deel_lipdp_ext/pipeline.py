@@ -244,6 +244,7 @@ def load_and_prepare_data(
     sampling: str = "poisson",
     seed: int | None = None,
     dataset_name=None,
+    num_classes: int | None = None,
 ) -> tuple[tf.data.Dataset, tf.data.Dataset | None, DatasetMetadata]:
     """deel-lipdp's data loader, offline, with sampling the accountant can trust.
 
@@ -273,6 +274,9 @@ def load_and_prepare_data(
         seed: seed of the batch sampling; None (default): operating-system
             entropy, so the batches are secret.
         dataset_name: deel-lipdp's keyword for `dataset_name_or_path`.
+        num_classes: the number of classes of class-index labels (public;
+            None: counted in the test labels, never in the training labels:
+            `data.from_numpy`). Not in deel-lipdp.
 
     Returns:
         (train dataset, test dataset, `DatasetMetadata`), the metadata with
@@ -348,4 +352,5 @@ def load_and_prepare_data(
         preprocessing=preprocessing,
         sampling=sampling,
         seed=seed,
+        num_classes=num_classes,
     )

@@ -741,6 +741,7 @@ class PrivacyPlan:
             code = self._dataset_sampling_code(x)
         elif isinstance(x, np.ndarray | tf.Tensor) or hasattr(x, "__array__"):
             rows = int(np.shape(x)[0])
+            validation_split = validation_split or 0.0  # None: none, as Keras
             if not 0.0 <= validation_split < 1.0:  # NaN too
                 raise ValueError(
                     "validation_split must lie in [0, 1) (a negative one trained "

@@ -177,8 +177,6 @@ def _start(config: TrainConfig):
             "resume it (resume=True, --resume), or pass overwrite=True "
             "(--overwrite) or another output directory."
         )
-    for name in existing:
-        os.remove(os.path.join(config.output_dir, name))
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
     _, _, full = load_data(config.data, 1, config.seed, None, config.num_classes)
@@ -196,6 +194,8 @@ def _start(config: TrainConfig):
     )
     model.set_noise_multiplier(sigma)
     model.compile(**settings.compile_arguments(meta))
+    for name in existing:  # only once the new run could be set up
+        os.remove(os.path.join(config.output_dir, name))
     os.makedirs(config.output_dir, exist_ok=True)
     _write_json(
         os.path.join(config.output_dir, RUN_FILE),
@@ -240,7 +240,7 @@ def _resume(config: TrainConfig):
         settings.batch_size,
         seed,
         settings.feature_map(),
-        run_config.num_classes,
+        model.dataset_metadata.num_classes,  # runs saved before num_classes too
     )
     return model, settings, train, test, state["epochs"][:done], run_config
 

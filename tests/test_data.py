@@ -295,5 +295,8 @@ def test_the_class_count_is_never_read_from_the_training_labels():
             data.from_numpy(x[rows], y[rows], batch_size=5)
     _, _, meta = data.from_numpy(x, np.eye(11)[y], batch_size=5)
     assert meta.num_classes == 11  # one-hot: the width, not the values
-    with pytest.raises(ValueError, match=r"lie in \[0, 5\).*num_classes=5"):
+    with pytest.raises(ValueError, match=r"lie in \[0, 5\).*num_classes=5, counted"):
         data.from_numpy(x, y, x[:5], np.arange(5), batch_size=5)
+    for bad in (0, -1, 10.0):  # 0 fell through to max(y_train) + 1 (a review)
+        with pytest.raises(ValueError, match="num_classes must be a positive int"):
+            data.from_numpy(x, y, batch_size=5, num_classes=bad)

@@ -469,6 +469,26 @@ def test_fit_on_arrays_keeps_keras_validation_split_and_sample_weight():
     assert sorted(sum(seen, [])) == list(range(100))  # the last 25 held out
     assert "val_loss" in history.history
     assert int(model.dp_steps.numpy()) == 10
+    rows = slice(0, 100)
+    model.fit(x[rows], y[rows], batch_size=10, validation_split=None, verbose=0)
+    assert int(model.dp_steps.numpy()) == 20  # None: no split, as in Keras
+
+
+def test_a_refused_fit_leaves_later_steps_unverified():
+    """A fit refused after its data check (here: 99 weights for 100 rows)
+    left the data's label, so a custom loop's steps were reported as checked
+    shuffled batches (a review); refusals name what is wrong."""
+    x, y = unit_samples(100, (8, 8, 1)), one_hot(np.arange(100))
+    model = dp_model(small_cnn(), n=100, batch_size=10, sampling="shuffle")
+    with pytest.raises(ValueError, match="sample_weight differ in length: 100 vs 99"):
+        model.fit(x, y, batch_size=10, sample_weight=np.ones(99), verbose=0)
+    with pytest.raises(ValueError, match="takes y as one array.*dict"):
+        model.fit(x, {"out": y}, batch_size=10, verbose=0)
+    step = tf.function(model.train_step)
+    step((x[:10], y[:10]))
+    assert model.privacy_plan.samplings() == (
+        "unverified (train_on_batch or a custom loop)",
+    )
 
 
 # ---------------------------------------- 5. past steps keep their mechanism

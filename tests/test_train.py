@@ -194,3 +194,58 @@ def test_a_public_class_count_for_labels_the_test_split_lacks(tmp_path):
     assert outputs == [(10, 10), (10, 10)]
     with pytest.raises(ValueError, match=r"lie in \[0, 9\).*num_classes=9"):
         run_train(_config(str(tmp_path / "0.npz"), tmp_path / "counted", epochs=1))
+
+
+def test_a_run_saved_without_a_class_count_resumes_with_its_models(
+    tmp_path, monkeypatch
+):
+    """A run.json written before num_classes existed resumes with the
+    model's own class count (its test split lacks class 9: counting the test
+    labels refused the training label 9; a review); an overwriting run
+    whose data is refused leaves the previous run in place; --num-classes 0
+    (which fell through to the training labels) is refused."""
+    rng = np.random.default_rng(0)
+    y_train = rng.integers(0, 9, 300)
+    y_train[0] = 9
+    path = tmp_path / "nine.npz"
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (300, 28, 28), dtype=np.uint8),
+        y_train=y_train,
+        x_test=rng.integers(0, 256, (60, 28, 28), dtype=np.uint8),
+        y_test=np.arange(60) % 9,
+    )
+    out = tmp_path / "run"
+    save = train._SaveRun.on_epoch_end
+
+    def crash(self, epoch, logs=None):
+        save(self, epoch, logs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train._SaveRun, "on_epoch_end", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(_config(str(path), out, epochs=2, num_classes=10))
+    monkeypatch.setattr(train._SaveRun, "on_epoch_end", save)
+    state = json.loads((out / "run.json").read_text())
+    del state["config"]["num_classes"]  # as written before the setting existed
+    (out / "run.json").write_text(json.dumps(state))
+    resumed = run_train(TrainConfig(output_dir=str(out), resume=True, verbose=0))
+    assert [r["epoch"] for r in resumed["epochs"]] == [1, 2]
+    before = (out / "model.keras").read_bytes()
+    with pytest.raises(ValueError, match="counted in the test labels"):
+        run_train(_config(str(path), out, epochs=1, overwrite=True))
+    assert (out / "model.keras").read_bytes() == before and (out / "run.json").exists()
+    with pytest.raises(ValueError, match="positive int"):
+        cli.main(
+            [
+                "train",
+                "--data",
+                str(path),
+                "--output-dir",
+                str(tmp_path / "z"),
+                "--num-classes",
+                "0",
+                "--verbose",
+                "0",
+            ]
+        )

@@ -196,3 +196,18 @@ def test_dataset_given_twice_or_never_is_refused(mnist_npz):
         load_and_prepare_data(str(mnist_npz), 32, dataset_name="digits")
     with pytest.raises(ValueError, match="needs a dataset"):
         load_and_prepare_data(batch_size=32)
+
+
+def test_a_public_class_count_for_labels_the_test_split_lacks():
+    """Class-index labels are counted in the test labels (never the training
+    ones, whose max + 1 showed whether the only sample of the last class was
+    present); a class the test split lacks needs num_classes (a review)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 6, 6), dtype=np.uint8)
+    y = np.arange(40) % 3
+    y[0] = 3
+    data = ((x, y), (x[:8], np.arange(8) % 3))
+    with pytest.raises(ValueError, match="counted in the test labels"):
+        load_and_prepare_data(data, 10)
+    _, _, meta = load_and_prepare_data(data, 10, num_classes=4)
+    assert meta.nb_classes == 4
