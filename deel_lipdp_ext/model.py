@@ -628,12 +628,12 @@ class PrivateModel(HasPrivacyPlan):
                 `strategy.run(model.train_step, args=(batch,))`, which can give
                 every replica the whole batch.
         """
-        if self._privacy_plan.step_checks and not self._dp_in_train_function.value:
+        if self._dp_fitting.value and not self._dp_in_train_function.value:
             raise RuntimeError(
                 f"{type(self).__name__}.train_step was called directly while fit "
-                "runs with a budget (from a callback): its steps would pass the "
-                "budget check, which runs in the train function. Use "
-                "train_on_batch, or train after fit returns."
+                "runs (from a callback): its steps would pass the budget check, "
+                "which runs in the train function, and not the data fit checked. "
+                "Use train_on_batch, or train after fit returns."
             )
         replicas = max(num_replicas(), self.distribute_strategy.num_replicas_in_sync)
         if replicas > 1 and self._dp_entry.value is None:
@@ -745,13 +745,14 @@ class PrivateModel(HasPrivacyPlan):
                 check(())  # after every callback: a budget check sees all changes
             self._dp_in_train_function.value = True
             try:
-                if entry is None:
-                    return function(iterator)
-                entry.assign(True)  # read by the step's guard (_entry_guards)
-                try:
-                    return function(iterator)
-                finally:
-                    entry.assign(False)
+                with self._privacy_plan.steps_of_checked_sampling():
+                    if entry is None:
+                        return function(iterator)
+                    entry.assign(True)  # read by the step's guard (_entry_guards)
+                    try:
+                        return function(iterator)
+                    finally:
+                        entry.assign(False)
             finally:
                 self._dp_in_train_function.value = False
 
@@ -797,6 +798,7 @@ class PrivateModel(HasPrivacyPlan):
         bound.apply_defaults()
         plan = self._privacy_plan
         plan.check_ready(type(self).__name__)
+        checks = list(plan.step_checks)  # registered outside this fit: kept
         try:  # a refusal below leaves later steps "unverified", as after fit
             call = self._checked_fit_arguments(bound.arguments)
             self._dp_fitting.value = True
@@ -805,7 +807,7 @@ class PrivateModel(HasPrivacyPlan):
         finally:
             self._dp_fitting.value = False
             plan.use_unverified_sampling()
-            plan.step_checks.clear()
+            plan.step_checks[:] = checks
 
     def _checked_fit_arguments(self, a: dict) -> dict:
         """Keras fit's arguments once `a` (fit's bound arguments) passed the

@@ -26,6 +26,7 @@ resumed or rolled-back model never replays a noise value.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import secrets
@@ -269,7 +270,9 @@ class PrivacyPlan:
     Attributes:
         steps, ledger_table, ledger_size, lineage: the state variables; the
             owning model holds them as attributes so they are saved.
-        sampling_code: the sampling of the steps to come (not saved).
+        sampling_code: the sampling of the steps running now (not saved):
+            'unverified' but while the owner's train function runs in a fit
+            whose data was checked (`steps_of_checked_sampling`).
         release_schedules: callbacks that plan releases (not saved).
         step_checks: functions run before each execution of the train
             function and each recorded release, which raise to stop it (not
@@ -289,9 +292,10 @@ class PrivacyPlan:
         self.release_schedules: list[ReleaseSchedule] = []
         # Run before each execution of steps (by the owner's train function,
         # after every callback) with (), and before each recorded release
-        # with (release,); they raise to stop it. Not saved; `fit` clears
+        # with (release,); they raise to stop it. Not saved; `fit` removes
         # those registered in it when it ends.
         self.step_checks: list[Callable[[tuple], None]] = []
+        self._checked_sampling = UNVERIFIED  # of the running fit's data
         self._epoch_offset = 0  # model epoch - fit epoch (`start_fit`)
         self.steps = keras.Variable(0, dtype="int64", trainable=False, name="dp_steps")
         self.ledger_table = keras.Variable(
@@ -781,8 +785,19 @@ class PrivacyPlan:
                 "checked against the declared sampling). "
                 f"Received: {type(x).__name__}"
             )
-        self.sampling_code.assign(code)
+        self._checked_sampling = code
         return SAMPLING_LABELS[code]
+
+    @contextlib.contextmanager
+    def steps_of_checked_sampling(self):
+        """While the owner's train function runs: its steps carry the sampling
+        `check_training_data` found (any other step, e.g. a `train_step`
+        called from a callback during fit, stays 'unverified')."""
+        self.sampling_code.assign(self._checked_sampling)
+        try:
+            yield
+        finally:
+            self.sampling_code.assign(UNVERIFIED)
 
     def dataset_sampling(self, dataset: tf.data.Dataset) -> str:
         """The sampling label of a dataset that reads the training data (for a
@@ -837,6 +852,7 @@ class PrivacyPlan:
     def use_unverified_sampling(self) -> None:
         """Steps run outside `fit` (train_on_batch, custom loops) are recorded
         as 'unverified': the caller vouches for the sampling."""
+        self._checked_sampling = UNVERIFIED
         self.sampling_code.assign(UNVERIFIED)
 
     # ----------------------------------------------------------- accounting

@@ -719,7 +719,8 @@ def test_a_train_step_of_ones_own_traced_inside_fit_is_refused_when_run():
     one's own, traced inside fit (where the trace-time check passes), gave
     every replica the whole batch when run, inside fit or after it (update
     2x, one step). The step now guards in the graph that the model's train
-    function is running."""
+    function is running; tracing it inside fit is refused at once (a train
+    step called directly during fit), so here it is traced between fits."""
     strategy = strategy_of(2)
     with strategy.scope():
         model = _clipless(1.0)
@@ -735,15 +736,20 @@ def test_a_train_step_of_ones_own_traced_inside_fit_is_refused_when_run():
                     step(batch)
                 outcomes.append(str(refused.value))
 
+    class Trace(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch_index, logs=None):
+            with pytest.raises(RuntimeError, match="called directly while fit"):
+                step.get_concrete_function(batch)
+            outcomes.append("refused at trace")
+
+    data = poisson_batches(*_samples(1000), 50, seed=6)
+    fit = dict(epochs=1, verbose=0, steps_per_epoch=1)
+    model.fit(data, **fit, callbacks=[Trace()])
+    step.get_concrete_function(batch)  # outside fit: the trace-time check passes
     before = [v.numpy() for v in model.trainable_variables]
-    model.fit(
-        poisson_batches(*_samples(1000), 50, seed=6),
-        epochs=1,
-        verbose=0,
-        steps_per_epoch=1,
-        callbacks=[Run()],
-    )
-    assert "assertion failed: [DP tr" in outcomes[0]  # TensorFlow cuts the rest
+    model.fit(data, **fit, callbacks=[Run()])
+    assert outcomes[0] == "refused at trace"
+    assert "assertion failed: [DP tr" in outcomes[1]  # TensorFlow cuts the rest
     trained = [v.numpy() for v in model.trainable_variables]
     assert any(not np.array_equal(a, b) for a, b in zip(trained, before, strict=True))
     with pytest.raises(tf.errors.InvalidArgumentError, match="assertion failed"):

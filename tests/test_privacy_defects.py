@@ -1905,6 +1905,56 @@ def test_train_step_cannot_run_around_the_budget_check():
     assert model.privacy_plan.epsilon() <= 3.0
 
 
+def test_steps_outside_the_train_function_during_fit_are_unverified():
+    """A train_step called from a callback ran with the fit's checked label
+    (poisson, exact) on a batch of its own (a review): an eager call during
+    fit is refused, budget or not, and a step traced before fit runs with
+    the label 'unverified' (counted; the budget covers fit's own steps)."""
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    model = _budget_model(sigma=2.0)
+
+    class Direct(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            self.model.train_step((x[:50], y[:50]))
+
+    with pytest.raises(RuntimeError, match="train_step was called directly"):
+        model.fit(poisson_batches(x, y, 50), verbose=0, callbacks=[Direct()])
+    step = tf.function(model.train_step)
+    step.get_concrete_function((tf.constant(x[:50]), tf.constant(y[:50])))
+
+    class Traced(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            step((tf.constant(x[:50]), tf.constant(y[:50])))
+
+    before = model.privacy_plan.steps_taken()
+    model.fit(poisson_batches(x, y, 50), verbose=0, callbacks=[Traced()])
+    assert model.privacy_plan.steps_taken() == before + 4 + 1
+    assert "unverified (train_on_batch or a custom loop)" in (
+        model.privacy_plan.samplings()
+    )
+    assert not model.privacy_plan.is_exact()
+
+
+def test_fit_keeps_the_step_checks_registered_outside_it():
+    """A fit refused half-way (or one without an accountant) cleared every
+    budget check, also one a custom loop had registered: 208 steps ran,
+    epsilon 10.6 for a budget of 3 (a review)."""
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    model = _budget_model(sigma=2.0)
+    accountant = DP_Accountant(epsilon_budget=3.0)
+    keras.callbacks.CallbackList([accountant], model=model).on_train_begin()
+    checks = list(model.privacy_plan.step_checks)
+    assert checks
+    with pytest.raises(ValueError, match="batch_size=32"):
+        model.fit(x, y, batch_size=32, verbose=0)
+    model.fit(poisson_batches(x, y, 50), verbose=0)
+    assert model.privacy_plan.step_checks == checks
+    with pytest.raises(ValueError, match="would exceed epsilon_budget=3.0"):
+        for _ in range(200):
+            model.train_on_batch(x[:50], y[:50])
+    assert model.privacy_plan.epsilon() <= 3.0
+
+
 def test_fit_cannot_run_inside_its_own_fit():
     """A fit from a callback cleared the outer fit's budget check (and reset
     its sampling and epoch offset): epsilon 33.1 for a budget of 3."""
