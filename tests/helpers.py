@@ -129,3 +129,23 @@ def assert_contraction_at_ties(layer, shape, seed: int, n: int = 16) -> None:
         for t in (input_gradient(x, g), g)
     ]
     assert np.all(norms[0] <= norms[1] * (1 + 1e-6)), np.max(norms[0] / norms[1])
+
+
+def write_npz_with_a_class_the_test_lacks(
+    path, n_train, side, n_test, skip_first=False
+):
+    """An MNIST-style .npz whose training labels hold class 9 once (row 0;
+    left out with `skip_first`) while the test labels hold classes 0-8: the
+    neighbouring pair of the class-count reviews. Returns `path`."""
+    rng = np.random.default_rng(0)
+    y_train = rng.integers(0, 9, n_train)
+    y_train[0] = 9
+    rows = slice(1 if skip_first else 0, n_train)
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (n_train, side, side), dtype=np.uint8)[rows],
+        y_train=y_train[rows],
+        x_test=rng.integers(0, 256, (n_test, side, side), dtype=np.uint8),
+        y_test=np.arange(n_test) % 9,
+    )
+    return path

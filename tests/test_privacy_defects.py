@@ -1888,7 +1888,9 @@ def test_a_budget_counts_every_step_of_a_long_execution():
 
 def test_train_step_cannot_run_around_the_budget_check():
     """60 direct train_step calls from a callback ran unchecked (epsilon 5.41
-    for a budget of 3): the budget check runs in the train function."""
+    for a budget of 3): the budget check runs in the train function. Without
+    a budget they ran with the fit's checked label (poisson, exact) on a
+    batch of their own (a review): refused too."""
     x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
     model = _budget_model(sigma=2.0)
 
@@ -1896,29 +1898,20 @@ def test_train_step_cannot_run_around_the_budget_check():
         def on_train_batch_end(self, batch, logs=None):
             self.model.train_step((x[:50], y[:50]))
 
-    with pytest.raises(RuntimeError, match="train_step was called directly"):
-        model.fit(
-            poisson_batches(x, y, 50),
-            verbose=0,
-            callbacks=[DP_Accountant(epsilon_budget=3.0), Direct()],
-        )
-    assert model.privacy_plan.epsilon() <= 3.0
+    for budget in ([DP_Accountant(epsilon_budget=3.0)], []):
+        with pytest.raises(RuntimeError, match="train_step was called directly"):
+            model.fit(
+                poisson_batches(x, y, 50), verbose=0, callbacks=[*budget, Direct()]
+            )
+        assert model.privacy_plan.epsilon() <= 3.0
 
 
 def test_steps_outside_the_train_function_during_fit_are_unverified():
-    """A train_step called from a callback ran with the fit's checked label
-    (poisson, exact) on a batch of its own (a review): an eager call during
-    fit is refused, budget or not, and a step traced before fit runs with
-    the label 'unverified' (counted; the budget covers fit's own steps)."""
+    """A step traced before fit and run from a callback during it recorded
+    the fit's checked label (a review): it is 'unverified' (counted; the
+    budget covers fit's own steps)."""
     x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
     model = _budget_model(sigma=2.0)
-
-    class Direct(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            self.model.train_step((x[:50], y[:50]))
-
-    with pytest.raises(RuntimeError, match="train_step was called directly"):
-        model.fit(poisson_batches(x, y, 50), verbose=0, callbacks=[Direct()])
     step = tf.function(model.train_step)
     step.get_concrete_function((tf.constant(x[:50]), tf.constant(y[:50])))
 

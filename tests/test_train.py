@@ -10,6 +10,8 @@ import pytest
 from deel_lipdp_ext import cli, train
 from deel_lipdp_ext.train import TrainConfig, evaluate_model, run_train
 
+from .helpers import write_npz_with_a_class_the_test_lacks
+
 
 @pytest.fixture
 def npz(tmp_path):
@@ -37,20 +39,27 @@ def _config(npz, out, **changes):
     return TrainConfig(**{**settings, **changes})
 
 
+def _crashing_after_epoch(monkeypatch, last: int = 0):
+    """The process dies after the checkpoint of epoch `last` + 1 (0-based
+    `last`); returns what undoes it."""
+    save = train._SaveRun.on_epoch_end
+
+    def crash(self, epoch, logs=None):
+        save(self, epoch, logs)
+        if epoch == last:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train._SaveRun, "on_epoch_end", crash)
+    return lambda: monkeypatch.setattr(train._SaveRun, "on_epoch_end", save)
+
+
 def test_interrupted_run_resumes_with_the_epsilon_of_the_whole_run(
     npz, tmp_path, monkeypatch
 ):
-    save = train._SaveRun.on_epoch_end
-
-    def crash_after_two_epochs(self, epoch, logs=None):
-        save(self, epoch, logs)
-        if epoch == 1:
-            raise KeyboardInterrupt  # the process dies after epoch 2's checkpoint
-
-    monkeypatch.setattr(train._SaveRun, "on_epoch_end", crash_after_two_epochs)
+    undo = _crashing_after_epoch(monkeypatch, last=1)
     with pytest.raises(KeyboardInterrupt):
         run_train(_config(npz, tmp_path / "run"))
-    monkeypatch.setattr(train._SaveRun, "on_epoch_end", save)
+    undo()
     state = json.loads((tmp_path / "run" / "run.json").read_text())
     assert [r["epoch"] for r in state["epochs"]] == [1, 2]
 
@@ -139,17 +148,11 @@ def test_an_interrupted_run_leaves_no_report_of_another_run(npz, tmp_path, monke
     out = tmp_path / "run"
     run_train(_config(npz, out, epochs=1, target_epsilon=1.0))
     assert (out / "report.json").exists() and (out / "report.png").exists()
-    save = train._SaveRun.on_epoch_end
-
-    def crash(self, epoch, logs=None):
-        save(self, epoch, logs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train._SaveRun, "on_epoch_end", crash)
+    undo = _crashing_after_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_train(_config(npz, out, epochs=3, target_epsilon=8.0, overwrite=True))
     assert not (out / "report.json").exists() and not (out / "report.png").exists()
-    monkeypatch.setattr(train._SaveRun, "on_epoch_end", save)
+    undo()
     resumed = run_train(TrainConfig(output_dir=str(out), resume=True, verbose=0))
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == resumed["steps"] == 9  # 3 epochs of 3 steps
@@ -169,23 +172,12 @@ def test_a_public_class_count_for_labels_the_test_split_lacks(tmp_path):
     whose only sample of class 9 is in the training split trains with
     --num-classes 10 (10 outputs with or without that sample); without it,
     the test labels' count (9) refuses the training label 9 by name."""
-    rng = np.random.default_rng(0)
-    y_train = rng.integers(0, 9, 300)
-    y_train[0] = 9
-    arrays = dict(
-        x_train=rng.integers(0, 256, (300, 28, 28), dtype=np.uint8),
-        x_test=rng.integers(0, 256, (60, 28, 28), dtype=np.uint8),
-        y_test=np.arange(60) % 9,
-    )
     outputs = []
-    for rows in (slice(0, 300), slice(1, 300)):
-        path = tmp_path / f"{rows.start}.npz"
-        np.savez(
-            path,
-            y_train=y_train[rows],
-            **{**arrays, "x_train": arrays["x_train"][rows]},
+    for skip in (0, 1):  # with and without the only sample of class 9
+        path = write_npz_with_a_class_the_test_lacks(
+            tmp_path / f"{skip}.npz", 300, 28, 60, skip_first=bool(skip)
         )
-        out = tmp_path / f"run{rows.start}"
+        out = tmp_path / f"run{skip}"
         argv = ["train", "--data", str(path), "--output-dir", str(out), "--epochs", "1"]
         assert cli.main([*argv, "--num-classes", "10", "--verbose", "0"]) == 0
         model = keras.models.load_model(out / "model.keras")
@@ -204,28 +196,12 @@ def test_a_run_saved_without_a_class_count_resumes_with_its_models(
     labels refused the training label 9; a review); an overwriting run
     whose data is refused leaves the previous run in place; --num-classes 0
     (which fell through to the training labels) is refused."""
-    rng = np.random.default_rng(0)
-    y_train = rng.integers(0, 9, 300)
-    y_train[0] = 9
-    path = tmp_path / "nine.npz"
-    np.savez(
-        path,
-        x_train=rng.integers(0, 256, (300, 28, 28), dtype=np.uint8),
-        y_train=y_train,
-        x_test=rng.integers(0, 256, (60, 28, 28), dtype=np.uint8),
-        y_test=np.arange(60) % 9,
-    )
+    path = write_npz_with_a_class_the_test_lacks(tmp_path / "nine.npz", 300, 28, 60)
     out = tmp_path / "run"
-    save = train._SaveRun.on_epoch_end
-
-    def crash(self, epoch, logs=None):
-        save(self, epoch, logs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train._SaveRun, "on_epoch_end", crash)
+    undo = _crashing_after_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_train(_config(str(path), out, epochs=2, num_classes=10))
-    monkeypatch.setattr(train._SaveRun, "on_epoch_end", save)
+    undo()
     state = json.loads((out / "run.json").read_text())
     del state["config"]["num_classes"]  # as written before the setting existed
     (out / "run.json").write_text(json.dumps(state))

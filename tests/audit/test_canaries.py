@@ -17,6 +17,8 @@ from deel_lipdp_ext.audit.canaries import (
 from deel_lipdp_ext.audit.run import AuditConfig, run_audit
 from deel_lipdp_ext.cli import main
 
+from ..helpers import write_npz_with_a_class_the_test_lacks
+
 
 def _pool(n=300):
     rng = np.random.default_rng(0)
@@ -129,16 +131,6 @@ def test_the_audit_counts_classes_in_the_held_out_labels_only(tmp_path):
     only training sample of class 9 was present or not (a review): the count
     comes from the held-out labels, and a training label beyond it is
     refused by name before anything trains."""
-    rng = np.random.default_rng(0)
-    y_train = rng.integers(0, 9, 200)
-    y_train[0] = 9
-    path = tmp_path / "nine.npz"
-    np.savez(
-        path,
-        x_train=rng.integers(0, 256, (200, 8, 8), dtype=np.uint8),
-        y_train=y_train,
-        x_test=rng.integers(0, 256, (100, 8, 8), dtype=np.uint8),
-        y_test=np.arange(100) % 9,
-    )
+    path = write_npz_with_a_class_the_test_lacks(tmp_path / "nine.npz", 200, 8, 100)
     with pytest.raises(ValueError, match=r"lie in \[0, 9\)"):
         run_audit(AuditConfig(data=str(path), epsilon=2.0, epochs=1, num_canaries=20))
