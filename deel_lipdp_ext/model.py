@@ -357,6 +357,38 @@ def _check_validation_data(validation_data, x) -> None:
         )
 
 
+class _FitStepMarker(keras.callbacks.Callback):
+    """fit's last callback: marks that the next call of the train function
+    is fit's own (Keras calls it right after `on_train_batch_begin`), so only
+    that call's steps carry the sampling fit checked; a train function called
+    from a callback with an iterator of its own ran as 'poisson' (a review)."""
+
+    def __init__(self, owner: keras.Model):
+        super().__init__()
+        self._owner = owner  # the model (Keras sets `model` only in fit)
+        self._list = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._owner._dp_fit_calls_next.value = True  # noqa: SLF001
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._owner._dp_fit_calls_next.value = False  # noqa: SLF001
+
+    def added_to(self, callbacks):
+        """`callbacks` (a list or a CallbackList) with this marker last."""
+        if isinstance(callbacks, keras.callbacks.CallbackList):
+            callbacks.callbacks.append(self)
+            self._list = callbacks
+            return callbacks
+        return [*callbacks, self]
+
+    def remove(self) -> None:
+        """Out of a given CallbackList again (it may serve another fit)."""
+        self._owner._dp_fit_calls_next.value = False  # noqa: SLF001
+        if self._list is not None and self in self._list.callbacks:
+            self._list.callbacks.remove(self)
+
+
 def _secretly_shuffled(a: dict, batch_size: int, nb_samples: int) -> dict:
     """fit's arguments with its training arrays (checked: shuffled sampling,
     B, N rows) as `data.shuffled_batches`, a fresh permutation each epoch
@@ -441,6 +473,7 @@ class PrivateModel(HasPrivacyPlan):
         self._dp_entry = _Untracked(None)  # see _entry_guards
         self._dp_fitting = _Untracked(False)  # a fit runs (`fit`)
         self._dp_in_train_function = _Untracked(False)  # (`make_train_function`)
+        self._dp_fit_calls_next = _Untracked(False)  # (`_FitStepMarker`)
         self._dp_traced_steps = _Untracked(1)  # steps per execution, as traced
         self._privacy_plan = PrivacyPlan(
             dp_parameters, dataset_metadata, noise_coefficients
@@ -743,9 +776,12 @@ class PrivateModel(HasPrivacyPlan):
             self._check_iterator(iterator)
             for check in list(self._privacy_plan.step_checks):
                 check(())  # after every callback: a budget check sees all changes
+            # fit's own call (marked by its last callback) runs on the data fit
+            # checked; any other (a callback's, train_on_batch) is unverified
+            fits, self._dp_fit_calls_next.value = self._dp_fit_calls_next.value, False
             self._dp_in_train_function.value = True
             try:
-                with self._privacy_plan.steps_of_checked_sampling():
+                with self._privacy_plan.steps_of_checked_sampling(fits):
                     if entry is None:
                         return function(iterator)
                     entry.assign(True)  # read by the step's guard (_entry_guards)
@@ -799,12 +835,15 @@ class PrivateModel(HasPrivacyPlan):
         plan = self._privacy_plan
         plan.check_ready(type(self).__name__)
         checks = list(plan.step_checks)  # registered outside this fit: kept
+        marker = _FitStepMarker(self)
         try:  # a refusal below leaves later steps "unverified", as after fit
             call = self._checked_fit_arguments(bound.arguments)
+            call["callbacks"] = marker.added_to(call["callbacks"])
             self._dp_fitting.value = True
             with self._splits_batches():
                 return super().fit(**call)
         finally:
+            marker.remove()
             self._dp_fitting.value = False
             plan.use_unverified_sampling()
             plan.step_checks[:] = checks
@@ -856,8 +895,7 @@ class PrivateModel(HasPrivacyPlan):
         sampling 'unverified' (the caller vouches for the batches). Under
         several replicas (one worker) the batch is split over them, each
         sample to one replica."""
-        self._privacy_plan.use_unverified_sampling()
-        strategy = self.distribute_strategy
+        strategy = self.distribute_strategy  # unverified: not fit's own call
         if strategy.num_replicas_in_sync == 1:
             return super().train_on_batch(
                 x, y, sample_weight, class_weight, return_dict=return_dict

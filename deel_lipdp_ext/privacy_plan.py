@@ -789,11 +789,12 @@ class PrivacyPlan:
         return SAMPLING_LABELS[code]
 
     @contextlib.contextmanager
-    def steps_of_checked_sampling(self):
-        """While the owner's train function runs: its steps carry the sampling
-        `check_training_data` found (any other step, e.g. a `train_step`
-        called from a callback during fit, stays 'unverified')."""
-        self.sampling_code.assign(self._checked_sampling)
+    def steps_of_checked_sampling(self, checked: bool = True):
+        """While the owner's train function runs fit's own call (`checked`):
+        its steps carry the sampling `check_training_data` found. Any other
+        step (a `train_step` or train function called from a callback during
+        fit, `train_on_batch`) stays 'unverified'."""
+        self.sampling_code.assign(self._checked_sampling if checked else UNVERIFIED)
         try:
             yield
         finally:

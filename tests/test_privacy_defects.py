@@ -1906,26 +1906,35 @@ def test_train_step_cannot_run_around_the_budget_check():
         assert model.privacy_plan.epsilon() <= 3.0
 
 
-def test_steps_outside_the_train_function_during_fit_are_unverified():
-    """A step traced before fit and run from a callback during it recorded
-    the fit's checked label (a review): it is 'unverified' (counted; the
-    budget covers fit's own steps)."""
+def test_steps_outside_fits_own_calls_are_unverified():
+    """Steps of fit's data only carry its label: a step traced before fit and
+    run from a callback, and a train function a callback called with an
+    iterator of its own (20 steps on one fixed batch), were recorded as exact
+    Poisson (reviews); a callback's train_on_batch made fit's later steps
+    'unverified'. Counted either way; the budget covers fit's own steps."""
     x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
     model = _budget_model(sigma=2.0)
     step = tf.function(model.train_step)
     step.get_concrete_function((tf.constant(x[:50]), tf.constant(y[:50])))
+    fixed = tf.data.Dataset.from_tensors((x[:50], y[:50])).repeat()
 
-    class Traced(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            step((tf.constant(x[:50]), tf.constant(y[:50])))
+    class OwnSteps(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 0:
+                step((tf.constant(x[:50]), tf.constant(y[:50])))
+                self.model.train_function(iter(fixed))
+                self.model.train_on_batch(x[:50], y[:50])
 
-    before = model.privacy_plan.steps_taken()
-    model.fit(poisson_batches(x, y, 50), verbose=0, callbacks=[Traced()])
-    assert model.privacy_plan.steps_taken() == before + 4 + 1
-    assert "unverified (train_on_batch or a custom loop)" in (
-        model.privacy_plan.samplings()
-    )
+    model.fit(poisson_batches(x, y, 50), epochs=2, verbose=0, callbacks=[OwnSteps()])
+    counts = {r.sampling: r.count for r in model.privacy_plan.ledger()}
+    assert counts == {
+        "poisson": 8,  # fit's own, before and after the callbacks' steps
+        "unverified (train_on_batch or a custom loop)": 6,
+    }
     assert not model.privacy_plan.is_exact()
+    model.fit(poisson_batches(x, y, 50), verbose=0)  # and a plain fit again
+    counts = {r.sampling: r.count for r in model.privacy_plan.ledger()}
+    assert counts["poisson"] == 12
 
 
 def test_fit_keeps_the_step_checks_registered_outside_it():
