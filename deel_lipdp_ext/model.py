@@ -895,7 +895,20 @@ class PrivateModel(HasPrivacyPlan):
         sampling 'unverified' (the caller vouches for the batches). Under
         several replicas (one worker) the batch is split over them, each
         sample to one replica."""
-        strategy = self.distribute_strategy  # unverified: not fit's own call
+        # never fit's own call, even when fit's next one is marked (a callback
+        # after the marker): unverified, and fit's own call keeps its mark
+        marked, self._dp_fit_calls_next.value = self._dp_fit_calls_next.value, False
+        try:
+            return self._unverified_train_on_batch(
+                x, y, sample_weight, class_weight, return_dict
+            )
+        finally:
+            self._dp_fit_calls_next.value = marked
+
+    def _unverified_train_on_batch(
+        self, x, y, sample_weight, class_weight, return_dict
+    ):
+        strategy = self.distribute_strategy
         if strategy.num_replicas_in_sync == 1:
             return super().train_on_batch(
                 x, y, sample_weight, class_weight, return_dict=return_dict

@@ -1936,6 +1936,25 @@ def test_steps_outside_fits_own_calls_are_unverified():
     counts = {r.sampling: r.count for r in model.privacy_plan.ledger()}
     assert counts["poisson"] == 12
 
+    class Late(keras.callbacks.Callback):  # runs after fit's marker
+        def on_train_batch_begin(self, batch, logs=None):
+            model.set_noise_multiplier(3.0)  # its steps: a row of their own
+            model.train_on_batch(x[:50], y[:50])
+            model.set_noise_multiplier(2.0)
+
+    class AppendLate(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            given.callbacks.append(Late())
+
+    given = keras.callbacks.CallbackList([AppendLate()], model=model)
+    model.fit(poisson_batches(x, y, 50), verbose=0, callbacks=given)
+    counts = {(r.sampling, r.parameter): r.count for r in model.privacy_plan.ledger()}
+    assert counts == {  # its train_on_batch took neither fit's mark nor label
+        ("poisson", 2.0): 16,
+        ("unverified (train_on_batch or a custom loop)", 2.0): 6,
+        ("unverified (train_on_batch or a custom loop)", 3.0): 4,
+    }
+
 
 def test_fit_keeps_the_step_checks_registered_outside_it():
     """A fit refused half-way (or one without an accountant) cleared every
