@@ -224,3 +224,46 @@ def test_noise_multiplier_plans_every_step_of_a_whole_number_of_lots():
     # a quotient that is not whole keeps upstream's int()
     accountant.get_noise_multiplier("sigma", 1.0, 1e-5, 0.3, 7)
     assert accountant.steps_info[0][2] == 23
+
+
+def _rdp_accountant_epsilon(q, sigma, steps, delta=1e-5):
+    from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    accountant.compose(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps)
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize(
+    "q, sigma, steps, settings",
+    [(0.5, 20.0, 10, {}), (0.2, 10.0, 100, {"order_max": 256})],
+)
+def test_fractional_orders_sum_the_series_past_its_first_small_terms(
+    q, sigma, steps, settings
+):
+    """The fractional-order series stopped at its first term when that term
+    was already below exp(-30) (large q and sigma): per-step RDP -0.64 for
+    0.016 at order 50.5, epsilon -6.3 for 0.30 (a review). The sum now runs
+    past i = alpha: RDP positive, epsilon dp-accounting's."""
+    accountant = GeneralMomentAccountant(**settings)
+    rdp = accountant.per_step_rdp([50.5, 20.5, 3.5], {"sigma": sigma}, q)
+    assert np.all(rdp > 0)
+    accountant.add_step_info({"sigma": sigma}, q, steps)
+    assert accountant.get_epsilon(1e-5) == pytest.approx(
+        _rdp_accountant_epsilon(q, sigma, steps), rel=1e-3
+    )
+
+
+def test_the_rdp_cache_keys_on_every_noise_parameter():
+    """The cache keyed on the first item of noise_params: after
+    {"clip": 1, "sigma": 5}, {"clip": 1, "sigma": 0.5} reused sigma 5's RDP
+    (epsilon 0.23 for 16.2; a review)."""
+    accountant = GeneralMomentAccountant()
+    accountant.add_step_info({"clip": 1.0, "sigma": 5.0}, 0.01, 1000)
+    low = accountant.get_epsilon(1e-5)
+    accountant.reset_step_info()
+    accountant.add_step_info({"clip": 1.0, "sigma": 0.5}, 0.01, 1000)
+    fresh = GeneralMomentAccountant()
+    fresh.add_step_info({"clip": 1.0, "sigma": 0.5}, 0.01, 1000)
+    assert accountant.get_epsilon(1e-5) == fresh.get_epsilon(1e-5) > 10 * low
