@@ -310,3 +310,18 @@ def test_a_checkpoint_never_holds_a_lot_s_noise_free_gradient_sum(tmp_path):
     path = tf.train.Checkpoint(optimizer=optimizer).save(str(tmp_path / "c"))
     names = [name for name, _ in tf.train.list_variables(path)]
     assert not any("accumulator" in name for name in names), names
+
+
+def test_a_manager_drives_only_its_own_optimizers_with_micro_batches_of_one():
+    """Manager A's optimizer under manager B's lot_loader drew lots of ~500
+    at B's q = 0.5 while recording A's q = 0.01 (1.01 reported for 8.24), and
+    batch_size = 8 set after construction cut micro-batches of 8 (a review)."""
+    a, b = _manager(n=1000, lot=10), _manager(n=1000, lot=500)
+    optimizer_a = a.privatize(1.0)[0](learning_rate=0.1)
+    b.privatize(1.0)
+    with pytest.raises(ValueError, match="this manager's privatize"):
+        next(b.lot_loader(optimizer_a))
+    assert next(a.lot_loader(optimizer_a))[0].shape[1] == 3  # its own: fine
+    with pytest.raises(AttributeError):
+        a.batch_size = 8
+    assert a.batch_size == 1
