@@ -184,7 +184,9 @@ class DP_Accountant(keras.callbacks.Callback):
             _, planned = self._planned(next_epoch, schedules=())
             return plan.epsilon(self.accountant, (*pending, *planned))
         horizon, planned = self._planned(next_epoch)
-        self._checked = (planned, plan.steps_taken() + horizon)
+        # the step counter, one read (steps_taken also sums the ledgers): it
+        # moves with every step that runs, as the ledger's count does
+        self._checked = (planned, int(plan.steps.numpy()) + horizon)
         return plan.epsilon(self.accountant, planned)
 
     def on_train_begin(self, logs=None):
@@ -230,7 +232,7 @@ class DP_Accountant(keras.callbacks.Callback):
             planned, last_step = self._checked
             if (
                 self._planned(self._epoch)[1] == planned
-                and plan.steps_taken() + self.model.steps_per_call() <= last_step
+                and int(plan.steps.numpy()) + self.model.steps_per_call() <= last_step
             ):
                 return
         epsilon = self._plan_after(self._epoch, pending)
