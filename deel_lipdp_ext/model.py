@@ -404,9 +404,10 @@ def _secretly_shuffled(a: dict, batch_size: int, nb_samples: int) -> dict:
         )
         validation = tuple(t for t in held_out if t is not None)
     x, y, sample_weight = arrays
-    for name, value in (("y", y), ("sample_weight", sample_weight)):
-        if value is None and name == "sample_weight":
-            continue
+    given = (
+        {"y": y} if sample_weight is None else {"y": y, "sample_weight": sample_weight}
+    )
+    for name, value in given.items():
         if not (
             isinstance(value, np.ndarray | tf.Tensor) or hasattr(value, "__array__")
         ):

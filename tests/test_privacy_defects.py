@@ -1948,6 +1948,8 @@ def test_steps_outside_fits_own_calls_are_unverified():
 
     given = keras.callbacks.CallbackList([AppendLate()], model=model)
     model.fit(poisson_batches(x, y, 50), verbose=0, callbacks=given)
+    assert [type(c) for c in given.callbacks[:1]] == [AppendLate]
+    assert not any(type(c).__name__ == "_FitStepMarker" for c in given.callbacks)
     counts = {(r.sampling, r.parameter): r.count for r in model.privacy_plan.ledger()}
     assert counts == {  # its train_on_batch took neither fit's mark nor label
         ("poisson", 2.0): 16,
