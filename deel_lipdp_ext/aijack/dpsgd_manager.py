@@ -17,9 +17,9 @@ Keras 3 optimizers so that AIJack's training loop can be written with a
             optimizer.step(grads, model.trainable_variables)
 
 Semantics kept: ``step`` clips the micro-batch gradient (global norm over all
-variables) to ``l2_norm_clip`` and accumulates it, without updating;
-``step_for_lot`` applies ``(acc + C sigma N(0, I)) * batch_size / lot_size``
-with the base optimizer and records one step in the accountant; the lot loader
+variables) to ``l2_norm_clip`` (less a margin, below) and accumulates it,
+without updating; ``step_for_lot`` applies
+``(acc + C sigma N(0, I)) * batch_size / lot_size`` with the base optimizer and records one step in the accountant; the lot loader
 draws ``iterations`` Poisson lots (each example with probability
 ``lot_size / N``), calls ``step_for_lot`` before fetching each lot but the
 first and once more when the loop ends normally (a ``break`` drops the last
@@ -47,6 +47,13 @@ Departures:
   takes operating-system entropy.
 - DPLIS smoothing (``smoothing=True``) is not ported and raises
   NotImplementedError.
+- The optimizer updates only through ``step_for_lot``: Keras's
+  ``apply_gradients``, ``apply``, ``stateless_apply`` and ``update_step`` (so
+  ``compile`` + ``fit``) raise, since they would apply a raw gradient with no
+  clipping, no noise and no accounting.
+- Clipping, the lot's sum and the noise are float64 (the noisy mean is cast
+  to each variable's dtype); the clip aims at ``C (1 - 1e-6)`` so rounding
+  stays below C; a gradient with a NaN or Inf contributes nothing.
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ from collections.abc import Iterator, Sequence
 import keras
 import numpy as np
 import tensorflow as tf
+
+from ..layers.base import BOUND_MARGIN
 
 
 def _positive_finite(name: str, value) -> float:
@@ -224,6 +233,7 @@ class DPSGDManager:
                 self.noise_multiplier = sigma
                 self.l2_norm_clip = clip
                 self._dp_variables: list | None = None
+                self._applying_a_lot = False  # set only inside `step_for_lot`
                 # Held in a plain object: never tracked, so never checkpointed
                 # (a restored generator state would replay its noise).
                 self._noise = _Untracked(manager._new_noise_generator())
@@ -231,12 +241,17 @@ class DPSGDManager:
             def zero_grad(self) -> None:
                 """Nothing to clear: Keras optimizers do not hold gradients."""
 
-            def _track(self, variables, shapes_of) -> None:
+            def _track(self, variables) -> None:
                 self._dp_variables = list(variables)
                 # Untracked: a checkpoint of the optimizer must never hold the
-                # (noise-free) sum of a lot's clipped gradients.
+                # (noise-free) sum of a lot's clipped gradients. Float64 for
+                # any variable dtype: clipped and summed in bfloat16, one
+                # record's share reached 1.0078 C in a review.
                 self._accumulator_holder = _Untracked(
-                    [tf.Variable(tf.zeros_like(t), trainable=False) for t in shapes_of]
+                    [
+                        tf.Variable(tf.zeros(v.shape, tf.float64), trainable=False)
+                        for v in self._dp_variables
+                    ]
                 )
 
             @property
@@ -245,12 +260,46 @@ class DPSGDManager:
                 return None if holder is None else holder.value
 
             def step(self, gradients, variables) -> None:
-                """Clip the micro-batch gradient to C (global norm) and accumulate."""
-                gradients = [tf.convert_to_tensor(g) for g in gradients]
+                """Clip the micro-batch gradient to C (global norm) and accumulate.
+
+                The scale is ``min(C (1 - 1e-6) / (norm + 1e-6), 1)``, computed
+                in float64 whatever the gradients' dtype (the margin absorbs
+                float64 rounding of the norm). A gradient
+                with a NaN or Inf contributes nothing (as in `DPSGDModel`);
+                a ``None`` gradient is zero.
+
+                Raises:
+                    ValueError: ``variables`` are not those of the first
+                        ``step`` (or of ``build`` when a lot came first).
+                """
+                variables = list(variables)
                 if self._accumulators is None:
-                    self._track(variables, gradients)
+                    self._track(variables)
+                if len(variables) != len(self._dp_variables) or any(
+                    v is not w
+                    for v, w in zip(variables, self._dp_variables, strict=False)
+                ):
+                    raise ValueError(
+                        "`step` must get the variables of the first `step` (or "
+                        "of `build`), in the same order: the lot's sum is kept "
+                        "per variable. Received other variables"
+                    )
+                gradients = [
+                    tf.zeros(v.shape, tf.float64)
+                    if g is None
+                    else tf.cast(tf.convert_to_tensor(g), tf.float64)
+                    for g, v in zip(gradients, variables, strict=True)
+                ]
+                finite = tf.reduce_all(
+                    [tf.reduce_all(tf.math.is_finite(g)) for g in gradients]
+                )
+                gradients = [tf.where(finite, g, tf.zeros_like(g)) for g in gradients]
                 norm = tf.linalg.global_norm(gradients)
-                scale = tf.minimum(self.l2_norm_clip / (norm + 1e-6), 1.0)
+                # Aims at C * BOUND_MARGIN: the 1e-6 in the denominator alone
+                # let float64 rounding reach 3.0000000000000004 at C = 3 for a
+                # norm of 2.7e10 (a property test).
+                limit = tf.constant(self.l2_norm_clip * BOUND_MARGIN, tf.float64)
+                scale = tf.minimum(limit / (norm + 1e-6), 1.0)
                 for acc, g in zip(self._accumulators, gradients, strict=True):
                     acc.assign_add(scale * g)
 
@@ -263,6 +312,8 @@ class DPSGDManager:
                 """Noisy mean of the lot's clipped gradients, then the base step.
 
                 A lot without any ``step`` (an empty lot) is a noise-only step.
+                The noise is drawn and added in float64; only the noisy mean
+                is cast to each variable's dtype.
 
                 Raises:
                     RuntimeError: if no ``step`` ran yet and the optimizer was not
@@ -279,19 +330,59 @@ class DPSGDManager:
                             "the loop. Received: an unbuilt optimizer before its "
                             "first `step`"
                         )
-                    self._track(built, [tf.convert_to_tensor(v) for v in built])
+                    self._track(built)
                 std = self.l2_norm_clip * self.noise_multiplier
                 factor = manager.batch_size / manager.lot_size
                 noisy = [
-                    (acc + std * self._noise.value.normal(acc.shape, dtype=acc.dtype))
-                    * factor
-                    for acc in self._accumulators
+                    tf.cast(
+                        (
+                            acc
+                            + std
+                            * self._noise.value.normal(acc.shape, dtype=tf.float64)
+                        )
+                        * factor,
+                        v.dtype,
+                    )
+                    for acc, v in zip(
+                        self._accumulators, self._dp_variables, strict=True
+                    )
                 ]
-                self.apply(noisy, self._dp_variables)
+                self._applying_a_lot = True
+                try:
+                    super().apply(noisy, self._dp_variables)
+                finally:
+                    self._applying_a_lot = False
                 self.zero_grad_for_lot()  # nothing of the lot outlives its step
                 manager.accountant.add_step_info(
                     {"sigma": self.noise_multiplier}, manager.sampling_rate, 1
                 )
+
+            # Keras's own update paths (`compile` + `fit`, `apply_gradients`,
+            # `apply`, `stateless_apply`, `update_step`) would apply a raw
+            # gradient: no clipping, no noise, nothing accounted.
+            def _refuse_plain_update(self, method: str):
+                raise RuntimeError(
+                    f"`{method}` of a DP optimizer would apply a gradient with "
+                    "no clipping, no noise and no accounting. Update only "
+                    "through the manager's loop: `step(gradients, variables)` "
+                    "per micro-batch and `lot_loader(optimizer)`, which calls "
+                    "`step_for_lot`. `model.compile(optimizer=...)` + `fit` "
+                    "is not a DP path for this optimizer"
+                )
+
+            def apply(self, grads, trainable_variables=None):
+                self._refuse_plain_update("apply")
+
+            def apply_gradients(self, grads_and_vars):
+                self._refuse_plain_update("apply_gradients")
+
+            def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+                self._refuse_plain_update("stateless_apply")
+
+            def update_step(self, gradient, variable, learning_rate):
+                if not getattr(self, "_applying_a_lot", False):
+                    self._refuse_plain_update("update_step")
+                return super().update_step(gradient, variable, learning_rate)
 
         DPOptimizer.__name__ = f"DP{base.__name__}"
         DPOptimizer.__qualname__ = DPOptimizer.__name__

@@ -7,6 +7,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from scipy import stats
 
 from deel_lipdp_ext.aijack.dpsgd_manager import DPSGDManager
@@ -167,9 +170,11 @@ def test_step_clips_accumulates_and_step_for_lot_applies_the_mean():
     optimizer.step([tf.constant([3.0, 4.0])], [v])  # norm 5 -> clipped to 1
     optimizer.step([tf.constant([0.3, 0.4])], [v])  # norm 0.5 -> kept
     np.testing.assert_array_equal(v.numpy(), [0.0, 0.0])  # step does not update
-    # acc = (0.6, 0.8)*(1/(1+1e-6)) + (0.3, 0.4); grad = acc * 1/4; w = -grad.
-    acc = np.array([0.6, 0.8]) * (5 / (5 + 1e-6)) + np.array([0.3, 0.4])
-    np.testing.assert_allclose(optimizer._accumulators[0].numpy(), acc, rtol=1e-6)
+    # acc = (3, 4) * (1 - 1e-6) / (5 + 1e-6) + (0.3, 0.4) (the clip aims at
+    # C (1 - 1e-6)); grad = acc * 1/4; w = -grad.
+    small = np.float32([0.3, 0.4]).astype(np.float64)  # the float32 gradient
+    acc = np.array([3.0, 4.0]) * (1 - 1e-6) / (5 + 1e-6) + small
+    np.testing.assert_allclose(optimizer._accumulators[0].numpy(), acc, rtol=1e-12)
     optimizer.step_for_lot()
     np.testing.assert_allclose(v.numpy(), -acc / 4, rtol=1e-6)
     assert recorder.steps == [({"sigma": 1e-12}, 4 / 400, 1)]
@@ -325,3 +330,105 @@ def test_a_manager_drives_only_its_own_optimizers_with_micro_batches_of_one():
     with pytest.raises(AttributeError):
         a.batch_size = 8
     assert a.batch_size == 1
+
+
+def test_keras_s_own_update_paths_are_refused_and_nothing_moves():
+    """`compile(DPSGD)` + `fit` trained with raw gradients (no clipping, no
+    noise) while the accountant recorded nothing; so did `apply_gradients`
+    (a review)."""
+    recorder = _Recorder()
+    manager = _manager(lot=8, accountant=recorder)
+    cls, _, _ = manager.privatize(noise_multiplier=1.0)
+    x, y = manager.x, manager.y.astype("float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(cls(learning_rate=0.1), "mse")
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(RuntimeError, match="no clipping, no noise"):
+        model.fit(x, y, epochs=1, verbose=0)
+    for w, w0 in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(w, w0)
+
+    optimizer = cls(learning_rate=1.0)
+    v = tf.Variable([1.0, 2.0])
+    optimizer.build([v])
+    big = tf.constant([100.0, 100.0])
+    calls = {
+        "apply_gradients": lambda: optimizer.apply_gradients([(big, v)]),
+        "apply": lambda: optimizer.apply([big], [v]),
+        "stateless_apply": lambda: optimizer.stateless_apply(
+            [tf.convert_to_tensor(w) for w in optimizer.variables],
+            [big],
+            [tf.convert_to_tensor(v)],
+        ),
+        "update_step": lambda: optimizer.update_step(big, v, 1.0),
+        "apply_gradients (traced)": lambda: tf.function(
+            lambda: optimizer.apply_gradients([(big, v)])
+        )(),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match="no clipping, no noise"):
+            call()
+        np.testing.assert_array_equal(v.numpy(), [1.0, 2.0], err_msg=name)
+    assert recorder.steps == []
+    # The DP path still updates, and counts.
+    optimizer.step([big], [v])
+    optimizer.step_for_lot()
+    assert not np.array_equal(v.numpy(), [1.0, 2.0])
+    assert len(recorder.steps) == 1
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_a_clipped_share_never_exceeds_c_in_any_gradient_dtype(dtype):
+    """Clipped and summed in bfloat16, the gradient (-92, -132, -88, 108)
+    added 1.0076 C to the lot's sum (a review); now float64 throughout."""
+    manager = _manager(lot=4, clip=1.0)
+    cls, _, _ = manager.privatize(noise_multiplier=1.0)
+    optimizer = cls(learning_rate=0.1)
+    v = tf.Variable(tf.zeros([4], dtype))
+    rng = np.random.default_rng(0)
+    gradients = [np.array([-92.0, -132.0, -88.0, 108.0])] + [
+        rng.normal(size=4) * rng.uniform(1, 100) for _ in range(300)
+    ]
+    for g in gradients:
+        optimizer.zero_grad_for_lot()
+        optimizer.step([tf.constant(g, dtype)], [v])
+        (acc,) = optimizer._accumulators
+        assert acc.dtype == tf.float64
+        assert np.linalg.norm(acc.numpy()) <= 1.0
+    optimizer.step_for_lot()  # the noisy mean lands in the variable's dtype
+    assert v.dtype == tf.as_dtype(dtype) and np.all(np.isfinite(v.numpy()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=arrays(
+        np.float64,
+        st.integers(1, 12),
+        elements=st.floats(-1e30, 1e30, allow_nan=False, allow_infinity=False),
+    ),
+    clip=st.floats(1e-3, 1e3),
+    dtype=st.sampled_from(["bfloat16", "float16", "float32", "float64"]),
+)
+def test_property_one_micro_batch_adds_at_most_c(values, clip, dtype):
+    manager = _manager(lot=4, clip=clip)
+    optimizer = manager.privatize(noise_multiplier=1.0)[0](learning_rate=0.1)
+    v = tf.Variable(tf.zeros(values.shape, dtype))
+    optimizer.step([tf.cast(values, dtype)], [v])  # may overflow to inf
+    (acc,) = optimizer._accumulators
+    assert np.linalg.norm(acc.numpy()) <= clip
+
+
+def test_a_non_finite_gradient_contributes_nothing():
+    """0 * inf is NaN: a record whose gradient overflowed made the whole
+    model NaN, revealing that it was in the lot."""
+    manager = _manager(lot=4, clip=1.0)
+    optimizer = manager.privatize(noise_multiplier=1.0)[0](learning_rate=0.1)
+    v, w = tf.Variable([0.0, 0.0]), tf.Variable([0.0])
+    optimizer.step([tf.constant([0.3, 0.4]), tf.constant([0.0])], [v, w])
+    for bad in (np.inf, -np.inf, np.nan):
+        optimizer.step([tf.constant([bad, 1.0]), tf.constant([5.0])], [v, w])
+    optimizer.step([tf.constant([0.3, 0.4]), None], [v, w])  # None: zero
+    np.testing.assert_allclose(optimizer._accumulators[0].numpy(), [0.6, 0.8])
+    np.testing.assert_array_equal(optimizer._accumulators[1].numpy(), [0.0])
+    with pytest.raises(ValueError, match="variables of the first `step`"):
+        optimizer.step([tf.constant([0.3, 0.4])], [tf.Variable([0.0, 0.0])])
