@@ -18,14 +18,14 @@ Keras 3 optimizers so that AIJack's training loop can be written with a
 
 Semantics kept: ``step`` clips the micro-batch gradient (global norm over all
 variables) to ``l2_norm_clip`` (less a margin, below) and accumulates it,
-without updating; ``step_for_lot`` applies
-``(acc + C sigma N(0, I)) * batch_size / lot_size`` with the base optimizer and records one step in the accountant; the lot loader
-draws ``iterations`` Poisson lots (each example with probability
-``lot_size / N``), calls ``step_for_lot`` before fetching each lot but the
-first and once more when the loop ends normally (a ``break`` drops the last
-lot), and ``zero_grad_for_lot`` after each fetch; batches are sequential with
-the last short one dropped. Clipping is per example only with
-``batch_size == 1``.
+without updating; ``step_for_lot`` applies ``(acc + C sigma N(0, I)) *
+batch_size / lot_size`` with the base optimizer and records one step in the
+accountant; the lot loader draws ``iterations`` Poisson lots (each example with
+probability ``lot_size / N``), calls ``step_for_lot`` before fetching each lot
+but the first and once more when the loop ends normally (a ``break`` drops the
+last lot), and ``zero_grad_for_lot`` after each fetch; batches are sequential
+with the last short one dropped. Clipping is per example only with ``batch_size
+== 1``.
 
 Departures:
 
