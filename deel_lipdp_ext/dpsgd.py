@@ -396,7 +396,7 @@ class DPSGDModel(PrivateModel, keras.Model):
         return list(gradients), y_pred, losses
 
     def clip_per_example(self, gradients: list[tf.Tensor]) -> tuple[list, tf.Tensor]:
-        """Scales each example's gradient to norm at most C.
+        """Scales each example's gradient to norm at most C (aims at C (1 - 1e-6)).
 
         An example whose gradient has a NaN or Inf (its forward pass
         overflowed) is zeroed: it contributes nothing rather than NaN.
@@ -424,7 +424,10 @@ class DPSGDModel(PrivateModel, keras.Model):
         ]
         squares = [example_squares(g) for g in gradients]
         norms = tf.sqrt(tf.add_n(squares))
-        scale = tf.minimum(1.0, self.l2_norm_clip / tf.maximum(norms, 1e-12))
+        # Aims at C * BOUND_MARGIN, as ghost clipping does: float32 rounding
+        # of the norm and of the product left up to C (1 + 1e-7).
+        limit = self.l2_norm_clip * BOUND_MARGIN
+        scale = tf.minimum(1.0, limit / tf.maximum(norms, 1e-12))
         clipped = [
             g * tf.reshape(tf.cast(scale, g.dtype), [-1] + [1] * (len(g.shape) - 1))
             for g in gradients
