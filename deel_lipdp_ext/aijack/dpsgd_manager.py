@@ -12,7 +12,7 @@ Keras 3 optimizers so that AIJack's training loop can be written with a
         for x_batch, y_batch in batch_loader((x_lot, y_lot)):
             optimizer.zero_grad()
             with tf.GradientTape() as tape:
-                loss = loss_fn(y_batch, model(x_batch))
+                loss = loss_fn(y_batch, model(x_batch, training=False))
             grads = tape.gradient(loss, model.trainable_variables)
             optimizer.step(grads, model.trainable_variables)
 
@@ -24,42 +24,54 @@ accountant; the lot loader draws ``iterations`` Poisson lots (each example with
 probability ``lot_size / N``), calls ``step_for_lot`` before fetching each lot
 but the first and once more when the loop ends normally (a ``break`` drops the
 last lot), and ``zero_grad_for_lot`` after each fetch; batches are sequential
-with the last short one dropped. Clipping is per example only with ``batch_size
-== 1``.
+with the last short one dropped. Clipping is per example only with
+``batch_size == 1``.
 
-Departures:
+Departures (docs/ports.md, "AIJack", has the reasons and the figures):
 
 - PyTorch optimizers hold gradients, Keras ones do not, so ``step`` takes
   ``(gradients, variables)`` and ``zero_grad`` has nothing to clear.
 - Empty lots are not skipped (AIJack skips them): the loader yields every one
   of the ``iterations`` lots, an empty one as arrays of length 0, and each is
-  a noisy step counted by the accountant. Skipping made the number of noisy
-  steps depend on the draw and revealed which lots were empty. A noise-only
-  step needs the variables: an optimizer that has had no ``step`` yet uses
-  those it was built with (``optimizer.build(var_list)``) and raises
-  otherwise.
+  a noisy step counted by the accountant. A noise-only step needs the
+  variables: an optimizer that has had no ``step`` yet uses those it was
+  built with (``optimizer.build(var_list)``) and raises otherwise.
 - ``privatize`` refuses ``noise_multiplier <= 0`` (AIJack accepts 0 and applies
-  a noise-free update) and the manager refuses ``l2_norm_clip <= 0``.
-- Randomness: lots come from a NumPy generator and each optimizer instance
-  draws its noise from its own Philox stream; all are derived from
-  ``np.random.SeedSequence(seed)``, the i-th optimizer from its i-th spawned
-  child, so two optimizers of one manager never share noise. ``seed=None``
-  takes operating-system entropy.
-- DPLIS smoothing (``smoothing=True``) is not ported and raises
-  NotImplementedError.
-- The optimizer updates only through ``step_for_lot``: Keras's
-  ``apply_gradients``, ``apply``, ``stateless_apply`` and ``update_step`` (so
-  ``compile`` + ``fit``) raise, since they would apply a raw gradient with no
+  a noise-free update) and the manager refuses ``l2_norm_clip <= 0``; the
+  optimizer's ``noise_multiplier`` and ``l2_norm_clip`` and the manager's
+  ``lot_size``, ``batch_size`` and data are read-only.
+- The loop is the only update path. ``step`` runs only inside a lot of an
+  open ``lot_loader`` and at most once per example of the lot;
+  ``step_for_lot`` runs only from the loader, eagerly (not inside a
+  ``tf.function``, where the accountant would count one trace, not every
+  run); one ``lot_loader`` at a time per optimizer. Keras's
+  ``apply_gradients``, ``apply``, ``stateless_apply`` and ``update_step``
+  (so ``compile`` + ``fit``) raise: they apply a raw gradient with no
   clipping, no noise and no accounting.
 - Clipping, the lot's sum and the noise are float64 (the noisy mean is cast
   to each variable's dtype); the clip aims at ``C (1 - 1e-6)`` so rounding
-  stays below C; a gradient with a NaN or Inf contributes nothing.
+  stays below C; a gradient with a NaN or Inf contributes nothing. The step
+  is recorded before the update is applied.
+- Randomness: ``seed=None`` (the default) takes operating-system entropy. A
+  fixed seed is folded with the number of seeded managers made before in the
+  process; each pass of the lot loader also folds in its own index and the
+  optimizer's ``iterations``, and each optimizer's noise stream its index and
+  its ``iterations`` at its first noisy step: two managers from one seed, two
+  optimizers of one manager and a run resumed from a checkpoint never share
+  lots or noise.
+- Layers that update state from the data in training mode (e.g.
+  ``BatchNormalization``'s moving statistics) change the model outside the
+  optimizer: no noise covers them. The manager never sees the model; call
+  it with ``training=False`` or use no such layers.
+- DPLIS smoothing (``smoothing=True``) is not ported and raises
+  NotImplementedError.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 
 import keras
@@ -67,6 +79,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..layers.base import BOUND_MARGIN
+from ..privacy_plan import ReproducibleNoiseWarning
 
 
 def _positive_finite(name: str, value) -> float:
@@ -88,6 +101,9 @@ def _positive_finite(name: str, value) -> float:
 
 _SEEDED_MANAGERS = itertools.count()
 
+#: spawn keys of the two kinds of streams under a manager's root
+_LOTS, _NOISE = 0, 1
+
 
 class _Untracked:
     """A plain holder: what it holds is invisible to TensorFlow's and Keras's
@@ -95,6 +111,30 @@ class _Untracked:
 
     def __init__(self, value):
         self.value = value
+
+
+class _LoopState:
+    """Where an optimizer is in its manager's loop (plain Python, untracked)."""
+
+    def __init__(self):
+        self.loader_open = False  # a lot_loader runs on this optimizer
+        # `step` calls the current lot still allows (0 outside a lot): a
+        # variable, so that a traced `step` counts every call, not its trace.
+        self.steps_left = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.lot_rate = 0.0  # the Poisson rate its current lot was drawn at
+        self.applying = False  # inside `step_for_lot`, called by the loader
+        self.updating = False  # inside the base optimizer's apply
+
+
+def _refuse_tracing(what: str) -> None:
+    if tf.inside_function():
+        raise RuntimeError(
+            f"{what} must run eagerly, not inside a tf.function: the "
+            "accountant records each step in Python, so a traced loop would "
+            "count one trace while every call applies a noisy update, and the "
+            "lots would be frozen into the graph. Trace only the gradient "
+            "computation (and `step` if you like)."
+        )
 
 
 class DPSGDManager:
@@ -114,8 +154,9 @@ class DPSGDManager:
         smoothing_radius: DPLIS smoothing radius (not ported).
         seed: root of the lot sampler and of every optimizer's noise stream;
             ``None`` (the default) uses operating-system entropy. A fixed seed
-            makes runs reproducible (for tests); the privacy guarantee then
-            assumes the seed is kept secret.
+            makes runs reproducible (for tests), with a warning: the privacy
+            guarantee then assumes the seed is kept secret and never reused
+            for another run.
     """
 
     def __init__(
@@ -178,35 +219,66 @@ class DPSGDManager:
                 "micro-batch, so its influence exceeds the clipping norm the noise "
                 f"is calibrated to. Received: batch_size={batch_size}"
             )
+        if seed is not None:
+            warnings.warn(
+                f"DPSGDManager(seed={seed}) fixes the lots and the noise: runs are "
+                "reproducible, and the privacy guarantee assumes the seed stays "
+                "secret and is never reused for another run. Use seed=None "
+                "(default) for the operating system's entropy.",
+                ReproducibleNoiseWarning,
+                stacklevel=2,
+            )
         self.accountant = accountant
         self.optimizer_cls = optimizer_cls
         self.l2_norm_clip = l2_norm_clip
-        self.x, self.y = x, y
-        self.lot_size = lot_size
+        self._x, self._y = x, y
+        self._lot_size = lot_size
         self._batch_size = batch_size
         self._optimizer_classes: list[type] = []  # made by `privatize`
+        self._optimizers_made = itertools.count()
+        self._passes = itertools.count()
         self.iterations = iterations
         self.smoothing = smoothing
         self.smoothing_radius = smoothing_radius
         self.seed = seed
-        # One root: the lots use it directly, optimizer i its i-th spawned child.
-        self._seed_sequence = np.random.SeedSequence(seed)
-        self._rng = np.random.default_rng(self._seed_sequence)
-        # The noise streams also fold in how many seeded managers this process
-        # made: two managers from one seed never share noise.
-        self._noise_seeds = np.random.SeedSequence(
+        # One root per manager: a fixed seed is folded with the number of
+        # seeded managers made before in this process (a sweep of managers
+        # from one seed shared its lots: 1.34 reported for 7.05 in a review).
+        self._root = np.random.SeedSequence(
             None if seed is None else [seed, next(_SEEDED_MANAGERS)]
         )
+
+    @property
+    def x(self) -> np.ndarray:
+        """The inputs (read-only: N and the lots' rate are fixed)."""
+        return self._x
+
+    @property
+    def y(self) -> np.ndarray:
+        """The labels (read-only)."""
+        return self._y
+
+    @property
+    def lot_size(self) -> int:
+        """The expected lot size L (read-only)."""
+        return self._lot_size
+
+    @property
+    def batch_size(self) -> int:
+        """The micro-batch size: 1, fixed (checked once, in `__init__`)."""
+        return self._batch_size
 
     @property
     def sampling_rate(self) -> float:
         return self.lot_size / len(self.x)
 
-    def _new_noise_generator(self) -> tf.random.Generator:
-        """A Philox generator on a stream of its own (the next spawned child)."""
-        (child,) = self._noise_seeds.spawn(1)
-        state = child.generate_state(3, np.uint64).view(np.int64)  # counter, key
-        return tf.random.Generator.from_state(state, alg="philox")
+    def _stream(self, kind: int, index: int, iterations: int) -> np.random.SeedSequence:
+        """The seed sequence of stream ``(kind, index)`` for an optimizer at
+        ``iterations`` (a resumed run restores a later count: new streams)."""
+        return np.random.SeedSequence(
+            self._root.entropy,
+            spawn_key=(*self._root.spawn_key, kind, index, int(iterations)),
+        )
 
     def privatize(self, noise_multiplier: float):
         """``(dp_optimizer_cls, lot_loader, batch_loader)`` for noise ``sigma``.
@@ -226,17 +298,26 @@ class DPSGDManager:
 
         class DPOptimizer(base):
             """``optimizer_cls`` that accumulates clipped micro-batch gradients and
-            applies their noisy mean once per lot."""
+            applies their noisy mean once per lot, inside the manager's loop."""
 
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
-                self.noise_multiplier = sigma
-                self.l2_norm_clip = clip
                 self._dp_variables: list | None = None
-                self._applying_a_lot = False  # set only inside `step_for_lot`
-                # Held in a plain object: never tracked, so never checkpointed
-                # (a restored generator state would replay its noise).
-                self._noise = _Untracked(manager._new_noise_generator())
+                # Plain objects: never tracked, so never checkpointed (a
+                # restored generator state would replay its noise).
+                self._loop = _Untracked(_LoopState())
+                self._noise = _Untracked(None)  # made at the first noisy step
+                self._noise_index = next(manager._optimizers_made)
+
+            @property
+            def noise_multiplier(self) -> float:
+                """sigma (read-only: the accountant records it per step)."""
+                return sigma
+
+            @property
+            def l2_norm_clip(self) -> float:
+                """C (read-only)."""
+                return clip
 
             def zero_grad(self) -> None:
                 """Nothing to clear: Keras optimizers do not hold gradients."""
@@ -246,7 +327,7 @@ class DPSGDManager:
                 # Untracked: a checkpoint of the optimizer must never hold the
                 # (noise-free) sum of a lot's clipped gradients. Float64 for
                 # any variable dtype: clipped and summed in bfloat16, one
-                # record's share reached 1.0078 C in a review.
+                # record's share reached 1.0076 C in a review.
                 self._accumulator_holder = _Untracked(
                     [
                         tf.Variable(tf.zeros(v.shape, tf.float64), trainable=False)
@@ -264,11 +345,16 @@ class DPSGDManager:
 
                 The scale is ``min(C (1 - 1e-6) / (norm + 1e-6), 1)``, computed
                 in float64 whatever the gradients' dtype (the margin absorbs
-                float64 rounding of the norm). A gradient
-                with a NaN or Inf contributes nothing (as in `DPSGDModel`);
-                a ``None`` gradient is zero.
+                float64 rounding of the norm). A gradient with a NaN or Inf
+                contributes nothing (as in `DPSGDModel`); a ``None`` gradient
+                is zero.
 
                 Raises:
+                    tf.errors.InvalidArgumentError: outside a lot of an open
+                        ``lot_loader``, or more calls than the lot has
+                        examples (a second pass over the lot, or two steps
+                        per example, put one record into the sum twice: 2 C),
+                        traced or not.
                     ValueError: ``variables`` are not those of the first
                         ``step`` (or of ``build`` when a lot came first).
                 """
@@ -284,6 +370,20 @@ class DPSGDManager:
                         "of `build`), in the same order: the lot's sum is kept "
                         "per variable. Received other variables"
                     )
+                steps_left = self._loop.value.steps_left
+                allowed = tf.debugging.assert_positive(
+                    steps_left,
+                    message=(
+                        "`step` runs only inside a lot of this optimizer's "
+                        "`lot_loader`, at most once per example of the lot: "
+                        "a step outside the loop is not part of a Poisson lot, "
+                        "and a second pass over the lot (or two steps per "
+                        "example) puts one record into the sum twice, above "
+                        "the clipping norm C the noise is calibrated to"
+                    ),
+                )
+                with tf.control_dependencies([allowed]):
+                    steps_left.assign_sub(1)
                 gradients = [
                     tf.zeros(v.shape, tf.float64)
                     if g is None
@@ -300,25 +400,51 @@ class DPSGDManager:
                 # norm of 2.7e10 (a property test).
                 limit = tf.constant(self.l2_norm_clip * BOUND_MARGIN, tf.float64)
                 scale = tf.minimum(limit / (norm + 1e-6), 1.0)
-                for acc, g in zip(self._accumulators, gradients, strict=True):
-                    acc.assign_add(scale * g)
+                with tf.control_dependencies([allowed]):
+                    for acc, g in zip(self._accumulators, gradients, strict=True):
+                        acc.assign_add(scale * g)
 
             def zero_grad_for_lot(self) -> None:
                 if self._accumulators is not None:
                     for acc in self._accumulators:
                         acc.assign(tf.zeros_like(acc))
 
+            def _noise_generator(self) -> tf.random.Generator:
+                """This optimizer's Philox stream, made at its first noisy
+                step from its index and its ``iterations`` then."""
+                if self._noise.value is None:
+                    sequence = manager._stream(
+                        _NOISE, self._noise_index, int(self.iterations.numpy())
+                    )
+                    state = sequence.generate_state(3, np.uint64).view(np.int64)
+                    self._noise.value = tf.random.Generator.from_state(
+                        state, alg="philox"
+                    )
+                return self._noise.value
+
             def step_for_lot(self) -> None:
                 """Noisy mean of the lot's clipped gradients, then the base step.
 
-                A lot without any ``step`` (an empty lot) is a noise-only step.
-                The noise is drawn and added in float64; only the noisy mean
-                is cast to each variable's dtype.
+                Called by ``lot_loader`` (not by hand: a lot that the loader
+                did not draw is not a Poisson lot). A lot without any ``step``
+                (an empty lot) is a noise-only step. The noise is drawn and
+                added in float64; only the noisy mean is cast to each
+                variable's dtype. The accountant records the step before the
+                update is applied.
 
                 Raises:
-                    RuntimeError: if no ``step`` ran yet and the optimizer was not
-                        built, so the variables to noise are unknown.
+                    RuntimeError: called by hand, or inside a tf.function; or
+                        no ``step`` ran yet and the optimizer was not built,
+                        so the variables to noise are unknown.
                 """
+                loop = self._loop.value
+                if not loop.applying:
+                    raise RuntimeError(
+                        "`step_for_lot` is called by `lot_loader` when a lot "
+                        "ends: a lot it did not draw is not the Poisson lot "
+                        "the accountant records. Received: a call by hand"
+                    )
+                _refuse_tracing("`step_for_lot`")
                 if self._accumulators is None:
                     built = list(getattr(self, "_trainable_variables", []) or [])
                     if not (self.built and built):
@@ -333,13 +459,10 @@ class DPSGDManager:
                     self._track(built)
                 std = self.l2_norm_clip * self.noise_multiplier
                 factor = manager.batch_size / manager.lot_size
+                noise = self._noise_generator()
                 noisy = [
                     tf.cast(
-                        (
-                            acc
-                            + std
-                            * self._noise.value.normal(acc.shape, dtype=tf.float64)
-                        )
+                        (acc + std * noise.normal(acc.shape, dtype=tf.float64))
                         * factor,
                         v.dtype,
                     )
@@ -347,15 +470,17 @@ class DPSGDManager:
                         self._accumulators, self._dp_variables, strict=True
                     )
                 ]
-                self._applying_a_lot = True
+                self.zero_grad_for_lot()  # nothing of the lot outlives its step
+                # Recorded first: an update that fails after it is over-counted,
+                # never missed.
+                manager.accountant.add_step_info(
+                    {"sigma": self.noise_multiplier}, loop.lot_rate, 1
+                )
+                loop.updating = True
                 try:
                     super().apply(noisy, self._dp_variables)
                 finally:
-                    self._applying_a_lot = False
-                self.zero_grad_for_lot()  # nothing of the lot outlives its step
-                manager.accountant.add_step_info(
-                    {"sigma": self.noise_multiplier}, manager.sampling_rate, 1
-                )
+                    loop.updating = False
 
             # Keras's own update paths (`compile` + `fit`, `apply_gradients`,
             # `apply`, `stateless_apply`, `update_step`) would apply a raw
@@ -380,7 +505,7 @@ class DPSGDManager:
                 self._refuse_plain_update("stateless_apply")
 
             def update_step(self, gradient, variable, learning_rate):
-                if not getattr(self, "_applying_a_lot", False):
+                if not self._loop.value.updating:
                     self._refuse_plain_update("update_step")
                 return super().update_step(gradient, variable, learning_rate)
 
@@ -389,25 +514,30 @@ class DPSGDManager:
         self._optimizer_classes.append(DPOptimizer)
         return DPOptimizer, self.lot_loader, self.batch_loader
 
-    @property
-    def batch_size(self) -> int:
-        """The micro-batch size: 1, fixed (checked once, in `__init__`)."""
-        return self._batch_size
-
-    def _lots(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """``iterations`` Poisson lots, empty ones included (length-0 arrays)."""
+    def _lots(self, optimizer) -> Iterator[tuple[np.ndarray, np.ndarray, float]]:
+        """``iterations`` Poisson lots, empty ones included (length-0 arrays),
+        each with the rate it was drawn at; one stream per pass."""
         q = self.sampling_rate
+        rng = np.random.default_rng(
+            self._stream(_LOTS, next(self._passes), int(optimizer.iterations.numpy()))
+        )
         for _ in range(self.iterations):
-            idx = np.flatnonzero(self._rng.random(len(self.x)) < q)
-            yield self.x[idx], self.y[idx]
+            idx = np.flatnonzero(rng.random(len(self.x)) < q)
+            yield self.x[idx], self.y[idx], q
 
     def lot_loader(self, dp_optimizer) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Poisson lots; applies each finished lot through ``dp_optimizer``.
+
+        Runs eagerly, one at a time per optimizer; leaving it early (a
+        ``break``) drops the current lot's sum.
 
         Raises:
             ValueError: an optimizer this manager's `privatize` did not make
                 (another manager's would record its own sampling rate for
                 these lots: 1.01 reported for 8.24 in a review).
+            RuntimeError: another ``lot_loader`` is open on the optimizer
+                (zipped or nested loaders put one record into one sum twice),
+                or it runs inside a tf.function.
         """
         if not isinstance(dp_optimizer, tuple(self._optimizer_classes)):
             raise ValueError(
@@ -416,15 +546,44 @@ class DPSGDManager:
                 "lots at its own sampling rate and lot size. Received: "
                 f"{type(dp_optimizer).__name__}"
             )
+        _refuse_tracing("`lot_loader`")
+        loop = dp_optimizer._loop.value
+        if loop.loader_open:
+            raise RuntimeError(
+                "Another `lot_loader` is open on this optimizer: two loaders "
+                "interleaved or nested put the examples of two lots into one "
+                "noisy sum (a record in both counts twice: 2 C). Finish or "
+                "close (`.close()`) the first one"
+            )
+        loop.loader_open = True
         first = True
-        for lot in self._lots():
+        try:
+            for x_lot, y_lot, q in self._lots(dp_optimizer):
+                _refuse_tracing("`lot_loader`")
+                if not first:
+                    self._apply_lot(dp_optimizer)
+                first = False
+                dp_optimizer.zero_grad_for_lot()
+                loop.lot_rate = q
+                loop.steps_left.assign(len(x_lot) // self.batch_size)
+                yield x_lot, y_lot
             if not first:
-                dp_optimizer.step_for_lot()
-            first = False
-            dp_optimizer.zero_grad_for_lot()
-            yield lot
-        if not first:
+                _refuse_tracing("`lot_loader`")
+                self._apply_lot(dp_optimizer)
+        finally:
+            loop.loader_open = False
+            loop.steps_left.assign(0)
+            dp_optimizer.zero_grad_for_lot()  # a dropped lot leaves nothing
+
+    @staticmethod
+    def _apply_lot(dp_optimizer) -> None:
+        loop = dp_optimizer._loop.value
+        loop.steps_left.assign(0)
+        loop.applying = True
+        try:
             dp_optimizer.step_for_lot()
+        finally:
+            loop.applying = False
 
     def batch_loader(self, lot) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Sequential micro-batches of ``batch_size`` (a short last one dropped)."""
