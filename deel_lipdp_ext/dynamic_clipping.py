@@ -19,6 +19,7 @@ noise follows: a post-processing of the release.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from collections.abc import Sequence
 
@@ -87,6 +88,9 @@ def clip_layer_gradient_norms(
     return norms, (weight.numpy() > 0).astype(np.float64)
 
 
+_SEEDED_CALLBACKS = itertools.count()
+
+
 class _DynamicClipping(keras.callbacks.Callback):
     """Shared schedule: an update at the start of every `patience`-th epoch
     of the model (epochs 0, patience, 2 patience, ... counted over all its
@@ -129,6 +133,14 @@ class _DynamicClipping(keras.callbacks.Callback):
                 ReproducibleNoiseWarning,
                 stacklevel=3,
             )
+        self.seed = seed
+        # A fixed seed is folded with the number of seeded callbacks made
+        # before in this process and, at each release, with how much the
+        # model's ledger holds: two callbacks from one seed, or a fit resumed
+        # in a new process, never replay a release's noise (a review: two
+        # callbacks with seed=3 drew the same noise, and the logged clip
+        # values gave the exact difference of two private counts).
+        self._stream = None if seed is None else next(_SEEDED_CALLBACKS)
         self.rng = np.random.default_rng(seed)
         self.updates = 0
         self._iterator = None
@@ -152,13 +164,17 @@ class _DynamicClipping(keras.callbacks.Callback):
         """How `ds_train` samples (the ledger's label for this release); ""
         for a release that claims no amplification by subsampling.
 
+        Every release needs a `ds_train` tied to the model's sampling, even
+        one that claims no subsampling: the counts' sensitivity 1 assumes a
+        record at most once per batch (a review: `repeat().batch()` and a
+        batch of one record ten times were taken, 3.52 reported for 21.6).
+
         Raises:
-            ValueError: a subsampled release whose `ds_train` cannot be tied
-                to the sampling of the model's metadata.
+            ValueError: a `ds_train` that cannot be tied to the sampling of
+                the model's metadata.
         """
-        if self.release().sampling_rate == 1.0:
-            return ""
-        return privacy_plan_of(self.model).dataset_sampling(self.ds_train)
+        label = privacy_plan_of(self.model).dataset_sampling(self.ds_train)
+        return "" if self.release().sampling_rate == 1.0 else label
 
     # ------------------------------------------------------------- training
     def target_layers(self) -> list[DP_ClipGradient]:  # pragma: no cover
@@ -194,6 +210,13 @@ class _DynamicClipping(keras.callbacks.Callback):
         norms, included = clip_layer_gradient_norms(self.model, layers, x, y, weight)
         # Recorded first: if the ledger cannot take it, nothing is released.
         plan.record_release(self.release(), self.sampling_label())
+        # The clip values now come from this model's data: another model may
+        # not take these layers without this release (a review: 0.87
+        # reported for 33.1).
+        plan.record.note_stepped([layer.clip_value for layer in layers])
+        if self.seed is not None:
+            recorded = sum(release.count for release in plan.ledger())
+            self.rng = np.random.default_rng([self.seed, self._stream, recorded])
         self.update(layers, norms, included)
         self.updates += 1
 
@@ -275,7 +298,11 @@ class AdaptiveQuantileClipping(_DynamicClipping):
             count = float(np.sum(included * (n <= clip)))
             noisy = count + self.noise_multiplier * self.rng.standard_normal()
             step = -self.learning_rate * (noisy / expected - self.quantile)
-            layer.set_clip_value(clip * float(np.exp(step)))
+            # Kept in float32's normal range (post-processing of the release).
+            bounds = np.finfo(np.float32)
+            layer.set_clip_value(
+                float(np.clip(clip * np.exp(step), bounds.tiny, bounds.max))
+            )
 
 
 class LaplaceAdaptiveLossGradientClipping(_DynamicClipping):

@@ -1,5 +1,8 @@
 """Dynamic clipping callbacks: their updates, their privacy cost, their refusals."""
 
+import copy
+import gc
+
 import dp_accounting
 import keras
 import numpy as np
@@ -349,3 +352,104 @@ def test_refused_under_several_workers(monkeypatch):
         )
     assert int(model.dp_steps.numpy()) == 0
     assert model.privacy_plan.ledger() == ()
+
+
+def _small_clip_model(n=N, batch_size=B, clip=None):
+    return dp_model(
+        [
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_QuickSpectralDense(4),
+            clip or L.DP_ClipGradient(1.0, mode="dynamic"),
+        ],
+        input_shape=(8,),
+        num_classes=4,
+        sigma=2.0,
+        n=n,
+        batch_size=batch_size,
+    )
+
+
+def test_seeded_callbacks_never_replay_a_release_s_noise():
+    """Two AdaptiveQuantileClipping(seed=3), one per fit, drew the same noise:
+    the logged clip values gave the exact difference of two private counts
+    (-12.99999; a review)."""
+    x, y = unit_samples(N, (8,)), one_hot(np.arange(N), 4)
+    model = _small_clip_model()
+    layer = model.dp_layers[-1]
+    draws = []
+    for _ in range(2):
+        callback = AdaptiveQuantileClipping(
+            poisson_batches(x, y, B), noise_multiplier=20.0, seed=3
+        )
+        real = callback.update
+
+        def spy(layers, norms, included, callback=callback, real=real):
+            draws.append(copy.deepcopy(callback.rng).standard_normal())  # its noise
+            real(layers, norms, included)
+
+        callback.update = spy
+        model.fit(poisson_batches(x, y, B), epochs=1, verbose=0, callbacks=[callback])
+    assert len(draws) == 2 and draws[0] != draws[1]
+    assert layer.clip_value.numpy() > 0
+
+
+def test_every_release_needs_a_ds_train_tied_to_the_model_s_sampling():
+    """A release that claims no subsampling (the sparse vector technique, or
+    quantile clipping at q = 1) took any dataset: a batch of record 0 ten
+    times counted it ten times (3.52 reported for 21.6; a review)."""
+    x, y = unit_samples(N, (8,)), one_hot(np.arange(N), 4)
+    idx = np.r_[np.zeros(10, int), np.arange(1, 21)]
+    repeated = tf.data.Dataset.from_tensors((x[idx], y[idx])).repeat()
+    idiom = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(N).repeat().batch(B)
+    for ds in (repeated, idiom):
+        for callback in (
+            LaplaceAdaptiveLossGradientClipping(ds, epsilon=1.0),
+            AdaptiveQuantileClipping(ds, noise_multiplier=1.0),
+        ):
+            model = _small_clip_model()
+            with pytest.raises(ValueError, match="not built by deel_lipdp_ext"):
+                model.fit(
+                    poisson_batches(x, y, B), epochs=1, verbose=0, callbacks=[callback]
+                )
+            assert callback.updates == 0
+            assert all(r.name == GRADIENT_STEPS for r in model.privacy_plan.ledger())
+    # At q = 1 (B = N) too; the library's batches are taken.
+    model = _small_clip_model(n=40, batch_size=40)
+    with pytest.raises(ValueError, match="not built by deel_lipdp_ext"):
+        model.fit(
+            poisson_batches(x[:40], y[:40], 40),
+            epochs=1,
+            verbose=0,
+            callbacks=[AdaptiveQuantileClipping(repeated, noise_multiplier=1.0)],
+        )
+    svt = LaplaceAdaptiveLossGradientClipping(poisson_batches(x, y, B), epsilon=1.0)
+    _small_clip_model().fit(
+        poisson_batches(x, y, B), epochs=1, verbose=0, callbacks=[svt]
+    )
+    assert svt.updates == 1
+
+
+def test_a_released_clip_value_stays_with_its_model():
+    """A DP_ClipGradient whose value a gone model's release chose was taken
+    by a new model without that release (0.87 reported for 33.1; a review);
+    trained weights were already refused."""
+    x, y = unit_samples(N, (8,)), one_hot(np.arange(N), 4)
+    clip = L.DP_ClipGradient(1.0, mode="dynamic")
+    first = _small_clip_model(clip=clip)
+    callback = AdaptiveQuantileClipping(
+        poisson_batches(x, y, B), noise_multiplier=0.3, quantile=0.5, learning_rate=1.0
+    )
+    first.fit(poisson_batches(x, y, B), epochs=1, verbose=0, callbacks=[callback])
+    del first, callback
+    gc.collect()
+    with pytest.raises(ValueError, match="another DP model"):
+        _small_clip_model(clip=clip)
+
+
+def test_clip_values_that_float32_cannot_hold_are_refused():
+    layer = L.DP_ClipGradient(1.0, mode="dynamic")
+    for value in (1e-46, 1e39):
+        with pytest.raises(ValueError, match="float32"):
+            layer.set_clip_value(value)
+    layer.set_clip_value(3.0)
+    assert float(layer.clip_value.numpy()) == 3.0

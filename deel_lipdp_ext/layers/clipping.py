@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from .._validation import require_one_of, require_positive
@@ -60,7 +61,16 @@ class DP_ClipGradient(keras.layers.Layer, DPLayer):
                 f"DP_ClipGradient '{self.name}' has mode='fixed': only a "
                 "mode='dynamic' layer may have its clip value changed."
             )
-        self.clip_value.assign(require_positive("clip_value", value, "DP_ClipGradient"))
+        value = require_positive("clip_value", value, "DP_ClipGradient")
+        stored = np.float32(value)
+        if not (np.isfinite(stored) and stored >= np.finfo(np.float32).tiny):
+            raise ValueError(
+                f"`clip_value` of DP_ClipGradient '{self.name}' is stored in "
+                "float32, where it would be "
+                f"{float(stored)!r}: use a value in [{np.finfo(np.float32).tiny}, "
+                f"{np.finfo(np.float32).max}]. Received: clip_value={value!r}"
+            )
+        self.clip_value.assign(value)
 
     def set_copies_per_sample(self, copies: int) -> None:
         """With augmentation multiplicity K (set by the DP model), a sample's
