@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import warnings
+import weakref
 from collections.abc import Sequence
 
 import keras
@@ -136,10 +137,12 @@ class _DynamicClipping(keras.callbacks.Callback):
         self.seed = seed
         # A fixed seed is folded with the number of seeded callbacks made
         # before in this process and, at each release, with how much the
-        # model's ledger holds: two callbacks from one seed, or a fit resumed
-        # in a new process, never replay a release's noise (a review: two
-        # callbacks with seed=3 drew the same noise, and the logged clip
-        # values gave the exact difference of two private counts).
+        # model's ledger holds and how many releases this callback made in
+        # this process: two callbacks from one seed, or a fit resumed in a
+        # new process (from any checkpoint), never replay a release's noise
+        # (a review: two callbacks with seed=3 drew the same noise, and the
+        # logged clip values gave the exact difference of two private
+        # counts; a resume from an older checkpoint did the same).
         self._stream = None if seed is None else next(_SEEDED_CALLBACKS)
         self.rng = np.random.default_rng(seed)
         self.updates = 0
@@ -155,7 +158,15 @@ class _DynamicClipping(keras.callbacks.Callback):
         return self.release() if epoch % self.patience == 0 else None
 
     def set_model(self, model):
+        owner = self._owner() if getattr(self, "_owner", None) else None
+        if owner is not None and owner is not model:
+            raise ValueError(
+                f"This {type(self).__name__} already serves another model: its "
+                "releases, schedule and noise belong to that model's ledger. "
+                "Make a new callback for each model."
+            )
         super().set_model(model)
+        self._owner = weakref.ref(model)
         schedules = privacy_plan_of(_clipless_model(model, type(self).__name__))
         if self not in schedules.release_schedules:
             schedules.release_schedules.append(self)
@@ -216,7 +227,9 @@ class _DynamicClipping(keras.callbacks.Callback):
         plan.record.note_stepped([layer.clip_value for layer in layers])
         if self.seed is not None:
             recorded = sum(release.count for release in plan.ledger())
-            self.rng = np.random.default_rng([self.seed, self._stream, recorded])
+            self.rng = np.random.default_rng(
+                [self.seed, self._stream, recorded, self.updates]
+            )
         self.update(layers, norms, included)
         self.updates += 1
 

@@ -40,8 +40,10 @@ Departures (docs/ports.md, "AIJack", has the reasons and the figures):
   a noise-free update) and the manager refuses ``l2_norm_clip <= 0``; the
   optimizer's ``noise_multiplier`` and ``l2_norm_clip`` and the manager's
   ``lot_size``, ``batch_size`` and data are read-only.
-- The loop is the only update path. ``step`` runs only inside a lot of an
-  open ``lot_loader`` and at most once per example of the lot;
+- The loop is the only update path. ``step`` takes the gradient of the
+  micro-batch ``batch_loader`` yielded last, once (a step without one adds
+  nothing and raises, XLA or not); ``batch_loader`` takes only the lot its
+  ``lot_loader`` yielded last, in one pass;
   ``step_for_lot`` runs only from the loader, eagerly (not inside a
   ``tf.function``, where the accountant would count one trace, not every
   run); one ``lot_loader`` at a time per optimizer. Keras's
@@ -118,9 +120,12 @@ class _LoopState:
 
     def __init__(self):
         self.loader_open = False  # a lot_loader runs on this optimizer
-        # `step` calls the current lot still allows (0 outside a lot): a
-        # variable, so that a traced `step` counts every call, not its trace.
-        self.steps_left = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.current_x = None  # the inputs of the lot it yielded last
+        self.batched = False  # whether `batch_loader` ran over that lot
+        # 1 while the micro-batch `batch_loader` yielded last has had no
+        # `step`, else 0: a variable, so that a traced (or XLA-compiled)
+        # `step` consumes it at every call, not at its trace.
+        self.step_allowed = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.lot_rate = 0.0  # the Poisson rate its current lot was drawn at
         self.applying = False  # inside `step_for_lot`, called by the loader
         self.updating = False  # inside the base optimizer's apply
@@ -237,6 +242,7 @@ class DPSGDManager:
         self._optimizer_classes: list[type] = []  # made by `privatize`
         self._optimizers_made = itertools.count()
         self._passes = itertools.count()
+        self._open_loops: list[_LoopState] = []  # of optimizers in a lot_loader
         self.iterations = iterations
         self.smoothing = smoothing
         self.smoothing_radius = smoothing_radius
@@ -349,12 +355,15 @@ class DPSGDManager:
                 contributes nothing (as in `DPSGDModel`); a ``None`` gradient
                 is zero.
 
+                One ``step`` per micro-batch that ``batch_loader`` yielded:
+                without one (outside the loop, a second step for the same
+                micro-batch, a gradient over the whole lot) the step adds
+                nothing and, unless XLA-compiled (XLA drops asserts), raises.
+
                 Raises:
-                    tf.errors.InvalidArgumentError: outside a lot of an open
-                        ``lot_loader``, or more calls than the lot has
-                        examples (a second pass over the lot, or two steps
-                        per example, put one record into the sum twice: 2 C),
-                        traced or not.
+                    tf.errors.InvalidArgumentError: no micro-batch of
+                        ``batch_loader`` waits for this step (two steps per
+                        example put one record into the sum twice: 2 C).
                     ValueError: ``variables`` are not those of the first
                         ``step`` (or of ``build`` when a lot came first).
                 """
@@ -370,20 +379,21 @@ class DPSGDManager:
                         "of `build`), in the same order: the lot's sum is kept "
                         "per variable. Received other variables"
                     )
-                steps_left = self._loop.value.steps_left
+                token = self._loop.value.step_allowed
+                waiting = token.read_value()
                 allowed = tf.debugging.assert_positive(
-                    steps_left,
+                    waiting,
                     message=(
-                        "`step` runs only inside a lot of this optimizer's "
-                        "`lot_loader`, at most once per example of the lot: "
-                        "a step outside the loop is not part of a Poisson lot, "
-                        "and a second pass over the lot (or two steps per "
-                        "example) puts one record into the sum twice, above "
-                        "the clipping norm C the noise is calibrated to"
+                        "`step` takes the gradient of the micro-batch that "
+                        "`batch_loader(lot)` yielded last, once: a step outside "
+                        "the loop, a second step for one micro-batch or a "
+                        "gradient over the whole lot puts a record into the "
+                        "lot's sum more than once or above the clipping norm "
+                        "C the noise is calibrated to"
                     ),
                 )
-                with tf.control_dependencies([allowed]):
-                    steps_left.assign_sub(1)
+                with tf.control_dependencies([waiting, allowed]):
+                    token.assign(0)
                 gradients = [
                     tf.zeros(v.shape, tf.float64)
                     if g is None
@@ -400,6 +410,9 @@ class DPSGDManager:
                 # norm of 2.7e10 (a property test).
                 limit = tf.constant(self.l2_norm_clip * BOUND_MARGIN, tf.float64)
                 scale = tf.minimum(limit / (norm + 1e-6), 1.0)
+                # Zero without a waiting micro-batch, even where XLA drops
+                # the assert (a review: 65 steps summed on a lot of 13).
+                scale = tf.where(waiting > 0, scale, tf.zeros_like(scale))
                 with tf.control_dependencies([allowed]):
                     for acc, g in zip(self._accumulators, gradients, strict=True):
                         acc.assign_add(scale * g)
@@ -556,6 +569,7 @@ class DPSGDManager:
                 "close (`.close()`) the first one"
             )
         loop.loader_open = True
+        self._open_loops.append(loop)
         first = True
         try:
             for x_lot, y_lot, q in self._lots(dp_optimizer):
@@ -565,20 +579,23 @@ class DPSGDManager:
                 first = False
                 dp_optimizer.zero_grad_for_lot()
                 loop.lot_rate = q
-                loop.steps_left.assign(len(x_lot) // self.batch_size)
+                loop.current_x, loop.batched = x_lot, False
                 yield x_lot, y_lot
             if not first:
                 _refuse_tracing("`lot_loader`")
                 self._apply_lot(dp_optimizer)
         finally:
             loop.loader_open = False
-            loop.steps_left.assign(0)
+            loop.current_x = None
+            loop.step_allowed.assign(0)
+            self._open_loops.remove(loop)
             dp_optimizer.zero_grad_for_lot()  # a dropped lot leaves nothing
 
     @staticmethod
     def _apply_lot(dp_optimizer) -> None:
         loop = dp_optimizer._loop.value
-        loop.steps_left.assign(0)
+        loop.current_x = None
+        loop.step_allowed.assign(0)
         loop.applying = True
         try:
             dp_optimizer.step_for_lot()
@@ -586,9 +603,37 @@ class DPSGDManager:
             loop.applying = False
 
     def batch_loader(self, lot) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Sequential micro-batches of ``batch_size`` (a short last one dropped)."""
+        """Sequential micro-batches of ``batch_size`` (a short last one dropped)
+        of the lot ``lot_loader`` yielded last, in one pass; each allows one
+        ``step`` of the optimizer the lot belongs to.
+
+        Raises:
+            ValueError: ``lot`` is not the arrays a ``lot_loader`` of this
+                manager yielded last (the whole training set, say).
+            RuntimeError: a second pass over the lot.
+        """
         x, y = lot
-        for start in range(
-            0, math.floor(len(x) / self.batch_size) * self.batch_size, self.batch_size
-        ):
-            yield x[start : start + self.batch_size], y[start : start + self.batch_size]
+        loop = next((loop for loop in self._open_loops if loop.current_x is x), None)
+        if loop is None:
+            raise ValueError(
+                "batch_loader takes the lot that lot_loader yielded last, as it "
+                "came (the same arrays): other examples are not part of the "
+                "Poisson lot the accountant records. Received: other arrays"
+            )
+        if loop.batched:
+            raise RuntimeError(
+                "batch_loader makes one pass over a lot: a second pass puts "
+                "each record into the lot's sum twice (2 C)"
+            )
+        loop.batched = True
+        size = self.batch_size
+        try:
+            for start in range(0, math.floor(len(x) / size) * size, size):
+                if loop.current_x is not x:
+                    return  # the loader has moved on: this lot is applied
+                loop.step_allowed.assign(1)
+                yield x[start : start + size], y[start : start + size]
+                loop.step_allowed.assign(0)
+        finally:
+            if loop.current_x is x:
+                loop.step_allowed.assign(0)
