@@ -192,7 +192,10 @@ def test_calibration_covers_per_layer_noise_and_planned_releases():
         batch_size=b,
     )
     fresh.build((None, 8, 8, 1))
-    clipping.set_model(fresh)
+    # A callback serves one model: the same schedule, for the fresh one.
+    AdaptiveQuantileClipping(
+        poisson_batches(x, y, b), patience=2, noise_multiplier=3.0
+    ).set_model(fresh)
     planned = fresh.privacy_plan.planned_ledger(epochs)
     assert fresh.privacy_plan.epsilon(planned=planned) > target
     # The ledger holds the steps at the per-layer composition and two updates.
