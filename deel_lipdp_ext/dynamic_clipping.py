@@ -89,7 +89,7 @@ def clip_layer_gradient_norms(
     return norms, (weight.numpy() > 0).astype(np.float64)
 
 
-_SEEDED_CALLBACKS = itertools.count()
+_SEEDED_RELEASES = itertools.count()
 
 
 class _DynamicClipping(keras.callbacks.Callback):
@@ -135,15 +135,6 @@ class _DynamicClipping(keras.callbacks.Callback):
                 stacklevel=3,
             )
         self.seed = seed
-        # A fixed seed is folded with the number of seeded callbacks made
-        # before in this process and, at each release, with how much the
-        # model's ledger holds and how many releases this callback made in
-        # this process: two callbacks from one seed, or a fit resumed in a
-        # new process (from any checkpoint), never replay a release's noise
-        # (a review: two callbacks with seed=3 drew the same noise, and the
-        # logged clip values gave the exact difference of two private
-        # counts; a resume from an older checkpoint did the same).
-        self._stream = None if seed is None else next(_SEEDED_CALLBACKS)
         self.rng = np.random.default_rng(seed)
         self.updates = 0
         self._iterator = None
@@ -226,9 +217,19 @@ class _DynamicClipping(keras.callbacks.Callback):
         # reported for 33.1).
         plan.record.note_stepped([layer.clip_value for layer in layers])
         if self.seed is not None:
+            # A fixed seed is folded, at each release, with the number of
+            # seeded releases made before in this process and with how much
+            # the model's ledger holds: no two releases of one process (two
+            # callbacks, one callback or its copies on several models) share
+            # noise, nor does a run resumed once from a checkpoint with the
+            # run that wrote it (a review: seed=3 drew the same noise for two
+            # callbacks, a copied callback and a resume, and the logged clip
+            # values gave the exact difference of two private counts). Two
+            # runs of the same program, or two resumes of one checkpoint, do
+            # replay it: a fixed seed is for one run.
             recorded = sum(release.count for release in plan.ledger())
             self.rng = np.random.default_rng(
-                [self.seed, self._stream, recorded, self.updates]
+                [self.seed, next(_SEEDED_RELEASES), recorded]
             )
         self.update(layers, norms, included)
         self.updates += 1

@@ -474,6 +474,29 @@ def test_one_callback_serves_one_model():
     assert callback.updates == 2
 
 
+def test_a_copied_callback_draws_new_noise():
+    """`copy.copy` of a seeded callback (one per model, as the refusal asks)
+    drew the same noise on a fresh model: the logged clips gave 3.0000003
+    for a count difference of 3 (a review)."""
+    x, y = unit_samples(N, (8,)), one_hot(np.arange(N), 4)
+    original = AdaptiveQuantileClipping(
+        poisson_batches(x, y, B), noise_multiplier=20.0, seed=3
+    )
+    noise = []
+    for callback in (original, copy.copy(original)):
+        real = callback.update
+
+        def spy(layers, norms, included, callback=callback, real=real):
+            noise.append(copy.deepcopy(callback.rng).standard_normal())
+            real(layers, norms, included)
+
+        callback.update = spy
+        _small_clip_model().fit(
+            poisson_batches(x, y, B), epochs=1, verbose=0, callbacks=[callback]
+        )
+    assert len(noise) == 2 and noise[0] != noise[1]
+
+
 def test_a_run_resumed_from_an_older_checkpoint_draws_new_noise(tmp_path):
     """A new process that resumed from the checkpoint of epoch 0 drew, at its
     release of epoch 1, the noise of the first run's (the ledger held the
@@ -483,10 +506,10 @@ def test_a_run_resumed_from_an_older_checkpoint_draws_new_noise(tmp_path):
 
     x, y = unit_samples(N, (8,)), one_hot(np.arange(N), 4)
     path = str(tmp_path / "epoch0.weights.h5")
-    counter = module._SEEDED_CALLBACKS
+    counter = module._SEEDED_RELEASES
 
     def run(resume):
-        module._SEEDED_CALLBACKS = itertools.count()  # a new process
+        module._SEEDED_RELEASES = itertools.count()  # a new process
         model = _small_clip_model()
         callback = AdaptiveQuantileClipping(
             poisson_batches(x, y, B), noise_multiplier=2.0, seed=3
@@ -514,6 +537,6 @@ def test_a_run_resumed_from_an_older_checkpoint_draws_new_noise(tmp_path):
             run(True),
         )
     finally:
-        module._SEEDED_CALLBACKS = counter
+        module._SEEDED_RELEASES = counter
     assert total_first == total_resumed  # the same ledger total at the release
     assert noise_first != noise_resumed

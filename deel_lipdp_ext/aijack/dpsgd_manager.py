@@ -59,8 +59,9 @@ Departures (docs/ports.md, "AIJack", has the reasons and the figures):
   process; each pass of the lot loader also folds in its own index and the
   optimizer's ``iterations``, and each optimizer's noise stream its index and
   its ``iterations`` at its first noisy step: two managers from one seed, two
-  optimizers of one manager and a run resumed from a checkpoint never share
-  lots or noise.
+  optimizers of one manager and a run resumed once from a checkpoint never
+  share lots or noise (a second resume of one checkpoint, like a second run
+  of the program, replays them: a fixed seed is for one run).
 - Layers that update state from the data in training mode (e.g.
   ``BatchNormalization``'s moving statistics) change the model outside the
   optimizer: no noise covers them. The manager never sees the model; call
@@ -120,7 +121,8 @@ class _LoopState:
 
     def __init__(self):
         self.loader_open = False  # a lot_loader runs on this optimizer
-        self.current_x = None  # the inputs of the lot it yielded last
+        self.current_x = None  # the inputs and labels of the lot it yielded last
+        self.current_y = None
         self.batched = False  # whether `batch_loader` ran over that lot
         # 1 while the micro-batch `batch_loader` yielded last has had no
         # `step`, else 0: a variable, so that a traced (or XLA-compiled)
@@ -579,14 +581,14 @@ class DPSGDManager:
                 first = False
                 dp_optimizer.zero_grad_for_lot()
                 loop.lot_rate = q
-                loop.current_x, loop.batched = x_lot, False
+                loop.current_x, loop.current_y, loop.batched = x_lot, y_lot, False
                 yield x_lot, y_lot
             if not first:
                 _refuse_tracing("`lot_loader`")
                 self._apply_lot(dp_optimizer)
         finally:
             loop.loader_open = False
-            loop.current_x = None
+            loop.current_x = loop.current_y = None
             loop.step_allowed.assign(0)
             self._open_loops.remove(loop)
             dp_optimizer.zero_grad_for_lot()  # a dropped lot leaves nothing
@@ -594,7 +596,7 @@ class DPSGDManager:
     @staticmethod
     def _apply_lot(dp_optimizer) -> None:
         loop = dp_optimizer._loop.value
-        loop.current_x = None
+        loop.current_x = loop.current_y = None
         loop.step_allowed.assign(0)
         loop.applying = True
         try:
@@ -613,7 +615,14 @@ class DPSGDManager:
             RuntimeError: a second pass over the lot.
         """
         x, y = lot
-        loop = next((loop for loop in self._open_loops if loop.current_x is x), None)
+        loop = next(
+            (
+                loop
+                for loop in self._open_loops
+                if loop.current_x is x and loop.current_y is y
+            ),
+            None,
+        )
         if loop is None:
             raise ValueError(
                 "batch_loader takes the lot that lot_loader yielded last, as it "

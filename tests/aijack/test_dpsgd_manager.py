@@ -537,11 +537,16 @@ def test_a_record_enters_one_lot_s_sum_at_most_once():
         for _ in batch_loader((manager.x, manager.y)):
             optimizer.step(one, [v])
 
+    def the_training_labels(lot):  # record 0's label in every lot
+        for _ in batch_loader((lot[0], manager.y)):
+            optimizer.step(one, [v])
+
     for misuse, error, match in (
         (second_pass, RuntimeError, "one pass over a lot"),
         (two_steps_per_example, tf.errors.InvalidArgumentError, _REFUSED_STEP),
         (the_lot_s_gradient_in_one_step, tf.errors.InvalidArgumentError, _REFUSED_STEP),
         (the_training_set, ValueError, "the lot that lot_loader yielded last"),
+        (the_training_labels, ValueError, "the lot that lot_loader yielded last"),
     ):
         with pytest.raises(error, match=match):
             for lot in lot_loader(optimizer):
