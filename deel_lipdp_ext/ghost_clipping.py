@@ -215,6 +215,16 @@ def _layer_problem(layer: keras.layers.Layer, ranks: set[int] | None) -> str | N
             )
     if ranks is None:
         return None
+    if isinstance(layer, _L.Attention | _L.MultiHeadAttention) and (
+        not ranks or min(ranks) < 3
+    ):
+        # a review: Attention()([h, h]) on (batch, d) scored (batch, batch)
+        # and mixed every example into the others (34.9 C for one example)
+        return (
+            f"attends over the axis before the features, which at input ranks "
+            f"{ranks or 'unknown'} is (or may be) the batch: every example "
+            "would be mixed into the others (inputs of rank >= 3 only)"
+        )
     if isinstance(layer, _L.MultiHeadAttention):
         return _attention_axes_problem(layer, ranks)
     for axis in _axes(layer) + ([-1] if _reduces(layer) else []):

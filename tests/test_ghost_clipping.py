@@ -844,3 +844,95 @@ def test_a_dp_loss_with_a_method_replaced_is_not_trusted():
     model = _dpsgd(net, "auto")
     model.compile(keras.optimizers.SGD(1.0), loss=loss)
     assert model.clipping_method == "vectorized"
+
+
+def _removal_effect(net_fn, loss, x, y, clipping):
+    """Change of the released sum (sigma ~ 0, in units of C) when the last
+    example is removed, for DPSGDModel(clipping) with `loss`."""
+    batch = len(x)
+
+    def update(rows):
+        keras.utils.set_random_seed(0)
+        net = net_fn()
+        model = DPSGDModel(
+            net,
+            DPParameters(1e-7, 1e-5, seed=0),
+            metadata(
+                x.shape[1:], 2, n=100 * batch, batch_size=batch, sampling="shuffle"
+            ),
+            l2_norm_clip=1.0,
+            clipping=clipping,
+        )
+        model.compile(keras.optimizers.SGD(1.0), loss=loss)
+        before = [v.numpy().astype(np.float64) for v in net.trainable_variables]
+        model.train_on_batch(x[rows], y[rows])
+        after = [v.numpy().astype(np.float64) for v in net.trainable_variables]
+        return model, [(b - a) * batch for b, a in zip(before, after, strict=True)]
+
+    model, full = update(np.arange(batch))
+    _, without = update(np.arange(batch - 1))
+    pairs = zip(full, without, strict=True)
+    return model, np.sqrt(sum(np.sum((f - w) ** 2) for f, w in pairs))
+
+
+def test_hinge_losses_take_the_vectorised_path():
+    """Keras maps hinge labels {0, 1} to {-1, 1} only if every label of the
+    batch is 0 or 1: one label of 0.5 changed every other example's loss,
+    and ghost clipping (which differentiates the summed loss) let it move
+    the sum by 10.9 C at B = 64 (a review)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8)).astype(np.float32)
+    y = rng.integers(0, 2, (32, 1)).astype(np.float32)
+    y[-1] = 0.5  # the example removed
+
+    def net():
+        return keras.Sequential(
+            [keras.Input((8,)), keras.layers.Dense(16, "tanh"), keras.layers.Dense(1)]
+        )
+
+    for loss in ("hinge", "squared_hinge", keras.losses.Hinge()):
+        model, effect = _removal_effect(net, loss, x, y, "auto")
+        assert model.clipping_method == "vectorized", loss
+        assert effect <= 1.0 + 1e-4, (loss, effect)
+    with pytest.raises(ValueError, match="not known"):
+        _dpsgd(_small_net(), "ghost").compile(
+            keras.optimizers.SGD(1.0), keras.losses.SquaredHinge()
+        )
+
+
+def test_attention_over_rank_2_inputs_is_refused():
+    """Attention()([h, h]) on (batch, d) scores (batch, batch): every example
+    is mixed into the others (34.9 C for one example at B = 64 under ghost
+    clipping; AdditiveAttention 21.7 C; a review)."""
+    vector = keras.Input((6,))
+    sequence = keras.Input((4, 6))
+    for attention in (keras.layers.Attention, keras.layers.AdditiveAttention):
+        hidden = keras.layers.Dense(6)(vector)
+        flat = keras.Model(vector, keras.layers.Dense(1)(attention()([hidden, hidden])))
+        assert "attends over the axis before the features" in ghost_clipping_support(
+            flat
+        )
+        mixed = keras.Model(
+            [sequence, vector],
+            keras.layers.Flatten()(attention()([sequence, vector])),
+        )
+        assert ghost_clipping_support(mixed) is not None
+        over_steps = keras.Model(
+            sequence, keras.layers.Flatten()(attention()([sequence, sequence]))
+        )
+        assert ghost_clipping_support(over_steps) is None  # rank 3: per example
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 6)).astype(np.float32)
+    y = rng.normal(size=(16, 1)).astype(np.float32)
+
+    def net():
+        inputs = keras.Input((6,))
+        hidden = keras.layers.Dense(6)(inputs)
+        return keras.Model(
+            inputs, keras.layers.Dense(1)(keras.layers.Attention()([hidden, hidden]))
+        )
+
+    model, effect = _removal_effect(net, "mse", x, y, "auto")
+    assert model.clipping_method == "vectorized"
+    assert effect <= 1.0 + 1e-4

@@ -290,6 +290,41 @@ _CONFIG_CHECKS = (
 )
 
 
+def _shape_refusal(layer, layer_cls: type, input_shape) -> str | None:
+    """Why the layer's call gives a per-sample shape other than the one it
+    declares, else None. A review: `Rescaling(scale=np.ones((16, 1, 1)))`
+    broadcast each (1, 8, 2) sample into 16 copies, sqrt(16) times its norm,
+    while declaring its input shape (4 times the bound after a pooling)."""
+    shape = tuple(input_shape)
+    if not shape or not all(d is None or isinstance(d, int) for d in shape):
+        return None  # not a single tensor's shape: the config checks apply
+    probe = (2, *shape[1:])
+    try:
+        declared = tuple(layer_cls.compute_output_shape(layer, probe))
+    except NotImplementedError:
+        return None  # Keras takes the shape its call gives: nothing declared
+
+    try:
+        traced = tuple(
+            keras.src.backend.compute_output_spec(
+                lambda x: layer_cls.call(layer, x),
+                keras.KerasTensor(probe, dtype=layer.compute_dtype),
+            ).shape
+        )
+    except Exception as error:  # noqa: BLE001 (any failure: not shown GNP)
+        return f"its call could not be traced on inputs of shape {probe} ({error})"
+    same = len(traced) == len(declared) and all(
+        a == b or a is None or b is None for a, b in zip(traced, declared, strict=True)
+    )
+    if same:
+        return None
+    return (
+        f"its call maps inputs of shape {probe} to shape {traced}, not the "
+        f"declared {declared} (an argument that broadcasts, e.g. a scale with "
+        "more axes than a sample, copies each sample: its norm grows)"
+    )
+
+
 def _config_refusal(layer, layer_cls: type) -> str | None:
     """Why this configured layer is not GNP (its class being allowed), else None."""
     if layer.activity_regularizer is not None:
@@ -352,6 +387,11 @@ def DP_GNP_Factory(layer_cls: type, name: str | None = None) -> type:
                 f"{cls_name} '{self.name}' wraps a layer with weights; a GNP layer "
                 "must be parameter-free (no weight, trainable or not). "
                 f"Received: weights={paths}"
+            )
+        refusal = _shape_refusal(self, layer_cls, input_shape)
+        if refusal is not None:
+            raise ValueError(
+                f"{cls_name} '{self.name}' ({layer_cls.__name__}) is not GNP: {refusal}"
             )
 
     cls = type(

@@ -237,3 +237,19 @@ def test_user_certified_gnp_layer_round_trips_in_a_saved_model(tmp_path):
     assert [float(b1[v.path]) for v in model.trainable_variables] == pytest.approx(
         [float(b2[v.path]) for v in loaded.trainable_variables]
     )
+
+
+def test_factory_refuses_an_argument_that_broadcasts_a_sample_into_copies():
+    """Rescaling(scale=ones((16, 1, 1))) passed |scale| <= 1 but broadcast
+    each (1, 8, 2) sample into 16 copies while declaring its input shape:
+    after a global L2 pooling, 4 times the bound (a review)."""
+    dp_rescaling = L.DP_GNP_Factory(keras.layers.Rescaling, name="DP_TestRescalingB")
+    for scale, offset in (
+        (np.ones((16, 1, 1), np.float32), 0.0),
+        (0.5, np.zeros((16, 1, 1), np.float32)),
+    ):
+        layer = dp_rescaling(scale=scale, offset=offset)
+        with pytest.raises(ValueError, match="not the declared"):
+            layer(tf.zeros((2, 1, 8, 2)))
+    fine = dp_rescaling(scale=np.full((8, 2), 0.5, np.float32))  # per-feature
+    assert fine(tf.ones((2, 1, 8, 2))).shape == (2, 1, 8, 2)
