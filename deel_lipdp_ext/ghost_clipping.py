@@ -762,6 +762,23 @@ class ClippedSum:
     predictions: tf.Tensor
 
 
+def each_example_alone(
+    per_example_losses: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
+    y: tf.Tensor,
+    predictions: tf.Tensor,
+) -> tf.Tensor:
+    """(batch,) losses, each from its own example's label and prediction
+    alone (`tf.vectorized_map` over one-example calls): whatever the loss
+    does across its inputs, no example reads another's. Reviews found
+    allowed losses that did on a batch: Hinge converts labels only when the
+    whole batch is 0/1 (10.9 C for one example), and labels (B,) broadcast
+    against predictions (B, K) (44.7 C)."""
+    return tf.vectorized_map(
+        lambda example: per_example_losses(example[0][None], example[1][None])[0],
+        (y, predictions),
+    )
+
+
 def clipped_gradient_sum(
     model: keras.Model,
     x: tf.Tensor,
@@ -797,7 +814,7 @@ def clipped_gradient_sum(
     with tf.GradientTape() as tape:
         with _Recorder(units):
             predictions = model(x, training=True)
-        losses = per_example_losses(y, predictions)
+        losses = each_example_alone(per_example_losses, y, predictions)
         total = tf.reduce_sum(losses)
     # The fast rules need the gradient at the pre-activation output (the
     # output itself for Embedding); the per-layer pass, at the outputs.

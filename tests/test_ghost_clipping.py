@@ -938,43 +938,24 @@ def test_attention_over_rank_2_inputs_is_refused():
     assert effect <= 1.0 + 1e-4
 
 
-def test_labels_broadcast_along_the_class_axis_are_refused():
+def test_each_example_s_loss_reads_its_own_label_alone():
     """Labels (B,) against predictions (B, B): Keras broadcasts the label
-    vector along the class axis, so every example's MSE read every label and
-    one record moved the clipped sum by 44.7 C at B = 32 (a review)."""
+    vector along the class axis, so on a batch every example's MSE read every
+    label, and one record moved the ghost-clipped sum by 44.7 C at B = 32
+    (a review). Ghost clipping evaluates each example's loss alone."""
     rng = np.random.default_rng(0)
-    batch = 8
-    x = rng.normal(size=(batch, 4)).astype(np.float32)
+    batch = 16
+    x = rng.uniform(0.5, 1.0, size=(batch, 4)).astype(np.float32)
+    y = rng.normal(size=(batch,)).astype(np.float32)
+    y[-1] = 1e3  # the example removed
 
-    def model(clipping, units):
-        net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(units)])
-        dp = DPSGDModel(
-            net,
-            DPParameters(1.0, 1e-5, seed=0),
-            metadata((4,), units, n=10 * batch, batch_size=batch, sampling="shuffle"),
-            l2_norm_clip=1.0,
-            clipping=clipping,
-        )
-        return dp
+    def net():
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(batch)])
 
-    labels = rng.normal(size=(batch,)).astype(np.float32)
-    for clipping in ("ghost", "auto"):
+    for clipping in ("ghost", "auto", "vectorized"):
         for loss in ("mse", keras.losses.Huber(), keras.losses.CosineSimilarity()):
-            dp = model(clipping, batch)
-            dp.compile(keras.optimizers.SGD(0.1), loss)
-            with pytest.raises(ValueError, match="read the other examples' labels"):
-                dp.train_on_batch(x, labels)
-    # A batch of one cannot mix: the vectorised path keeps such labels.
-    dp = model("vectorized", batch)
-    dp.compile(keras.optimizers.SGD(0.1), "mse")
-    dp.train_on_batch(x, labels)
-    # Labels the predictions' shape, (B,) for one output, sparse class ids.
-    dp = model("ghost", 1)
-    dp.compile(keras.optimizers.SGD(0.1), "mse")
-    dp.train_on_batch(x, labels)
-    dp = model("ghost", 3)
-    dp.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
-    dp.train_on_batch(x, rng.integers(0, 3, batch))
-    dp = model("ghost", 3)
-    dp.compile(keras.optimizers.SGD(0.1), "mse")
-    dp.train_on_batch(x, rng.normal(size=(batch, 3)).astype(np.float32))
+            model, effect = _removal_effect(net, loss, x, y, clipping)
+            assert effect <= 1.0 + 1e-4, (clipping, loss, effect)
+        assert model.clipping_method == (
+            "vectorized" if clipping == "vectorized" else "ghost"
+        )
