@@ -214,6 +214,49 @@ def _refuse_batch_axis(loss: keras.losses.Loss, y_pred: tf.Tensor) -> None:
         )
 
 
+#: Losses whose labels have one axis fewer than the predictions (class ids,
+#: CTC label sequences), as classes and as the functions they wrap.
+_SPARSE_LABEL_LOSSES = tuple(
+    getattr(keras.losses, name)
+    for name in (
+        "SparseCategoricalCrossentropy CategoricalGeneralizedCrossEntropy CTC "
+        "sparse_categorical_crossentropy categorical_generalized_cross_entropy ctc"
+    ).split()
+    if hasattr(keras.losses, name)
+)
+
+
+def _refuse_label_broadcast(loss: keras.losses.Loss, y, y_pred) -> None:
+    """Refuse dense labels of another rank than the predictions (but the
+    (batch,) against (batch, 1) that Keras squeezes): labels (B,) against
+    predictions (B, K) broadcast along the class axis, so that every
+    example's loss read every example's label (a review: 44.7 C for one
+    example under ghost clipping at B = 32 with MSE). A batch of one (the
+    vectorised path's one-example pass) cannot mix examples.
+
+    Raises:
+        ValueError: naming the loss and both shapes.
+    """
+    function = getattr(loss, "fn", loss)
+    if type(loss) in _SPARSE_LABEL_LOSSES or any(
+        function is f for f in _SPARSE_LABEL_LOSSES
+    ):
+        return
+    y_rank, rank = y.shape.rank, y_pred.shape.rank
+    if y_rank == rank or y.shape[:1] == (1,):
+        return
+    if y_rank == rank - 1 and y_pred.shape[-1] == 1:
+        return
+    raise ValueError(
+        f"The loss {getattr(loss, '__name__', type(loss).__name__)} gets "
+        f"labels of shape {y.shape} for "
+        f"predictions of shape {y_pred.shape}: broadcast together, each "
+        "example's loss would read the other examples' labels, and per-example "
+        "clipping would not bound one example's effect. Give labels of the "
+        "predictions' shape (e.g. one-hot), or use a sparse loss."
+    )
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class DPSGDModel(PrivateModel, keras.Model):
     """Wraps any Keras model to train it with per-example clipped, noised SGD.
@@ -354,8 +397,10 @@ class DPSGDModel(PrivateModel, keras.Model):
             loss = keras.losses.get(loss)
         if isinstance(loss, keras.losses.Loss):
             _refuse_batch_axis(loss, y_pred)
+            _refuse_label_broadcast(loss, y, y_pred)
             values = loss.call(y, y_pred)
         elif callable(loss):
+            _refuse_label_broadcast(loss, y, y_pred)
             values = loss(y, y_pred)
         else:
             raise ValueError(

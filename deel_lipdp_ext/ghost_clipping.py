@@ -215,18 +215,19 @@ def _layer_problem(layer: keras.layers.Layer, ranks: set[int] | None) -> str | N
             )
     if ranks is None:
         return None
-    if isinstance(layer, _L.Attention | _L.MultiHeadAttention) and (
-        not ranks or min(ranks) < 3
-    ):
-        # a review: Attention()([h, h]) on (batch, d) scored (batch, batch)
-        # and mixed every example into the others (34.9 C for one example)
-        return (
-            f"attends over the axis before the features, which at input ranks "
-            f"{ranks or 'unknown'} is (or may be) the batch: every example "
-            "would be mixed into the others (inputs of rank >= 3 only)"
-        )
-    if isinstance(layer, _L.MultiHeadAttention):
-        return _attention_axes_problem(layer, ranks)
+    if isinstance(layer, _L.Attention | _L.MultiHeadAttention):
+        attended = _attended_ranks(layer) if ranks else ranks
+        if not attended or min(attended) < 3:
+            # a review: Attention()([h, h]) on (batch, d) scored (batch,
+            # batch) and mixed every example into the others (34.9 C)
+            return (
+                "attends over the axis before the features, which at query, "
+                f"value or key ranks {attended or 'unknown'} is (or may be) the "
+                "batch: every example would be mixed into the others (rank >= 3 "
+                "only)"
+            )
+        if isinstance(layer, _L.MultiHeadAttention):
+            return _attention_axes_problem(layer, attended)
     for axis in _axes(layer) + ([-1] if _reduces(layer) else []):
         if axis >= 0:
             if axis == 0:
@@ -285,6 +286,26 @@ def _input_ranks(layer) -> set[int]:
         for node in getattr(layer, "_inbound_nodes", [])
         for t in node.input_tensors
     }
+
+
+def _attended_ranks(layer) -> set[int]:
+    """Ranks of the query, value and key of each symbolic call of `layer`
+    (an attention layer), its masks left out (a (batch, steps) padding mask
+    does not attend over anything)."""
+    ranks = set()
+    for node in getattr(layer, "_inbound_nodes", []):
+        arguments = getattr(node, "arguments", None)
+        if arguments is None:
+            ranks |= {len(t.shape) for t in node.input_tensors}
+            continue
+        kwargs = arguments.kwargs
+        tensors = keras.tree.flatten(arguments.args) + [
+            kwargs[name]
+            for name in ("inputs", "query", "value", "key")
+            if name in kwargs
+        ]
+        ranks |= {len(t.shape) for t in tensors if hasattr(t, "shape")}
+    return ranks
 
 
 def _output_ranks(layer) -> set[int]:
@@ -762,23 +783,6 @@ class ClippedSum:
     predictions: tf.Tensor
 
 
-def each_example_alone(
-    per_example_losses: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
-    y: tf.Tensor,
-    predictions: tf.Tensor,
-) -> tf.Tensor:
-    """(batch,) losses, each from its own example's label and prediction
-    alone (`tf.vectorized_map` over one-example calls): whatever the loss
-    does across its inputs, no example reads another's. Reviews found
-    allowed losses that did on a batch: Hinge converts labels only when the
-    whole batch is 0/1 (10.9 C for one example), and labels (B,) broadcast
-    against predictions (B, K) (44.7 C)."""
-    return tf.vectorized_map(
-        lambda example: per_example_losses(example[0][None], example[1][None])[0],
-        (y, predictions),
-    )
-
-
 def clipped_gradient_sum(
     model: keras.Model,
     x: tf.Tensor,
@@ -814,7 +818,7 @@ def clipped_gradient_sum(
     with tf.GradientTape() as tape:
         with _Recorder(units):
             predictions = model(x, training=True)
-        losses = each_example_alone(per_example_losses, y, predictions)
+        losses = per_example_losses(y, predictions)
         total = tf.reduce_sum(losses)
     # The fast rules need the gradient at the pre-activation output (the
     # output itself for Embedding); the per-layer pass, at the outputs.

@@ -938,24 +938,46 @@ def test_attention_over_rank_2_inputs_is_refused():
     assert effect <= 1.0 + 1e-4
 
 
-def test_each_example_s_loss_reads_its_own_label_alone():
+def test_labels_broadcast_along_the_class_axis_are_refused():
     """Labels (B,) against predictions (B, B): Keras broadcasts the label
     vector along the class axis, so on a batch every example's MSE read every
     label, and one record moved the ghost-clipped sum by 44.7 C at B = 32
-    (a review). Ghost clipping evaluates each example's loss alone."""
+    (a review). Ghost clipping refuses such labels; the vectorised path,
+    which evaluates each example alone, keeps them within C."""
     rng = np.random.default_rng(0)
     batch = 16
     x = rng.uniform(0.5, 1.0, size=(batch, 4)).astype(np.float32)
     y = rng.normal(size=(batch,)).astype(np.float32)
     y[-1] = 1e3  # the example removed
 
-    def net():
-        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(batch)])
+    def net(units=batch):
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(units)])
 
-    for clipping in ("ghost", "auto", "vectorized"):
-        for loss in ("mse", keras.losses.Huber(), keras.losses.CosineSimilarity()):
-            model, effect = _removal_effect(net, loss, x, y, clipping)
-            assert effect <= 1.0 + 1e-4, (clipping, loss, effect)
-        assert model.clipping_method == (
-            "vectorized" if clipping == "vectorized" else "ghost"
-        )
+    for loss in ("mse", keras.losses.Huber(), keras.losses.CosineSimilarity()):
+        for clipping in ("ghost", "auto"):
+            with pytest.raises(ValueError, match="read the other examples' labels"):
+                _removal_effect(net, loss, x, y, clipping)
+        _, effect = _removal_effect(net, loss, x, y, "vectorized")
+        assert effect <= 1.0 + 1e-4, (loss, effect)
+    # Labels of the predictions' shape, (B,) for one output, sparse ids: fine.
+    model, effect = _removal_effect(lambda: net(1), "mse", x, y, "ghost")
+    assert model.clipping_method == "ghost" and effect <= 1.0 + 1e-4
+    ids = rng.integers(0, 3, batch)
+    _removal_effect(lambda: net(3), "sparse_categorical_crossentropy", x, ids, "ghost")
+    one_hot = np.eye(3, dtype=np.float32)[ids]
+    _removal_effect(lambda: net(3), "mse", x, one_hot, "ghost")
+
+
+def test_attention_masks_do_not_count_as_attended_inputs():
+    """(batch, steps) padding masks passed to attention were counted as rank-2
+    inputs, and a per-example network was refused (a review)."""
+    sequence = keras.Input((5, 8))
+    mask = keras.Input((5,), dtype="bool")
+    attention = keras.layers.Attention()([sequence, sequence], mask=[mask, mask])
+    model = keras.Model([sequence, mask], keras.layers.Flatten()(attention))
+    assert ghost_clipping_support(model) is None
+    heads = keras.layers.MultiHeadAttention(2, 4)(
+        sequence, sequence, query_mask=mask, value_mask=mask
+    )
+    model = keras.Model([sequence, mask], keras.layers.Flatten()(heads))
+    assert ghost_clipping_support(model) is None

@@ -11,6 +11,8 @@ would break them.
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -394,11 +396,48 @@ def DP_GNP_Factory(layer_cls: type, name: str | None = None) -> type:
                 f"{cls_name} '{self.name}' ({layer_cls.__name__}) is not GNP: {refusal}"
             )
 
+    base_call = layer_cls.call
+
+    @functools.wraps(base_call)  # keeps its signature (Keras reads `training`)
+    def call(self, *args, **kwargs):
+        # Arguments changed after build (a review: scale set to 10) are
+        # checked again whenever the call is traced.
+        refusal = _config_refusal(self, layer_cls)
+        if refusal is not None:
+            raise ValueError(
+                f"{cls_name} '{self.name}' ({layer_cls.__name__}) is not GNP: {refusal}"
+            )
+        outputs = base_call(self, *args, **kwargs)
+        if issubclass(layer_cls, keras.layers.Rescaling):
+            # Its output has its input's shape unless scale or offset
+            # broadcast a sample into copies (a review: built on another
+            # shape, on a None axis, or under another image data format, 4
+            # times the bound). A reshape to the input's shape then fails,
+            # under XLA too (where asserts are dropped).
+            inputs = args[0] if args else kwargs["inputs"]
+            message = (
+                f"{cls_name} '{self.name}' (Rescaling) is not GNP: its scale "
+                "or offset broadcasts each sample into copies (the output "
+                "shape differs from the input's), so its norm grows"
+            )
+            if not outputs.shape.is_compatible_with(inputs.shape):
+                raise ValueError(
+                    f"{message}. Received: input shape {inputs.shape}, output "
+                    f"shape {outputs.shape}"
+                )
+            same = tf.debugging.assert_equal(
+                tf.shape(outputs), tf.shape(inputs), message=message
+            )
+            with tf.control_dependencies([same]):
+                outputs = tf.reshape(outputs, tf.shape(inputs))
+        return outputs
+
     cls = type(
         cls_name,
         (layer_cls, GNPLayer),
         {
             "build": build,
+            "call": call,
             "__doc__": (
                 f"`{layer_cls.__name__}` as a DP layer (GNP: bounds pass through "
                 "unchanged)."

@@ -253,3 +253,25 @@ def test_factory_refuses_an_argument_that_broadcasts_a_sample_into_copies():
             layer(tf.zeros((2, 1, 8, 2)))
     fine = dp_rescaling(scale=np.full((8, 2), 0.5, np.float32))  # per-feature
     assert fine(tf.ones((2, 1, 8, 2))).shape == (2, 1, 8, 2)
+
+
+def test_a_rescaling_that_copies_samples_is_refused_at_call_time():
+    """The build-time check saw only the build shape: a layer built on
+    another shape, on a None axis, or whose scale was set after build, copied
+    each sample (4 to 16 times the bound; a review)."""
+    dp_rescaling = L.DP_GNP_Factory(keras.layers.Rescaling, name="DP_TestRescalingC")
+    copies = np.ones((16, 1, 1), np.float32)
+    for build_shape in ((None, 16, 8, 2), (None, None, 8, 2)):
+        layer = dp_rescaling(scale=copies)
+        layer.build(build_shape)
+        with pytest.raises(ValueError, match="broadcasts each sample into copies"):
+            layer(tf.zeros((2, 1, 8, 2)))
+        with pytest.raises((ValueError, tf.errors.InvalidArgumentError)):
+            tf.function(layer, input_signature=[tf.TensorSpec((None, None, 8, 2))])(
+                tf.zeros((2, 1, 8, 2))
+            )
+    layer = dp_rescaling(scale=1.0)
+    layer(tf.zeros((2, 1, 8, 2)))
+    layer.scale = 16.0  # after build
+    with pytest.raises(ValueError, match=r"\|scale\| <= 1"):
+        layer(tf.zeros((2, 1, 8, 2)))
