@@ -981,3 +981,57 @@ def test_attention_masks_do_not_count_as_attended_inputs():
     )
     model = keras.Model([sequence, mask], keras.layers.Flatten()(heads))
     assert ghost_clipping_support(model) is None
+
+
+def test_loss_functions_get_keras_s_squeeze_before_any_check():
+    """`loss="poisson"`, "kl_divergence" and "categorical_hinge" (functions)
+    do not squeeze: (B,) labels against (B, 1) predictions broadcast to
+    (B, B) and every loss read every label (6.9, 16.2 and 10.4 C under ghost
+    clipping; a review)."""
+    rng = np.random.default_rng(0)
+    batch = 16
+    x = rng.uniform(0.5, 1.0, size=(batch, 4)).astype(np.float32)
+    y = rng.uniform(0.1, 1.0, size=(batch,)).astype(np.float32)
+    y[-1] = 50.0  # the example removed
+
+    def net():
+        return keras.Sequential(
+            [keras.Input((4,)), keras.layers.Dense(1, activation="softplus")]
+        )
+
+    for loss in (
+        "poisson",
+        "kl_divergence",
+        "categorical_hinge",
+        "binary_crossentropy",
+    ):
+        for clipping in ("auto", "vectorized"):
+            labels = np.clip(y, 0, 1) if loss == "binary_crossentropy" else y
+            _, effect = _removal_effect(net, loss, x, labels, clipping)
+            assert effect <= 1.0 + 1e-4, (loss, clipping, effect)
+
+
+def test_attention_called_with_keyword_inputs_is_checked_too():
+    """`Attention()(inputs=[h, h])` on (batch, d) added no rank, so a shared
+    layer also called on rank-3 tensors passed (13.9 C for one example; a
+    review); masks passed positionally are not attended inputs."""
+    sequence = keras.Input((5, 6))
+    vector = keras.Input((6,))
+    shared = keras.layers.Attention()
+    pooled = keras.layers.GlobalAveragePooling1D()(shared([sequence, sequence]))
+    hidden = keras.layers.Dense(6)(vector)
+    mixed = shared(inputs=[hidden, hidden])
+    model = keras.Model([sequence, vector], keras.layers.Concatenate()([pooled, mixed]))
+    assert "attends over the axis" in ghost_clipping_support(model)
+    alone = keras.layers.Attention()
+    model = keras.Model(vector, alone(inputs=[hidden, hidden]))
+    assert ghost_clipping_support(model) is not None
+    mask = keras.Input((5,), dtype="bool")
+    attention = keras.layers.Attention()([sequence, sequence], [mask, mask])
+    model = keras.Model([sequence, mask], keras.layers.Flatten()(attention))
+    assert ghost_clipping_support(model) is None
+    keyword = keras.layers.Attention()(inputs=[sequence, sequence])
+    assert (
+        ghost_clipping_support(keras.Model(sequence, keras.layers.Flatten()(keyword)))
+        is None
+    )

@@ -467,17 +467,27 @@ class DP_ReLU(keras.layers.ReLU, GNPLayer):
     """
 
     def __init__(self, max_value=None, negative_slope=0.0, threshold=0.0, **kwargs):
-        if threshold != 0.0:
-            raise ValueError(
-                "DP_ReLU needs threshold=0 to be Lipschitz. "
-                f"Received: threshold={threshold!r}"
-            )
-        if not 0.0 <= float(negative_slope) <= 1.0:
-            raise ValueError(
-                "DP_ReLU needs 0 <= negative_slope <= 1 to be 1-Lipschitz. "
-                f"Received: negative_slope={negative_slope!r}"
-            )
+        _check_dp_relu(threshold, negative_slope)
         super().__init__(max_value=max_value, negative_slope=negative_slope, **kwargs)
+
+    def call(self, inputs):
+        # Checked again at every trace: set after construction, a slope of
+        # 10 made the layer 10-Lipschitz (a review).
+        _check_dp_relu(self.threshold, self.negative_slope)
+        return super().call(inputs)
+
+
+def _check_dp_relu(threshold, negative_slope) -> None:
+    if threshold != 0.0:
+        raise ValueError(
+            "DP_ReLU needs threshold=0 to be Lipschitz. "
+            f"Received: threshold={threshold!r}"
+        )
+    if not 0.0 <= float(negative_slope) <= 1.0:
+        raise ValueError(
+            "DP_ReLU needs 0 <= negative_slope <= 1 to be 1-Lipschitz. "
+            f"Received: negative_slope={negative_slope!r}"
+        )
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -503,6 +513,17 @@ class DP_MaxPool2D(keras.layers.MaxPooling2D, GNPLayer):
                 f"Received: pool_size={pool_size!r}, strides={strides!r}"
             )
         super().__init__(pool_size=pool, strides=pool, padding=padding, **kwargs)
+
+    def call(self, inputs):
+        # Checked again at every trace: strides set to 1 after construction
+        # made windows overlap, 2 times the bound on a spike (a review).
+        if tuple(self.strides) != tuple(self.pool_size):
+            raise ValueError(
+                "DP_MaxPool2D needs strides == pool_size (non-overlapping "
+                f"windows). Received: pool_size={self.pool_size!r}, "
+                f"strides={self.strides!r}"
+            )
+        return super().call(inputs)
 
 
 def _max_min(inputs: tf.Tensor) -> tf.Tensor:

@@ -275,3 +275,19 @@ def test_a_rescaling_that_copies_samples_is_refused_at_call_time():
     layer.scale = 16.0  # after build
     with pytest.raises(ValueError, match=r"\|scale\| <= 1"):
         layer(tf.zeros((2, 1, 8, 2)))
+
+
+def test_hand_written_gnp_layers_check_their_arguments_at_every_trace():
+    """Set after construction, DP_ReLU's negative_slope = 10 made it
+    10-Lipschitz, and DP_MaxPool2D's strides = 1 overlapped its windows
+    (2 times the bound on a spike; a review)."""
+    relu = L.DP_ReLU()
+    relu(tf.zeros((2, 4)))
+    relu.negative_slope = 10.0
+    with pytest.raises(ValueError, match="negative_slope"):
+        relu(tf.zeros((2, 4)))
+    pool = L.DP_MaxPool2D(2)
+    pool(tf.zeros((1, 4, 4, 1)))
+    pool.strides = (1, 1)
+    with pytest.raises(ValueError, match="strides == pool_size"):
+        pool(tf.zeros((1, 4, 4, 1)))
