@@ -227,6 +227,9 @@ def _layer_problem(layer: keras.layers.Layer, ranks: set[int] | None) -> str | N
                 "batch: every example would be mixed into the others (rank >= 3 "
                 "only)"
             )
+        masks = _attention_mask_problem(layer)
+        if masks is not None:
+            return masks
         if isinstance(layer, _L.MultiHeadAttention):
             return _attention_axes_problem(layer, attended)
     for axis in _axes(layer) + ([-1] if _reduces(layer) else []):
@@ -315,6 +318,47 @@ def _attended_ranks(layer) -> set[int]:
             return set()
         ranks |= {len(t.shape) for t in tensors}
     return ranks
+
+
+def _attention_mask_problem(layer) -> str | None:
+    """Why a mask of an attention call has another rank than Keras expects
+    (then Keras pads it with axes, and its batch axis can land on a query
+    axis: a review passed a (batch, steps) `attention_mask` to
+    MultiHeadAttention, so every example's positions were masked by other
+    examples' inputs: 3.38 C against the replace-one bound of 2 C), or None.
+    Expected: `attention_mask` of rank 1 + 2 x (attention axes); the other
+    masks, one less than the tensor they mask."""
+    signature = inspect.signature(layer.call)
+    for node in getattr(layer, "_inbound_nodes", []):
+        bound = signature.bind(*node.arguments.args, **node.arguments.kwargs)
+        values = bound.arguments
+        data = [
+            t
+            for name, value in values.items()
+            if "mask" not in name
+            for t in keras.tree.flatten(value)
+            if hasattr(t, "shape")
+        ]
+        for name, value in values.items():
+            if "mask" not in name:
+                continue
+            for mask in keras.tree.flatten(value):
+                if not hasattr(mask, "shape"):
+                    continue
+                rank = len(mask.shape)
+                if name == "attention_mask":
+                    axes = layer._attention_axes  # noqa: SLF001
+                    count = len(axes) if axes is not None else len(data[0].shape) - 2
+                    allowed = {1 + 2 * count}
+                else:
+                    allowed = {len(t.shape) - 1 for t in data}
+                if rank not in allowed:
+                    return (
+                        f"gets a {name} of rank {rank} (expected {sorted(allowed)}): "
+                        "Keras pads it with axes, and its batch axis may land on "
+                        "a query axis, mixing the examples"
+                    )
+    return None
 
 
 def _output_ranks(layer) -> set[int]:

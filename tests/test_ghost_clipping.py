@@ -722,20 +722,25 @@ def test_a_huge_input_with_a_tiny_gradient_contributes_its_whole_clip():
 
 
 # ============================= fourth review (stop 30): a fresh adversary
-def _one_example_effect(clipping, loss, batch=8, seed=1):
-    """Largest change of the released sum (sigma ~ 0) when one example is
-    removed, in units of C, for DPSGDModel(clipping) trained by `loss`."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(batch, 4)).astype(np.float32)
-    y = rng.integers(0, 2, batch).astype(np.int32)
+def _released_sum(net_fn, loss, x, y, clipping, num_classes):
+    """(model, update(rows)): update(rows) trains a fresh DPSGDModel(clipping)
+    (sigma ~ 0) on rows of (x, y) and returns the released sum (the update
+    times B), per variable."""
+    batch = len(x)
 
     def update(rows):
         keras.utils.set_random_seed(0)
-        net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        net = net_fn()
         model = DPSGDModel(
             net,
             DPParameters(1e-7, 1e-5, seed=0),
-            metadata((4,), 3, n=100 * batch, batch_size=batch, sampling="shuffle"),
+            metadata(
+                x.shape[1:],
+                num_classes,
+                n=100 * batch,
+                batch_size=batch,
+                sampling="shuffle",
+            ),
             l2_norm_clip=1.0,
             clipping=clipping,
         )
@@ -745,12 +750,29 @@ def _one_example_effect(clipping, loss, batch=8, seed=1):
         after = [v.numpy().astype(np.float64) for v in net.trainable_variables]
         return model, [(b - a) * batch for b, a in zip(before, after, strict=True)]
 
+    return update
+
+
+def _distance(a, b) -> float:
+    return float(np.sqrt(sum(np.sum((u - v) ** 2) for u, v in zip(a, b, strict=True))))
+
+
+def _one_example_effect(clipping, loss, batch=8, seed=1):
+    """Largest change of the released sum (sigma ~ 0) when one example is
+    removed, in units of C, for DPSGDModel(clipping) trained by `loss`."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, 4)).astype(np.float32)
+    y = rng.integers(0, 2, batch).astype(np.int32)
+
+    def net():
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+
+    update = _released_sum(net, loss, x, y, clipping, 3)
     model, full = update(list(range(batch)))
-    effects = []
-    for k in range(batch):
-        _, without = update([i for i in range(batch) if i != k])
-        pairs = zip(full, without, strict=True)
-        effects.append(np.sqrt(sum(np.sum((f - w) ** 2) for f, w in pairs)))
+    effects = [
+        _distance(full, update([i for i in range(batch) if i != k])[1])
+        for k in range(batch)
+    ]
     return model, max(effects)
 
 
@@ -849,30 +871,9 @@ def test_a_dp_loss_with_a_method_replaced_is_not_trusted():
 def _removal_effect(net_fn, loss, x, y, clipping):
     """Change of the released sum (sigma ~ 0, in units of C) when the last
     example is removed, for DPSGDModel(clipping) with `loss`."""
-    batch = len(x)
-
-    def update(rows):
-        keras.utils.set_random_seed(0)
-        net = net_fn()
-        model = DPSGDModel(
-            net,
-            DPParameters(1e-7, 1e-5, seed=0),
-            metadata(
-                x.shape[1:], 2, n=100 * batch, batch_size=batch, sampling="shuffle"
-            ),
-            l2_norm_clip=1.0,
-            clipping=clipping,
-        )
-        model.compile(keras.optimizers.SGD(1.0), loss=loss)
-        before = [v.numpy().astype(np.float64) for v in net.trainable_variables]
-        model.train_on_batch(x[rows], y[rows])
-        after = [v.numpy().astype(np.float64) for v in net.trainable_variables]
-        return model, [(b - a) * batch for b, a in zip(before, after, strict=True)]
-
-    model, full = update(np.arange(batch))
-    _, without = update(np.arange(batch - 1))
-    pairs = zip(full, without, strict=True)
-    return model, np.sqrt(sum(np.sum((f - w) ** 2) for f, w in pairs))
+    update = _released_sum(net_fn, loss, x, y, clipping, 2)
+    model, full = update(np.arange(len(x)))
+    return model, _distance(full, update(np.arange(len(x) - 1))[1])
 
 
 def test_hinge_losses_take_the_vectorised_path():
@@ -1035,3 +1036,23 @@ def test_attention_called_with_keyword_inputs_is_checked_too():
         ghost_clipping_support(keras.Model(sequence, keras.layers.Flatten()(keyword)))
         is None
     )
+
+
+def test_an_attention_mask_of_another_rank_is_refused():
+    """A (batch, steps) `attention_mask` on MultiHeadAttention: Keras pads it
+    to (1, 1, batch, steps), its batch axis on the query axis, so each
+    example's positions were masked by other examples' inputs (3.38 C
+    against the replace-one bound of 2 C; a review)."""
+    sequence = keras.Input((2, 4))
+    mask = keras.layers.Dense(2, activation="relu")(keras.layers.Flatten()(sequence))
+    heads = keras.layers.MultiHeadAttention(1, 4)(
+        sequence, sequence, attention_mask=mask
+    )
+    model = keras.Model(sequence, keras.layers.Dense(1)(keras.layers.Flatten()(heads)))
+    assert "attention_mask of rank 2" in ghost_clipping_support(model)
+    full = keras.Input((2, 2), dtype="bool")  # (batch, T, S): as Keras documents
+    heads = keras.layers.MultiHeadAttention(1, 4)(
+        sequence, sequence, attention_mask=full
+    )
+    model = keras.Model([sequence, full], keras.layers.Flatten()(heads))
+    assert ghost_clipping_support(model) is None

@@ -41,6 +41,17 @@ def _manager(n=400, lot=40, batch=1, iterations=10, clip=1.0, accountant=None, s
     )
 
 
+def _built(lot, iterations, n=20):
+    """(recorder, manager, optimizer, v): a manager over n examples and its
+    DP optimizer, built on one scalar variable v."""
+    recorder = _Recorder()
+    manager = _manager(n=n, lot=lot, iterations=iterations, accountant=recorder)
+    optimizer = manager.privatize(noise_multiplier=1.0)[0](learning_rate=0.1)
+    v = tf.Variable([0.0])
+    optimizer.build([v])
+    return recorder, manager, optimizer, v
+
+
 def _run_lots(lot_loader, optimizer, variables, per_lot, inside=None):
     """Runs the loader (its `iterations` must be `len(per_lot)`); in lot i,
     one `step` per gradient list of `per_lot[i]`, each on the next micro-batch
@@ -503,12 +514,8 @@ def test_a_record_enters_one_lot_s_sum_at_most_once():
     """Two loaders zipped on one optimizer put a record in both lots into one
     noisy sum (share 1.999996 C; 10.38 reported for 17.54); so did a second
     pass of batch_loader over a lot, or two steps per example (a review)."""
-    recorder = _Recorder()
-    manager = _manager(n=20, lot=10, iterations=3, accountant=recorder)
-    cls, lot_loader, batch_loader = manager.privatize(noise_multiplier=1.0)
-    optimizer = cls(learning_rate=0.1)
-    v = tf.Variable([0.0])
-    optimizer.build([v])
+    recorder, manager, optimizer, v = _built(lot=10, iterations=3)
+    lot_loader, batch_loader = manager.lot_loader, manager.batch_loader
     one = [tf.constant([1.0])]
     with pytest.raises(RuntimeError, match="Another `lot_loader` is open"):
         for _ in zip(lot_loader(optimizer), lot_loader(optimizer), strict=False):
@@ -594,12 +601,8 @@ def test_the_loop_runs_eagerly_and_step_for_lot_only_from_the_loader():
     """`tf.function(step_for_lot)` recorded 1 step for 100 noisy updates
     (2.83 reported for 16.01), and a traced epoch froze its lots into the
     graph (5.76 for 36.34) (a review)."""
-    recorder = _Recorder()
-    manager = _manager(n=20, lot=5, iterations=2, accountant=recorder)
-    cls, lot_loader, _ = manager.privatize(noise_multiplier=1.0)
-    optimizer = cls(learning_rate=0.1)
-    v = tf.Variable([0.0])
-    optimizer.build([v])
+    recorder, manager, optimizer, v = _built(lot=5, iterations=2)
+    lot_loader = manager.lot_loader
     with pytest.raises(RuntimeError, match="a call by hand"):
         optimizer.step_for_lot()
 
