@@ -339,6 +339,32 @@ def _attention_mask_problem(layer) -> str | None:
             for t in keras.tree.flatten(value)
             if hasattr(t, "shape")
         ]
+        ranks = sorted({len(t.shape) for t in data})
+        if len(ranks) > 1:
+            # a review: Attention()([q (B, 5, 2), v (B, 1, 5, 2)]) passed;
+            # broadcasting aligns q's batch axis with one of v's axes
+            return (
+                f"attends over tensors of different ranks {ranks}: broadcast "
+                "together, one's batch axis may meet another's sequence axis"
+            )
+        masks = [
+            mask
+            for name, value in values.items()
+            if "mask" in name
+            for mask in keras.tree.flatten(value)
+            if hasattr(mask, "shape")
+        ] + [t._keras_mask for t in data if getattr(t, "_keras_mask", None) is not None]  # noqa: SLF001
+        axes = getattr(layer, "_attention_axes", None)
+        if isinstance(layer, _L.MultiHeadAttention) and masks:
+            count = len(axes) if axes is not None else ranks[0] - 2
+            if count > 1:
+                # a review: a (B, S1, S2) value_mask with attention axes
+                # (1, 2) was padded to (1, 1, B, S1, 1, S2), its batch axis
+                # on a query axis (other examples' outputs moved by 0.32)
+                return (
+                    f"is masked while attending over {count} axes: Keras pads "
+                    "such masks so that their batch axis lands on a query axis"
+                )
         for name, value in values.items():
             if "mask" not in name:
                 continue

@@ -1056,3 +1056,25 @@ def test_an_attention_mask_of_another_rank_is_refused():
     )
     model = keras.Model([sequence, full], keras.layers.Flatten()(heads))
     assert ghost_clipping_support(model) is None
+
+
+def test_attention_over_mixed_ranks_or_masked_over_several_axes_is_refused():
+    """Masks of the expected rank still mixed examples when MultiHeadAttention
+    attended over two axes (Keras padded a (B, S1, S2) value_mask to
+    (1, 1, B, S1, 1, S2): other examples' outputs moved by 0.32), and an
+    Attention over a rank-3 query and a rank-4 value broadcast one's batch
+    axis against the other's (a review)."""
+    grid = keras.Input((4, 4, 2))
+    value_mask = keras.layers.Reshape((4, 4))(keras.layers.Dense(1, "relu")(grid))
+    heads = keras.layers.MultiHeadAttention(1, 2)(grid, grid, value_mask=value_mask)
+    model = keras.Model(grid, keras.layers.Flatten()(heads))
+    assert "masked while attending over 2 axes" in ghost_clipping_support(model)
+    unmasked = keras.layers.MultiHeadAttention(1, 2)(grid, grid)
+    assert (
+        ghost_clipping_support(keras.Model(grid, keras.layers.Flatten()(unmasked)))
+        is None
+    )
+    query, value = keras.Input((5, 2)), keras.Input((1, 5, 2))
+    mixed = keras.layers.Attention()([query, value])
+    model = keras.Model([query, value], keras.layers.Flatten()(mixed))
+    assert "different ranks" in ghost_clipping_support(model)
