@@ -228,8 +228,8 @@ _SPARSE_LABEL_LOSSES = tuple(
 
 
 def _refuse_label_broadcast(loss: keras.losses.Loss, y, y_pred) -> None:
-    """Refuse dense labels of another rank than the predictions once Keras's
-    squeeze of a size-1 last axis is done: labels (B,) against predictions
+    """Refuse dense labels of another rank than the predictions (both given
+    after Keras's squeeze of a size-1 last axis): labels (B,) against predictions
     (B, K) broadcast along the class axis, so that every example's loss read
     every example's label (a review: 44.7 C for one example under ghost
     clipping at B = 32 with MSE). A batch of one (the vectorised path's
@@ -243,7 +243,6 @@ def _refuse_label_broadcast(loss: keras.losses.Loss, y, y_pred) -> None:
         function is f for f in _SPARSE_LABEL_LOSSES
     ):
         return
-    y, y_pred = squeeze_or_expand_to_same_rank(y, y_pred)
     if y.shape.rank == y_pred.shape.rank or y.shape[:1] == (1,):
         return
     raise ValueError(
@@ -394,18 +393,18 @@ class DPSGDModel(PrivateModel, keras.Model):
         loss = self.loss
         if isinstance(loss, str):
             loss = keras.losses.get(loss)
+        # Squeezed once, as Keras's wrapper does before calling a function
+        # (poisson, kl_divergence and categorical_hinge do not: (B,) labels
+        # against (B, 1) predictions broadcast to (B, B), every loss reading
+        # every label; a review: up to 16.2 C); a Loss's call squeezes alike.
+        y_same, y_pred_same = squeeze_or_expand_to_same_rank(y, y_pred)
+        if callable(loss):
+            _refuse_label_broadcast(loss, y_same, y_pred_same)
         if isinstance(loss, keras.losses.Loss):
             _refuse_batch_axis(loss, y_pred)
-            _refuse_label_broadcast(loss, y, y_pred)
             values = loss.call(y, y_pred)
         elif callable(loss):
-            # Squeezed as Keras's wrapper does before calling a function:
-            # poisson, kl_divergence and categorical_hinge do not, so (B,)
-            # labels against (B, 1) predictions broadcast to (B, B), every
-            # loss reading every label (a review: up to 16.2 C).
-            y, y_pred = squeeze_or_expand_to_same_rank(y, y_pred)
-            _refuse_label_broadcast(loss, y, y_pred)
-            values = loss(y, y_pred)
+            values = loss(y_same, y_pred_same)
         else:
             raise ValueError(
                 f"DPSGDModel needs one loss (a Keras loss or a function of "

@@ -217,21 +217,7 @@ def _layer_problem(layer: keras.layers.Layer, ranks: set[int] | None) -> str | N
     if ranks is None:
         return None
     if isinstance(layer, _L.Attention | _L.MultiHeadAttention):
-        attended = _attended_ranks(layer) if ranks else ranks
-        if not attended or min(attended) < 3:
-            # a review: Attention()([h, h]) on (batch, d) scored (batch,
-            # batch) and mixed every example into the others (34.9 C)
-            return (
-                "attends over the axis before the features, which at query, "
-                f"value or key ranks {attended or 'unknown'} is (or may be) the "
-                "batch: every example would be mixed into the others (rank >= 3 "
-                "only)"
-            )
-        masks = _attention_mask_problem(layer)
-        if masks is not None:
-            return masks
-        if isinstance(layer, _L.MultiHeadAttention):
-            return _attention_axes_problem(layer, attended)
+        return _attention_problem(layer)
     for axis in _axes(layer) + ([-1] if _reduces(layer) else []):
         if axis >= 0:
             if axis == 0:
@@ -292,99 +278,80 @@ def _input_ranks(layer) -> set[int]:
     }
 
 
-def _attended_ranks(layer) -> set[int]:
-    """Ranks of the tensors each symbolic call of `layer` (an attention
-    layer) attends over: its call's arguments bound to their parameters,
-    positional or keyword, masks left out (a (batch, steps) padding mask
-    does not attend over anything). Empty (so refused) if a call cannot be
-    bound or attends over no tensor (a review: `inputs=[h, h]` as a keyword
-    added no rank, and a rank-2 call hid behind a rank-3 one: 13.9 C)."""
+def _attention_calls(layer) -> list[tuple[list, list]] | None:
+    """Per symbolic call of an attention layer: (the tensors it attends over,
+    [(name, mask)] of its masks), its arguments bound to the call's
+    parameters, positional or keyword (a review: `inputs=[h, h]` as a
+    keyword was missed); Keras masks carried by the tensors count as masks.
+    None if a call cannot be bound or attends over no tensor."""
     signature = inspect.signature(layer.call)
-    ranks = set()
+    calls = []
     for node in getattr(layer, "_inbound_nodes", []):
         arguments = getattr(node, "arguments", None)
         try:
             bound = signature.bind(*arguments.args, **arguments.kwargs)
         except (AttributeError, TypeError):
-            return set()
-        tensors = [
-            t
-            for name, value in bound.arguments.items()
-            if "mask" not in name
-            for t in keras.tree.flatten(value)
-            if hasattr(t, "shape")
-        ]
-        if not tensors:
-            return set()
-        ranks |= {len(t.shape) for t in tensors}
-    return ranks
+            return None
+        data, masks = [], []
+        for name, value in bound.arguments.items():
+            tensors = [t for t in keras.tree.flatten(value) if hasattr(t, "shape")]
+            if "mask" in name:
+                masks.extend((name, t) for t in tensors)
+            else:
+                data.extend(tensors)
+        if not data:
+            return None
+        masks.extend(
+            ("mask", t._keras_mask)  # noqa: SLF001
+            for t in data
+            if getattr(t, "_keras_mask", None) is not None
+        )
+        calls.append((data, masks))
+    return calls
 
 
-def _attention_mask_problem(layer) -> str | None:
-    """Why a mask of an attention call has another rank than Keras expects
-    (then Keras pads it with axes, and its batch axis can land on a query
-    axis: a review passed a (batch, steps) `attention_mask` to
-    MultiHeadAttention, so every example's positions were masked by other
-    examples' inputs: 3.38 C against the replace-one bound of 2 C), or None.
-    Expected: `attention_mask` of rank 1 + 2 x (attention axes); the other
-    masks, one less than the tensor they mask."""
-    signature = inspect.signature(layer.call)
-    for node in getattr(layer, "_inbound_nodes", []):
-        bound = signature.bind(*node.arguments.args, **node.arguments.kwargs)
-        values = bound.arguments
-        data = [
-            t
-            for name, value in values.items()
-            if "mask" not in name
-            for t in keras.tree.flatten(value)
-            if hasattr(t, "shape")
-        ]
+def _attention_problem(layer) -> str | None:
+    """Why an attention layer might mix examples, or None. Reviews found:
+    tensors of rank < 3 (batch x batch scores: 34.9 C for one example); a
+    rank-2 call hidden behind a rank-3 one (13.9 C); tensors of different
+    ranks (one's batch axis against another's sequence axis); a mask of
+    another rank than Keras documents (`attention_mask` 1 + 2 x attention
+    axes, the others one less than the tensor they mask), which Keras pads
+    so that its batch axis lands on a query axis (3.38 C against the
+    replace-one bound of 2 C); MultiHeadAttention masked while attending
+    over several axes (padded the same way)."""
+    calls = _attention_calls(layer)
+    attended = {len(t.shape) for data, _ in calls or [] for t in data}
+    if not calls or min(attended) < 3:
+        return (
+            "attends over the axis before the features, which at query, "
+            f"value or key ranks {attended or 'unknown'} is (or may be) the "
+            "batch: every example would be mixed into the others (rank >= 3 only)"
+        )
+    heads = isinstance(layer, _L.MultiHeadAttention)
+    for data, masks in calls:
         ranks = sorted({len(t.shape) for t in data})
         if len(ranks) > 1:
-            # a review: Attention()([q (B, 5, 2), v (B, 1, 5, 2)]) passed;
-            # broadcasting aligns q's batch axis with one of v's axes
             return (
                 f"attends over tensors of different ranks {ranks}: broadcast "
                 "together, one's batch axis may meet another's sequence axis"
             )
-        masks = [
-            mask
-            for name, value in values.items()
-            if "mask" in name
-            for mask in keras.tree.flatten(value)
-            if hasattr(mask, "shape")
-        ] + [t._keras_mask for t in data if getattr(t, "_keras_mask", None) is not None]  # noqa: SLF001
-        axes = getattr(layer, "_attention_axes", None)
-        if isinstance(layer, _L.MultiHeadAttention) and masks:
-            count = len(axes) if axes is not None else ranks[0] - 2
-            if count > 1:
-                # a review: a (B, S1, S2) value_mask with attention axes
-                # (1, 2) was padded to (1, 1, B, S1, 1, S2), its batch axis
-                # on a query axis (other examples' outputs moved by 0.32)
+        axes = layer._attention_axes if heads else None  # noqa: SLF001
+        count = len(axes) if axes is not None else ranks[0] - 2
+        if heads and masks and count > 1:
+            return (
+                f"is masked while attending over {count} axes: Keras pads "
+                "such masks so that their batch axis lands on a query axis"
+            )
+        for name, mask in masks:
+            allowed = 1 + 2 * count if name == "attention_mask" else ranks[0] - 1
+            if len(mask.shape) != allowed:
                 return (
-                    f"is masked while attending over {count} axes: Keras pads "
-                    "such masks so that their batch axis lands on a query axis"
+                    f"gets a {name} of rank {len(mask.shape)} (expected "
+                    f"[{allowed}]): Keras pads it with axes, and its batch axis "
+                    "may land on a query axis, mixing the examples"
                 )
-        for name, value in values.items():
-            if "mask" not in name:
-                continue
-            for mask in keras.tree.flatten(value):
-                if not hasattr(mask, "shape"):
-                    continue
-                rank = len(mask.shape)
-                if name == "attention_mask":
-                    axes = layer._attention_axes  # noqa: SLF001
-                    count = len(axes) if axes is not None else len(data[0].shape) - 2
-                    allowed = {1 + 2 * count}
-                else:
-                    allowed = {len(t.shape) - 1 for t in data}
-                if rank not in allowed:
-                    return (
-                        f"gets a {name} of rank {rank} (expected {sorted(allowed)}): "
-                        "Keras pads it with axes, and its batch axis may land on "
-                        "a query axis, mixing the examples"
-                    )
-    return None
+    return _attention_axes_problem(layer, attended) if heads else None
 
 
 def _output_ranks(layer) -> set[int]:

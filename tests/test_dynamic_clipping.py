@@ -540,3 +540,19 @@ def test_a_run_resumed_from_an_older_checkpoint_draws_new_noise(tmp_path):
         module._SEEDED_RELEASES = counter
     assert total_first == total_resumed  # the same ledger total at the release
     assert noise_first != noise_resumed
+
+
+def test_the_quantile_update_stays_in_float32_s_normal_range():
+    """exp of a large step overflows to inf or underflows to 0; the update
+    (post-processing of the noisy count) is kept where float32 holds it."""
+    x, y = unit_samples(N, (8,)), one_hot(np.arange(N), 4)
+    model = _small_clip_model()
+    callback = AdaptiveQuantileClipping(
+        poisson_batches(x, y, B), noise_multiplier=1e-3, learning_rate=1e5
+    )
+    callback.set_model(model)
+    layer = model.dp_layers[-1]
+    bounds = np.finfo(np.float32)
+    for included, expected in ((np.ones(B), bounds.tiny), (np.zeros(B), bounds.max)):
+        callback.update([layer], [np.zeros(B)], included)
+        assert float(layer.clip_value.numpy()) == pytest.approx(float(expected))
