@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import tensorflow as tf
 
-from ._validation import require_one_of
+from ._validation import require_one_of, require_positive
 from .accounting import steps_per_epoch
 from .layers.base import BOUND_MARGIN
 
@@ -147,6 +147,7 @@ def bound_normalize(bound: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:
 
     An all-zero sample stays zero.
     """
+    bound = require_positive("bound", bound, "bound_normalize")
 
     def normalize(x: np.ndarray) -> np.ndarray:
         norms = _per_sample_norms(x)
@@ -160,6 +161,7 @@ def bound_normalize(bound: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:
 def bound_clip_value(clip_value: float) -> Callable[[np.ndarray], np.ndarray]:
     """A function projecting every sample onto the L2 ball of radius
     `clip_value` (samples above it land at `clip_value * BOUND_MARGIN`)."""
+    clip_value = require_positive("clip_value", clip_value, "bound_clip_value")
 
     def clip(x: np.ndarray) -> np.ndarray:
         norms = _per_sample_norms(x)
@@ -611,22 +613,11 @@ def _batched_feature_maps() -> tuple[type, ...]:
 def _apply_feature_map(feature_map, x: np.ndarray) -> np.ndarray:
     """`feature_map` applied to each sample. A library map (exact type in
     `_batched_feature_maps`) runs on whole arrays; any other callable runs on
-    one sample at a time, each time on a fresh copy of it, so no sample's
-    features can depend on another sample (batch statistics, or state fitted
-    on a first call)."""
+    one sample at a time (`_features_one_by_one`)."""
     if type(feature_map) in _batched_feature_maps():
         features = np.asarray(feature_map(x), np.float32)
     else:
-        rows = [
-            np.asarray(copy.deepcopy(feature_map)(x[i : i + 1]), np.float32)
-            for i in range(len(x))
-        ]
-        if any(len(row) != 1 for row in rows):
-            raise ValueError(
-                "feature_map must return one row per sample: a single sample "
-                f"gave {sorted({len(row) for row in rows})} rows."
-            )
-        features = np.concatenate(rows) if rows else np.zeros((0,), np.float32)
+        features = _features_one_by_one(feature_map, x)
     if len(features) != len(x):
         raise ValueError(
             f"feature_map must return one row per sample: {len(x)} samples gave "
@@ -640,6 +631,63 @@ def _apply_feature_map(feature_map, x: np.ndarray) -> np.ndarray:
             "non-finite inputs?"
         )
     return features
+
+
+def _features_one_by_one(feature_map, x: np.ndarray) -> np.ndarray:
+    """(N, ...) features of a user callable, computed one sample at a time,
+    each time on a fresh `copy.deepcopy` of the map, so batch statistics and
+    state kept on the map's instance cannot mix samples.
+
+    A copy still shares what deepcopy does not copy: closures, module
+    globals, class attributes, caches, variables. Two guards:
+    - a first call on public noise (of one sample's shape, on a throwaway
+      copy), so state the map fixes on its first call (a cache, a fitted
+      standardiser) is fixed without private data;
+    - every sample computed twice, in forward then reverse order: features
+      that differ show state carried from call to call (a running
+      statistic), so one sample's features depend on others, and the map is
+      refused. This catches the usual mistakes, not every conceivable one:
+      that the map is FIXED and stateless stays the caller's promise.
+    """
+
+    def one(sample: np.ndarray) -> np.ndarray:
+        try:
+            fresh = copy.deepcopy(feature_map)
+        except Exception as err:
+            raise ValueError(
+                "feature_map must be copyable (copy.deepcopy): each sample's "
+                "features are computed on a fresh copy of it, so that no state "
+                f"of the map carries one sample into another. Copying failed: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        return np.asarray(fresh(sample), np.float32)
+
+    if len(x):
+        noise = np.random.default_rng(0).random(x[:1].shape).astype(x.dtype)
+        one(noise)
+    rows = [one(x[i : i + 1]) for i in range(len(x))]
+    if any(len(row) != 1 for row in rows):
+        raise ValueError(
+            "feature_map must return one row per sample: a single sample "
+            f"gave {sorted({len(row) for row in rows})} rows."
+        )
+    again = [one(x[i : i + 1]) for i in reversed(range(len(x)))][::-1]
+    changed = [
+        i
+        for i, (first, second) in enumerate(zip(rows, again, strict=True))
+        if not np.array_equal(first, second, equal_nan=True)
+    ]
+    if changed:
+        raise ValueError(
+            "feature_map gave other features for the same sample when the "
+            f"samples ran in another order ({len(changed)} of {len(x)} samples, "
+            f"first: index {changed[0]}): it keeps state from call to call (a "
+            "closure, a module global, a class attribute, a cache or a "
+            "variable), so one sample's features depend on other samples. A "
+            "feature map must be fixed without the private data and compute "
+            "each sample alone."
+        )
+    return np.concatenate(rows) if rows else np.zeros((0,), np.float32)
 
 
 def from_numpy(
@@ -678,7 +726,9 @@ def from_numpy(
             the bound, chosen without the private data (e.g.
             `features.ScatteringFeatures()`, which runs on whole arrays); any
             other callable is applied to one sample at a time, on a fresh
-            copy of it each time, so no sample's features depend on another.
+            copy of it each time, and refused if a sample's features change
+            with the order of the samples (state shared across copies: see
+            `_features_one_by_one`).
         nb_samples: Poisson sampling only: a public N >= len(x_train), fixed
             without the data, for q = B / N, the steps of an epoch and the
             metadata (`poisson_batches`). None: len(x_train), which the
@@ -701,6 +751,7 @@ def from_numpy(
             f"Received: sampling={sampling!r}, nb_samples={nb_samples!r}"
         )
     n = public_nb_samples(len(x_train), nb_samples)
+    input_bound = require_positive("input_bound", input_bound, "from_numpy")
     require_one_of("preprocessing", preprocessing, ("normalize", "clip"), "from_numpy")
     if preprocessing == "normalize":
         bound = bound_normalize(input_bound)

@@ -11,8 +11,10 @@ Privacy: a feature map that is FIXED (chosen without looking at the private
 data) and computed from each sample alone turns neighbouring datasets into
 neighbouring datasets, so the DP guarantee of training on the features is the
 guarantee with respect to the raw samples. `data.from_numpy(feature_map=...)`
-checks the "each sample alone" part; the "fixed" part is the caller's promise
-(a map fitted on the private data, e.g. a PCA, would need its own budget).
+runs a map of your own one sample at a time and refuses one whose output
+changes with the order of the samples (state shared from call to call); that
+the map is fixed and stateless stays the caller's promise (a map fitted on the
+private data, e.g. a PCA, would need its own budget).
 The features are then bounded like any input (each sample scaled to L2 norm
 `input_bound`), so no Lipschitz constant of the map is needed.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -137,6 +140,11 @@ def _scattering_function(h: int, w: int, J: int, L: int):
     )
 
 
+def _is_int(value) -> bool:
+    """An int or a NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def scattering_transform(
     images: np.ndarray, J: int = 2, L: int = 8, batch_size: int = 1000
 ) -> np.ndarray:
@@ -162,8 +170,9 @@ def scattering_transform(
             f"`images` must have shape (N, H, W) or (N, H, W, C). Received: "
             f"{images.shape}"
         )
-    if not (isinstance(J, int) and J >= 1 and isinstance(L, int) and L >= 1):
+    if not all(_is_int(v) and v >= 1 for v in (J, L)):
         raise ValueError(f"J and L must be ints >= 1. Received: J={J!r}, L={L!r}")
+    J, L = int(J), int(L)
     n, h, w, c = images.shape
     step = 2**J
     if h % step or w % step:

@@ -111,6 +111,22 @@ def test_from_numpy_refuses_nan_and_bad_options():
         )
     with pytest.raises(ValueError, match="batch_size"):
         data.DatasetMetadata((2,), 2, 10, 0, 20, 1)
+    # a bound of 0, below 0 or not finite would record itself in the metadata
+    for bound in (0.0, -1.0, float("nan"), float("inf")):
+        for preprocessing in ("normalize", "clip"):
+            with pytest.raises(ValueError, match="input_bound"):
+                data.from_numpy(
+                    np.ones((10, 2)),
+                    np.zeros(10, int),
+                    batch_size=2,
+                    num_classes=2,
+                    input_bound=bound,
+                    preprocessing=preprocessing,
+                )
+        with pytest.raises(ValueError, match="positive finite"):
+            data.bound_normalize(bound)
+        with pytest.raises(ValueError, match="positive finite"):
+            data.bound_clip_value(bound)
 
 
 def test_load_npz_dataset(tmp_path):
