@@ -633,21 +633,31 @@ def _apply_feature_map(feature_map, x: np.ndarray) -> np.ndarray:
     return features
 
 
+#: public inputs a user feature map also sees between its two passes (scales
+#: of the noise): they move state that a pass over the data left saturated
+#: (a running maximum that the first sample happened to set)
+_PROBE_SCALES = (1e3, -1e3, 1e-3)
+
+
 def _features_one_by_one(feature_map, x: np.ndarray) -> np.ndarray:
     """(N, ...) features of a user callable, computed one sample at a time,
-    each time on a fresh `copy.deepcopy` of the map, so batch statistics and
-    state kept on the map's instance cannot mix samples.
+    each time on a fresh `copy.deepcopy` of the map and on a copy of the
+    sample (an in-place map cannot change the data), and copied out (a map
+    returning a buffer that its next call overwrites cannot alias rows), so
+    batch statistics and state kept on the map's instance cannot mix samples.
 
     A copy still shares what deepcopy does not copy: closures, module
     globals, class attributes, caches, variables. Two guards:
     - a first call on public noise (of one sample's shape, on a throwaway
-      copy), so state the map fixes on its first call (a cache, a fitted
+      copy), so state the map fixes on its first call (a fitted
       standardiser) is fixed without private data;
-    - every sample computed twice, in forward then reverse order: features
-      that differ show state carried from call to call (a running
-      statistic), so one sample's features depend on others, and the map is
-      refused. This catches the usual mistakes, not every conceivable one:
-      that the map is FIXED and stateless stays the caller's promise.
+    - every sample computed twice, in forward then reverse order, with calls
+      on scaled public noise in between (`_PROBE_SCALES`; their errors are
+      ignored): features that differ show state carried from call to call
+      (a running statistic) or a random map, and the map is refused.
+    These catch the usual mistakes, not every conceivable one (a memo cache
+    is not detected): that the map is FIXED, deterministic and stateless
+    stays the caller's promise.
     """
 
     def one(sample: np.ndarray) -> np.ndarray:
@@ -660,17 +670,23 @@ def _features_one_by_one(feature_map, x: np.ndarray) -> np.ndarray:
                 f"of the map carries one sample into another. Copying failed: "
                 f"{type(err).__name__}: {err}"
             ) from err
-        return np.asarray(fresh(sample), np.float32)
+        return np.array(fresh(sample.copy()), np.float32, copy=True)
 
-    if len(x):
-        noise = np.random.default_rng(0).random(x[:1].shape).astype(x.dtype)
-        one(noise)
+    if not len(x):
+        return np.zeros((0,), np.float32)
+    noise = np.random.default_rng(0).random(x[:1].shape).astype(x.dtype)
+    one(noise)
     rows = [one(x[i : i + 1]) for i in range(len(x))]
     if any(len(row) != 1 for row in rows):
         raise ValueError(
             "feature_map must return one row per sample: a single sample "
             f"gave {sorted({len(row) for row in rows})} rows."
         )
+    for scale in _PROBE_SCALES:
+        try:
+            one(noise * np.asarray(scale, x.dtype))
+        except Exception:  # a map may refuse such inputs; only its state matters
+            pass
     again = [one(x[i : i + 1]) for i in reversed(range(len(x)))][::-1]
     changed = [
         i
@@ -679,15 +695,16 @@ def _features_one_by_one(feature_map, x: np.ndarray) -> np.ndarray:
     ]
     if changed:
         raise ValueError(
-            "feature_map gave other features for the same sample when the "
-            f"samples ran in another order ({len(changed)} of {len(x)} samples, "
-            f"first: index {changed[0]}): it keeps state from call to call (a "
-            "closure, a module global, a class attribute, a cache or a "
-            "variable), so one sample's features depend on other samples. A "
-            "feature map must be fixed without the private data and compute "
-            "each sample alone."
+            "feature_map gave other features for the same sample on a second "
+            f"pass in another order ({len(changed)} of {len(x)} samples, first: "
+            f"index {changed[0]}): it keeps state from call to call (a closure, "
+            "a module global, a class attribute or a variable), so one "
+            "sample's features depend on other samples, or it is random. A "
+            "feature map must be fixed without the private data, deterministic, "
+            "and compute each sample alone (random augmentation belongs in "
+            "training: `augmentation`)."
         )
-    return np.concatenate(rows) if rows else np.zeros((0,), np.float32)
+    return np.concatenate(rows)
 
 
 def from_numpy(

@@ -220,9 +220,29 @@ def test_a_map_with_state_shared_across_copies_is_refused_or_fixed_on_noise():
 
         return centre
 
-    for stateful in (closure_running_mean(), _RunningCentring(), _global_counter):
+    def closure_running_max():  # saturated when the first sample holds the max
+        state = {"peak": 0.0}
+
+        def squash(images):
+            state["peak"] = max(state["peak"], float(np.abs(images).max()))
+            return np.minimum(images / state["peak"], 0.5)
+
+        return squash
+
+    def random_map(images):
+        return images + np.random.default_rng().random(images.shape)
+
+    peaked = x.copy()
+    peaked[0] = 4.0  # the first sample holds the dataset's maximum
+    for data, stateful in (
+        (x, closure_running_mean()),
+        (x, _RunningCentring()),
+        (x, _global_counter),
+        (peaked, closure_running_max()),
+        (x, random_map),
+    ):
         with pytest.raises(ValueError, match="keeps state from call to call"):
-            from_numpy(x, y, batch_size=4, num_classes=2, feature_map=stateful)
+            from_numpy(data, y, batch_size=4, num_classes=2, feature_map=stateful)
 
     def fitted_on_first_call():  # a centre cached from the first sample seen
         cache = {}
@@ -252,3 +272,66 @@ def test_a_map_that_cannot_be_copied_is_named():
         from_numpy(
             x, np.zeros(3, int), batch_size=3, num_classes=2, feature_map=Uncopyable()
         )
+
+
+def test_a_map_that_reuses_its_buffers_or_works_in_place_gets_copies():
+    """A map returning a float32 buffer its next call overwrites made every
+    row the same object (the two passes compared the buffer with itself: one
+    distinct row in a batch of 48); an in-place running mean (`x -= mean`)
+    got views of the data, so the check compared each row with itself, and
+    the caller's array changed (by 13.2) with the map applied twice."""
+    rng = np.random.default_rng(6)
+    x = rng.random((12, 4), dtype=np.float32)
+    y = rng.integers(0, 2, 12)
+    weights = rng.normal(size=(4, 3)).astype(np.float32)
+    buffer = np.empty((1, 3), np.float32)
+
+    def into_buffer(sample):
+        return np.matmul(sample, weights, out=buffer)
+
+    train, _, _ = from_numpy(
+        x,
+        y,
+        batch_size=12,
+        sampling="shuffle",
+        num_classes=2,
+        seed=0,
+        feature_map=into_buffer,
+    )
+    features = np.concatenate([xb.numpy() for xb, _ in train])
+    assert len(np.unique(features, axis=0)) == 12
+
+    def doubled_in_place(sample):
+        sample *= 2.0
+        return sample
+
+    kept = x.copy()
+    train, _, _ = from_numpy(
+        x,
+        y,
+        batch_size=12,
+        sampling="shuffle",
+        num_classes=2,
+        seed=0,
+        feature_map=doubled_in_place,
+        preprocessing="clip",
+        input_bound=100.0,
+    )
+    np.testing.assert_array_equal(x, kept)  # the caller's data is untouched
+    features = np.concatenate([xb.numpy() for xb, _ in train])
+    # applied once per sample: the rows are 2 x (in the shuffled order)
+    np.testing.assert_allclose(
+        np.sort(features.sum(1)), np.sort(2 * x.sum(1)), rtol=1e-6
+    )
+
+    state = {"sum": 0.0, "n": 0}
+
+    def centre_in_place(sample):
+        state["sum"] = state["sum"] + sample.sum(axis=0)
+        state["n"] += 1
+        sample -= state["sum"] / state["n"]
+        return sample
+
+    with pytest.raises(ValueError, match="keeps state from call to call"):
+        from_numpy(x, y, batch_size=4, num_classes=2, feature_map=centre_in_place)
+    np.testing.assert_array_equal(x, kept)
