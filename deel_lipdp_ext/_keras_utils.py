@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
@@ -64,3 +65,74 @@ def turn_off_tensor_float_32(owner: str) -> None:
         "gradient bounds.",
         stacklevel=3,
     )
+
+
+#: TensorFlow's batched matrix products
+_BATCH_MATMULS = ("BatchMatMul", "BatchMatMulV2", "BatchMatMulV3")
+
+
+def onednn_enabled() -> bool:
+    """Whether TensorFlow runs its oneDNN CPU kernels (decided when TensorFlow
+    is imported: `TF_ENABLE_ONEDNN_OPTS`); True when it cannot be told."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:  # pragma: no cover (a TensorFlow without the probe)
+        return True
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def broadcast_batch_matmuls(operations) -> list[str]:
+    """Names of the batched matrix products among `operations` whose batch
+    axes broadcast at rank >= 4: TensorFlow 2.21's oneDNN kernel returns
+    wrong values there, and corrupts memory, e.g. for a (4, 1, 5, 8) by
+    (8, 3) product (measured on this project's CPU: 1e18 off, then a crash).
+    `tf.vectorized_map` writes exactly that for a per-example (1, M, K) by
+    (K, N) product (MultiHeadAttention's projections, EinsumDense)."""
+    found = []
+    for op in operations:
+        if op.type not in _BATCH_MATMULS:
+            continue
+        x, y = (tensor.shape for tensor in op.inputs[:2])
+        if x.rank is None or y.rank is None:
+            found.append(op.name)
+            continue
+        if max(x.rank, y.rank) < 4:
+            continue
+        pairs = zip(x[:-2], y[:-2], strict=False)
+        if x.rank != y.rank or any((a == 1) != (b == 1) for a, b in pairs):
+            found.append(op.name)
+    return found
+
+
+def per_example_map(fn: Callable, elems, owner: str):
+    """``tf.vectorized_map(fn, elems)``, or, where the vectorised graph holds a
+    product that oneDNN computes wrongly (`broadcast_batch_matmuls`), the
+    same per-example `fn` in a loop (`tf.map_fn`: each example's own shapes),
+    with a warning: per-example gradients must be each example's own.
+
+    Returns:
+        `fn`'s outputs stacked over the examples (axis 0).
+    """
+    if tf.executing_eagerly():
+        return tf.function(lambda e: per_example_map(fn, e, owner))(elems)
+    graph = tf.compat.v1.get_default_graph()
+    before = len(graph.get_operations())
+    outputs = tf.vectorized_map(fn, elems)
+    if not onednn_enabled():
+        return outputs
+    wrong = broadcast_batch_matmuls(graph.get_operations()[before:])
+    if not wrong:
+        return outputs
+    warnings.warn(
+        f"{owner}: TensorFlow's oneDNN kernel computes batched matrix products "
+        f"with broadcast batch axes wrongly ({wrong[0]}), and the vectorised "
+        "per-example pass of this model needs them: its examples run in a "
+        "loop instead (slower). Set TF_ENABLE_ONEDNN_OPTS=0 before importing "
+        "TensorFlow to keep them vectorised.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    signature = tf.nest.map_structure(
+        lambda t: tf.TensorSpec(t.shape[1:], t.dtype), outputs
+    )
+    return tf.map_fn(fn, elems, fn_output_signature=signature)

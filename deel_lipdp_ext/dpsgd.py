@@ -35,7 +35,7 @@ import tensorflow as tf
 from keras.src.losses.loss import squeeze_or_expand_to_same_rank
 
 from . import losses as dp_losses
-from ._keras_utils import all_sublayers, pop_keras_objects
+from ._keras_utils import all_sublayers, per_example_map, pop_keras_objects
 from ._validation import require_one_of
 from .data import DatasetMetadata
 from .ghost_clipping import clipped_gradient_sum, ghost_clipping_support
@@ -401,7 +401,11 @@ class DPSGDModel(PrivateModel, keras.Model):
         if callable(loss):
             _refuse_label_broadcast(loss, y_same, y_pred_same)
         if isinstance(loss, keras.losses.Loss):
+            # the axis is read on the predictions the loss sees: a Keras loss
+            # squeezes them first ((B, T, 1) to (B, T): axis -2 became the
+            # batch; a review: 4.38 C for one example)
             _refuse_batch_axis(loss, y_pred)
+            _refuse_batch_axis(loss, y_pred_same)
             values = loss.call(y, y_pred)
         elif callable(loss):
             values = loss(y_same, y_pred_same)
@@ -411,11 +415,11 @@ class DPSGDModel(PrivateModel, keras.Model):
                 f"(y_true, y_pred)). Received: {loss!r}"
             )
         values = tf.convert_to_tensor(values)
-        if values.shape.rank != 1:
+        if values.shape.rank != 1 or values.shape[0] not in (None, y_pred.shape[0]):
             raise ValueError(
                 "The loss must return one value per example (shape (batch,)) so "
-                "each example's gradient can be clipped. "
-                f"Received: shape {values.shape}"
+                "each example's gradient can be clipped. Received: shape "
+                f"{values.shape} for predictions of shape {y_pred.shape}"
             )
         return values
 
@@ -443,8 +447,18 @@ class DPSGDModel(PrivateModel, keras.Model):
             )
             return gradients, prediction[0], loss
 
-        gradients, y_pred, losses = tf.vectorized_map(one_example, (x, y))
-        return list(gradients), y_pred, losses
+        # An empty (Poisson) batch runs one zero row, dropped after: the
+        # loop TensorFlow falls back to for some gradients (a convolution's
+        # kernel) cannot stack zero examples, and the step failed.
+        count = tf.shape(tf.nest.flatten(x)[0])[0]
+        padded = tf.nest.map_structure(
+            lambda t: tf.pad(
+                t, [[0, tf.maximum(1 - count, 0)]] + [[0, 0]] * (t.shape.rank - 1)
+            ),
+            (x, y),
+        )
+        gradients, y_pred, losses = per_example_map(one_example, padded, "DPSGDModel")
+        return [g[:count] for g in gradients], y_pred[:count], losses[:count]
 
     def clip_per_example(self, gradients: list[tf.Tensor]) -> tuple[list, tf.Tensor]:
         """Scales each example's gradient to norm at most C (aims at C (1 - 1e-6)).

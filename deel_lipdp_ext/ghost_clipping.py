@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import keras
 import tensorflow as tf
 
-from ._keras_utils import all_sublayers, turn_off_tensor_float_32
+from ._keras_utils import all_sublayers, per_example_map, turn_off_tensor_float_32
 from .layers.base import example_squares
 
 #: Layers whose clipping is computed from (input, output gradient) directly.
@@ -129,6 +129,13 @@ def ghost_clipping_support(model: keras.Model) -> str | None:
                 return (
                     f"functional model {layer.name!r} applies keras.ops outside "
                     f"layers ({bare_ops[:3]}): not known to keep examples apart"
+                )
+            if any(_call_masks(node) for node in getattr(layer, "_inbound_nodes", [])):
+                return (
+                    f"model {layer.name!r} is called on a tensor with a Keras "
+                    "mask, which its layers read at run time although its own "
+                    "graph shows none (unchecked: an attention inside was masked "
+                    "over several axes, mixing the examples)"
                 )
             continue
         problem = _layer_problem(layer, _input_ranks(layer))
@@ -218,6 +225,21 @@ def _layer_problem(layer: keras.layers.Layer, ranks: set[int] | None) -> str | N
         return None
     if isinstance(layer, _L.Attention | _L.MultiHeadAttention):
         return _attention_problem(layer)
+    if isinstance(layer, _L.Softmax):
+        for node in getattr(layer, "_inbound_nodes", []):
+            data = [
+                t
+                for t in keras.tree.flatten(node.arguments.args)
+                if hasattr(t, "shape")
+            ]
+            for mask in _call_masks(node):
+                if any(len(mask.shape) != len(t.shape) for t in data):
+                    return (
+                        f"gets a mask of rank {len(mask.shape)} for inputs of rank "
+                        f"{sorted({len(t.shape) for t in data})}: broadcast against "
+                        "them, its batch axis may land on another axis, masking "
+                        "each example with the others' positions"
+                    )
     for axis in _axes(layer) + ([-1] if _reduces(layer) else []):
         if axis >= 0:
             if axis == 0:
@@ -276,6 +298,25 @@ def _input_ranks(layer) -> set[int]:
         for node in getattr(layer, "_inbound_nodes", [])
         for t in node.input_tensors
     }
+
+
+def _call_masks(node) -> list:
+    """The masks a symbolic call passes: arguments named like a mask (but
+    `use_causal_mask`) and the Keras masks its input tensors carry."""
+    arguments = getattr(node, "arguments", None)
+    masks = []
+    if arguments is not None:
+        for name, value in arguments.kwargs.items():
+            if "mask" in name and name != "use_causal_mask":
+                masks.extend(
+                    t for t in keras.tree.flatten(value) if hasattr(t, "shape")
+                )
+    masks.extend(
+        t._keras_mask  # noqa: SLF001
+        for t in node.input_tensors
+        if getattr(t, "_keras_mask", None) is not None
+    )
+    return masks
 
 
 def _attention_calls(layer) -> list[tuple[list, list]] | None:
@@ -392,6 +433,7 @@ class _Call:
     kwargs: dict
     outputs: list = field(default_factory=list)
     pre_activation: tf.Tensor | None = None
+    masks: list = field(default_factory=list)
 
 
 @dataclass
@@ -457,7 +499,12 @@ class _Recorder:
         original = type(unit.layer).call.__get__(unit.layer)
 
         def call(*args, **kwargs):
-            record = _Call(args, kwargs)
+            # Keras masks carried by the arguments, per flattened leaf, taken
+            # before the call (MultiHeadAttention reads its query's and then
+            # removes it: the per-layer pass lost it, a review measured sums
+            # 0.13-1.76 off the one-example loop)
+            masks = [_keras_mask(leaf) for leaf in tf.nest.flatten((args, kwargs))]
+            record = _Call(args, kwargs, masks=masks)
             unit.calls.append(record)
             outputs = original(*args, **kwargs)
             record.outputs = tf.nest.flatten(outputs)
@@ -743,6 +790,10 @@ def _embedding(layer, ids: tf.Tensor, delta: tf.Tensor):
     cancellation-prone Gram terms, no repeated partial copies)."""
     batch = tf.shape(delta)[0]
     ids = tf.reshape(tf.cast(ids, tf.int32), [batch, -1])
+    # Keras's take reads a negative id from the end of the table (-1: the
+    # last row), so the rule does too (a review: -1 measured apart from the
+    # last row, and then dropped from the sum: norms off by up to 25%)
+    ids = tf.where(ids < 0, ids + layer.input_dim, ids)
     rows = tf.reshape(delta, [batch, -1, delta.shape[-1]])
     if ids.shape[1] == 1:
         first_rows = rows
@@ -768,6 +819,11 @@ def _embedding(layer, ids: tf.Tensor, delta: tf.Tensor):
     return norms, sums
 
 
+def _keras_mask(value) -> tf.Tensor | None:
+    """The Keras mask a tensor carries, or None."""
+    return getattr(value, "_keras_mask", None) if tf.is_tensor(value) else None
+
+
 def _generic_unit(unit: _Unit, deltas: list[list[tf.Tensor]]):
     """Per-example gradients of the unit's own weights by a vectorised
     backward pass through this layer alone: for each example, the output
@@ -780,20 +836,30 @@ def _generic_unit(unit: _Unit, deltas: list[list[tf.Tensor]]):
         structure = (call.args, call.kwargs)
         leaves = tf.nest.flatten(structure)
         tensor_at = [i for i, leaf in enumerate(leaves) if tf.is_tensor(leaf)]
-        flat_inputs.append(([leaves[i] for i in tensor_at], call_deltas))
-        rebuilders.append((structure, leaves, tensor_at))
+        masked_at = [i for i in tensor_at if call.masks[i] is not None]
+        flat_inputs.append(
+            (
+                [leaves[i] for i in tensor_at],
+                [call.masks[i] for i in masked_at],
+                call_deltas,
+            )
+        )
+        rebuilders.append((structure, leaves, tensor_at, masked_at))
 
     original = type(layer).call.__get__(layer)
 
     def one_example(elements):
         with tf.GradientTape() as tape:
             outputs, grads = [], []
-            for (tensors, call_deltas), (structure, leaves, tensor_at) in zip(
+            for (tensors, masks, call_deltas), rebuild in zip(
                 elements, rebuilders, strict=True
             ):
+                structure, leaves, tensor_at, masked_at = rebuild
                 leaves = list(leaves)
                 for i, t in zip(tensor_at, tensors, strict=True):
                     leaves[i] = t[None]
+                for i, mask in zip(masked_at, masks, strict=True):
+                    leaves[i]._keras_mask = mask[None]  # noqa: SLF001
                 args, kwargs = tf.nest.pack_sequence_as(structure, leaves)
                 outputs.extend(tf.nest.flatten(original(*args, **kwargs)))
                 grads.extend(d[None] for d in call_deltas)
@@ -804,7 +870,8 @@ def _generic_unit(unit: _Unit, deltas: list[list[tf.Tensor]]):
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
 
-    parts = [_materialised(g) for g in tf.vectorized_map(one_example, flat_inputs)]
+    per_example = per_example_map(one_example, flat_inputs, "ghost clipping")
+    parts = [_materialised(g) for g in per_example]
     return tf.add_n([norms for norms, _ in parts]), lambda c, kept: [
         summed(c, kept) for _, summed in parts
     ]

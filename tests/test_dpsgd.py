@@ -1,5 +1,7 @@
 """Classical DP-SGD: per-example gradients, clipping, noise and accounting."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from deel_lipdp_ext import DPParameters, callbacks
+from deel_lipdp_ext._keras_utils import broadcast_batch_matmuls
 from deel_lipdp_ext.accounting import PrivacySpec, compute_epsilon, make_dp_event
 from deel_lipdp_ext.dpsgd import DPSGDModel
 from deel_lipdp_ext.layers.base import BOUND_MARGIN
@@ -65,6 +68,69 @@ def test_vectorised_per_example_gradients_equal_a_one_example_loop(scale):
         assert float(losses[i]) == pytest.approx(float(loss), rel=1e-5)
         for g, ref in zip(grads, tape.gradient(loss, variables), strict=True):
             np.testing.assert_allclose(g[i], ref, rtol=1e-4, atol=1e-6)
+
+
+def _attention_net():
+    sequence = keras.Input((8, 8))
+    heads = keras.layers.MultiHeadAttention(2, 4)(sequence, sequence)
+    return keras.Model(sequence, keras.layers.Dense(10)(keras.layers.Flatten()(heads)))
+
+
+def _einsum_net():
+    return keras.Sequential(
+        [
+            keras.Input((8, 8)),
+            keras.layers.EinsumDense("abc,cde->abde", (8, 2, 4)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+@pytest.mark.parametrize("net", [_attention_net, _einsum_net])
+def test_per_example_gradients_of_attention_and_einsum_layers_are_each_example_s_own(
+    net,
+):
+    """Vectorised, a per-example (1, T, d) by (d, k) product became a
+    (B, 1, T, d) by (d, k) one, which TensorFlow's oneDNN kernel computes
+    wrongly from the fourth example on: EinsumDense gradients 29-100% off,
+    MultiHeadAttention crashed the process (corrupted memory). Such a model's
+    examples run in a loop (`_keras_utils.per_example_map`)."""
+    model = _model(net=net(), batch_size=8, n=64)
+    x = np.random.default_rng(1).normal(size=(8, 8, 8)).astype(np.float32)
+    y = np.eye(10, dtype=np.float32)[np.arange(8)]
+    model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the loop's, on oneDNN
+        grads, _, _ = model.per_example_gradients(x, y)
+    variables = model.model.trainable_variables
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(LOSS.call(y[i : i + 1], model.model(x[i : i + 1])))
+        for g, ref in zip(grads, tape.gradient(loss, variables), strict=True):
+            np.testing.assert_allclose(g[i], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_the_products_onednn_computes_wrongly_are_found_in_a_graph():
+    """`broadcast_batch_matmuls` reads the graph only (the kernel is never
+    run): batched products whose batch axes broadcast at rank >= 4."""
+    kernel = tf.ones((8, 3))
+
+    def traced(fn, shape):
+        return tf.function(fn).get_concrete_function(tf.TensorSpec(shape)).graph
+
+    per_example = traced(
+        lambda x: tf.vectorized_map(lambda xi: tf.matmul(xi[None], kernel), x),
+        (6, 5, 8),
+    )
+    assert broadcast_batch_matmuls(per_example.get_operations())
+    for fn, shape in (
+        (lambda x: tf.matmul(x, kernel), (6, 5, 8)),  # rank 3
+        (lambda x: tf.matmul(x, tf.transpose(x, [0, 1, 3, 2])), (6, 2, 5, 8)),
+    ):
+        assert not broadcast_batch_matmuls(traced(fn, shape).get_operations())
+    unknown = traced(lambda x: tf.matmul(x, tf.ones((1, 1, 8, 3))), (6, 1, 5, 8))
+    assert broadcast_batch_matmuls(unknown.get_operations())
 
 
 @given(

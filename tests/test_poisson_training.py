@@ -8,7 +8,7 @@ from deel_lipdp_ext import DPParameters, data, losses
 from deel_lipdp_ext import layers as L
 from deel_lipdp_ext.dpsgd import DPSGDModel
 
-from .helpers import dp_model, metadata
+from .helpers import dp_model, metadata, small_cnn
 
 
 def _arrays(n, shape=(8,), classes=4, seed=0):
@@ -52,6 +52,59 @@ MODELS = {
     "dpsgd-vectorized": _dpsgd,
     "dpsgd-ghost": lambda n, b, jit: _dpsgd(n, b, jit, "ghost"),
 }
+
+
+def _clipless_conv(n, b, jit):
+    return dp_model(small_cnn(), n=n, batch_size=b, jit_compile=jit)
+
+
+def _dpsgd_conv(n, b, jit, clipping):
+    net = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, activation="tanh"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10),
+        ]
+    )
+    model = DPSGDModel(
+        net,
+        DPParameters(1.0, 1e-5),
+        metadata((8, 8, 1), 10, n=n, batch_size=b),
+        l2_norm_clip=1.0,
+        clipping=clipping,
+    )
+    model.compile(
+        keras.optimizers.SGD(0.1),
+        keras.losses.CategoricalCrossentropy(from_logits=True),
+        jit_compile=jit,
+    )
+    return model
+
+
+CONV_MODELS = {
+    "clipless": _clipless_conv,
+    "dpsgd-vectorized": lambda n, b, jit: _dpsgd_conv(n, b, jit, "vectorized"),
+    "dpsgd-ghost": lambda n, b, jit: _dpsgd_conv(n, b, jit, "ghost"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CONV_MODELS))
+def test_conv_networks_train_on_empty_poisson_batches(kind):
+    """An empty batch failed a convolutional network's step: the clipless
+    step's backward pass (oneDNN kernels gave gradients of inconsistent
+    shapes at batch 0) and the vectorised DP-SGD pass (its loop cannot stack
+    zero examples). Both now add noise alone."""
+    n = 60
+    x, y = _arrays(n, (8, 8, 1), classes=10)
+    model = CONV_MODELS[kind](n, 1, False)
+    ds = data.poisson_batches(x, y, 1, seed=0)
+    assert [int(xb.shape[0]) for xb, _, _ in ds].count(0) > 10
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    model.fit(ds, epochs=1, verbose=0)
+    assert int(model.privacy_plan.steps.numpy()) == n
+    for b, v in zip(before, model.trainable_variables, strict=True):
+        assert np.all(np.isfinite(v.numpy())) and not np.array_equal(b, v.numpy())
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
