@@ -450,6 +450,7 @@ class DPSGDModel(PrivateModel, keras.Model):
         # An empty (Poisson) batch runs one zero row, dropped after: the
         # loop TensorFlow falls back to for some gradients (a convolution's
         # kernel) cannot stack zero examples, and the step failed.
+        x, y = tf.nest.map_structure(tf.convert_to_tensor, (x, y))
         count = tf.shape(tf.nest.flatten(x)[0])[0]
         padded = tf.nest.map_structure(
             lambda t: tf.pad(
