@@ -81,48 +81,99 @@ def onednn_enabled() -> bool:
     return bool(_pywrap_util_port.IsMklEnabled())
 
 
+def _called_functions(op) -> list[str]:
+    """Names of the functions `op` calls (while bodies, tf.function calls)."""
+    names = []
+    for value in op.node_def.attr.values():
+        if value.HasField("func"):
+            names.append(value.func.name)
+        elif value.HasField("list"):
+            names.extend(f.name for f in value.list.func)
+    return names
+
+
+def _function_graph(graph, name: str):
+    """The graph of function `name` as `graph` or a graph around it holds it,
+    or None."""
+    while graph is not None:
+        function = getattr(graph, "_functions", {}).get(name)
+        if function is not None:
+            return getattr(function, "graph", None)
+        graph = getattr(graph, "outer_graph", None)
+    return None
+
+
+def _broadcasts_at_rank_4(op) -> bool:
+    """A batched product (or an einsum) whose operands' batch axes broadcast
+    at rank >= 4, or whose ranks are unknown."""
+    x, y = (tensor.shape for tensor in op.inputs[:2])
+    if x.rank is None or y.rank is None:
+        return True
+    if max(x.rank, y.rank) < 4:
+        return False
+    if op.type == "Einsum":
+        return x.rank != y.rank or b"..." in op.get_attr("equation")
+    pairs = zip(x[:-2], y[:-2], strict=False)
+    return x.rank != y.rank or any((a == 1) != (b == 1) for a, b in pairs)
+
+
 def broadcast_batch_matmuls(operations) -> list[str]:
-    """Names of the batched matrix products among `operations` whose batch
-    axes broadcast at rank >= 4: TensorFlow 2.21's oneDNN kernel returns
-    wrong values there, and corrupts memory, e.g. for a (4, 1, 5, 8) by
-    (8, 3) product (measured on this project's CPU: 1e18 off, then a crash).
-    `tf.vectorized_map` writes exactly that for a per-example (1, M, K) by
-    (K, N) product (MultiHeadAttention's projections, EinsumDense)."""
-    found = []
-    for op in operations:
-        if op.type not in _BATCH_MATMULS:
-            continue
-        x, y = (tensor.shape for tensor in op.inputs[:2])
-        if x.rank is None or y.rank is None:
+    """Names of the batched matrix products among `operations`, and in the
+    functions they call, whose batch axes broadcast at rank >= 4:
+    TensorFlow 2.21's oneDNN kernel returns wrong values there, and corrupts
+    memory, e.g. for a (4, 1, 5, 8) by (8, 3) product (measured on this
+    project's CPU: 1e18 off, then a crash). `tf.vectorized_map` writes
+    exactly that for a per-example (1, M, K) by (K, N) product
+    (MultiHeadAttention's projections, EinsumDense), and an Einsum of
+    operands of different ranks (an ellipsis) runs one inside. A function
+    whose graph cannot be read counts as one."""
+    found, seen, stack = [], set(), list(operations)
+    while stack:
+        op = stack.pop()
+        if op.type in (*_BATCH_MATMULS, "Einsum") and _broadcasts_at_rank_4(op):
             found.append(op.name)
-            continue
-        if max(x.rank, y.rank) < 4:
-            continue
-        pairs = zip(x[:-2], y[:-2], strict=False)
-        if x.rank != y.rank or any((a == 1) != (b == 1) for a, b in pairs):
-            found.append(op.name)
+        for name in _called_functions(op):
+            if name in seen:
+                continue
+            seen.add(name)
+            graph = _function_graph(op.graph, name)
+            if graph is None:
+                found.append(f"{name} (a function whose graph cannot be read)")
+            else:
+                stack.extend(graph.get_operations())
     return found
+
+
+def _scratch_graph(build: Callable, elems):
+    """The concrete function of `build(elems)` traced in a graph of its own,
+    never run (the products it holds must not even execute: a vectorised
+    graph's ops that are not needed may still run, and corrupt memory)."""
+    specs = tf.nest.map_structure(tf.TensorSpec.from_tensor, elems)
+    return tf.function(build).get_concrete_function(specs)
 
 
 def per_example_map(fn: Callable, elems, owner: str):
     """``tf.vectorized_map(fn, elems)``, or, where the vectorised graph holds a
     product that oneDNN computes wrongly (`broadcast_batch_matmuls`), the
     same per-example `fn` in a loop (`tf.map_fn`: each example's own shapes),
-    with a warning: per-example gradients must be each example's own.
+    with a warning: per-example gradients must be each example's own. Both
+    are first traced apart and read; only the chosen one is built here.
 
     Returns:
         `fn`'s outputs stacked over the examples (axis 0).
+
+    Raises:
+        ValueError: each example's own pass computes such a product (e.g. a
+            TimeDistributed over an unknown number of steps vectorises it).
     """
     if tf.executing_eagerly():
         return tf.function(lambda e: per_example_map(fn, e, owner))(elems)
-    graph = tf.compat.v1.get_default_graph()
-    before = len(graph.get_operations())
-    outputs = tf.vectorized_map(fn, elems)
     if not onednn_enabled():
-        return outputs
-    wrong = broadcast_batch_matmuls(graph.get_operations()[before:])
+        return tf.vectorized_map(fn, elems)
+    vectorised = _scratch_graph(lambda e: tf.vectorized_map(fn, e), elems)
+    wrong = broadcast_batch_matmuls(vectorised.graph.get_operations())
     if not wrong:
-        return outputs
+        return tf.vectorized_map(fn, elems)
     warnings.warn(
         f"{owner}: TensorFlow's oneDNN kernel computes batched matrix products "
         f"with broadcast batch axes wrongly ({wrong[0]}), and the vectorised "
@@ -133,6 +184,21 @@ def per_example_map(fn: Callable, elems, owner: str):
         stacklevel=3,
     )
     signature = tf.nest.map_structure(
-        lambda t: tf.TensorSpec(t.shape[1:], t.dtype), outputs
+        lambda t: tf.TensorSpec(t.shape[1:], t.dtype), vectorised.structured_outputs
     )
-    return tf.map_fn(fn, elems, fn_output_signature=signature)
+
+    def looped(e):
+        return tf.map_fn(fn, e, fn_output_signature=signature)
+
+    wrong = broadcast_batch_matmuls(
+        _scratch_graph(looped, elems).graph.get_operations()
+    )
+    if wrong:
+        raise ValueError(
+            f"{owner}: each example's own pass of this model computes a batched "
+            "matrix product with broadcast batch axes, which TensorFlow's oneDNN "
+            f"kernel computes wrongly ({wrong[0]}): per-example gradients would "
+            "not be each example's own. Set TF_ENABLE_ONEDNN_OPTS=0 before "
+            "importing TensorFlow, or give the layers static shapes."
+        )
+    return looped(elems)

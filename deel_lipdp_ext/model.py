@@ -1296,12 +1296,15 @@ class DPTrainer(PrivateModel):
         # an empty Poisson batch adds noise alone; its backward pass is
         # skipped (TensorFlow's oneDNN kernels gave a conv network's gradient
         # inconsistent shapes at batch 0 and the step failed)
-        summed = tf.cond(
-            tf.shape(per_sample)[0] > 0,
-            backward,
-            lambda: [tf.zeros_like(v) for v in variables],
-        )
-        summed = [None if i in unconnected else g for i, g in enumerate(summed)]
+        if tf.executing_eagerly():  # one branch runs: each step is checked
+            summed = tape.gradient(loss, variables)
+        else:
+            summed = tf.cond(
+                tf.shape(per_sample)[0] > 0,
+                backward,
+                lambda: [tf.zeros_like(v) for v in variables],
+            )
+            summed = [None if i in unconnected else g for i, g in enumerate(summed)]
         bounds, peak = gradient_bounds_and_peak(
             self.dp_layers, self.loss_lipschitz_constant(int(y_pred.shape[-1]))
         )

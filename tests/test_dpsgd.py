@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from deel_lipdp_ext import DPParameters, callbacks
-from deel_lipdp_ext._keras_utils import broadcast_batch_matmuls
+from deel_lipdp_ext._keras_utils import broadcast_batch_matmuls, onednn_enabled
 from deel_lipdp_ext.accounting import PrivacySpec, compute_epsilon, make_dp_event
 from deel_lipdp_ext.dpsgd import DPSGDModel
 from deel_lipdp_ext.layers.base import BOUND_MARGIN
@@ -109,6 +109,64 @@ def test_per_example_gradients_of_attention_and_einsum_layers_are_each_example_s
             loss = tf.reduce_sum(LOSS.call(y[i : i + 1], model.model(x[i : i + 1])))
         for g, ref in zip(grads, tape.gradient(loss, variables), strict=True):
             np.testing.assert_allclose(g[i], ref, rtol=1e-4, atol=1e-5)
+
+
+class _LoopedProjection(keras.layers.Layer):
+    """x @ w inside a tf.while_loop: the product sits in a nested function."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1], 3))
+
+    def call(self, x):
+        shape = tf.concat([tf.shape(x)[:-1], [3]], 0)
+        return tf.while_loop(
+            lambda i, total: i < 1,
+            lambda i, total: (i + 1, total + tf.matmul(x, self.w)),
+            (0, tf.zeros(shape)),
+        )[1]
+
+
+def test_products_in_nested_functions_and_einsums_are_found_too():
+    """A review: the first check read the outer graph's batched products only.
+    A product inside a while loop's body went unseen (rows 4-7 off by 30-65%,
+    or a crash), and so did an Einsum: EinsumDense("ab...,bc->ac...") gave
+    per-example gradients 36-409% off, and one replaced example moved the
+    clipped sum by 4.3 against the replace-one bound of 2 at B = 32. The
+    vectorised graph is now traced apart and never run; a per-example pass
+    that itself needs such a product is refused by name."""
+    looped = keras.Sequential(
+        [keras.Input((5, 8)), _LoopedProjection(), keras.layers.Flatten()]
+    )
+    looped.add(keras.layers.Dense(10))
+    model = _model(net=looped, batch_size=8, n=64)
+    x = np.random.default_rng(2).normal(size=(8, 5, 8)).astype(np.float32)
+    y = np.eye(10, dtype=np.float32)[np.arange(8)]
+    model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        grads, _, _ = model.per_example_gradients(x, y)
+    variables = model.model.trainable_variables
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(LOSS.call(y[i : i + 1], model.model(x[i : i + 1])))
+        for g, ref in zip(grads, tape.gradient(loss, variables), strict=True):
+            np.testing.assert_allclose(g[i], ref, rtol=1e-4, atol=1e-5)
+
+    ellipsis = keras.Sequential(
+        [
+            keras.Input((8, 6, 1)),
+            keras.layers.EinsumDense("ab...,bc->ac...", 3),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10),
+        ]
+    )
+    model = _model(net=ellipsis, batch_size=8, n=64)
+    x = np.random.default_rng(3).normal(size=(8, 8, 6, 1)).astype(np.float32)
+    if onednn_enabled():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            with pytest.raises(ValueError, match="each example's own pass"):
+                model.per_example_gradients(x, y)
 
 
 def test_the_products_onednn_computes_wrongly_are_found_in_a_graph():
