@@ -176,6 +176,22 @@ def _global_counter(images):
     return images * _GLOBAL_COUNT["calls"]
 
 
+def _shuffled_features(x, y, feature_map, **kwargs) -> np.ndarray:
+    """The bounded features `from_numpy` trains on, in one batch shuffled
+    with a fixed seed (the same order for arrays of the same length)."""
+    train, _, _ = from_numpy(
+        x,
+        y,
+        batch_size=len(x),
+        sampling="shuffle",
+        num_classes=2,
+        seed=0,
+        feature_map=feature_map,
+        **kwargs,
+    )
+    return np.concatenate([xb.numpy() for xb, _ in train])
+
+
 def _other_rows_of_neighbours(make_map):
     """Features of rows 1.. for a dataset and its neighbour (row 0 changed),
     each with a freshly made map."""
@@ -184,20 +200,8 @@ def _other_rows_of_neighbours(make_map):
     neighbour = x.copy()
     neighbour[0] = 50.0
     y = rng.integers(0, 2, 12)
-    rows = []
-    for data in (x, neighbour):
-        train, _, _ = from_numpy(
-            data,
-            y,
-            batch_size=12,
-            sampling="shuffle",
-            num_classes=2,
-            seed=0,
-            feature_map=make_map(),
-        )
-        rows.append(np.concatenate([xb.numpy() for xb, _ in train]))
     # shuffled batches of one fixed seed: the same order for both datasets
-    return rows
+    return [_shuffled_features(data, y, make_map()) for data in (x, neighbour)]
 
 
 def test_a_map_with_state_shared_across_copies_is_refused_or_fixed_on_noise():
@@ -289,16 +293,7 @@ def test_a_map_that_reuses_its_buffers_or_works_in_place_gets_copies():
     def into_buffer(sample):
         return np.matmul(sample, weights, out=buffer)
 
-    train, _, _ = from_numpy(
-        x,
-        y,
-        batch_size=12,
-        sampling="shuffle",
-        num_classes=2,
-        seed=0,
-        feature_map=into_buffer,
-    )
-    features = np.concatenate([xb.numpy() for xb, _ in train])
+    features = _shuffled_features(x, y, into_buffer)
     assert len(np.unique(features, axis=0)) == 12
 
     def doubled_in_place(sample):
@@ -306,19 +301,10 @@ def test_a_map_that_reuses_its_buffers_or_works_in_place_gets_copies():
         return sample
 
     kept = x.copy()
-    train, _, _ = from_numpy(
-        x,
-        y,
-        batch_size=12,
-        sampling="shuffle",
-        num_classes=2,
-        seed=0,
-        feature_map=doubled_in_place,
-        preprocessing="clip",
-        input_bound=100.0,
+    features = _shuffled_features(
+        x, y, doubled_in_place, preprocessing="clip", input_bound=100.0
     )
     np.testing.assert_array_equal(x, kept)  # the caller's data is untouched
-    features = np.concatenate([xb.numpy() for xb, _ in train])
     # applied once per sample: the rows are 2 x (in the shuffled order)
     np.testing.assert_allclose(
         np.sort(features.sum(1)), np.sort(2 * x.sum(1)), rtol=1e-6

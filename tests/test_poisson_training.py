@@ -30,12 +30,12 @@ def _clipless(n, b, jit):
     )
 
 
-def _dpsgd(n, b, jit, clipping="vectorized"):
-    net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+def _dpsgd(n, b, jit, clipping="vectorized", net=None, input_shape=(8,), classes=4):
+    net = net or keras.Sequential([keras.Input(input_shape), keras.layers.Dense(4)])
     model = DPSGDModel(
         net,
         DPParameters(1.0, 1e-5, seed=0),
-        metadata((8,), 4, n=n, batch_size=b),
+        metadata(input_shape, classes, n=n, batch_size=b),
         l2_norm_clip=1.0,
         **({} if clipping == "vectorized" else {"clipping": clipping}),
     )
@@ -67,19 +67,7 @@ def _dpsgd_conv(n, b, jit, clipping):
             keras.layers.Dense(10),
         ]
     )
-    model = DPSGDModel(
-        net,
-        DPParameters(1.0, 1e-5),
-        metadata((8, 8, 1), 10, n=n, batch_size=b),
-        l2_norm_clip=1.0,
-        clipping=clipping,
-    )
-    model.compile(
-        keras.optimizers.SGD(0.1),
-        keras.losses.CategoricalCrossentropy(from_logits=True),
-        jit_compile=jit,
-    )
-    return model
+    return _dpsgd(n, b, jit, clipping, net=net, input_shape=(8, 8, 1), classes=10)
 
 
 CONV_MODELS = {
