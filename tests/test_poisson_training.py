@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from deel_lipdp_ext import DPParameters, data, losses
 from deel_lipdp_ext import layers as L
@@ -168,3 +169,39 @@ def test_bucket_padding_rows_do_not_move_the_update(kind):
         )
     for plain, padded in zip(*updates, strict=True):
         np.testing.assert_allclose(padded, plain, atol=1e-6)
+
+
+class _StoppedDense(L.DP_QuickSpectralDense):
+    """A DP dense layer whose output carries no gradient to its kernel."""
+
+    def call(self, inputs, *args, **kwargs):
+        return tf.stop_gradient(super().call(inputs, *args, **kwargs))
+
+
+@pytest.mark.parametrize("mode", ["graph", "xla", "eager"])
+@pytest.mark.parametrize("rows", [0, 3])
+def test_a_variable_without_a_gradient_is_refused_on_every_step(mode, rows):
+    """A review: with the empty-batch branch, an eager step on an empty
+    batch skipped the refusal of a variable that gets no gradient (one
+    noise-only step was accounted instead)."""
+    model = dp_model(
+        [L.DP_BoundedInput(upper_bound=1.0), L.DP_Flatten(), _StoppedDense(10)],
+        n=60,
+        batch_size=1,
+        jit_compile=mode == "xla",
+        run_eagerly=mode == "eager",
+    )
+    x = np.full((rows, 8, 8, 1), 0.01, np.float32)
+    y = np.eye(10, dtype=np.float32)[np.arange(rows) % 10]
+    batch = (x, y, np.ones(rows, np.float32))
+    signature = (
+        tf.TensorSpec((None, 8, 8, 1)),
+        tf.TensorSpec((None, 10)),
+        tf.TensorSpec((None,)),
+    )
+    batches = tf.data.Dataset.from_generator(
+        lambda: iter([batch]), output_signature=signature
+    )
+    model.make_train_function()
+    with pytest.raises(ValueError, match="received no gradient"):
+        model.train_function(iter(batches))
