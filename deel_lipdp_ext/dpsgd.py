@@ -149,6 +149,19 @@ def _check_network(model: keras.Model, probe: bool = True) -> None:
                 f"Layer {layer.name!r} ({type(layer).__name__}) mixes the examples "
                 "of a batch: per-example gradients would not be per example."
             )
+        if isinstance(layer, keras.layers.TimeDistributed) and any(
+            t.shape[1] is None
+            for node in getattr(layer, "_inbound_nodes", [])
+            for t in node.input_tensors[:1]
+        ):
+            raise ValueError(
+                f"Layer {layer.name!r} (TimeDistributed) runs over an unknown "
+                "number of steps: Keras then maps its layer over as many steps "
+                "as the batch has examples (shape[0] read before the transpose), "
+                "so one example's pass would use its first step alone and a "
+                "batch's steps would depend on its size. Give the time axis a "
+                "static size in the model's input."
+            )
         if getattr(layer, "stateful", False):
             raise ValueError(
                 f"Layer {layer.name!r} ({type(layer).__name__}) is stateful: it "

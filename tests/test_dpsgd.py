@@ -320,6 +320,39 @@ def test_refusals():
         model.train_on_batch(*_batch())
 
 
+def test_time_distributed_over_an_unknown_number_of_steps_is_refused():
+    """Keras (3.15) maps a TimeDistributed layer over as many steps as the
+    batch has examples when the time axis is unknown (it reads shape[0]
+    before the transpose): a (2, 5, 5, 8) batch gave (2, 2, 5, 3) outputs,
+    and each example's own pass (batch 1) used its first step alone
+    (per-example norms 61-88% off the one-example loop; a review)."""
+    layers = keras.layers
+    inner = layers.EinsumDense("abc,cd->abd", (5, 3))
+    dynamic = keras.Sequential(
+        [
+            keras.Input((None, 5, 8)),
+            layers.TimeDistributed(inner),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(10),
+        ]
+    )
+    traced = tf.function(
+        dynamic.layers[0], input_signature=[tf.TensorSpec((None, None, 5, 8))]
+    )
+    assert traced(np.ones((2, 5, 5, 8), np.float32)).shape[1] == 2  # Keras's bug
+    with pytest.raises(ValueError, match="unknown number of steps"):
+        DPSGDModel(dynamic, DPParameters(1.0, 1e-5), metadata(), l2_norm_clip=1.0)
+    static = keras.Sequential(
+        [
+            keras.Input((5, 5, 8)),
+            layers.TimeDistributed(layers.EinsumDense("abc,cd->abd", (5, 3))),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(10),
+        ]
+    )
+    DPSGDModel(static, DPParameters(1.0, 1e-5), metadata(), l2_norm_clip=1.0)
+
+
 def test_a_sample_weight_above_one_is_refused():
     # A weight of 2 would double an example's share: over the bound 1/B.
     model = _model()
