@@ -144,10 +144,11 @@ def broadcast_batch_matmuls(operations) -> list[str]:
     return found
 
 
-def _scratch_graph(build: Callable, elems):
-    """The concrete function of `build(elems)` traced in a graph of its own,
-    never run (the products it holds must not even execute: a vectorised
-    graph's ops that are not needed may still run, and corrupt memory)."""
+def _traced_apart(build: Callable, elems):
+    """`build(elems)` traced in a graph of its own: its products can be read
+    before anything of it is built here, and it is built only by calling it
+    (a vectorised graph's ops that were built but not used may still run,
+    and corrupt memory)."""
     specs = tf.nest.map_structure(tf.TensorSpec.from_tensor, elems)
     return tf.function(build).get_concrete_function(specs)
 
@@ -156,24 +157,23 @@ def per_example_map(fn: Callable, elems, owner: str):
     """``tf.vectorized_map(fn, elems)``, or, where the vectorised graph holds a
     product that oneDNN computes wrongly (`broadcast_batch_matmuls`), the
     same per-example `fn` in a loop (`tf.map_fn`: each example's own shapes),
-    with a warning: per-example gradients must be each example's own. Both
-    are first traced apart and read; only the chosen one is built here.
+    with a warning: per-example gradients must be each example's own. Each
+    candidate is traced once, apart, and read; only the chosen one is called.
 
     Returns:
         `fn`'s outputs stacked over the examples (axis 0).
 
     Raises:
-        ValueError: each example's own pass computes such a product (e.g. a
-            TimeDistributed over an unknown number of steps vectorises it).
+        ValueError: each example's own pass computes such a product.
     """
     if tf.executing_eagerly():
         return tf.function(lambda e: per_example_map(fn, e, owner))(elems)
     if not onednn_enabled():
         return tf.vectorized_map(fn, elems)
-    vectorised = _scratch_graph(lambda e: tf.vectorized_map(fn, e), elems)
+    vectorised = _traced_apart(lambda e: tf.vectorized_map(fn, e), elems)
     wrong = broadcast_batch_matmuls(vectorised.graph.get_operations())
     if not wrong:
-        return tf.vectorized_map(fn, elems)
+        return vectorised(elems)
     warnings.warn(
         f"{owner}: TensorFlow's oneDNN kernel computes batched matrix products "
         f"with broadcast batch axes wrongly ({wrong[0]}), and the vectorised "
@@ -186,13 +186,10 @@ def per_example_map(fn: Callable, elems, owner: str):
     signature = tf.nest.map_structure(
         lambda t: tf.TensorSpec(t.shape[1:], t.dtype), vectorised.structured_outputs
     )
-
-    def looped(e):
-        return tf.map_fn(fn, e, fn_output_signature=signature)
-
-    wrong = broadcast_batch_matmuls(
-        _scratch_graph(looped, elems).graph.get_operations()
+    looped = _traced_apart(
+        lambda e: tf.map_fn(fn, e, fn_output_signature=signature), elems
     )
+    wrong = broadcast_batch_matmuls(looped.graph.get_operations())
     if wrong:
         raise ValueError(
             f"{owner}: each example's own pass of this model computes a batched "

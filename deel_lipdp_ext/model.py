@@ -67,6 +67,7 @@ from .privacy_plan import (
     Guard,
     HasPrivacyPlan,
     PrivacyPlan,
+    require_gradients,
     variable_storage,
 )
 
@@ -1283,28 +1284,25 @@ class DPTrainer(PrivateModel):
             per_sample, y_pred = self.sample_losses(x, y, weight)
             loss = tf.reduce_sum(per_sample)
         variables = self.trainable_variables
-        unconnected = []  # variables without a gradient: `privatize` names them
 
         def backward():
             summed = tape.gradient(loss, variables)
-            unconnected.extend(i for i, g in enumerate(summed) if g is None)
-            return [
-                tf.zeros_like(v) if g is None else g
-                for g, v in zip(summed, variables, strict=True)
-            ]
+            require_gradients(summed, variables)
+            return summed
 
-        # an empty Poisson batch adds noise alone; its backward pass is
-        # skipped (TensorFlow's oneDNN kernels gave a conv network's gradient
-        # inconsistent shapes at batch 0 and the step failed)
-        if tf.executing_eagerly():  # one branch runs: each step is checked
-            summed = tape.gradient(loss, variables)
+        # An empty Poisson batch adds noise alone and skips the backward pass
+        # (TensorFlow's oneDNN kernels gave a conv network's gradient
+        # inconsistent shapes at batch 0). Traced, both branches are built,
+        # so every step is refused when a variable gets no gradient; eager,
+        # only one would run, so the backward pass always does.
+        if tf.executing_eagerly():
+            summed = backward()
         else:
             summed = tf.cond(
                 tf.shape(per_sample)[0] > 0,
                 backward,
                 lambda: [tf.zeros_like(v) for v in variables],
             )
-            summed = [None if i in unconnected else g for i, g in enumerate(summed)]
         bounds, peak = gradient_bounds_and_peak(
             self.dp_layers, self.loss_lipschitz_constant(int(y_pred.shape[-1]))
         )

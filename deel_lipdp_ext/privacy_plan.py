@@ -203,6 +203,17 @@ def step_noise_multiplier(
     return effective_noise_multiplier([sigma * c for c in coefficients])
 
 
+def require_gradients(gradients: Sequence, variables: Sequence) -> None:
+    """Refuse a step where a trainable variable gets no gradient (None).
+
+    Raises:
+        ValueError: naming the first such variable.
+    """
+    for g, v in zip(gradients, variables, strict=True):
+        if g is None:
+            raise ValueError(f"Trainable variable '{v.path}' received no gradient.")
+
+
 def variable_storage(variable):
     """The object holding a variable's values: the `tf.Variable` behind a
     Keras variable (another `keras.Variable` can wrap the same one), else
@@ -587,9 +598,7 @@ class PrivacyPlan:
                 may transform each replica's gradient).
         """
         self.record.note_stepped(variables)  # this step may run: they are ours
-        for g, v in zip(summed_gradients, variables, strict=True):
-            if g is None:
-                raise ValueError(f"Trainable variable '{v.path}' received no gradient.")
+        require_gradients(summed_gradients, variables)
         # Under several replicas: each group's largest replica sensitivity
         # (one all-reduce for all groups).
         sensitivities = max_over_replicas(

@@ -70,6 +70,21 @@ def test_vectorised_per_example_gradients_equal_a_one_example_loop(scale):
             np.testing.assert_allclose(g[i], ref, rtol=1e-4, atol=1e-6)
 
 
+def test_an_empty_batch_has_no_per_example_gradient():
+    """The one zero row an empty batch runs (TensorFlow's loop cannot stack
+    zero examples) is sliced off: nothing of it reaches the clipped sum."""
+    model = _model()
+    x, y = _batch()
+    model(x)
+    grads, y_pred, losses = model.per_example_gradients(x[:0], y[:0])
+    assert len(losses) == 0 and len(y_pred) == 0
+    for g, v in zip(grads, model.model.trainable_variables, strict=True):
+        assert tuple(g.shape) == (0, *v.shape)
+    clipped, _ = model.clip_per_example(grads)
+    noiseless = [tf.reduce_sum(g, axis=0) for g in clipped]
+    assert all(float(tf.reduce_max(tf.abs(g))) == 0.0 for g in noiseless)
+
+
 def _attention_net():
     sequence = keras.Input((8, 8))
     heads = keras.layers.MultiHeadAttention(2, 4)(sequence, sequence)

@@ -507,23 +507,22 @@ class DP_MaxPool2D(keras.layers.MaxPooling2D, GNPLayer):
             if strides is None
             else ((strides, strides) if isinstance(strides, int) else tuple(strides))
         )
-        if stride != pool:
-            raise ValueError(
-                "DP_MaxPool2D needs strides == pool_size (non-overlapping windows). "
-                f"Received: pool_size={pool_size!r}, strides={strides!r}"
-            )
+        _check_dp_max_pool(pool, stride)
         super().__init__(pool_size=pool, strides=pool, padding=padding, **kwargs)
 
     def call(self, inputs):
         # Checked again at every trace: strides set to 1 after construction
         # made windows overlap, 2 times the bound on a spike (a review).
-        if tuple(self.strides) != tuple(self.pool_size):
-            raise ValueError(
-                "DP_MaxPool2D needs strides == pool_size (non-overlapping "
-                f"windows). Received: pool_size={self.pool_size!r}, "
-                f"strides={self.strides!r}"
-            )
+        _check_dp_max_pool(self.pool_size, self.strides)
         return super().call(inputs)
+
+
+def _check_dp_max_pool(pool_size, strides) -> None:
+    if tuple(strides) != tuple(pool_size):
+        raise ValueError(
+            "DP_MaxPool2D needs strides == pool_size (non-overlapping windows). "
+            f"Received: pool_size={pool_size!r}, strides={strides!r}"
+        )
 
 
 def _max_min(inputs: tf.Tensor) -> tf.Tensor:
