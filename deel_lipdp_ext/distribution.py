@@ -204,7 +204,10 @@ def released_on_every_replica(noisy: list[tf.Tensor]) -> list[tf.Tensor]:
 
 def sum_over_replicas(value: tf.Tensor) -> tf.Tensor:
     """A scalar summed over the replicas (itself alone), e.g. the rows of
-    the global batch."""
+    the global batch. In the cross-replica context (a callback of `fit`,
+    such as dynamic clipping's) a batch is whole: `value` itself."""
+    if num_replicas() > 1 and tf.distribute.in_cross_replica_context():
+        return value
     context = _replica_context()
     if context is None:
         return value

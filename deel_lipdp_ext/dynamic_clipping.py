@@ -72,7 +72,7 @@ def clip_layer_gradient_norms(
         (one array of shape (batch,) per layer, the 0/1 inclusion mask (batch,)).
     """
     model = _clipless_model(model, "clip_layer_gradient_norms")
-    x, y, weight = model.sanitize_batch(x, y, weight)
+    x, y, weight = model.sanitize_batch(x, y, weight, train_step=False)
     with contextlib.ExitStack() as stack:
         recorded = [stack.enter_context(layer.recording_outputs()) for layer in layers]
         with tf.GradientTape() as tape:

@@ -301,10 +301,13 @@ def _backups_first(callbacks: list) -> list:
     return backups + [c for c in callbacks if c not in backups]
 
 
-def _callbacks_for_fit(given, flat: list):
+def _callbacks_for_fit(given, flat: list, model: keras.Model):
     """What `fit` passes to Keras: a CallbackList as given (its history and
     progress-bar settings kept) when its BackupAndRestore callbacks already
-    come first, else the flat list with them first.
+    come first, bound to `model` (Keras binds only the lists it builds: a
+    list made for another model had a DP_Accountant report that model's
+    epsilon and check its budget, a review), else the flat list with them
+    first.
 
     Raises:
         ValueError: a CallbackList whose BackupAndRestore is not first.
@@ -318,7 +321,30 @@ def _callbacks_for_fit(given, flat: list):
             "fit: the state it restores must be what the other callbacks (a "
             "DP_Accountant's budget check) read when training starts."
         )
+    given.set_model(model)
     return given
+
+
+def _refuse_legacy_hdf5(filepath, method: str) -> None:
+    """Refuse a legacy HDF5 path (`.h5` / `.hdf5`, not `.weights.h5`) given to
+    a DP model's `save` or `load_weights`. Keras's legacy writer saves the
+    layers' weights, then fails on the privacy ledger (a table), and its
+    reader skips the missing ledger: a model loaded from such a file held
+    trained weights and reported epsilon 0 (a review).
+
+    Raises:
+        ValueError: a legacy HDF5 path.
+    """
+    path = str(filepath)
+    if path.endswith((".h5", ".hdf5")) and not path.endswith(".weights.h5"):
+        raise ValueError(
+            f"A DP model's {method} does not take the legacy HDF5 format "
+            f"({path!r}): it cannot hold the privacy ledger (the steps that "
+            "ran), so a model loaded from it would report less than ran. Use "
+            "a '.keras' file, or '.weights.h5' for the weights. Weights trained "
+            "elsewhere (public data) can be loaded into a plain Keras model and "
+            "copied with set_weights."
+        )
 
 
 def _same_rows(a, b) -> bool:
@@ -533,6 +559,17 @@ class PrivateModel(HasPrivacyPlan):
     # found tf.train.Checkpoint and get_weights carrying the rolled-back rows).
     # Reading `model.variables` directly after an in-place checkpoint restore
     # still sees the restored rows (no hook): export through these methods.
+    def save(self, filepath, *args, **kwargs):
+        """As `keras.Model.save`; the legacy HDF5 format is refused (below)."""
+        _refuse_legacy_hdf5(filepath, "save")
+        return super().save(filepath, *args, **kwargs)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        """As `keras.Model.load_weights`; legacy HDF5 files are refused
+        (below)."""
+        _refuse_legacy_hdf5(filepath, "load_weights")
+        return super().load_weights(filepath, *args, **kwargs)
+
     def save_own_variables(self, store):
         self._privacy_plan.persist_ledger()
         super().save_own_variables(store)
@@ -868,7 +905,7 @@ class PrivateModel(HasPrivacyPlan):
         _check_validation_data(a["validation_data"], a["x"])
         plan.start_fit(a["initial_epoch"])
         call = {name: value for name, value in a.items() if name != "self"}
-        call["callbacks"] = _callbacks_for_fit(a["callbacks"], callbacks)
+        call["callbacks"] = _callbacks_for_fit(a["callbacks"], callbacks, self)
         data = a["x"]
         if not isinstance(data, tf.data.Dataset | tf.distribute.DistributedDataset):
             call.update(
@@ -1153,18 +1190,21 @@ class DPTrainer(PrivateModel):
         )
 
     # ------------------------------------------------------------- train step
-    def sanitize_batch(self, x, y, sample_weight):
+    def sanitize_batch(self, x, y, sample_weight, *, train_step: bool = True):
         """`sanitize_batch`, plus the guards the model knows: the batch size the
         declared sampling allows, the input shape the bounds were computed for
         (a bias or a convolution bounds its gradient for its build-time
-        size), and the first layer's input bound when it trusts the data."""
+        size), and the first layer's input bound when it trusts the data.
+        With `train_step=False` (a batch read outside the train step, e.g.
+        by dynamic clipping, whole in the current context), the train step's
+        own guard that it runs inside the train function is left out."""
         refuse_nested_batch(x=x, y=y, sample_weight=sample_weight)
         x = _as_float32(x)
         plan = self._privacy_plan
         guards = [
             plan.batch_size_guard(x, sample_weight),
             plan.input_shape_guard(x),
-            *self._entry_guards(),
+            *(self._entry_guards() if train_step else []),
         ]
         first = self.dp_layers[0]
         if not first.enforce_clipping:

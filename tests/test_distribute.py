@@ -28,6 +28,12 @@ from deel_lipdp_ext.distribution import (
     distributed_poisson_batches,
 )
 from deel_lipdp_ext.dpsgd import DPSGDModel
+from deel_lipdp_ext.dynamic_clipping import (
+    AdaptiveQuantileClipping,
+    LaplaceAdaptiveLossGradientClipping,
+    clip_layer_gradient_norms,
+    dynamic_clip_layers,
+)
 
 from .helpers import dp_model, step_updates
 
@@ -917,3 +923,52 @@ def test_the_noise_uses_the_largest_replica_sensitivity():
     assert np.std(np.concatenate(updates)) == pytest.approx(
         sigma * larger / b, rel=0.03
     )
+
+
+def _dynamic_clipless(n):
+    """(8, 8, 1) -> 16 classes, ending in a dynamic DP_ClipGradient."""
+    layers = [
+        L.DP_BoundedInput(upper_bound=1.0),
+        L.DP_Flatten(),
+        L.DP_QuickSpectralDense(16),
+        L.DP_ClipGradient(1.0, mode="dynamic"),
+    ]
+    return dp_model(layers, num_classes=16, n=n, batch_size=20, sigma=1.0)
+
+
+def test_dynamic_clipping_runs_under_several_replicas():
+    """Under two replicas the clip-value release stopped fit with "train_step
+    was called directly while fit runs": its norms went through the train
+    step's guards (a review). They are the single device's norms, an
+    oversized batch is still refused, and the releases are in the ledger."""
+    x, y = _samples(200)
+    y = y[:, :16]
+    strategy = strategy_of(2)
+    with strategy.scope():
+        model = _dynamic_clipless(200)
+    alone = _dynamic_clipless(200)
+    alone.set_weights(model.get_weights())
+    clips = dynamic_clip_layers(model)
+    with strategy.scope():
+        norms, included = clip_layer_gradient_norms(model, clips, x[:20], y[:20])
+        limit = model.privacy_plan.max_batch_size()
+        big_x, big_y = _samples(limit + 1)
+        with pytest.raises(ValueError, match="more samples than"):
+            clip_layer_gradient_norms(model, clips, big_x, big_y[:, :16])
+    expected, _ = clip_layer_gradient_norms(
+        alone, dynamic_clip_layers(alone), x[:20], y[:20]
+    )
+    np.testing.assert_allclose(norms[0], expected[0], rtol=1e-6)
+    assert included.sum() == 20
+    batches = poisson_batches(x, y, 20)
+    for clipping in (
+        AdaptiveQuantileClipping(batches, noise_multiplier=1.0),
+        LaplaceAdaptiveLossGradientClipping(batches, epsilon=1.0),
+    ):
+        model.fit(batches, epochs=2, verbose=0, callbacks=[clipping, DP_Accountant()])
+    counts = {(r.name, r.mechanism): r.count for r in model.privacy_plan.ledger()}
+    assert counts == {
+        ("gradient_steps", "gaussian"): 40,
+        ("gaussian", "gaussian"): 2,  # the quantile releases
+        ("pure_dp", "pure_dp"): 2,  # the Laplace choices
+    }

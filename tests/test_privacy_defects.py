@@ -2355,3 +2355,55 @@ def test_an_overflowing_step_under_xla_releases_noise_only():
     model, x = _amplifying_model_and_canary(jit_compile=True, sigma=1e-3)
     model.train_on_batch(x, one_hot([0, 1], 2))
     assert all(np.all(np.isfinite(v.numpy())) for v in model.trainable_variables)
+
+
+# ============================================ review round Z (stop 35)
+def test_a_callback_list_made_for_another_model_serves_the_one_that_trains():
+    """A CallbackList built for model `a` and given to `b.fit` kept `a`:
+    its DP_Accountant logged a's epsilon (4.87 for 8 epochs while b reached
+    11.96) and put its budget check on a, so nothing stopped b (a review)."""
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    a, b = _budget_model(sigma=2.0), _budget_model(sigma=2.0)
+    a.fit(poisson_batches(x, y, 50), verbose=0)
+    b_plan = b.privacy_plan
+    budget = b_plan.epsilon(planned=b_plan.planned_ledger(2)) * 1.01
+    accountant = DP_Accountant(epsilon_budget=budget)
+    given = keras.callbacks.CallbackList([accountant], add_history=True, model=a)
+    b.fit(poisson_batches(x, y, 50), epochs=6, verbose=0, callbacks=given)
+    assert accountant.model is b
+    assert b_plan.steps_taken() == 8  # two epochs within budget, then stopped
+    assert b_plan.epsilon() <= budget
+    logged = given._history.history["epsilon"]
+    assert logged[-1] == pytest.approx(b_plan.epsilon())
+    assert a.privacy_plan.steps_taken() == 4
+
+
+@pytest.mark.parametrize("path", ["m.h5", "m.hdf5", "ck/weights.h5"])
+def test_the_legacy_hdf5_format_is_refused_for_it_cannot_hold_the_ledger(
+    tmp_path, path
+):
+    """Keras's legacy HDF5 writer saved the layers' weights, then failed on
+    the ledger; loading that file reported epsilon 0 for trained weights (a
+    review). Saving and loading it are refused with a clear error, from
+    `save`, `ModelCheckpoint` and `load_weights`; `.keras` and `.weights.h5`
+    keep the ledger."""
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    model = _budget_model(sigma=2.0)
+    model.fit(poisson_batches(x, y, 50), verbose=0)
+    target = tmp_path / path
+    target.parent.mkdir(exist_ok=True)
+    with pytest.raises(ValueError, match="legacy HDF5"):
+        model.save(target)
+    assert not target.exists()
+    checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "ck.h5"))
+    with pytest.raises(ValueError, match="legacy HDF5"):
+        model.fit(poisson_batches(x, y, 50), verbose=0, callbacks=[checkpoint])
+    assert not (tmp_path / "ck.h5").exists()
+    plain = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)])
+    keras.saving.save_model(plain, target)  # a legacy file from elsewhere
+    fresh = _budget_model(sigma=2.0)
+    with pytest.raises(ValueError, match="legacy HDF5"):
+        fresh.load_weights(target)
+    model.save_weights(tmp_path / "m.weights.h5")
+    fresh.load_weights(tmp_path / "m.weights.h5")
+    assert fresh.privacy_plan.steps_taken() == model.privacy_plan.steps_taken()
