@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 from .._validation import require_positive
-from .base import DPLayer
+from .base import DPLayer, stable_norm
 
 _PACKAGE = "deel_lipdp_ext"
 
@@ -59,7 +59,10 @@ class DP_AddBias(keras.layers.Layer, DPLayer):
         return float(self.positions) ** 0.5
 
     def propagate_inputs(self, input_bound):
-        return input_bound + self._sqrt_positions() * tf.norm(self.bias)
+        # stable_norm: a plain norm flushed a bias of entries ~1e-19 to 0, and
+        # the next kernel's bound ignored it (7e5 times too small, a review)
+        norm = tf.reshape(stable_norm(tf.convert_to_tensor(self.bias), axis=0), [])
+        return input_bound + self._sqrt_positions() * norm
 
     def backpropagate_inputs(self, input_bound, gradient_bound):
         return gradient_bound
@@ -75,7 +78,7 @@ class DP_AddBias(keras.layers.Layer, DPLayer):
         return self.bias
 
     def project(self) -> None:
-        norm = tf.norm(self.bias)
+        norm = tf.reshape(stable_norm(tf.convert_to_tensor(self.bias), axis=0), [])
         self.bias.assign(
             self.bias * tf.minimum(1.0, self.norm_max / tf.maximum(norm, 1e-30))
         )

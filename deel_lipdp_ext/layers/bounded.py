@@ -42,24 +42,12 @@ class DP_BoundedInput(keras.layers.Layer, DPLayer):
 
     def __init__(self, upper_bound: float, enforce_clipping: bool = True, **kwargs):
         super().__init__(**kwargs)
-        self.upper_bound = require_positive(
-            "upper_bound", upper_bound, "DP_BoundedInput"
-        )
-        if self.upper_bound > MAX_INPUT_BOUND:
-            raise ValueError(
-                f"`upper_bound` of DP_BoundedInput must be <= {MAX_INPUT_BOUND:g}: "
-                "the squares of larger activations overflow float32 (an L2 "
-                "pooling then outputs inf for one sample and the update shows "
-                f"it). Rescale the data. Received: upper_bound={upper_bound!r}"
-            )
-        if not isinstance(enforce_clipping, bool):
-            raise ValueError(
-                "`enforce_clipping` of DP_BoundedInput must be a bool. "
-                f"Received: enforce_clipping={enforce_clipping!r}"
-            )
+        self.upper_bound = _checked_upper_bound(upper_bound, enforce_clipping)
         self.enforce_clipping = enforce_clipping
 
     def call(self, inputs):
+        # checked at every trace too: the attributes are public
+        _checked_upper_bound(self.upper_bound, self.enforce_clipping)
         if not self.enforce_clipping:
             return inputs
         peak, unit, unit_norm = _peak_unit_norms(inputs)
@@ -93,6 +81,7 @@ class DP_BoundedInput(keras.layers.Layer, DPLayer):
         return input_shape
 
     def propagate_inputs(self, input_bound):
+        _checked_upper_bound(self.upper_bound, self.enforce_clipping)
         if self.enforce_clipping:
             return as_bound(self.upper_bound)
         # trusted data passes up to the check's slack, and the check's norm
@@ -138,3 +127,27 @@ def _peak_unit_norms(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     # float64 sum: in float32, 1e6 squares rounded 5e-5 low (XLA)
     unit_norm = tf.sqrt(float64_square_sum(tf.reshape(unit, (batch, -1)), axis=1))
     return peak, unit, unit_norm
+
+
+def _checked_upper_bound(upper_bound, enforce_clipping) -> float:
+    """`upper_bound` as a float once both arguments of DP_BoundedInput are
+    valid.
+
+    Raises:
+        ValueError: a bound that is not positive and finite, or above
+            MAX_INPUT_BOUND; an `enforce_clipping` that is not a bool.
+    """
+    bound = require_positive("upper_bound", upper_bound, "DP_BoundedInput")
+    if bound > MAX_INPUT_BOUND:
+        raise ValueError(
+            f"`upper_bound` of DP_BoundedInput must be <= {MAX_INPUT_BOUND:g}: "
+            "the squares of larger activations overflow float32 (an L2 "
+            "pooling then outputs inf for one sample and the update shows "
+            f"it). Rescale the data. Received: upper_bound={upper_bound!r}"
+        )
+    if not isinstance(enforce_clipping, bool):
+        raise ValueError(
+            "`enforce_clipping` of DP_BoundedInput must be a bool. "
+            f"Received: enforce_clipping={enforce_clipping!r}"
+        )
+    return bound

@@ -96,7 +96,33 @@ class _LipschitzConv2D(keras.layers.Layer, KernelLayer):
         self.padding = require_one_of("padding", padding, ("same", "valid"), layer)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.nm_coef = require_positive("nm_coef", nm_coef, layer)
-        self.overlap = conv_overlap(self.kernel_size, self.strides)
+        self._geometry = (self.kernel_size, self.strides, self.padding)
+
+    @property
+    def overlap(self) -> int:
+        """How many kernel windows can cover one input position (the
+        construction-time geometry, checked by `_check_geometry`)."""
+        kernel_size, strides, _ = self._check_geometry()
+        return conv_overlap(kernel_size, strides)
+
+    def _check_geometry(self) -> tuple:
+        """The (kernel_size, strides, padding) of construction, which the
+        bounds and the certificate are computed for.
+
+        Raises:
+            ValueError: one of them changed since (a stride set from 2 to 1
+                after construction left the kernel-gradient bound 1.44 times
+                too small, and the certificate 1.09 times: a review).
+        """
+        now = (tuple(self.kernel_size), tuple(self.strides), self.padding)
+        if now != self._geometry:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}': kernel_size, strides and "
+                "padding cannot change after construction (its gradient bound "
+                f"and certificate are computed for them). Constructed with "
+                f"{self._geometry}, now {now}; build a new layer instead."
+            )
+        return self._geometry
 
     def build(self, input_shape):
         if len(input_shape) != 4:
@@ -112,6 +138,7 @@ class _LipschitzConv2D(keras.layers.Layer, KernelLayer):
         self.project()
 
     def call(self, inputs):
+        self._check_geometry()
         if self.input_size is not None:
             # The operator certificate holds for the build-time input size only.
             spatial = tuple(inputs.shape[1:3])
@@ -157,8 +184,9 @@ class _LipschitzConv2D(keras.layers.Layer, KernelLayer):
         up to the Gram iteration's slack. Without overlap (kernel <= stride),
         the grid's frequencies average ||sum_t e^(i w t) K_t x||^2 to
         ||M x||^2 (Parseval), so the operator bound is >= ||M||_2."""
+        _, strides, _ = self._check_geometry()
         reshaped_only = self.input_size is None or self.overlap == 1
-        if not reshaped_only and self.strides == (1, 1):
+        if not reshaped_only and strides == (1, 1):
             return conv_operator_norm_upper_bound(kernel, self.input_size)
         reshaped = math.sqrt(self.overlap) * spectral_norm_upper_bound(
             self._kernel_matrix(kernel)

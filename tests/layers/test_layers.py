@@ -270,6 +270,83 @@ def test_add_bias_bounds_with_positions():
     assert float(bias.backpropagate_params(1.0, 0.5)) == pytest.approx(4.0 * 0.5)
 
 
+def test_add_bias_bounds_a_bias_whose_squares_flush_to_zero():
+    """A plain float32 norm read a bias of entries 1e-20 as 0, so the next
+    kernel's gradient bound ignored it: 7e5 times too small behind an input
+    bound of 1e-25 (a review). Its projection read that norm too."""
+    bias = L.DP_AddBias(norm_max=1.0)
+    bias.build((None, 16))
+    bias.bias.assign(np.full(16, 1e-20, np.float32))
+    true_norm = 4e-20
+    assert float(bias.propagate_inputs(1e-30)) >= true_norm * (1 - 1e-6)
+    small = L.DP_AddBias(norm_max=1e-19)
+    small.build((None, 16))
+    small.bias.assign(np.full(16, 1e-19, np.float32))  # norm 4e-19
+    small.project()
+    projected = np.linalg.norm(small.bias.numpy().astype(np.float64))
+    assert 0.99e-19 <= projected <= 1e-19 * (1 + 1e-6)
+
+
+@pytest.mark.parametrize(
+    "attribute,value",
+    [
+        ("strides", (1, 1)),
+        ("strides", (1, 2)),
+        ("kernel_size", (2, 2)),
+        ("padding", "valid"),
+    ],
+)
+def test_a_convolution_refuses_a_geometry_changed_after_construction(attribute, value):
+    """Strides set from 2 to 1 after construction: the forward pass used the
+    new ones, the bounds the old overlap (a kernel gradient 1.44 times its
+    bound, a certificate 1.09 times too small: a review)."""
+    x, y = unit_samples(20, (8, 8, 1)), one_hot(np.arange(20))
+    conv = L.DP_QuickSpectralConv2D(4, 3, strides=2)
+    model = dp_model(
+        [
+            L.DP_BoundedInput(upper_bound=1.0),
+            conv,
+            L.DP_Flatten(),
+            L.DP_QuickSpectralDense(10),
+        ],
+        n=20,
+        batch_size=10,
+        sampling="shuffle",
+    )
+    setattr(conv, attribute, value)
+    for use in (
+        lambda: model.fit(x, y, batch_size=10, verbose=0),
+        lambda: conv(tf.zeros((1, 8, 8, 1))),
+        lambda: conv.backpropagate_params(1.0, 1.0),
+        lambda: conv.project(),
+    ):
+        with pytest.raises(ValueError, match="cannot change after construction"):
+            use()
+    fresh = L.DP_QuickSpectralConv2D(4, 3, strides=2)
+    with pytest.raises(AttributeError):
+        fresh.overlap = 1  # derived from the geometry, never set
+
+
+@pytest.mark.parametrize(
+    "attribute,value,match",
+    [
+        ("upper_bound", -1.0, "upper_bound=-1.0"),
+        ("upper_bound", float("nan"), "upper_bound=nan"),
+        ("upper_bound", 1e30, "must be <="),
+        ("enforce_clipping", 0, "enforce_clipping=0"),
+    ],
+)
+def test_bounded_input_checks_its_arguments_at_every_use(attribute, value, match):
+    """The constructor's checks held only at construction: a bound set to -1
+    afterwards gave negative gradient bounds (the checks of DP_ReLU and
+    DP_MaxPool2D already run at every trace)."""
+    layer = L.DP_BoundedInput(upper_bound=1.0)
+    setattr(layer, attribute, value)
+    for use in (lambda: layer(tf.ones((2, 4))), lambda: layer.propagate_inputs(None)):
+        with pytest.raises(ValueError, match=match):
+            use()
+
+
 @pytest.mark.parametrize(
     "make,match",
     [
