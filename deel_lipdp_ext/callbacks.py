@@ -161,14 +161,24 @@ class DP_Accountant(keras.callbacks.Callback):
         # step they cover)
         self._checked = None
         self._epoch = 0  # the model epoch running
+        # the model whose fit runs, pinned from on_train_begin to on_train_end:
+        # an evaluate/predict of another model given the same callbacks during
+        # fit rebinds `self.model` (Keras's set_model), and the accountant then
+        # logged 0 and checked the budget against that model (a review)
+        self._fitting = None
+
+    @property
+    def _trained(self) -> keras.Model:
+        """The model this accountant reports on: the one whose fit runs."""
+        return self.model if self._fitting is None else self._fitting
 
     def _planned(self, next_epoch: int, schedules=None) -> tuple[int, tuple]:
         """(steps, releases) planned from epoch `next_epoch` on: whole
         epochs, as many as one call of the train function may need (it can
         run more steps than an epoch: `steps_per_call`)."""
-        plan = privacy_plan_of(self.model)
+        plan = privacy_plan_of(self._trained)
         per_epoch = plan.dataset_metadata.nb_steps_per_epoch
-        epochs = -(-self.model.steps_per_call() // per_epoch)
+        epochs = -(-self._trained.steps_per_call() // per_epoch)
         planned = plan.planned_ledger(
             epochs, first_epoch=next_epoch, schedules=schedules
         )
@@ -179,7 +189,7 @@ class DP_Accountant(keras.callbacks.Callback):
         too, at the configuration now, kept as the one checked
         (`_check_before`); with `pending`, the epoch's release about to be
         recorded, that release and the epochs' steps."""
-        plan = privacy_plan_of(self.model)
+        plan = privacy_plan_of(self._trained)
         if pending:  # the release replaces what the schedules plan
             _, planned = self._planned(next_epoch, schedules=())
             return plan.epsilon(self.accountant, (*pending, *planned))
@@ -190,7 +200,19 @@ class DP_Accountant(keras.callbacks.Callback):
         return plan.epsilon(self.accountant, planned)
 
     def on_train_begin(self, logs=None):
-        plan = privacy_plan_of(self.model)
+        fitting = self._fitting
+        if (
+            fitting is not None
+            and fitting is not self.model
+            and getattr(getattr(fitting, "_dp_fitting", None), "value", False)
+        ):  # (a fit that raised has ended: its model's flag is down)
+            raise ValueError(
+                "This DP_Accountant already accounts for the fit of model "
+                f"'{self._fitting.name}': give another model's fit an accountant "
+                "of its own."
+            )
+        self._fitting = self.model
+        plan = privacy_plan_of(self._trained)
         self._epoch = plan.completed_epochs()
         if plan.dataset_metadata.sampling != "poisson":
             print(
@@ -208,12 +230,13 @@ class DP_Accountant(keras.callbacks.Callback):
             plan.step_checks.append(self._check_before)
 
     def on_train_end(self, logs=None):
-        checks = privacy_plan_of(self.model).step_checks
+        checks = privacy_plan_of(self._trained).step_checks
         if self._check_before in checks:
             checks.remove(self._check_before)
+        self._fitting = None
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = privacy_plan_of(self.model).model_epoch(epoch)
+        self._epoch = privacy_plan_of(self._trained).model_epoch(epoch)
 
     def _check_before(self, pending: tuple = ()) -> None:
         """Run by the plan before each execution of steps (from the model's
@@ -227,12 +250,13 @@ class DP_Accountant(keras.callbacks.Callback):
         unless the configuration is the one last checked and the steps of the
         next execution still fit in the epoch checked; a release is always
         checked with it."""
-        plan = privacy_plan_of(self.model)
+        plan = privacy_plan_of(self._trained)
         if not pending and self._checked is not None:
             planned, last_step = self._checked
             if (
                 self._planned(self._epoch)[1] == planned
-                and int(plan.steps.numpy()) + self.model.steps_per_call() <= last_step
+                and int(plan.steps.numpy()) + self._trained.steps_per_call()
+                <= last_step
             ):
                 return
         epsilon = self._plan_after(self._epoch, pending)
@@ -253,7 +277,7 @@ class DP_Accountant(keras.callbacks.Callback):
             )
 
     def on_epoch_end(self, epoch, logs=None):
-        plan = privacy_plan_of(self.model)
+        plan = privacy_plan_of(self._trained)
         epsilon = plan.epsilon(self.accountant)
         record = {"epsilon": epsilon, "delta": plan.delta}
         if logs is not None:
@@ -278,4 +302,4 @@ class DP_Accountant(keras.callbacks.Callback):
                 f"DP_Accountant: epsilon={epsilon:.4g}; another epoch would exceed "
                 f"epsilon_budget={self.epsilon_budget}: stopping."
             )
-            self.model.stop_training = True
+            self._trained.stop_training = True

@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 import keras
 import numpy as np
 import tensorflow as tf
+from keras.src.backend.common import global_state
 from keras.src.models.functional import Functional, functional_from_config
 from keras.src.ops.function import make_node_key
 from keras.src.trainers.data_adapters import array_slicing, data_adapter_utils
@@ -344,6 +345,23 @@ def _refuse_legacy_hdf5(filepath, method: str) -> None:
             "a '.keras' file, or '.weights.h5' for the weights. Weights trained "
             "elsewhere (public data) can be loaded into a plain Keras model and "
             "copied with set_weights."
+        )
+
+
+def _refuse_legacy_hdf5_config(what: str) -> None:
+    """Refuse a DP model's config inside Keras's legacy HDF5 writer or reader
+    (`keras.saving.save_model` / `load_model` of a `.h5` path, which bypass
+    the model's own `save`): the writer reads the config before any weight,
+    so nothing trained is written; the reader would load trained weights
+    and no ledger (epsilon 0 for 12 steps that ran, a review).
+
+    Raises:
+        ValueError: inside the legacy HDF5 format.
+    """
+    if global_state.get_global_attribute("use_legacy_config", False):
+        raise ValueError(
+            f"A DP model cannot {what} in the legacy HDF5 format: it cannot hold "
+            "the privacy ledger (the steps that ran). Use a '.keras' file."
         )
 
 
@@ -1013,6 +1031,7 @@ class PrivateModel(HasPrivacyPlan):
         return python_utils.pythonify_logs(results)
 
     def _dp_config(self) -> dict:
+        _refuse_legacy_hdf5_config("save")
         plan = self._privacy_plan
         return {
             "report_train_metrics": self.report_train_metrics,
@@ -1027,6 +1046,7 @@ class PrivateModel(HasPrivacyPlan):
     @staticmethod
     def _split_dp_config(config: dict) -> tuple[dict, dict]:
         """(the Keras part of a saved config, the DP keyword arguments)."""
+        _refuse_legacy_hdf5_config("load")
         config = dict(config)
         config.pop("privacy_ledger", None)  # older files: the ledger is a weight now
         dp = {k: config.pop(k, None) for k in _DP_CONFIG_KEYS}

@@ -10,6 +10,7 @@ import json
 import zipfile
 
 import dp_accounting
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -2399,6 +2400,19 @@ def test_the_legacy_hdf5_format_is_refused_for_it_cannot_hold_the_ledger(
     with pytest.raises(ValueError, match="legacy HDF5"):
         model.fit(poisson_batches(x, y, 50), verbose=0, callbacks=[checkpoint])
     assert not (tmp_path / "ck.h5").exists()
+    with pytest.raises(ValueError, match="legacy HDF5"):
+        keras.saving.save_model(model, target)  # Keras's function, not model.save
+    with h5py.File(target, "r") as saved:  # refused before any weight
+        assert "model_weights" not in saved
+    with h5py.File(target, "w") as legacy:  # a DP config with weights, no ledger
+        legacy.attrs["model_config"] = json.dumps(
+            {
+                "class_name": keras.saving.get_registered_name(DPSequential),
+                "config": model.get_config(),
+            }
+        )
+    with pytest.raises(ValueError, match="legacy HDF5"):
+        keras.saving.load_model(target)
     plain = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)])
     keras.saving.save_model(plain, target)  # a legacy file from elsewhere
     fresh = _budget_model(sigma=2.0)
@@ -2407,3 +2421,34 @@ def test_the_legacy_hdf5_format_is_refused_for_it_cannot_hold_the_ledger(
     model.save_weights(tmp_path / "m.weights.h5")
     fresh.load_weights(tmp_path / "m.weights.h5")
     assert fresh.privacy_plan.steps_taken() == model.privacy_plan.steps_taken()
+
+
+@pytest.mark.parametrize("call", ["evaluate", "predict"])
+def test_the_accountant_stays_with_the_model_whose_fit_runs(call):
+    """A callback evaluating another model with fit's own callbacks (Keras
+    binds them to that model) moved the accountant: it logged 0 and checked
+    the budget against that model, and fit ran 24 steps, epsilon 3.40 for a
+    budget of 2.10 (a review)."""
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    held_out = unit_samples(20, (8,), seed=5), one_hot(np.arange(20), 2)
+    model, other = _budget_model(sigma=2.0), _budget_model(sigma=2.0)
+    plan = model.privacy_plan
+    budget = plan.epsilon(planned=plan.planned_ledger(2)) * 1.01
+    accountant = DP_Accountant(epsilon_budget=budget)
+
+    class Peek(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if call == "evaluate":
+                other.evaluate(*held_out, callbacks=callbacks, verbose=0)
+            else:
+                other.predict(held_out[0], callbacks=callbacks, verbose=0)
+
+    callbacks = [Peek(), accountant]
+    history = model.fit(
+        poisson_batches(x, y, 50), epochs=6, verbose=0, callbacks=callbacks
+    )
+    assert plan.steps_taken() == 8 and plan.epsilon() <= budget
+    assert history.history["epsilon"][-1] == pytest.approx(plan.epsilon())
+    assert other.privacy_plan.step_checks == []
+    other.fit(poisson_batches(x, y, 50), verbose=0, callbacks=[accountant])  # re-pinned
+    assert accountant.history[-1]["steps"] == other.privacy_plan.steps_taken() == 4

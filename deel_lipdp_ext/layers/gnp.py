@@ -637,11 +637,34 @@ class DP_Lambda(keras.layers.Lambda, DPLayer):
     def __init__(self, function, lipschitz: float = 1.0, **kwargs):
         super().__init__(function, **kwargs)
         self.lipschitz = require_positive("lipschitz", lipschitz, "DP_Lambda")
+        self._certified = (self.function, self.lipschitz)
+
+    def _check_certified(self) -> None:
+        """The function and constant of construction, which the bounds and
+        the spot check are for.
+
+        Raises:
+            ValueError: either changed since (a lipschitz lowered from 1 to
+                0.01 after build left a kernel gradient 100 times its bound;
+                a function replaced by 50 x, 50 times: a review).
+        """
+        function, lipschitz = self._certified
+        if self.function is not function or self.lipschitz != lipschitz:
+            raise ValueError(
+                f"DP_Lambda '{self.name}': `function` and `lipschitz` cannot change "
+                "after construction (the bounds are computed for them); build a "
+                "new layer instead."
+            )
+
+    def call(self, inputs, mask=None, training=None):
+        self._check_certified()
+        return super().call(inputs, mask=mask, training=training)
 
     def build(self, input_shape):
         """Spot-check the certificate where it is cheap (static shapes): f(0)
         must be 0, and random pairs must respect the Lipschitz constant. A
         spot check cannot prove the certificate; it catches wrong ones."""
+        self._check_certified()
         super().build(input_shape)
         if None in tuple(input_shape[1:]):
             return
@@ -665,9 +688,11 @@ class DP_Lambda(keras.layers.Lambda, DPLayer):
             )
 
     def propagate_inputs(self, input_bound):
+        self._check_certified()
         return as_bound(self.lipschitz) * input_bound
 
     def backpropagate_inputs(self, input_bound, gradient_bound):
+        self._check_certified()
         return as_bound(self.lipschitz) * gradient_bound
 
     def get_config(self):

@@ -348,6 +348,33 @@ def test_bounded_input_checks_its_arguments_at_every_use(attribute, value, match
 
 
 @pytest.mark.parametrize(
+    "attribute,value",
+    [("lipschitz", 0.01), ("function", lambda t: 50.0 * t)],
+)
+def test_dp_lambda_refuses_a_function_or_constant_changed_after_construction(
+    attribute, value
+):
+    """lipschitz lowered from 1 to 0.01 (or the function replaced by 50 x)
+    after build: the bounds read the new constant, the forward pass ran the
+    function: a kernel gradient 100 (50) times its bound (a review)."""
+    layer = L.DP_Lambda(lambda t: t, lipschitz=1.0)
+    model = dp_model(
+        [L.DP_BoundedInput(upper_bound=1.0), layer, L.DP_QuickSpectralDense(2)],
+        input_shape=(8,),
+        num_classes=2,
+    )
+    setattr(layer, attribute, value)
+    for use in (
+        lambda: model.train_on_batch(unit_samples(4, (8,)), one_hot(range(4), 2)),
+        lambda: layer(tf.ones((1, 8))),
+        lambda: layer.propagate_inputs(1.0),
+        lambda: layer.backpropagate_inputs(1.0, 1.0),
+    ):
+        with pytest.raises(ValueError, match="cannot change after construction"):
+            use()
+
+
+@pytest.mark.parametrize(
     "make,match",
     [
         (lambda: L.DP_BoundedInput(upper_bound=-1.0), "upper_bound=-1.0"),
