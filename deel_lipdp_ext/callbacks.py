@@ -199,19 +199,31 @@ class DP_Accountant(keras.callbacks.Callback):
         self._checked = (planned, int(plan.steps.numpy()) + horizon)
         return plan.epsilon(self.accountant, planned)
 
-    def on_train_begin(self, logs=None):
+    def pin_to_fit(self, model: keras.Model) -> None:
+        """Report on `model`, whose fit starts (called by a DP model's fit
+        before any callback runs: a callback that evaluates or fits another
+        model with fit's callbacks rebinds them all to it first).
+
+        Raises:
+            ValueError: the fit of another model this accountant reports on
+                still runs.
+        """
         fitting = self._fitting
         if (
             fitting is not None
-            and fitting is not self.model
+            and fitting is not model
             and getattr(getattr(fitting, "_dp_fitting", None), "value", False)
         ):  # (a fit that raised has ended: its model's flag is down)
             raise ValueError(
                 "This DP_Accountant already accounts for the fit of model "
-                f"'{self._fitting.name}': give another model's fit an accountant "
-                "of its own."
+                f"'{fitting.name}': give another model's fit an accountant of "
+                "its own."
             )
-        self._fitting = self.model
+        self._fitting = model
+
+    def on_train_begin(self, logs=None):
+        if self._fitting is None:  # not pinned by a DP model's fit
+            self._fitting = self.model
         plan = privacy_plan_of(self._trained)
         self._epoch = plan.completed_epochs()
         if plan.dataset_metadata.sampling != "poisson":

@@ -637,6 +637,12 @@ class PrivateModel(HasPrivacyPlan):
         train function is traced again and the ledger keeps the old steps'."""
         self._privacy_plan.set_noise_multiplier(noise_multiplier)
 
+    def _step_settings(self) -> object:
+        """What the traced train step reads from the layers as constants
+        (none here; see DPTrainer): the train function is traced again when
+        it changes."""
+        return None
+
     def _forget_train_function(self) -> None:
         # A running fit calls self.train_function at its next step (e.g. after
         # a callback's set_noise_multiplier): a fresh one, traced with the new
@@ -828,8 +834,18 @@ class PrivateModel(HasPrivacyPlan):
             entry = None
 
         self._dp_traced_steps.value = max(int(self.steps_per_execution), 1)
+        traced = []  # the step's settings (`_step_settings`) at its first call
 
         def train_function(iterator):
+            settings = self._step_settings()
+            if traced and settings != traced[0]:
+                # changed since the trace (a layer's nm_coef): traced again, so
+                # the budget check below plans with what runs (a review: the
+                # old trace ran on while the check planned with the new value,
+                # and a budget of 3 was overrun to 3.14)
+                self._forget_train_function()
+                return self.train_function(iterator)
+            traced[:] = [settings]
             self._check_iterator(iterator)
             for check in list(self._privacy_plan.step_checks):
                 check(())  # after every callback: a budget check sees all changes
@@ -920,6 +936,10 @@ class PrivateModel(HasPrivacyPlan):
         )
         callbacks = _flat_callbacks(a["callbacks"])
         _check_fit_callbacks(callbacks)
+        for callback in callbacks:  # a DP_Accountant reports on this model
+            pin = getattr(callback, "pin_to_fit", None)
+            if pin is not None:
+                pin(self)
         _check_validation_data(a["validation_data"], a["x"])
         plan.start_fit(a["initial_epoch"])
         call = {name: value for name, value in a.items() if name != "self"}
@@ -1122,6 +1142,13 @@ class DPTrainer(PrivateModel):
     def dp_loss(self):
         """The compiled DP loss (None before `compile`)."""
         return self._dp_loss
+
+    def _step_settings(self) -> object:
+        return tuple(
+            (id(layer), float(layer.nm_coef))
+            for layer, _ in walk_layers(self.dp_layers)
+            if layer.has_parameters()
+        )
 
     def _coefficients(self) -> dict[str, float]:
         return noise_coefficients([layer for layer, _ in walk_layers(self.dp_layers)])

@@ -522,16 +522,18 @@ def test_epsilon_of_past_steps_survives_freezing_and_nm_coef_changes():
         model.train_on_batch(x, y)
     ran = _epsilon((0.1, three, 30), (0.1, 2.0, 10))
     assert model.privacy_plan.epsilon() == pytest.approx(ran, rel=1e-9)
-    model.dp_layers[4].nm_coef = 100.0  # after compile: the traced step keeps 2.0
+    # after compile: the step is traced again at its next call (it ran on
+    # with 2.0 while the budget check planned with 200, a review)
+    model.dp_layers[4].nm_coef = 100.0
     model.train_on_batch(x, y)
-    ran = _epsilon((0.1, three, 30), (0.1, 2.0, 11))
+    ran = _epsilon((0.1, three, 30), (0.1, 2.0, 10), (0.1, 200.0, 1))
     assert model.privacy_plan.epsilon() == pytest.approx(ran, rel=1e-9)
-    model.compile(  # a new trace: a new segment at 200, the old ones unchanged
+    model.compile(  # a new trace: the same segment, the old ones unchanged
         optimizer=keras.optimizers.SGD(0.1),
         loss=losses.DP_TauCategoricalCrossentropy(8.0),
     )
     model.train_on_batch(x, y)
-    ran = _epsilon((0.1, three, 30), (0.1, 2.0, 11), (0.1, 200.0, 1))
+    ran = _epsilon((0.1, three, 30), (0.1, 2.0, 10), (0.1, 200.0, 2))
     assert model.privacy_plan.epsilon() == pytest.approx(ran, rel=1e-9)
 
 
@@ -2423,12 +2425,15 @@ def test_the_legacy_hdf5_format_is_refused_for_it_cannot_hold_the_ledger(
     assert fresh.privacy_plan.steps_taken() == model.privacy_plan.steps_taken()
 
 
+@pytest.mark.parametrize("hook", ["on_train_begin", "on_epoch_end"])
 @pytest.mark.parametrize("call", ["evaluate", "predict"])
-def test_the_accountant_stays_with_the_model_whose_fit_runs(call):
+def test_the_accountant_stays_with_the_model_whose_fit_runs(call, hook):
     """A callback evaluating another model with fit's own callbacks (Keras
     binds them to that model) moved the accountant: it logged 0 and checked
     the budget against that model, and fit ran 24 steps, epsilon 3.40 for a
-    budget of 2.10 (a review)."""
+    budget of 2.10 (a review; then again from on_train_begin, before the
+    accountant's own, by the review of the fix). A DP model's fit pins its
+    accountants before any callback runs."""
     x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
     held_out = unit_samples(20, (8,), seed=5), one_hot(np.arange(20), 2)
     model, other = _budget_model(sigma=2.0), _budget_model(sigma=2.0)
@@ -2436,14 +2441,13 @@ def test_the_accountant_stays_with_the_model_whose_fit_runs(call):
     budget = plan.epsilon(planned=plan.planned_ledger(2)) * 1.01
     accountant = DP_Accountant(epsilon_budget=budget)
 
-    class Peek(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if call == "evaluate":
-                other.evaluate(*held_out, callbacks=callbacks, verbose=0)
-            else:
-                other.predict(held_out[0], callbacks=callbacks, verbose=0)
+    def peek(*args, **kwargs):
+        if call == "evaluate":
+            other.evaluate(*held_out, callbacks=callbacks, verbose=0)
+        else:
+            other.predict(held_out[0], callbacks=callbacks, verbose=0)
 
-    callbacks = [Peek(), accountant]
+    callbacks = [type("Peek", (keras.callbacks.Callback,), {hook: peek})(), accountant]
     history = model.fit(
         poisson_batches(x, y, 50), epochs=6, verbose=0, callbacks=callbacks
     )
@@ -2451,4 +2455,60 @@ def test_the_accountant_stays_with_the_model_whose_fit_runs(call):
     assert history.history["epsilon"][-1] == pytest.approx(plan.epsilon())
     assert other.privacy_plan.step_checks == []
     other.fit(poisson_batches(x, y, 50), verbose=0, callbacks=[accountant])  # re-pinned
+    assert accountant.history[-1]["steps"] == other.privacy_plan.steps_taken() == 4
+
+
+def test_a_budget_holds_when_a_layer_s_nm_coef_changes_during_fit():
+    """nm_coef raised from 1 to 100 by a callback during fit: the traced step
+    ran on with 1 while the budget check planned with 100, so nothing stopped
+    fit (a review: epsilon 3.14 for a budget of 3). The step is traced again,
+    so what runs is what the check plans with."""
+    layers = [
+        L.DP_BoundedInput(upper_bound=1.0),
+        L.DP_QuickSpectralDense(8),
+        L.DP_QuickSpectralDense(2),
+    ]
+    model = dp_model(
+        layers, input_shape=(8,), num_classes=2, sigma=2.0, strategy="per-layer", n=200
+    )
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    plan = model.privacy_plan
+    budget = plan.epsilon(planned=plan.planned_ledger(2)) * 1.01
+
+    class Raise(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                for layer in model.dp_layers[1:]:
+                    layer.nm_coef = 100.0
+
+    accountant = DP_Accountant(epsilon_budget=budget)
+    model.fit(
+        poisson_batches(x, y, 50), epochs=6, verbose=0, callbacks=[Raise(), accountant]
+    )
+    assert plan.epsilon() <= budget
+    rows = sorted((r.parameter, r.count) for r in plan.ledger())
+    assert rows == [
+        (pytest.approx(2 / np.sqrt(2)), 4),
+        (pytest.approx(200 / np.sqrt(2)), 20),
+    ]
+
+
+def test_an_accountant_accounts_for_one_fit_at_a_time():
+    """A callback of `a.fit` fitting another model with the same accountant
+    moved it to that model: it logged the other's epsilon, 1.58, while `a`
+    ran 24 steps, epsilon 3.40 for a budget of 2.10 (a review)."""
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    model, other = _budget_model(sigma=2.0), _budget_model(sigma=2.0)
+    accountant = DP_Accountant(epsilon_budget=10.0)
+
+    class WarmUp(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            other.fit(poisson_batches(x, y, 50), verbose=0, callbacks=[accountant])
+
+    with pytest.raises(ValueError, match="already accounts for the fit of model"):
+        model.fit(
+            poisson_batches(x, y, 50), verbose=0, callbacks=[WarmUp(), accountant]
+        )
+    assert other.privacy_plan.steps_taken() == 0
+    other.fit(poisson_batches(x, y, 50), verbose=0, callbacks=[accountant])  # after
     assert accountant.history[-1]["steps"] == other.privacy_plan.steps_taken() == 4

@@ -36,15 +36,23 @@ class DP_AddBias(keras.layers.Layer, DPLayer):
         self.norm_max = require_positive("norm_max", norm_max, "DP_AddBias")
         self.nm_coef = require_positive("nm_coef", nm_coef, "DP_AddBias")
 
+    @property
+    def positions(self) -> int:
+        """P, the positions sharing the bias: set by `build` from the input
+        shape, never by hand (a P set to 1 after build left the bias-gradient
+        bound 8 times too small, a review)."""
+        return self._positions
+
     def build(self, input_shape):
-        self.positions = 1
+        positions = 1
         for dim in input_shape[1:-1]:
             if dim is None:
                 raise ValueError(
                     f"DP_AddBias '{self.name}' needs static non-channel dimensions "
                     f"to bound its gradient. Received input shape: {input_shape}"
                 )
-            self.positions *= int(dim)
+            positions *= int(dim)
+        self._positions = positions
         self.bias = self.add_weight(
             name="bias", shape=(input_shape[-1],), initializer="zeros"
         )

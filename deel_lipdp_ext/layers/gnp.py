@@ -11,6 +11,7 @@ would break them.
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import keras
@@ -637,7 +638,11 @@ class DP_Lambda(keras.layers.Lambda, DPLayer):
     def __init__(self, function, lipschitz: float = 1.0, **kwargs):
         super().__init__(function, **kwargs)
         self.lipschitz = require_positive("lipschitz", lipschitz, "DP_Lambda")
-        self._certified = (self.function, self.lipschitz)
+        self._certified = (
+            self.function,
+            self.lipschitz,
+            copy.deepcopy(self.arguments),
+        )
 
     def _check_certified(self) -> None:
         """The function and constant of construction, which the bounds and
@@ -648,12 +653,16 @@ class DP_Lambda(keras.layers.Lambda, DPLayer):
                 0.01 after build left a kernel gradient 100 times its bound;
                 a function replaced by 50 x, 50 times: a review).
         """
-        function, lipschitz = self._certified
-        if self.function is not function or self.lipschitz != lipschitz:
+        function, lipschitz, arguments = self._certified
+        if (
+            self.function is not function
+            or self.lipschitz != lipschitz
+            or not _same_arguments(self.arguments, arguments)
+        ):
             raise ValueError(
-                f"DP_Lambda '{self.name}': `function` and `lipschitz` cannot change "
-                "after construction (the bounds are computed for them); build a "
-                "new layer instead."
+                f"DP_Lambda '{self.name}': `function`, `lipschitz` and `arguments` "
+                "cannot change after construction (the bounds are computed for "
+                "them); build a new layer instead."
             )
 
     def call(self, inputs, mask=None, training=None):
@@ -669,7 +678,11 @@ class DP_Lambda(keras.layers.Lambda, DPLayer):
         if None in tuple(input_shape[1:]):
             return
         shape = (8, *input_shape[1:])
-        zero = self.function(tf.zeros((1, *input_shape[1:])))
+
+        def function(x):  # as `call` applies it (the spot check ignored
+            return self.function(x, **self.arguments)  # `arguments`)
+
+        zero = function(tf.zeros((1, *input_shape[1:])))
         if float(tf.reduce_max(tf.abs(zero))) > 0.0:
             raise ValueError(
                 f"DP_Lambda '{self.name}': the function must map 0 to 0 for the "
@@ -678,7 +691,7 @@ class DP_Lambda(keras.layers.Lambda, DPLayer):
             )
         a = tf.random.stateless_normal(shape, seed=(0, 1))
         b = a + 0.1 * tf.random.stateless_normal(shape, seed=(0, 2))
-        ratio = sample_norms(self.function(a) - self.function(b)) / sample_norms(a - b)
+        ratio = sample_norms(function(a) - function(b)) / sample_norms(a - b)
         if float(tf.reduce_max(ratio)) > self.lipschitz * (1.0 + 1e-4):
             raise ValueError(
                 f"DP_Lambda '{self.name}': the function is not {self.lipschitz}-"
@@ -697,3 +710,20 @@ class DP_Lambda(keras.layers.Lambda, DPLayer):
 
     def get_config(self):
         return {**super().get_config(), "lipschitz": self.lipschitz}
+
+
+def _same_arguments(now, certified) -> bool:
+    """Whether a DP_Lambda's `arguments` (a dict of values, arrays included)
+    still equal the copy taken at construction (an argument scaling the
+    function by 50, set in place, left a bound 50 times too small: a
+    review)."""
+    try:
+        keras.tree.assert_same_structure(now, certified)
+    except (TypeError, ValueError):
+        return False
+    return all(
+        a is b or bool(np.array_equal(np.asarray(a), np.asarray(b)))
+        for a, b in zip(
+            keras.tree.flatten(now), keras.tree.flatten(certified), strict=True
+        )
+    )

@@ -270,6 +270,18 @@ def test_add_bias_bounds_with_positions():
     assert float(bias.backpropagate_params(1.0, 0.5)) == pytest.approx(4.0 * 0.5)
 
 
+def test_add_bias_positions_come_from_its_build_shape_only():
+    """positions set from 64 to 1 after build: the bias-gradient bound
+    sqrt(P) g fell 8 times, and a sample's gradient reached 1.34 times it (a
+    review)."""
+    bias = L.DP_AddBias(norm_max=1.0)
+    bias.build((None, 8, 8, 3))
+    assert bias.positions == 64
+    with pytest.raises(AttributeError):
+        bias.positions = 1
+    assert float(bias.backpropagate_params(1.0, 1.0)) == pytest.approx(8.0)
+
+
 def test_add_bias_bounds_a_bias_whose_squares_flush_to_zero():
     """A plain float32 norm read a bias of entries 1e-20 as 0, so the next
     kernel's gradient bound ignored it: 7e5 times too small behind an input
@@ -347,23 +359,46 @@ def test_bounded_input_checks_its_arguments_at_every_use(attribute, value, match
             use()
 
 
+def test_dp_lambda_spot_checks_the_function_with_its_arguments():
+    """The build's spot check called the function without `arguments`: a
+    default scale of 1 passed for a layer that applies 50 (found with the
+    review of the frozen arguments)."""
+    layer = L.DP_Lambda(
+        lambda t, scale=1.0: scale * t, lipschitz=1.0, arguments={"scale": 50.0}
+    )
+    with pytest.raises(ValueError, match="is not 1.0-Lipschitz"):
+        layer(tf.ones((1, 8)))
+
+
+def _scale_argument(layer):
+    layer.arguments["scale"] = 50.0  # in place
+
+
 @pytest.mark.parametrize(
-    "attribute,value",
-    [("lipschitz", 0.01), ("function", lambda t: 50.0 * t)],
+    "change",
+    [
+        lambda layer: setattr(layer, "lipschitz", 0.01),
+        lambda layer: setattr(layer, "function", lambda t, scale: 50.0 * t),
+        _scale_argument,
+        lambda layer: setattr(layer, "arguments", {"scale": 50.0}),
+    ],
 )
 def test_dp_lambda_refuses_a_function_or_constant_changed_after_construction(
-    attribute, value
+    change,
 ):
-    """lipschitz lowered from 1 to 0.01 (or the function replaced by 50 x)
-    after build: the bounds read the new constant, the forward pass ran the
-    function: a kernel gradient 100 (50) times its bound (a review)."""
-    layer = L.DP_Lambda(lambda t: t, lipschitz=1.0)
+    """lipschitz lowered from 1 to 0.01 (or the function replaced by 50 x, or
+    its argument set to 50) after build: the bounds read the new constant,
+    the forward pass ran the function: a kernel gradient 100 (50) times its
+    bound (reviews)."""
+    layer = L.DP_Lambda(
+        lambda t, scale: scale * t, lipschitz=1.0, arguments={"scale": 1.0}
+    )
     model = dp_model(
         [L.DP_BoundedInput(upper_bound=1.0), layer, L.DP_QuickSpectralDense(2)],
         input_shape=(8,),
         num_classes=2,
     )
-    setattr(layer, attribute, value)
+    change(layer)
     for use in (
         lambda: model.train_on_batch(unit_samples(4, (8,)), one_hot(range(4), 2)),
         lambda: layer(tf.ones((1, 8))),
