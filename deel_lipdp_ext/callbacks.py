@@ -109,6 +109,9 @@ class DP_Accountant(keras.callbacks.Callback):
     one more epoch at the new configuration would exceed the budget, `fit`
     raises before that step runs. The budget bounds this accountant's
     epsilon; with several accountants, the logs' `epsilon` is the last one's.
+    During a DP model's fit the accountant reports on that model only: it
+    refuses to be bound to another (fit's callback list given to another
+    model's evaluate, predict, fit or custom loop); give those their own.
 
     Args:
         accountant: "rdp" or "pld".
@@ -161,16 +164,33 @@ class DP_Accountant(keras.callbacks.Callback):
         # step they cover)
         self._checked = None
         self._epoch = 0  # the model epoch running
-        # the model whose fit runs, pinned from on_train_begin to on_train_end:
-        # an evaluate/predict of another model given the same callbacks during
-        # fit rebinds `self.model` (Keras's set_model), and the accountant then
-        # logged 0 and checked the budget against that model (a review)
+        # the DP model whose fit runs (`pin_to_fit` to `release_fit`): an
+        # evaluate or predict of another model given the same callbacks during
+        # fit rebound `self.model` (Keras's set_model), and the accountant then
+        # logged 0 and checked the budget against that model (reviews)
         self._fitting = None
 
     @property
     def _trained(self) -> keras.Model:
         """The model this accountant reports on: the one whose fit runs."""
         return self.model if self._fitting is None else self._fitting
+
+    def set_model(self, model):
+        """As Keras's; refused for another model while a DP model's fit this
+        accountant reports on runs.
+
+        Raises:
+            ValueError: another model, during such a fit (its evaluate,
+                predict, fit or custom loop given this accountant).
+        """
+        if self._fitting is not None and model is not self._fitting:
+            raise ValueError(
+                "This DP_Accountant reports on the fit of model "
+                f"'{self._fitting.name}', which runs: give the callbacks of "
+                f"'{getattr(model, 'name', model)}' an accountant of their own "
+                "(and not fit's callback list)."
+            )
+        super().set_model(model)
 
     def _planned(self, next_epoch: int, schedules=None) -> tuple[int, tuple]:
         """(steps, releases) planned from epoch `next_epoch` on: whole
@@ -200,30 +220,31 @@ class DP_Accountant(keras.callbacks.Callback):
         return plan.epsilon(self.accountant, planned)
 
     def pin_to_fit(self, model: keras.Model) -> None:
-        """Report on `model`, whose fit starts (called by a DP model's fit
-        before any callback runs: a callback that evaluates or fits another
-        model with fit's callbacks rebinds them all to it first).
+        """Report on `model` until `release_fit`: called by a DP model's fit
+        for its whole run, before any callback (a callback that evaluated
+        another model with fit's callbacks rebound them all to it first).
 
         Raises:
-            ValueError: the fit of another model this accountant reports on
+            ValueError: another model's fit that this accountant reports on
                 still runs.
         """
-        fitting = self._fitting
-        if (
-            fitting is not None
-            and fitting is not model
-            and getattr(getattr(fitting, "_dp_fitting", None), "value", False)
-        ):  # (a fit that raised has ended: its model's flag is down)
+        if self._fitting is not None and self._fitting is not model:
             raise ValueError(
-                "This DP_Accountant already accounts for the fit of model "
-                f"'{fitting.name}': give another model's fit an accountant of "
-                "its own."
+                "This DP_Accountant already reports on the fit of model "
+                f"'{self._fitting.name}', which runs: give another model's fit "
+                "an accountant of its own."
             )
         self._fitting = model
 
+    def release_fit(self, model: keras.Model) -> None:
+        """The end of `model`'s fit (raised or not), called by that fit."""
+        if self._fitting is model:
+            checks = privacy_plan_of(model).step_checks
+            if self._check_before in checks:
+                checks.remove(self._check_before)
+            self._fitting = None
+
     def on_train_begin(self, logs=None):
-        if self._fitting is None:  # not pinned by a DP model's fit
-            self._fitting = self.model
         plan = privacy_plan_of(self._trained)
         self._epoch = plan.completed_epochs()
         if plan.dataset_metadata.sampling != "poisson":
@@ -245,7 +266,6 @@ class DP_Accountant(keras.callbacks.Callback):
         checks = privacy_plan_of(self._trained).step_checks
         if self._check_before in checks:
             checks.remove(self._check_before)
-        self._fitting = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = privacy_plan_of(self._trained).model_epoch(epoch)

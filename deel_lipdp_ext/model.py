@@ -518,6 +518,7 @@ class PrivateModel(HasPrivacyPlan):
         self.report_train_metrics = report_train_metrics
         self._dp_entry = _Untracked(None)  # see _entry_guards
         self._dp_fitting = _Untracked(False)  # a fit runs (`fit`)
+        self._dp_pinned = _Untracked([])  # its accountants (`pin_to_fit`)
         self._dp_in_train_function = _Untracked(False)  # (`make_train_function`)
         self._dp_fit_calls_next = _Untracked(False)  # (`_FitStepMarker`)
         self._dp_traced_steps = _Untracked(1)  # steps per execution, as traced
@@ -917,6 +918,9 @@ class PrivateModel(HasPrivacyPlan):
                 return super().fit(**call)
         finally:
             marker.remove()
+            for accountant in self._dp_pinned.value:
+                accountant.release_fit(self)
+            self._dp_pinned.value = []
             self._dp_fitting.value = False
             plan.use_unverified_sampling()
             plan.step_checks[:] = checks
@@ -937,9 +941,9 @@ class PrivateModel(HasPrivacyPlan):
         callbacks = _flat_callbacks(a["callbacks"])
         _check_fit_callbacks(callbacks)
         for callback in callbacks:  # a DP_Accountant reports on this model
-            pin = getattr(callback, "pin_to_fit", None)
-            if pin is not None:
-                pin(self)
+            if hasattr(callback, "pin_to_fit"):
+                callback.pin_to_fit(self)
+                self._dp_pinned.value.append(callback)
         _check_validation_data(a["validation_data"], a["x"])
         plan.start_fit(a["initial_epoch"])
         call = {name: value for name, value in a.items() if name != "self"}
@@ -1144,8 +1148,11 @@ class DPTrainer(PrivateModel):
         return self._dp_loss
 
     def _step_settings(self) -> object:
-        return tuple(
-            (id(layer), float(layer.nm_coef))
+        # which layers train and their nm_coef: a layer frozen during fit
+        # (no recompile) kept training in the old trace while the budget
+        # check planned without its noise (a review)
+        return (self.trainable,) + tuple(
+            (id(layer), float(layer.nm_coef), layer.trainable)
             for layer, _ in walk_layers(self.dp_layers)
             if layer.has_parameters()
         )

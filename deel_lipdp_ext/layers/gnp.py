@@ -638,6 +638,15 @@ class DP_Lambda(keras.layers.Lambda, DPLayer):
     def __init__(self, function, lipschitz: float = 1.0, **kwargs):
         super().__init__(function, **kwargs)
         self.lipschitz = require_positive("lipschitz", lipschitz, "DP_Lambda")
+        if any(
+            isinstance(value, tf.Variable | keras.Variable)
+            for value in keras.tree.flatten(self.arguments)
+        ):
+            raise ValueError(
+                f"DP_Lambda '{self.name}': `arguments` must be constants: a "
+                "variable's value can change after the Lipschitz constant is "
+                "certified. Received a variable in arguments."
+            )
         self._certified = (
             self.function,
             self.lipschitz,

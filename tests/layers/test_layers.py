@@ -370,6 +370,17 @@ def test_dp_lambda_spot_checks_the_function_with_its_arguments():
         layer(tf.ones((1, 8)))
 
 
+def test_dp_lambda_refuses_a_variable_in_its_arguments():
+    """A variable's value can change after the constant is certified (and
+    the frozen copy's comparison could not run in a traced step: a review)."""
+    with pytest.raises(ValueError, match="must be constants"):
+        L.DP_Lambda(
+            lambda t, scale: scale * t,
+            lipschitz=1.0,
+            arguments={"scale": tf.Variable(1.0)},
+        )
+
+
 def _scale_argument(layer):
     layer.arguments["scale"] = 50.0  # in place
 
