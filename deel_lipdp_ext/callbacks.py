@@ -169,6 +169,7 @@ class DP_Accountant(keras.callbacks.Callback):
         # fit rebound `self.model` (Keras's set_model), and the accountant then
         # logged 0 and checked the budget against that model (reviews)
         self._fitting = None
+        self._loop_pinned = False  # pinned by on_train_begin, not by a fit
 
     @property
     def _trained(self) -> keras.Model:
@@ -186,9 +187,9 @@ class DP_Accountant(keras.callbacks.Callback):
         if self._fitting is not None and model is not self._fitting:
             raise ValueError(
                 "This DP_Accountant reports on the fit of model "
-                f"'{self._fitting.name}', which runs: give the callbacks of "
-                f"'{getattr(model, 'name', model)}' an accountant of their own "
-                "(and not fit's callback list)."
+                f"'{self._fitting.name}' (or its custom loop), which runs: give "
+                f"the callbacks of '{getattr(model, 'name', model)}' an "
+                "accountant of their own (and not fit's callback list)."
             )
         super().set_model(model)
 
@@ -228,6 +229,8 @@ class DP_Accountant(keras.callbacks.Callback):
             ValueError: another model's fit that this accountant reports on
                 still runs.
         """
+        if self._loop_pinned:  # a custom loop that never ended: it has
+            self._release_loop()  # no fit to run inside
         if self._fitting is not None and self._fitting is not model:
             raise ValueError(
                 "This DP_Accountant already reports on the fit of model "
@@ -244,7 +247,20 @@ class DP_Accountant(keras.callbacks.Callback):
                 checks.remove(self._check_before)
             self._fitting = None
 
+    def _release_loop(self) -> None:
+        checks = privacy_plan_of(self._fitting).step_checks
+        if self._check_before in checks:
+            checks.remove(self._check_before)
+        self._fitting, self._loop_pinned = None, False
+
     def on_train_begin(self, logs=None):
+        if self._loop_pinned:  # a custom loop that raised before its end
+            self._release_loop()
+        if self._fitting is None:  # a custom loop: pinned until on_train_end
+            # (unpinned, another model's evaluate given this accountant moved
+            # it: 32 steps ran to epsilon 3.90 for a budget of 2.08, a review)
+            privacy_plan_of(self.model)  # a non-DP model: refused, not pinned
+            self._fitting, self._loop_pinned = self.model, True
         plan = privacy_plan_of(self._trained)
         self._epoch = plan.completed_epochs()
         if plan.dataset_metadata.sampling != "poisson":
@@ -263,6 +279,9 @@ class DP_Accountant(keras.callbacks.Callback):
             plan.step_checks.append(self._check_before)
 
     def on_train_end(self, logs=None):
+        if self._loop_pinned:
+            self._release_loop()  # a fit's own pin ends with the fit
+            return
         checks = privacy_plan_of(self._trained).step_checks
         if self._check_before in checks:
             checks.remove(self._check_before)

@@ -268,12 +268,7 @@ class DP_MulticlassHKR(DPLoss):
         **kw,
     ):
         super().__init__(name=name, **kw)
-        if not (float(alpha) >= 0 and math.isfinite(float(alpha))):
-            raise ValueError(
-                "`alpha` of DP_MulticlassHKR must be finite and >= 0. "
-                f"Received: alpha={alpha!r}"
-            )
-        self.alpha = float(alpha)
+        self.alpha = _checked_alpha(alpha)
         self.min_margin = require_positive("min_margin", min_margin, "DP_MulticlassHKR")
 
     def call(self, y_true, y_pred):
@@ -284,10 +279,11 @@ class DP_MulticlassHKR(DPLoss):
 
     def get_L(self, num_classes=None):
         _check_classes(num_classes, "DP_MulticlassHKR")
+        alpha = _checked_alpha(self.alpha)  # public: checked at every use
         if num_classes is None:
-            return math.sqrt(2.0) + self.alpha
+            return math.sqrt(2.0) + alpha
         c = num_classes
-        return math.sqrt(c / (c - 1)) + self.alpha * math.sqrt((c - 1) / c)
+        return math.sqrt(c / (c - 1)) + alpha * math.sqrt((c - 1) / c)
 
     def get_config(self):
         return {
@@ -309,6 +305,22 @@ class DP_MeanAbsoluteError(DPLoss):
 
     def get_L(self, num_classes=None):
         return 1.0 if num_classes is None else 1.0 / math.sqrt(num_classes)
+
+
+def _checked_alpha(alpha) -> float:
+    """DP_MulticlassHKR's `alpha` as a float, or a ValueError (a negative
+    alpha set after construction gave a constant that passed as positive
+    and a per-sample gradient twice its bound: a review)."""
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(
+            "`alpha` of DP_MulticlassHKR must be finite and >= 0. "
+            f"Received: alpha={alpha!r}"
+        )
+    return value
 
 
 def lipschitz_constant(loss, num_classes: int | None = None) -> float:

@@ -1151,10 +1151,14 @@ class DPTrainer(PrivateModel):
         # which layers train and their nm_coef: a layer frozen during fit
         # (no recompile) kept training in the old trace while the budget
         # check planned without its noise (a review)
-        return (self.trainable,) + tuple(
-            (id(layer), float(layer.nm_coef), layer.trainable)
-            for layer, _ in walk_layers(self.dp_layers)
-            if layer.has_parameters()
+        # (and which weights: `kernel.trainable = False` alone got past it)
+        return (
+            tuple(id(v) for v in self.trainable_variables),
+            tuple(
+                (id(layer), float(layer.nm_coef), layer.trainable)
+                for layer, _ in walk_layers(self.dp_layers)
+                if layer.has_parameters()
+            ),
         )
 
     def _coefficients(self) -> dict[str, float]:

@@ -2538,3 +2538,70 @@ def test_layers_frozen_during_fit_stop_training_and_leave_their_noise():
         np.testing.assert_array_equal(layer.kernel.numpy(), kernel)
     rows = sorted((r.parameter, r.count) for r in model.privacy_plan.ledger())
     assert rows == [(pytest.approx(2 / np.sqrt(3)), 4), (pytest.approx(2.0), 8)]
+
+
+def test_a_custom_loop_s_accountant_stays_with_its_model():
+    """A custom loop (CallbackList + train_on_batch) evaluating another model
+    with its accountant each epoch: unpinned outside fit, the accountant
+    moved to that model, logged 0 and let 32 steps run to epsilon 3.90 for a
+    budget of 2.08 (a review of bd288d1). It is pinned until on_train_end."""
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    model, other = _budget_model(sigma=2.0), _budget_model(sigma=2.0)
+    plan = model.privacy_plan
+    budget = plan.epsilon(planned=plan.planned_ledger(2)) * 1.01
+    accountant = DP_Accountant(epsilon_budget=budget)
+    loop = keras.callbacks.CallbackList([accountant], model=model)
+    loop.on_train_begin()
+    for epoch in range(8):
+        for batch in poisson_batches(x, y, 50).take(4):
+            model.train_on_batch(*batch)
+        loop.on_epoch_end(epoch, {})
+        with pytest.raises(ValueError, match="reports on the fit of model"):
+            other.evaluate(x[:20], y[:20], callbacks=[accountant], verbose=0)
+        if model.stop_training:
+            break
+    loop.on_train_end()
+    assert plan.steps_taken() == 8 and plan.epsilon() <= budget
+    assert [r["steps"] for r in accountant.history] == [4, 8]
+    assert plan.step_checks == []
+    other.evaluate(x[:20], y[:20], callbacks=[accountant], verbose=0)  # released
+
+
+def test_weights_frozen_during_fit_stop_training_and_leave_their_noise():
+    """`kernel.trainable = False` on two per-layer-noised weights got past
+    the retrace on layer flags: epsilon 4.91 for a budget of 4.20 (a
+    review)."""
+    layers = [
+        L.DP_BoundedInput(upper_bound=1.0),
+        L.DP_QuickSpectralDense(8),
+        L.DP_QuickSpectralDense(8),
+        L.DP_QuickSpectralDense(2),
+    ]
+    model = dp_model(
+        layers, input_shape=(8,), num_classes=2, sigma=2.0, strategy="per-layer", n=200
+    )
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    frozen = [layer.kernel for layer in model.dp_layers[1:3]]
+
+    class Freeze(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                for kernel in frozen:
+                    kernel.trainable = False
+                self.values = [kernel.numpy() for kernel in frozen]
+
+    freeze = Freeze()
+    model.fit(poisson_batches(x, y, 50), epochs=3, verbose=0, callbacks=[freeze])
+    for kernel, value in zip(frozen, freeze.values, strict=True):
+        np.testing.assert_array_equal(kernel.numpy(), value)
+    rows = sorted((r.parameter, r.count) for r in model.privacy_plan.ledger())
+    assert rows == [(pytest.approx(2 / np.sqrt(3)), 4), (pytest.approx(2.0), 8)]
+
+
+def test_hkr_alpha_is_checked_at_every_use():
+    """alpha = -1 set after construction gave a constant of 0.71 (it passed
+    as positive) and a per-sample gradient twice its bound (a review)."""
+    loss = losses.DP_MulticlassHKR(alpha=1.0)
+    loss.alpha = -1.0
+    with pytest.raises(ValueError, match="alpha"):
+        loss.get_L(2)

@@ -684,6 +684,17 @@ class DP_Lambda(keras.layers.Lambda, DPLayer):
         spot check cannot prove the certificate; it catches wrong ones."""
         self._check_certified()
         super().build(input_shape)
+        spec = tf.TensorSpec((None, *input_shape[1:]), self.compute_dtype)
+        traced = tf.function(
+            lambda x: self.function(x, **self.arguments)
+        ).get_concrete_function(spec)
+        if traced.variables:  # (v.assign(50) after build: 50 times the bound)
+            raise ValueError(
+                f"DP_Lambda '{self.name}': the function reads variables "
+                f"({', '.join(v.name for v in traced.variables)}), whose values "
+                "can change after its Lipschitz constant is certified; pass "
+                "constants instead."
+            )
         if None in tuple(input_shape[1:]):
             return
         shape = (8, *input_shape[1:])

@@ -381,6 +381,15 @@ def test_dp_lambda_refuses_a_variable_in_its_arguments():
         )
 
 
+def test_dp_lambda_refuses_a_function_that_reads_variables():
+    """`lambda t: v * t` with v assigned 50 after build: the bound kept
+    lipschitz 1, a kernel gradient reached 50 times it (a review)."""
+    v = tf.Variable(1.0)
+    layer = L.DP_Lambda(lambda t: v * t, lipschitz=1.0)
+    with pytest.raises(ValueError, match="reads variables"):
+        layer(tf.ones((1, 8)))
+
+
 def _scale_argument(layer):
     layer.arguments["scale"] = 50.0  # in place
 
