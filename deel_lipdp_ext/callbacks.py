@@ -169,7 +169,9 @@ class DP_Accountant(keras.callbacks.Callback):
         # fit rebound `self.model` (Keras's set_model), and the accountant then
         # logged 0 and checked the budget against that model (reviews)
         self._fitting = None
-        self._loop_pinned = False  # pinned by on_train_begin, not by a fit
+        self._loop_pinned = False  # pinned by on_train_begin (a custom loop)
+        self._fit_pinned = False  # pinned by a DP model's fit (`pin_to_fit`)
+        self._fits_in_loop = 0  # fits of the loop's model running inside it
 
     @property
     def _trained(self) -> keras.Model:
@@ -224,28 +226,34 @@ class DP_Accountant(keras.callbacks.Callback):
         """Report on `model` until `release_fit`: called by a DP model's fit
         for its whole run, before any callback (a callback that evaluated
         another model with fit's callbacks rebound them all to it first).
+        Inside a custom loop of the same model, the loop's pin stays.
 
         Raises:
-            ValueError: another model's fit that this accountant reports on
-                still runs.
+            ValueError: another model's fit or custom loop that this
+                accountant reports on still runs (a custom loop must call
+                `on_train_end`, e.g. in a `finally`).
         """
-        if self._loop_pinned:  # a custom loop that never ended: it has
-            self._release_loop()  # no fit to run inside
         if self._fitting is not None and self._fitting is not model:
             raise ValueError(
                 "This DP_Accountant already reports on the fit of model "
-                f"'{self._fitting.name}', which runs: give another model's fit "
-                "an accountant of its own."
+                f"'{self._fitting.name}' (or its custom loop), which runs: give "
+                "another model's fit an accountant of its own."
             )
-        self._fitting = model
+        if self._fitting is None:
+            self._fitting, self._fit_pinned = model, True
+        else:  # inside the loop of this model: its on_train_end is the fit's
+            self._fits_in_loop += 1
 
     def release_fit(self, model: keras.Model) -> None:
-        """The end of `model`'s fit (raised or not), called by that fit."""
-        if self._fitting is model:
+        """The end of `model`'s fit (raised or not), called by that fit; a
+        custom loop's pin ends with the loop (`on_train_end`)."""
+        if self._fits_in_loop and self._fitting is model:
+            self._fits_in_loop -= 1
+        elif self._fit_pinned and self._fitting is model:
             checks = privacy_plan_of(model).step_checks
             if self._check_before in checks:
                 checks.remove(self._check_before)
-            self._fitting = None
+            self._fitting, self._fit_pinned = None, False
 
     def _release_loop(self) -> None:
         checks = privacy_plan_of(self._fitting).step_checks
@@ -279,6 +287,8 @@ class DP_Accountant(keras.callbacks.Callback):
             plan.step_checks.append(self._check_before)
 
     def on_train_end(self, logs=None):
+        if self._loop_pinned and self._fits_in_loop:
+            return  # a fit inside the loop ends; the loop goes on
         if self._loop_pinned:
             self._release_loop()  # a fit's own pin ends with the fit
             return

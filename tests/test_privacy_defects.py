@@ -2558,11 +2558,14 @@ def test_a_custom_loop_s_accountant_stays_with_its_model():
         loop.on_epoch_end(epoch, {})
         with pytest.raises(ValueError, match="reports on the fit of model"):
             other.evaluate(x[:20], y[:20], callbacks=[accountant], verbose=0)
+        with pytest.raises(ValueError, match="reports on the fit of model"):
+            other.fit(poisson_batches(x, y, 50), verbose=0, callbacks=[accountant])
         if model.stop_training:
             break
     loop.on_train_end()
     assert plan.steps_taken() == 8 and plan.epsilon() <= budget
     assert [r["steps"] for r in accountant.history] == [4, 8]
+    assert other.privacy_plan.steps_taken() == 0
     assert plan.step_checks == []
     other.evaluate(x[:20], y[:20], callbacks=[accountant], verbose=0)  # released
 
@@ -2605,3 +2608,21 @@ def test_hkr_alpha_is_checked_at_every_use():
     loss.alpha = -1.0
     with pytest.raises(ValueError, match="alpha"):
         loss.get_L(2)
+
+
+def test_a_fit_inside_a_custom_loop_keeps_the_loop_s_pin():
+    """A fit of the loop's model, run inside its custom loop, released the
+    loop's pin: later another model's evaluate moved the accountant, and the
+    loop ran 32 steps to epsilon 3.90 for a budget of 2.10 (a review)."""
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    model, other = _budget_model(sigma=2.0), _budget_model(sigma=2.0)
+    accountant = DP_Accountant(epsilon_budget=50.0)
+    loop = keras.callbacks.CallbackList([accountant], model=model)
+    loop.on_train_begin()
+    model.fit(poisson_batches(x, y, 50), verbose=0, callbacks=[accountant])
+    assert model.privacy_plan.step_checks == [accountant._check_before]
+    with pytest.raises(ValueError, match="reports on the fit of model"):
+        other.evaluate(x[:20], y[:20], callbacks=[accountant], verbose=0)
+    loop.on_train_end()
+    assert model.privacy_plan.step_checks == []
+    other.evaluate(x[:20], y[:20], callbacks=[accountant], verbose=0)  # released

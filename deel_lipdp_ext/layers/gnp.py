@@ -630,6 +630,12 @@ class DP_Lambda(keras.layers.Lambda, DPLayer):
     `||J^T g|| <= lipschitz * ||g||`. The function must not have parameters.
     Saving a lambda needs `safe_mode=False` on load (Keras rule).
 
+    The function must stay the certified one: its `function`, `lipschitz`
+    and `arguments` cannot change after construction, and a function that
+    reads variables is refused at build. Python state it reads (a global, a
+    mutable closure, a `py_function`) cannot be checked: changed later, the
+    bounds are wrong (a review measured 50 times).
+
     Args:
         function: the function, applied per sample (no mixing across the batch).
         lipschitz: its L2 Lipschitz constant.
