@@ -2508,11 +2508,13 @@ def test_an_accountant_accounts_for_one_fit_at_a_time():
     assert accountant.history[-1]["steps"] == other.privacy_plan.steps_taken() == 4
 
 
-def test_layers_frozen_during_fit_stop_training_and_leave_their_noise():
-    """Two of three per-layer-noised layers frozen by a callback (no
-    recompile): the old trace trained them on, at the three-layer multiplier
-    the ledger recorded, while the budget check planned with one layer's
-    (epsilon 4.91 for a budget of 4.78, a review). The step is traced again."""
+@pytest.mark.parametrize("what", ["layers", "weights"])
+def test_layers_frozen_during_fit_stop_training_and_leave_their_noise(what):
+    """Two of three per-layer-noised layers (or only their kernels) frozen by
+    a callback, no recompile: the old trace trained them on, at the
+    three-layer multiplier the ledger recorded, while the budget check
+    planned with one layer's (epsilon 4.91 for budgets of 4.78 and 4.20:
+    reviews). The step is traced again."""
     layers = [
         L.DP_BoundedInput(upper_bound=1.0),
         L.DP_QuickSpectralDense(8),
@@ -2524,18 +2526,22 @@ def test_layers_frozen_during_fit_stop_training_and_leave_their_noise():
     )
     x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
     frozen = model.dp_layers[1:3]
+    if what == "weights":
+        frozen = [layer.kernel for layer in frozen]
 
     class Freeze(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 0:
-                for layer in frozen:
-                    layer.trainable = False
-                self.kernels = [layer.kernel.numpy() for layer in frozen]
+                for item in frozen:
+                    item.trainable = False
+                self.kernels = [
+                    getattr(item, "kernel", item).numpy() for item in frozen
+                ]
 
     freeze = Freeze()
     model.fit(poisson_batches(x, y, 50), epochs=3, verbose=0, callbacks=[freeze])
-    for layer, kernel in zip(frozen, freeze.kernels, strict=True):
-        np.testing.assert_array_equal(layer.kernel.numpy(), kernel)
+    for item, kernel in zip(frozen, freeze.kernels, strict=True):
+        np.testing.assert_array_equal(getattr(item, "kernel", item).numpy(), kernel)
     rows = sorted((r.parameter, r.count) for r in model.privacy_plan.ledger())
     assert rows == [(pytest.approx(2 / np.sqrt(3)), 4), (pytest.approx(2.0), 8)]
 
@@ -2568,37 +2574,6 @@ def test_a_custom_loop_s_accountant_stays_with_its_model():
     assert other.privacy_plan.steps_taken() == 0
     assert plan.step_checks == []
     other.evaluate(x[:20], y[:20], callbacks=[accountant], verbose=0)  # released
-
-
-def test_weights_frozen_during_fit_stop_training_and_leave_their_noise():
-    """`kernel.trainable = False` on two per-layer-noised weights got past
-    the retrace on layer flags: epsilon 4.91 for a budget of 4.20 (a
-    review)."""
-    layers = [
-        L.DP_BoundedInput(upper_bound=1.0),
-        L.DP_QuickSpectralDense(8),
-        L.DP_QuickSpectralDense(8),
-        L.DP_QuickSpectralDense(2),
-    ]
-    model = dp_model(
-        layers, input_shape=(8,), num_classes=2, sigma=2.0, strategy="per-layer", n=200
-    )
-    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
-    frozen = [layer.kernel for layer in model.dp_layers[1:3]]
-
-    class Freeze(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch == 0:
-                for kernel in frozen:
-                    kernel.trainable = False
-                self.values = [kernel.numpy() for kernel in frozen]
-
-    freeze = Freeze()
-    model.fit(poisson_batches(x, y, 50), epochs=3, verbose=0, callbacks=[freeze])
-    for kernel, value in zip(frozen, freeze.values, strict=True):
-        np.testing.assert_array_equal(kernel.numpy(), value)
-    rows = sorted((r.parameter, r.count) for r in model.privacy_plan.ledger())
-    assert rows == [(pytest.approx(2 / np.sqrt(3)), 4), (pytest.approx(2.0), 8)]
 
 
 def test_hkr_alpha_is_checked_at_every_use():
