@@ -164,14 +164,14 @@ class DP_Accountant(keras.callbacks.Callback):
         # step they cover)
         self._checked = None
         self._epoch = 0  # the model epoch running
-        # the DP model whose fit runs (`pin_to_fit` to `release_fit`): an
-        # evaluate or predict of another model given the same callbacks during
-        # fit rebound `self.model` (Keras's set_model), and the accountant then
+        # the DP model this accountant reports on while it trains, and its
+        # running trainings (fits and custom loops): an evaluate, predict,
+        # fit or custom loop of another model given the same callbacks
+        # rebound `self.model` (Keras's set_model), and the accountant then
         # logged 0 and checked the budget against that model (reviews)
         self._fitting = None
-        self._loop_pinned = False  # pinned by on_train_begin (a custom loop)
-        self._fit_pinned = False  # pinned by a DP model's fit (`pin_to_fit`)
-        self._fits_in_loop = 0  # fits of the loop's model running inside it
+        self._pins = 0
+        self._pins_before_fit: list[int] = []  # at each running fit's start
 
     @property
     def _trained(self) -> keras.Model:
@@ -222,53 +222,49 @@ class DP_Accountant(keras.callbacks.Callback):
         self._checked = (planned, int(plan.steps.numpy()) + horizon)
         return plan.epsilon(self.accountant, planned)
 
-    def pin_to_fit(self, model: keras.Model) -> None:
-        """Report on `model` until `release_fit`: called by a DP model's fit
-        for its whole run, before any callback (a callback that evaluated
-        another model with fit's callbacks rebound them all to it first).
-        Inside a custom loop of the same model, the loop's pin stays.
-
-        Raises:
-            ValueError: another model's fit or custom loop that this
-                accountant reports on still runs (a custom loop must call
-                `on_train_end`, e.g. in a `finally`).
-        """
+    def _pin(self, model: keras.Model) -> None:
         if self._fitting is not None and self._fitting is not model:
             raise ValueError(
                 "This DP_Accountant already reports on the fit of model "
                 f"'{self._fitting.name}' (or its custom loop), which runs: give "
                 "another model's fit an accountant of its own."
             )
-        if self._fitting is None:
-            self._fitting, self._fit_pinned = model, True
-        else:  # inside the loop of this model: its on_train_end is the fit's
-            self._fits_in_loop += 1
+        self._fitting, self._pins = model, self._pins + 1
 
-    def release_fit(self, model: keras.Model) -> None:
-        """The end of `model`'s fit (raised or not), called by that fit; a
-        custom loop's pin ends with the loop (`on_train_end`)."""
-        if self._fits_in_loop and self._fitting is model:
-            self._fits_in_loop -= 1
-        elif self._fit_pinned and self._fitting is model:
-            checks = privacy_plan_of(model).step_checks
+    def _unpin(self) -> None:
+        self._pins = max(self._pins - 1, 0)
+        if self._pins == 0 and self._fitting is not None:
+            checks = privacy_plan_of(self._fitting).step_checks
             if self._check_before in checks:
                 checks.remove(self._check_before)
-            self._fitting, self._fit_pinned = None, False
+            self._fitting = None
 
-    def _release_loop(self) -> None:
-        checks = privacy_plan_of(self._fitting).step_checks
-        if self._check_before in checks:
-            checks.remove(self._check_before)
-        self._fitting, self._loop_pinned = None, False
+    def pin_to_fit(self, model: keras.Model) -> None:
+        """Report on `model` until `release_fit`: called by a DP model's fit
+        for its whole run, before any callback (a callback that evaluated
+        another model with fit's callbacks rebound them all to it first).
+
+        Raises:
+            ValueError: another model's fit or custom loop that this
+                accountant reports on still runs (a custom loop must call
+                `on_train_end`, e.g. in a `finally`).
+        """
+        self._pin(model)
+        self._pins_before_fit.append(self._pins - 1)
+
+    def release_fit(self, model: keras.Model) -> None:
+        """The end of `model`'s fit, raised or not (its `on_train_end` may not
+        have run), called by that fit: the pins are those before it."""
+        if self._fitting is model and self._pins_before_fit:
+            self._pins = self._pins_before_fit.pop() + 1
+            self._unpin()
 
     def on_train_begin(self, logs=None):
-        if self._loop_pinned:  # a custom loop that raised before its end
-            self._release_loop()
-        if self._fitting is None:  # a custom loop: pinned until on_train_end
-            # (unpinned, another model's evaluate given this accountant moved
-            # it: 32 steps ran to epsilon 3.90 for a budget of 2.08, a review)
-            privacy_plan_of(self.model)  # a non-DP model: refused, not pinned
-            self._fitting, self._loop_pinned = self.model, True
+        privacy_plan_of(self.model)  # a non-DP model: refused, not pinned
+        # a custom loop is pinned until its on_train_end (unpinned, another
+        # model's evaluate moved it: 32 steps ran to epsilon 3.90 for a budget
+        # of 2.08, a review); in a fit, one more pin of the same model
+        self._pin(self.model)
         plan = privacy_plan_of(self._trained)
         self._epoch = plan.completed_epochs()
         if plan.dataset_metadata.sampling != "poisson":
@@ -284,17 +280,11 @@ class DP_Accountant(keras.callbacks.Callback):
                     f"One epoch already exceeds epsilon_budget={self.epsilon_budget} "
                     f"(epsilon would be {first:.4g})."
                 )
-            plan.step_checks.append(self._check_before)
+            if self._check_before not in plan.step_checks:
+                plan.step_checks.append(self._check_before)
 
     def on_train_end(self, logs=None):
-        if self._loop_pinned and self._fits_in_loop:
-            return  # a fit inside the loop ends; the loop goes on
-        if self._loop_pinned:
-            self._release_loop()  # a fit's own pin ends with the fit
-            return
-        checks = privacy_plan_of(self._trained).step_checks
-        if self._check_before in checks:
-            checks.remove(self._check_before)
+        self._unpin()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = privacy_plan_of(self._trained).model_epoch(epoch)

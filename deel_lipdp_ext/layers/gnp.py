@@ -690,10 +690,12 @@ class DP_Lambda(keras.layers.Lambda, DPLayer):
         spot check cannot prove the certificate; it catches wrong ones."""
         self._check_certified()
         super().build(input_shape)
+
+        def function(x):  # as `call` applies it (the spot check ignored
+            return self.function(x, **self.arguments)  # `arguments`)
+
         spec = tf.TensorSpec((None, *input_shape[1:]), self.compute_dtype)
-        traced = tf.function(
-            lambda x: self.function(x, **self.arguments)
-        ).get_concrete_function(spec)
+        traced = tf.function(function).get_concrete_function(spec)
         if traced.variables:  # (v.assign(50) after build: 50 times the bound)
             raise ValueError(
                 f"DP_Lambda '{self.name}': the function reads variables "
@@ -704,10 +706,6 @@ class DP_Lambda(keras.layers.Lambda, DPLayer):
         if None in tuple(input_shape[1:]):
             return
         shape = (8, *input_shape[1:])
-
-        def function(x):  # as `call` applies it (the spot check ignored
-            return self.function(x, **self.arguments)  # `arguments`)
-
         zero = function(tf.zeros((1, *input_shape[1:])))
         if float(tf.reduce_max(tf.abs(zero))) > 0.0:
             raise ValueError(
