@@ -13,12 +13,14 @@ summed gradient to adding or removing the sample. Bounds are keyed by
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import keras
 import tensorflow as tf
 
-from .layers.base import DPLayer, as_bound, bound_pass
+from ._validation import unproven_change
+from .layers.base import DPLayer, GNPLayer, as_bound, bound_pass
 from .layers.bounded import DP_BoundedInput
 from .layers.residual import DP_MergeResidual, DP_SplitResidual, DP_WrappedResidual
 
@@ -38,8 +40,10 @@ def check_dp_chain(dp_layers: Sequence[keras.layers.Layer]) -> None:
         TypeError: a layer (or a wrapped layer) is not a DP layer.
         ValueError: the chain is empty or does not start with DP_BoundedInput;
             a DP_BoundedInput anywhere else (inside wrappers too: only the
-            first one's input norm is checked); a layer used twice, or a
-            variable shared by two layers (each use would add a gradient the
+            first one's input norm is checked); a class derived from a DP
+            layer of the package that changes its code unproven
+            (`unproven_change`); a layer used twice, or a variable shared by
+            two layers (each use would add a gradient the
             one bound does not cover); two variables with one path.
     """
     if not dp_layers:
@@ -68,6 +72,9 @@ def check_dp_chain(dp_layers: Sequence[keras.layers.Layer]) -> None:
     owner_of: dict[int, str] = {}
     paths: dict[str, str] = {}
     for position, (layer, depth) in enumerate(walk_layers(dp_layers)):
+        problem = unproven_change(layer, (DPLayer, GNPLayer))
+        if problem is not None:
+            problems.append(f"layer '{layer.name}' ({type(layer).__name__}) {problem}")
         if isinstance(layer, DP_BoundedInput) and (position > 0 or depth > 0):
             problems.append(
                 f"DP_BoundedInput '{layer.name}' must be the first layer only "
@@ -170,11 +177,28 @@ def gradient_bounds_and_peak(
         ):
             variable = layer.bounded_variable if layer.has_parameters() else None
             if variable is not None and variable.trainable:
-                bounds[variable.path] = layer.backpropagate_params(
-                    input_bound, gradient_bound
+                bounds[variable.path] = _checked_bound(
+                    layer.backpropagate_params(input_bound, gradient_bound), layer
                 )
             gradient_bound = layer.backpropagate_inputs(input_bound, gradient_bound)
     return bounds, peak
+
+
+def _checked_bound(bound, layer) -> tf.Tensor:
+    """A layer's parameter bound as a scalar float32 tensor; a ValueError
+    naming the layer for another shape or a negative or non-finite number (a
+    review: a (2,) bound failed inside tf.stack without a name)."""
+    value = tf.convert_to_tensor(bound, tf.float32)
+    static = tf.get_static_value(value)
+    if value.shape.rank != 0 or (
+        static is not None and not (math.isfinite(static) and static >= 0)
+    ):
+        raise ValueError(
+            f"Layer '{layer.name}' ({type(layer).__name__}) returned a parameter "
+            "bound that is not a finite number >= 0 of shape (): "
+            f"{value.shape} {static if static is not None else ''}"
+        )
+    return value
 
 
 def noise_coefficients(dp_layers: Sequence[DPLayer]) -> dict[str, float]:

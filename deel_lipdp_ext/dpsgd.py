@@ -44,6 +44,7 @@ from .model import (
     DPParameters,
     PrivateModel,
     check_float32_compute,
+    refuse_loss_weights,
     refuse_nested_batch,
     refuse_regularizers,
     sanitize_batch,
@@ -331,22 +332,11 @@ class DPSGDModel(PrivateModel, keras.Model):
                 "DP-SGD clips the whole per-example gradient: noisify_strategy must "
                 f"be 'global'. Received: {dp_parameters.noisify_strategy!r}"
             )
-        if not (
-            isinstance(l2_norm_clip, int | float)
-            and not isinstance(l2_norm_clip, bool)
-            and l2_norm_clip >= MIN_L2_NORM_CLIP
-            and math.isfinite(l2_norm_clip)
-        ):
-            raise ValueError(
-                f"`l2_norm_clip` must be a finite number >= {MIN_L2_NORM_CLIP} "
-                "(below it, float32 squares flushed to zero make gradient norms "
-                f"too small to clip). Received: l2_norm_clip={l2_norm_clip!r}"
-            )
         if not model.built:  # its sublayers exist once built: check them all
             model.build((None, *dataset_metadata.input_shape))
         _check_network(model)
         self.model = model
-        self.l2_norm_clip = float(l2_norm_clip)
+        self.l2_norm_clip = l2_norm_clip
         self.clipping = clipping
         self._check_clipping()
         self._init_privacy(
@@ -532,8 +522,32 @@ class DPSGDModel(PrivateModel, keras.Model):
             self.optimizer,
         )
 
+    @property
+    def l2_norm_clip(self) -> float:
+        """C, the bound on each example's gradient norm; checked when set
+        (after construction too)."""
+        return self._l2_norm_clip
+
+    @l2_norm_clip.setter
+    def l2_norm_clip(self, value: float) -> None:
+        if not (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and value >= MIN_L2_NORM_CLIP
+            and math.isfinite(value)
+        ):
+            raise ValueError(
+                f"`l2_norm_clip` must be a finite number >= {MIN_L2_NORM_CLIP} "
+                "(below it, float32 squares flushed to zero make gradient norms "
+                f"too small to clip). Received: l2_norm_clip={value!r}"
+            )
+        self._l2_norm_clip = float(value)
+
     def compile(self, *args, **kwargs):
         """As `keras.Model.compile`, then the checks a DP model needs."""
+        # keras.Model.compile(optimizer, loss, loss_weights, ...)
+        given = {"loss_weights": args[2]} if len(args) > 2 else kwargs
+        refuse_loss_weights(given, "DPSGDModel")
         super().compile(*args, **self._distributed_compile_options(kwargs))
         self.privacy_plan.check_ready("DPSGDModel")
         self._check_strategy()

@@ -31,6 +31,7 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 
 from ._validation import require_positive
 from .accounting import Release
+from .bounds import walk_layers
 from .distribution import num_workers
 from .layers.base import sample_norms
 from .layers.clipping import DP_ClipGradient
@@ -51,10 +52,12 @@ def _clipless_model(model, owner: str) -> DPTrainer:
 
 
 def dynamic_clip_layers(model) -> list[DP_ClipGradient]:
-    """The model's `DP_ClipGradient` layers with mode "dynamic", in call order."""
+    """The model's `DP_ClipGradient` layers with mode "dynamic", in call order,
+    inside residual wrappers too (they were missed: a false refusal)."""
+    dp_layers = _clipless_model(model, "dynamic_clip_layers").dp_layers
     return [
         layer
-        for layer in _clipless_model(model, "dynamic_clip_layers").dp_layers
+        for layer, _ in walk_layers(dp_layers)
         if isinstance(layer, DP_ClipGradient) and layer.mode == "dynamic"
     ]
 

@@ -15,7 +15,7 @@ import math
 import keras
 import tensorflow as tf
 
-from ._validation import require_positive
+from ._validation import require_positive, unproven_change
 from .layers.base import stable_norm
 
 _PACKAGE = "deel_lipdp_ext"
@@ -62,14 +62,18 @@ def _one_hot_labels(y_true, y_pred):
 #: to the models' activation bound (1e18); a review's tau = 1e27 overflowed
 #: for one sample only (its presence shown by a NaN update).
 MAX_TAU = 1e6
+#: Smallest temperature: from tau ~ 1e-38 (float32's smallest normal) every
+#: gradient was NaN, for every sample (a review; 1e-37 still trained).
+MIN_TAU = 1e-30
 
 
 def _require_tau(tau, owner: str) -> float:
     tau = require_positive("tau", tau, owner)
-    if tau > MAX_TAU:
+    if not MIN_TAU <= tau <= MAX_TAU:
         raise ValueError(
-            f"`tau` of {owner} must be <= {MAX_TAU:g} (tau * logits would "
-            f"overflow float32). Received: tau={tau!r}"
+            f"`tau` of {owner} must be in [{MIN_TAU:g}, {MAX_TAU:g}] (tau * "
+            "logits would overflow float32 above, and underflow below). "
+            f"Received: tau={tau!r}"
         )
     return tau
 
@@ -339,6 +343,9 @@ def lipschitz_constant(loss, num_classes: int | None = None) -> float:
             "deel_lipdp_ext.losses.DP_TauCategoricalCrossentropy. "
             f"Received: loss={name!r}"
         )
+    problem = unproven_change(loss, (DPLoss,))
+    if problem is not None:
+        raise ValueError(f"Loss {loss.name!r} ({type(loss).__name__}) {problem}.")
     value = float(get_l(num_classes))
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"Loss {loss.name!r} returned an invalid get_L: {value!r}")

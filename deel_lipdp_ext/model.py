@@ -326,6 +326,19 @@ def _callbacks_for_fit(given, flat: list, model: keras.Model):
     return given
 
 
+def refuse_loss_weights(kwargs: dict, owner: str) -> None:
+    """A DP model's step reads its loss per sample, unweighted by
+    `compile(loss_weights=...)`: a weight would be silently ignored (or, if
+    applied, scale the gradient past its bound), so one is refused."""
+    if kwargs.get("loss_weights") is not None:
+        raise ValueError(
+            f"{owner} does not support `loss_weights` (its per-sample loss "
+            "gradients are bounded or clipped unweighted). Scale the loss "
+            "itself instead. Received: loss_weights="
+            f"{kwargs['loss_weights']!r}"
+        )
+
+
 def _refuse_legacy_hdf5(filepath, method: str) -> None:
     """Refuse a legacy HDF5 path (`.h5` / `.hdf5`, not `.weights.h5`) given to
     a DP model's `save` or `load_weights`. Keras's legacy writer saves the
@@ -1167,6 +1180,7 @@ class DPTrainer(PrivateModel):
     def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
         """As `keras.Model.compile`; the loss must be a DP loss (with `get_L`)."""
         lipschitz_constant(loss)  # raises TypeError naming a loss without get_L
+        refuse_loss_weights(kwargs, type(self).__name__)
         kwargs = self._distributed_compile_options(kwargs)
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
         self._dp_loss = loss

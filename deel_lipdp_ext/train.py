@@ -48,7 +48,8 @@ class TrainConfig:
         seed: None (default): secret noise and batches (OS entropy); an int:
             reproducible, not secret.
         output_dir: where the checkpoint and the reports go.
-        resume: continue the run saved in `output_dir`.
+        resume: continue the run saved in `output_dir`, with its own
+            settings (a run-defining field set to another value is refused).
         overwrite: start afresh in an `output_dir` that holds a run (its
             files are replaced); without it such a directory is refused, so a
             report never mixes two runs.
@@ -135,18 +136,21 @@ class _SaveRun(keras.callbacks.Callback):
                 "test_accuracy": float(logs["val_accuracy"]),
             }
         )
+        # the privacy plan's run identity as saved with the checkpoint: a
+        # resume refuses a checkpoint of another run. It is written before
+        # the checkpoint too, as pending: a run interrupted between the two
+        # writes could never be resumed (a review)
+        lineage = int(self.model.privacy_plan.lineage.numpy())
+        run_file = os.path.join(self.output_dir, RUN_FILE)
+        _update_json(run_file, {"pending_lineage": lineage})
         if self.checkpoint:
             # write then rename: an interruption never leaves half a file
             final = os.path.join(self.output_dir, CHECKPOINT)
             partial = os.path.join(self.output_dir, "model.partial.keras")
             self.model.save(partial)
             os.replace(partial, final)
-        # the privacy plan's run identity as saved with the checkpoint: a
-        # resume refuses a checkpoint of another run
-        lineage = int(self.model.privacy_plan.lineage.numpy())
         _update_json(
-            os.path.join(self.output_dir, RUN_FILE),
-            {"epochs": self.rows, "lineage": lineage},
+            run_file, {"epochs": self.rows, "lineage": lineage, "pending_lineage": None}
         )
 
 
@@ -221,9 +225,11 @@ def _resume(config: TrainConfig):
         )
     with open(run_file) as f:
         state = json.load(f)
+    _refuse_other_settings(config, state["config"])
     settings = _recipe_of(state)
     model = keras.models.load_model(checkpoint)
-    if int(model.privacy_plan.lineage.numpy()) != state.get("lineage"):
+    identities = (state.get("lineage"), state.get("pending_lineage"))
+    if int(model.privacy_plan.lineage.numpy()) not in identities:
         raise ValueError(
             f"{checkpoint} is not the model of the run in {run_file} (their run "
             "identities differ): resume refused."
@@ -243,6 +249,32 @@ def _resume(config: TrainConfig):
         model.dataset_metadata.num_classes,  # runs saved before num_classes too
     )
     return model, settings, train, test, state["epochs"][:done], run_config
+
+
+#: TrainConfig fields that do not define a run (a resume may set them).
+_RUN_INDEPENDENT = ("output_dir", "resume", "overwrite", "checkpoint", "verbose")
+
+
+def _refuse_other_settings(config: TrainConfig, saved: dict) -> None:
+    """A resume continues the saved run with its own settings: a field set
+    (away from its default) to another value than the run's is refused, not
+    ignored (a review: target_epsilon=1.0 given, the run went on to its
+    3.0)."""
+    default = TrainConfig()
+    other = [
+        f"{field.name}={getattr(config, field.name)!r} (the run's: "
+        f"{saved.get(field.name)!r})"
+        for field in dataclasses.fields(TrainConfig)
+        if field.name not in _RUN_INDEPENDENT
+        and getattr(config, field.name) != getattr(default, field.name)
+        and getattr(config, field.name) != saved.get(field.name)
+    ]
+    if other:
+        raise ValueError(
+            "resume=True continues the saved run with its own settings; "
+            f"these differ: {', '.join(other)}. Start a new run instead "
+            "(another output_dir, or overwrite=True)."
+        )
 
 
 def _recipe_of(state: dict) -> Recipe:

@@ -393,3 +393,21 @@ def test_integer_labels_work_with_a_sparse_loss():
     x, y = _batch(n=8)
     logs = model.train_on_batch(x, np.argmax(y, axis=1), return_dict=True)
     assert np.isfinite(logs["loss"])
+
+
+def test_l2_norm_clip_set_after_construction_is_checked():
+    model = _model()
+    for bad in (0.0, 1e-30, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="l2_norm_clip"):
+            model.l2_norm_clip = bad
+    model.l2_norm_clip = 2
+    assert model.l2_norm_clip == 2.0
+
+
+def test_loss_weights_are_refused_not_ignored():
+    """A review: compile(loss_weights=[5.0]) was silently ignored (the step
+    reads the loss per example)."""
+    with pytest.raises(ValueError, match="loss_weights"):
+        _model().compile(keras.optimizers.SGD(0.1), LOSS, loss_weights=[5.0])
+    with pytest.raises(ValueError, match="loss_weights"):
+        _model().compile(keras.optimizers.SGD(0.1), LOSS, [5.0])

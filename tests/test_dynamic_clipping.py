@@ -556,3 +556,28 @@ def test_the_quantile_update_stays_in_float32_s_normal_range():
     for included, expected in ((np.ones(B), bounds.tiny), (np.zeros(B), bounds.max)):
         callback.update([layer], [np.zeros(B)], included)
         assert float(layer.clip_value.numpy()) == pytest.approx(float(expected))
+
+
+def test_quantile_clipping_finds_a_clip_layer_inside_a_residual_block():
+    """A review: a dynamic DP_ClipGradient inside make_residuals was not
+    found (the model was refused as having none). Both layers are updated
+    and the release counts both (sensitivity sqrt(2))."""
+    inner = L.DP_ClipGradient(0.5, mode="dynamic")
+    model = dp_model(
+        [
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_Flatten(),
+            L.DP_QuickSpectralDense(16),
+            *L.make_residuals("1-lip-add", [L.DP_QuickSpectralDense(16), inner]),
+            L.DP_QuickSpectralDense(10),
+            L.DP_ClipGradient(2.0, mode="dynamic"),
+        ],
+        n=N,
+        batch_size=B,
+    )
+    cb = AdaptiveQuantileClipping(ds(1), noise_multiplier=4.0, seed=0)
+    model.fit(ds(), epochs=1, verbose=0, callbacks=[cb])
+    assert inner in cb.target_layers() and len(cb.target_layers()) == 2
+    assert float(inner.clip_value.numpy()) != 0.5
+    (release,) = [r for r in model.privacy_plan.ledger() if r.name == "gaussian"]
+    assert release.parameter == pytest.approx(4.0 / np.sqrt(2))

@@ -122,3 +122,76 @@ def test_labels_that_would_broadcast_are_refused(loss):
     sqrt(C) and break get_L: refused, naming the shapes."""
     with pytest.raises(ValueError, match="same shape"):
         loss.call(tf.ones((4, 1)), tf.zeros((4, 3)))
+
+
+class _DoubledCrossentropy(losses.DP_TauCategoricalCrossentropy):
+    """Its call doubles the parent's loss; its get_L is the parent's."""
+
+    def call(self, y_true, y_pred):
+        return 2.0 * super().call(y_true, y_pred)
+
+
+def test_a_loss_subclass_that_changes_call_but_not_get_l_is_refused():
+    """A review: this subclass trained with per-sample logit gradients 1.45x
+    the constant the model used (the inherited get_L)."""
+    loss = _DoubledCrossentropy(8.0)
+    y, z = np.eye(4, dtype=np.float32), 3.0 * np.eye(4, dtype=np.float32)
+    assert float(np.max(grad_norms(loss, y, -z))) > loss.get_L(4)
+    with pytest.raises(ValueError, match="_DoubledCrossentropy, which defines call"):
+        losses.lipschitz_constant(loss, 4)
+
+    class Proven(_DoubledCrossentropy):
+        bounds_proven = True
+
+        def get_L(self, num_classes=None):  # noqa: N802 (API name)
+            return 2.0 * super().get_L(num_classes)
+
+    assert losses.lipschitz_constant(Proven(8.0), 4) == 2 * loss.get_L(4)
+
+
+def test_a_loss_call_set_on_the_instance_is_refused():
+    loss = losses.DP_MeanAbsoluteError()
+    loss.call = lambda y_true, y_pred: 5.0 * tf.reduce_sum(tf.abs(y_true - y_pred), -1)
+    with pytest.raises(ValueError, match="call replaced on the instance"):
+        losses.lipschitz_constant(loss, 4)
+
+
+def test_a_temperature_too_small_for_float32_is_refused():
+    """A review: from tau ~ 1e-38 every gradient was NaN, whatever the data."""
+    for loss in (losses.DP_TauCategoricalCrossentropy, losses.DP_TauBCE):
+        with pytest.raises(ValueError, match="tau"):
+            loss(1e-38)
+        norms = grad_norms(loss(losses.MIN_TAU), np.eye(3), 5.0 * np.eye(3))
+        assert np.all(np.isfinite(norms))
+
+
+def test_a_loss_helper_changed_in_a_subclass_or_on_the_instance_is_refused():
+    """A review: DP_MeanAbsoluteError with `_labels` returning y - 2 y_pred
+    (a subclass, or set on the instance) had logit gradients 3x its get_L."""
+
+    class ShiftedLabels(losses.DP_MeanAbsoluteError):
+        def _labels(self, y_true, y_pred):
+            return y_true - 2.0 * y_pred
+
+    with pytest.raises(ValueError, match="which defines _labels"):
+        losses.lipschitz_constant(ShiftedLabels(), 4)
+    loss = losses.DP_MeanAbsoluteError()
+    loss._labels = lambda y_true, y_pred: y_true - 2.0 * y_pred
+    with pytest.raises(ValueError, match="_labels replaced on the instance"):
+        losses.lipschitz_constant(loss, 4)
+
+
+def test_a_loss_mixin_listed_after_the_package_s_class_is_refused():
+    """A review: a DPLoss mixin with `_labels` listed after
+    DP_TauCategoricalCrossentropy came before DPLoss in the resolution
+    order: logit gradients 515x get_L."""
+
+    class LogitLabels(losses.DPLoss):
+        def _labels(self, y_true, y_pred):
+            return tf.clip_by_value(0.05 + y_pred, 0.0, 1.0)
+
+    class Mixed(losses.DP_TauCategoricalCrossentropy, LogitLabels):
+        pass
+
+    with pytest.raises(ValueError, match="with .*LogitLabels, which defines _labels"):
+        losses.lipschitz_constant(Mixed(0.01), 4)

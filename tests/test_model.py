@@ -370,6 +370,8 @@ def test_refuses_a_loss_without_one_value_per_sample():
     """A get_L loss returning (batch, k) values would be summed over k per sample."""
 
     class PerOutputMAE(losses.DP_MeanAbsoluteError):
+        bounds_proven = True  # the shape check is under test
+
         def call(self, y_true, y_pred):
             return tf.abs(y_true - y_pred)  # (batch, outputs): not per sample
 
@@ -392,3 +394,10 @@ def test_a_model_without_input_builds_in_its_first_step_and_trains():
     x, y = unit_samples(64, (8,)), one_hot(np.arange(64), 2)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     assert model.privacy_plan.steps_taken() == 8
+
+
+def test_loss_weights_are_refused_not_ignored():
+    """A review: compile(loss_weights=[5.0]) was silently ignored (the step
+    calls the DP loss per sample, unweighted)."""
+    with pytest.raises(ValueError, match="loss_weights"):
+        dp_model(small_cnn(), loss_weights=[5.0])

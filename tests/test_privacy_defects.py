@@ -6,6 +6,7 @@ DPSGDManager) and 14 (DP_GNP_Factory) live beside their modules, in
 tests/aijack/test_dpsgd_manager.py and tests/layers/test_gnp.py.
 """
 
+import copy
 import json
 import zipfile
 
@@ -92,6 +93,8 @@ def test_a_layer_used_twice_is_refused():
 
 class _TiedDense(L.DP_QuickSpectralDense):
     """A dense layer that reuses another layer's kernel (weight tying)."""
+
+    bounds_proven = True  # each use is the parent's forward pass
 
     def __init__(self, tied, **kwargs):
         super().__init__(tied.units, **kwargs)
@@ -2155,9 +2158,9 @@ def test_guards_of_fit_see_through_nesting_and_copies(tmp_path):
             verbose=0,
             callbacks=[keras.callbacks.CallbackList([best])],
         )
-    for copy in (x.copy(), x[:]):
+    for same in (x.copy(), x[:]):
         with pytest.raises(ValueError, match="validation_data is the training data"):
-            model.fit(x, y, batch_size=50, validation_data=(copy, y), verbose=0)
+            model.fit(x, y, batch_size=50, validation_data=(same, y), verbose=0)
     assert int(model.dp_steps.numpy()) == 0
 
 
@@ -2601,3 +2604,108 @@ def test_a_fit_inside_a_custom_loop_keeps_the_loop_s_pin():
     loop.on_train_end()
     assert model.privacy_plan.step_checks == []
     other.evaluate(x[:20], y[:20], callbacks=[accountant], verbose=0)  # released
+
+
+class _KeepGoing(keras.callbacks.Callback):
+    """Resets the stop the accountant asks for (after it, in the same hook)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.stop_training = False
+
+
+def test_a_budget_holds_when_a_later_callback_resets_stop_training():
+    """A review: the accountant kept a check that had failed as checked, so
+    with stop_training reset by a later callback the next steps skipped the
+    check: 8 epochs ran to epsilon 7.35 for a budget of 5.06. The next
+    train-function call now refuses them."""
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    model = _budget_model(sigma=2.0)
+    plan = model.privacy_plan
+    budget = plan.epsilon(planned=plan.planned_ledger(2)) * 1.01
+    accountant = DP_Accountant(epsilon_budget=budget)
+    with pytest.raises(ValueError, match="would exceed epsilon_budget"):
+        model.fit(
+            poisson_batches(x, y, 50),
+            epochs=8,
+            verbose=0,
+            callbacks=[accountant, _KeepGoing()],
+        )
+    assert plan.steps_taken() == 8 and plan.epsilon() <= budget
+
+
+def test_a_refused_step_retried_is_refused_again():
+    """A review: a train_on_batch the budget refused, caught and retried,
+    ran (the failed check was kept as checked): a custom loop lowering sigma
+    to 0.6 reached 11.9 for a budget of 5.06."""
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    model = _budget_model(sigma=2.0)
+    plan = model.privacy_plan
+    budget = plan.epsilon(planned=plan.planned_ledger(2)) * 1.01
+    loop = keras.callbacks.CallbackList(
+        [DP_Accountant(epsilon_budget=budget)], model=model
+    )
+    loop.on_train_begin()
+    try:
+        model.train_on_batch(x[:50], y[:50])
+        model.set_noise_multiplier(0.3)
+        for _ in range(3):
+            with pytest.raises(ValueError, match="would exceed epsilon_budget"):
+                model.train_on_batch(x[:50], y[:50])
+    finally:
+        loop.on_train_end()
+    assert plan.steps_taken() == 1 and plan.epsilon() <= budget
+
+
+def test_a_budget_holds_when_a_checkpoint_restore_rolls_the_step_counter_back(
+    tmp_path,
+):
+    """A review: a callback restoring a tf.train.Checkpoint before each of 6
+    train_on_batch steps rolled the step counter back, and the budget check
+    read it: every step passed, 11.5 for a budget of 9.68. The check counts
+    steps_taken, which never goes back."""
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    model = _budget_model(sigma=2.0)
+    plan = model.privacy_plan
+    budget = plan.epsilon(planned=plan.planned_ledger(2)) * 1.01
+    checkpoint = tf.train.Checkpoint(model=model)
+    early = checkpoint.write(str(tmp_path / "early"))
+
+    class Rollback(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            for _ in range(6):
+                checkpoint.restore(early)
+                self.model.train_on_batch(x[:50], y[:50])
+
+    with pytest.raises(ValueError, match="would exceed epsilon_budget"):
+        model.fit(
+            poisson_batches(x, y, 50),
+            epochs=4,
+            verbose=0,
+            callbacks=[DP_Accountant(epsilon_budget=budget), Rollback()],
+        )
+    assert plan.steps_taken() <= 8 and plan.epsilon() <= budget
+
+
+@pytest.mark.parametrize("make_copy", [copy.copy, copy.deepcopy])
+def test_a_copy_of_an_accountant_is_bound_to_no_model_and_pinned_to_no_fit(
+    make_copy,
+):
+    """A review: a copy made during a fit kept that fit's pin for good
+    (another model's fit was refused after it ended), and a deep copy
+    reported on a clone of the model."""
+    x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
+    model, other = _budget_model(sigma=2.0), _budget_model(sigma=2.0)
+    accountant, copies = DP_Accountant(epsilon_budget=50.0), []
+
+    class Copy(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            copies.append(make_copy(accountant))
+
+    model.fit(poisson_batches(x, y, 50), verbose=0, callbacks=[accountant, Copy()])
+    (copied,) = copies
+    assert copied._fitting is None and copied._pins == 0 and copied.model is None
+    assert copied.history == accountant.history
+    assert copied.history is not accountant.history
+    other.fit(poisson_batches(x, y, 50), verbose=0, callbacks=[copied])
+    assert copied.history[-1]["steps"] == other.privacy_plan.steps_taken() == 4
+    assert len(accountant.history) == 1

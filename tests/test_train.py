@@ -225,3 +225,42 @@ def test_a_run_saved_without_a_class_count_resumes_with_its_models(
                 "0",
             ]
         )
+
+
+def test_a_resume_refuses_settings_other_than_the_run_s(npz, tmp_path, monkeypatch):
+    """A review: run_train(TrainConfig(resume=True, target_epsilon=1.0,
+    epochs=10)) went on to the saved run's 3.0, the new target ignored."""
+    undo = _crashing_after_epoch(monkeypatch, last=0)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(_config(npz, tmp_path / "run"))
+    undo()
+    with pytest.raises(ValueError, match=r"target_epsilon=1.0 \(the run's: 2.0\)"):
+        run_train(_config(npz, tmp_path / "run", resume=True, target_epsilon=1.0))
+    resumed = run_train(_config(npz, tmp_path / "run", resume=True))  # the same
+    assert [r["epoch"] for r in resumed["epochs"]] == [1, 2, 3]
+
+
+def test_a_run_interrupted_between_its_checkpoint_and_run_json_resumes(
+    npz, tmp_path, monkeypatch
+):
+    """A review: the checkpoint was saved before run.json learned its run
+    identity (a new one in each process); a run killed between the two
+    writes could never be resumed ("not the model of the run")."""
+    update = train._update_json
+
+    def dies_after_the_checkpoint(path, values):
+        if "epochs" in values and len(values["epochs"]) == 2:
+            raise KeyboardInterrupt
+        update(path, values)
+
+    undo = _crashing_after_epoch(monkeypatch, last=0)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(_config(npz, tmp_path / "run"))
+    undo()
+    monkeypatch.setattr(train, "_update_json", dies_after_the_checkpoint)
+    with pytest.raises(KeyboardInterrupt):  # a new process: a new identity
+        run_train(TrainConfig(output_dir=str(tmp_path / "run"), resume=True))
+    monkeypatch.setattr(train, "_update_json", update)
+    resumed = run_train(TrainConfig(output_dir=str(tmp_path / "run"), resume=True))
+    assert resumed["epochs"][-1]["epoch"] == 3
+    assert resumed["final_epsilon"] <= 2.0 * 1.0001

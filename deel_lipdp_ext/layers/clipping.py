@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterator
 
 import keras
@@ -45,7 +46,7 @@ class DP_ClipGradient(keras.layers.Layer, DPLayer):
             "mode", mode, ("fixed", "dynamic"), "DP_ClipGradient"
         )
         self._recorded: list | None = None
-        self.copies_per_sample = 1
+        self._copies = 1
         self.clip_value = self.add_weight(
             name="clip_value",
             shape=(),
@@ -83,13 +84,29 @@ class DP_ClipGradient(keras.layers.Layer, DPLayer):
             ValueError: K > 1 on a mode="dynamic" layer: its clipping
                 callbacks count rows, and a sample would be K of them.
         """
+        if (
+            isinstance(copies, bool)
+            or not isinstance(copies, numbers.Integral)
+            or copies < 1
+        ):
+            raise ValueError(
+                f"Copies per sample of DP_ClipGradient '{self.name}' must be an "
+                f"int >= 1. Received: {copies!r}"
+            )
         if copies > 1 and self.mode == "dynamic":
             raise ValueError(
                 f"DP_ClipGradient '{self.name}' has mode='dynamic': it cannot be "
                 "used with augmentation multiplicity > 1 (a sample would count "
                 f"{copies} times in the private quantile that sets the clip)."
             )
-        self.copies_per_sample = int(copies)
+        self._copies = int(copies)
+
+    @property
+    def copies_per_sample(self) -> int:
+        """K: each row is clipped to `clip_value / K` (`set_copies_per_sample`;
+        read-only otherwise: a value below 1 set on the layer loosened the
+        clip its bound reports, 9.9x, a review)."""
+        return self._copies
 
     @contextlib.contextmanager
     def recording_outputs(self) -> Iterator[list]:
@@ -105,7 +122,13 @@ class DP_ClipGradient(keras.layers.Layer, DPLayer):
     def call(self, inputs, training=None):
         if not training:
             return inputs
-        limit = as_bound(self.clip_value) / self.copies_per_sample
+        copies = self._copies
+        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+            raise ValueError(
+                f"DP_ClipGradient '{self.name}' has {copies!r} copies per "
+                "sample: set them with set_copies_per_sample (an int >= 1)."
+            )
+        limit = as_bound(self.clip_value) / copies
 
         @tf.custom_gradient
         def clip(x):

@@ -17,6 +17,8 @@ import functools
 import keras
 import numpy as np
 import tensorflow as tf
+from keras.src.backend.common import global_state
+from keras.src.layers.layer import CallContext
 
 from .._validation import require_positive
 from .base import DPLayer, GNPLayer, as_bound, sample_norms
@@ -351,8 +353,8 @@ def DP_GNP_Factory(layer_cls: type, name: str | None = None) -> type:
     preprocessing, composites; see `_NOT_GNP`) are refused here, and layers
     that have them only for some arguments (Rescaling, Activation, ReLU,
     LeakyReLU, ELU, max and average pooling) are checked when built. Building a
-    layer that has any weight, trainable or not, or an activity regulariser
-    raises.
+    layer that has any weight, trainable or not, a sub-layer (whose weights
+    could come at its first call) or an activity regulariser raises.
 
     Args:
         layer_cls: a `keras.layers.Layer` subclass with those properties.
@@ -377,6 +379,21 @@ def DP_GNP_Factory(layer_cls: type, name: str | None = None) -> type:
         )
     cls_name = name or f"DP_{layer_cls.__name__}"
 
+    def refuse_weights(self) -> None:
+        # A sub-layer may create its weights at its first call, after build
+        # (a review: a frozen Dense(gain 5) inside, kernel gradients 4.63x
+        # their bound): sub-layers are refused, and weights looked for again
+        # after the shape check's call (Keras refuses new state once built).
+        inner = [layer.name for layer in self._flatten_layers(include_self=False)]
+        if inner or self.weights:
+            raise ValueError(
+                f"{cls_name} '{self.name}' wraps a layer with weights or "
+                "sub-layers; a GNP layer must be parameter-free (no weight, "
+                "trainable or not, and no layer inside that could create one). "
+                f"Received: weights={[v.path for v in self.weights]}, "
+                f"sub-layers={inner}"
+            )
+
     def build(self, input_shape):
         refusal = _config_refusal(self, layer_cls)
         if refusal is not None:
@@ -384,18 +401,13 @@ def DP_GNP_Factory(layer_cls: type, name: str | None = None) -> type:
                 f"{cls_name} '{self.name}' ({layer_cls.__name__}) is not GNP: {refusal}"
             )
         layer_cls.build(self, input_shape)
-        if self.weights:
-            paths = [v.path for v in self.weights]
-            raise ValueError(
-                f"{cls_name} '{self.name}' wraps a layer with weights; a GNP layer "
-                "must be parameter-free (no weight, trainable or not). "
-                f"Received: weights={paths}"
-            )
+        refuse_weights(self)
         refusal = _shape_refusal(self, layer_cls, input_shape)
         if refusal is not None:
             raise ValueError(
                 f"{cls_name} '{self.name}' ({layer_cls.__name__}) is not GNP: {refusal}"
             )
+        refuse_weights(self)
 
     base_call = layer_cls.call
 
@@ -694,14 +706,31 @@ class DP_Lambda(keras.layers.Lambda, DPLayer):
         def function(x):  # as `call` applies it (the spot check ignored
             return self.function(x, **self.arguments)  # `arguments`)
 
+        def in_training(x):
+            # Keras layers the function calls act as in a train step (a
+            # review: a captured Dropout, inactive here, scaled kept units by
+            # 2 in training: 1.67x the bound); their random state is then
+            # read, and refused as a variable. A call context of its own,
+            # so the one of a model being built keeps its flags.
+            outer = global_state.get_global_attribute("current_call_ctx")
+            context = CallContext(entry_layer=self)
+            context.set_value("training", True)
+            global_state.set_global_attribute("current_call_ctx", context)
+            try:
+                return function(x)
+            finally:
+                global_state.set_global_attribute("current_call_ctx", outer)
+
         spec = tf.TensorSpec((None, *input_shape[1:]), self.compute_dtype)
-        traced = tf.function(function).get_concrete_function(spec)
+        traced = tf.function(in_training).get_concrete_function(spec)
         if traced.variables:  # (v.assign(50) after build: 50 times the bound)
             raise ValueError(
                 f"DP_Lambda '{self.name}': the function reads variables "
-                f"({', '.join(v.name for v in traced.variables)}), whose values "
-                "can change after its Lipschitz constant is certified; pass "
-                "constants instead."
+                f"({', '.join(v.name for v in traced.variables)}) when "
+                "training, whose values can change after its Lipschitz "
+                "constant is certified (or a Keras layer's random state: "
+                "dropout and noise are not Lipschitz maps); pass constants "
+                "instead."
             )
         if None in tuple(input_shape[1:]):
             return

@@ -48,7 +48,16 @@ class DP_WrappedResidual(keras.layers.Layer, DPLayer):
                 f"Received: layer={type(layer).__name__} '{getattr(layer, 'name', '')}'"
             )
         self.layer = layer
-        self.nm_coef = layer.nm_coef
+
+    @property
+    def nm_coef(self) -> float:
+        """The wrapped layer's noise share: its variable is the one noised (a
+        copy set on the wrapper was silently ignored)."""
+        return self.layer.nm_coef
+
+    @nm_coef.setter
+    def nm_coef(self, value: float) -> None:
+        self.layer.nm_coef = value
 
     def build(self, input_shape):
         if not self.layer.built:  # a deserialised inner layer arrives built

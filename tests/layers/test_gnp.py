@@ -294,3 +294,33 @@ def test_hand_written_gnp_layers_check_their_arguments_at_every_trace():
     pool.strides = (1, 1)
     with pytest.raises(ValueError, match="strides == pool_size"):
         pool(tf.zeros((1, 4, 4, 1)))
+
+
+def test_factory_refuses_a_layer_whose_sub_layer_builds_at_its_first_call():
+    """A review: a frozen Dense(gain 5) inside a user layer builds its kernel
+    when first called, after the factory's weight check at build; the model
+    trained with first-kernel gradients 4.63x their bound."""
+
+    class FrozenProjection(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(
+                16,
+                use_bias=False,
+                trainable=False,
+                kernel_initializer=keras.initializers.Identity(gain=5.0),
+            )
+
+        def call(self, inputs):
+            return self.dense(inputs)
+
+    with pytest.raises(ValueError, match="sub-layers=\\['dense"):
+        dp_model(
+            [
+                L.DP_BoundedInput(upper_bound=1.0),
+                L.DP_QuickSpectralDense(16),
+                L.DP_GNP_Factory(FrozenProjection)(),
+                L.DP_QuickSpectralDense(10),
+            ],
+            input_shape=(16,),
+        )

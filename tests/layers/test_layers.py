@@ -232,6 +232,23 @@ def test_clip_gradient_clips_each_sample_to_clip_value():
     assert float(clip.backpropagate_inputs(1.0, 0.05)) == pytest.approx(0.05)
 
 
+def test_clip_gradient_copies_per_sample_are_set_only_as_ints_of_at_least_one():
+    """A review: copies_per_sample = 0.1 set on the layer (or in a subclass's
+    __init__) clipped each row at 10x the clip value its bound reports (9.9x
+    measured)."""
+    clip = L.DP_ClipGradient(clip_value=0.2)
+    with pytest.raises(AttributeError):
+        clip.copies_per_sample = 0.1
+    for bad in (0, 0.5, True, 2.0):
+        with pytest.raises(ValueError, match="int >= 1"):
+            clip.set_copies_per_sample(bad)
+    clip._copies = 0.1  # past the API
+    with pytest.raises(ValueError, match="copies per sample"):
+        clip(tf.ones((2, 3)), training=True)
+    clip.set_copies_per_sample(np.int64(4))
+    assert clip.copies_per_sample == 4
+
+
 def test_bounded_input_projects_onto_the_ball():
     layer = L.DP_BoundedInput(upper_bound=0.5)
     x = tf.constant([[3.0, 4.0], [0.1, 0.0], [0.0, 0.0]])
@@ -388,6 +405,28 @@ def test_dp_lambda_refuses_a_function_that_reads_variables():
     layer = L.DP_Lambda(lambda t: v * t, lipschitz=1.0)
     with pytest.raises(ValueError, match="reads variables"):
         layer(tf.ones((1, 8)))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: keras.layers.Dropout(0.5, seed=1),
+        lambda: keras.layers.GaussianNoise(1.0, seed=1),
+    ],
+)
+def test_dp_lambda_refuses_a_keras_layer_that_acts_only_in_training(make):
+    """A review: a Keras Dropout called by the function did nothing at build
+    (not training) and scaled kept units by 2 in the train step: kernel
+    gradients 1.67x their bound. The trace runs as in training, where its
+    random state is a variable read."""
+    inner = make()
+    layer = L.DP_Lambda(lambda t: inner(t), lipschitz=1.0)
+    with pytest.raises(ValueError, match="reads variables"):
+        dp_model(
+            [L.DP_BoundedInput(upper_bound=1.0), L.DP_QuickSpectralDense(16), layer]
+            + [L.DP_QuickSpectralDense(10)],
+            input_shape=(16,),
+        )
 
 
 def _scale_argument(layer):
