@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import numbers
 import secrets
 import warnings
 from collections.abc import Callable, Sequence
@@ -107,17 +108,24 @@ class DPParameters:
         sigma = self.noise_multiplier
         if (
             isinstance(sigma, bool)
-            or not isinstance(sigma, int | float)
+            or not isinstance(sigma, numbers.Real)
             or not (sigma > 0 and math.isfinite(sigma))
         ):
             raise ValueError(
                 "`noise_multiplier` must be a positive finite number. "
                 f"Received: noise_multiplier={sigma!r}"
             )
-        if not isinstance(self.delta, int | float) or not 0 < self.delta < 1:
-            raise ValueError(
-                f"`delta` must be in (0, 1). Received: delta={self.delta!r}"
-            )
+        delta = self.delta
+        if (
+            isinstance(delta, bool)
+            or not isinstance(delta, numbers.Real)
+            or not 0 < delta < 1
+        ):
+            raise ValueError(f"`delta` must be in (0, 1). Received: delta={delta!r}")
+        # Python floats whatever number type came in (NumPy scalars were
+        # refused, a review; kept as given they would not serialise)
+        object.__setattr__(self, "noise_multiplier", float(sigma))
+        object.__setattr__(self, "delta", float(delta))
         require_one_of(
             "noisify_strategy",
             self.noisify_strategy,

@@ -13,6 +13,7 @@ where deel-lipdp has it (docs/migration.md); it asks the model's privacy plan.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -92,6 +93,14 @@ def per_sample_gradient_norms(model, x, y, weight=None) -> dict[str, tf.Tensor]:
     jacobians = tape.jacobian(per_sample, variables, experimental_use_pfor=True)
     norms = {}
     for v, jac in zip(variables, jacobians, strict=True):
+        if jac is not None and not bool(tf.reduce_all(tf.math.is_finite(jac))):
+            # a row's NaN poisoned the others' and its norm read 0 (a review:
+            # one inf weight made a 2x violation pass as ratio 0)
+            raise ValueError(
+                f"Per-sample gradients of '{v.path}' are not finite (a non-finite "
+                "input, label or weight in the batch, or an overflow): their "
+                "norms cannot be checked."
+            )
         norms[v.path] = tf.zeros(tf.shape(x)[:1]) if jac is None else sample_norms(jac)
     return norms
 
@@ -133,6 +142,8 @@ def gradient_norm_check(
     Raises:
         AssertionError: a per-sample gradient norm exceeds its bound (a FALSE
             privacy claim), naming the variable.
+        ValueError: no sample was checked, or a per-sample gradient is not
+            finite (its norm, and others', cannot be measured).
     """
     bounds = {k: float(v) for k, v in model.compute_gradient_bounds().items()}
     maxima = dict.fromkeys(bounds, 0.0)
@@ -152,6 +163,11 @@ def gradient_norm_check(
                 maxima[path] = max(maxima[path], float(np.max(values, initial=0.0)))
                 sums[path] += float(np.sum(values))
             count += len(values) if norms else 0
+    if count == 0:
+        raise ValueError(
+            "gradient_norm_check checked no sample (empty data, max_batches=0, "
+            "or an iterator already used up): it cannot vouch for the bounds."
+        )
     report = SensitivityReport(
         tuple(
             VariableCheck(p, maxima[p], bounds[p], sums[p] / max(count, 1))
@@ -275,10 +291,15 @@ def get_max_epochs(
             "epsilon_max (deel-lipdp's safe=False returned one at or above it). "
             f"Received: safe={safe!r}"
         )
-    if not (isinstance(epsilon_max, int | float) and epsilon_max > 0):
+    if not (
+        isinstance(epsilon_max, numbers.Real)
+        and not isinstance(epsilon_max, bool)
+        and epsilon_max > 0
+    ):
         raise ValueError(
             f"`epsilon_max` must be a number > 0. Received: epsilon_max={epsilon_max!r}"
         )
+    epsilon_max = float(epsilon_max)
     if epochs_max is not None and (
         isinstance(epochs_max, bool)
         or not isinstance(epochs_max, int | np.integer)

@@ -292,3 +292,54 @@ def test_the_report_s_mean_norm_is_the_mean_over_every_batch_seen():
     for row, same in zip(report.rows, chunked.rows, strict=True):
         assert same.max_norm == pytest.approx(row.max_norm, rel=1e-5)
         assert same.mean_norm == pytest.approx(row.mean_norm, rel=1e-5)
+
+
+class _HalvedBounds(L.DP_QuickSpectralDense):
+    """Reports half the bound its gradients reach (what the check exists to
+    catch)."""
+
+    bounds_proven = True  # a false statement: under test
+
+    def backpropagate_params(self, input_bound, gradient_bound):
+        return 0.5 * super().backpropagate_params(input_bound, gradient_bound)
+
+
+def _halved_model():
+    return dp_model(
+        [L.DP_BoundedInput(upper_bound=1.0), L.DP_Flatten(), _HalvedBounds(10)],
+        n=10,
+        batch_size=10,
+        sampling="shuffle",
+    )
+
+
+@pytest.mark.parametrize("poison", ["weight", "label"])
+def test_the_check_does_not_pass_a_batch_with_a_non_finite_label_or_weight(poison):
+    """A review: one inf weight (or NaN label) made every per-sample norm of
+    its chunk read 0, and a 2x violation passed as ratio 0."""
+    model = _halved_model()
+    x = np.random.default_rng(0).normal(size=(10, 8, 8, 1)).astype(np.float32)
+    x /= np.linalg.norm(x.reshape(10, -1), axis=1)[:, None, None, None]
+    y, w = one_hot(np.arange(10)), np.ones(10, np.float32)
+    with pytest.raises(AssertionError, match="sensitivity claim is false"):
+        gradient_norm_check(model, (x, y, w))
+    if poison == "weight":
+        w[7] = np.inf
+    else:
+        y[7, 0] = np.nan
+    with pytest.raises(ValueError, match="not finite"):
+        gradient_norm_check(model, (x, y, w))
+
+
+def test_the_check_does_not_pass_when_it_checked_no_sample():
+    """A review: an empty dataset, max_batches=0 or a used-up iterator passed
+    with ratio 0 (with bounds half what the gradients reach)."""
+    model = _halved_model()
+    x, y = np.ones((4, 8, 8, 1), np.float32) / 8, one_hot(np.arange(4))
+    for data, kwargs in (
+        ((x[:0], y[:0]), {}),
+        ((x, y), {"max_batches": 0}),
+        (iter([]), {}),
+    ):
+        with pytest.raises(ValueError, match="checked no sample"):
+            gradient_norm_check(model, data, **kwargs)

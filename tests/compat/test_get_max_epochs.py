@@ -89,3 +89,17 @@ def test_a_model_without_dp_configuration_is_refused():
 
     with pytest.raises(ValueError, match="dp_parameters"):
         get_max_epochs(1.0, DPSequential())
+
+
+def test_numpy_scalars_are_numbers():
+    """A review: np.float32 / np.int64 budgets and noise multipliers were
+    refused (Python numbers and np.float64 accepted)."""
+    from deel_lipdp_ext import DPParameters
+
+    params = DPParameters(np.float32(1.5), np.float32(1e-5))
+    assert type(params.noise_multiplier) is float and params.noise_multiplier == 1.5
+    model = dp_model(small_cnn())
+    assert get_max_epochs(np.float32(3.0), model) == get_max_epochs(3.0, model)
+    assert get_max_epochs(np.int64(3), model) == get_max_epochs(3, model)
+    with pytest.raises(ValueError, match="epsilon_max"):
+        get_max_epochs(True, model)
