@@ -84,6 +84,13 @@ class ReproducibleNoiseWarning(UserWarning):
     assumes the seed is kept secret."""
 
 
+def _as_float(value) -> float:
+    """A real number (not a bool) as a Python float; NaN otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return math.nan
+    return float(value)
+
+
 @dataclass(frozen=True)
 class DPParameters:
     """Noise and privacy target of a DP model.
@@ -105,27 +112,21 @@ class DPParameters:
     seed: int | None = None
 
     def __post_init__(self):
-        sigma = self.noise_multiplier
-        if (
-            isinstance(sigma, bool)
-            or not isinstance(sigma, numbers.Real)
-            or not (sigma > 0 and math.isfinite(sigma))
-        ):
+        # Python floats whatever real number came in (NumPy scalars were
+        # refused, a review), checked as stored: a delta of 1 - 1e-30 passed
+        # as < 1 and was stored as 1.0 (epsilon 0 reported, a review)
+        sigma, delta = _as_float(self.noise_multiplier), _as_float(self.delta)
+        if not (sigma > 0 and math.isfinite(sigma)):
             raise ValueError(
                 "`noise_multiplier` must be a positive finite number. "
-                f"Received: noise_multiplier={sigma!r}"
+                f"Received: noise_multiplier={self.noise_multiplier!r}"
             )
-        delta = self.delta
-        if (
-            isinstance(delta, bool)
-            or not isinstance(delta, numbers.Real)
-            or not 0 < delta < 1
-        ):
-            raise ValueError(f"`delta` must be in (0, 1). Received: delta={delta!r}")
-        # Python floats whatever number type came in (NumPy scalars were
-        # refused, a review; kept as given they would not serialise)
-        object.__setattr__(self, "noise_multiplier", float(sigma))
-        object.__setattr__(self, "delta", float(delta))
+        if not 0 < delta < 1:
+            raise ValueError(
+                f"`delta` must be in (0, 1). Received: delta={self.delta!r}"
+            )
+        object.__setattr__(self, "noise_multiplier", sigma)
+        object.__setattr__(self, "delta", delta)
         require_one_of(
             "noisify_strategy",
             self.noisify_strategy,

@@ -84,8 +84,8 @@ def per_sample_gradient_norms(model, x, y, weight=None) -> dict[str, tf.Tensor]:
     y = tf.convert_to_tensor(y, tf.float32)
     w = (
         tf.ones(tf.shape(x)[:1])
-        if weight is None
-        else tf.convert_to_tensor(weight, tf.float32)
+        if weight is None  # (batch,) as the train step takes it, also (batch, 1)
+        else tf.reshape(tf.convert_to_tensor(weight, tf.float32), [-1])
     )
     variables = model.trainable_variables
     with tf.GradientTape() as tape:

@@ -331,6 +331,17 @@ def test_the_check_does_not_pass_a_batch_with_a_non_finite_label_or_weight(poiso
         gradient_norm_check(model, (x, y, w))
 
 
+def test_the_check_takes_column_weights_as_the_train_step_does():
+    """A review: (batch, 1) sample weights broadcast the (batch,) losses to
+    (batch, batch) and failed inside pfor; the train step flattens them."""
+    model = _halved_model()
+    x = np.full((6, 8, 8, 1), 1 / 8, np.float32)
+    y, w = one_hot(np.arange(6)), np.linspace(0.2, 1.0, 6, dtype=np.float32)
+    flat = gradient_norm_check(model, (x, y, w), raise_on_violation=False)
+    column = gradient_norm_check(model, (x, y, w[:, None]), raise_on_violation=False)
+    assert column.rows == flat.rows
+
+
 def test_the_check_does_not_pass_when_it_checked_no_sample():
     """A review: an empty dataset, max_batches=0 or a used-up iterator passed
     with ratio 0 (with bounds half what the gradients reach)."""

@@ -1,6 +1,8 @@
 """`sensitivity.get_max_epochs`: deel-lipdp's signature on the model's privacy
 plan, never above epsilon_max; the spec form of `accounting` still works."""
 
+from fractions import Fraction
+
 import keras
 import numpy as np
 import pytest
@@ -103,3 +105,8 @@ def test_numpy_scalars_are_numbers():
     assert get_max_epochs(np.int64(3), model) == get_max_epochs(3, model)
     with pytest.raises(ValueError, match="epsilon_max"):
         get_max_epochs(True, model)
+    # checked as stored (a review: 1 - 1e-30 passed as < 1, stored as 1.0)
+    with pytest.raises(ValueError, match="delta"):
+        DPParameters(1.0, Fraction(10**30 - 1, 10**30))
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        DPParameters(Fraction(1, 10**400), 1e-5)
