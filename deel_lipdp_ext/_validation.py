@@ -4,9 +4,18 @@ owner and the value received."""
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 from typing import Any
+
+
+def real_or_nan(value: Any) -> float:
+    """A real number (Python or NumPy, not a bool) as a Python float, to be
+    checked as stored; NaN for anything else."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return math.nan
+    return float(value)
 
 
 def require_positive(name: str, value: Any, owner: str) -> float:

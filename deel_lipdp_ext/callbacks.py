@@ -161,10 +161,15 @@ class DP_Accountant(keras.callbacks.Callback):
         self.epsilon_budget = epsilon_budget
         self.log_fn = resolve_log_fn(log_fn)
         self.history: list[dict] = []
+        self._epoch = 0  # the model epoch running
+        self._unbind()
+
+    def _unbind(self) -> None:
+        """No model, no running training, nothing checked."""
+        self._model = None
         # what the budget was last checked with: (planned releases, the last
         # step they cover)
         self._checked = None
-        self._epoch = 0  # the model epoch running
         # the DP model this accountant reports on while it trains, and its
         # running trainings (fits and custom loops): an evaluate, predict,
         # fit or custom loop of another model given the same callbacks
@@ -185,13 +190,12 @@ class DP_Accountant(keras.callbacks.Callback):
         pinned to no fit (a copy made during a fit stayed pinned to its model
         for good, and a deep copy reported on a clone of it: a review)."""
         clone = object.__new__(type(self))
-        unbound = ("_model", "_fitting", "_pins", "_pins_before_fit", "_checked")
+        bound = ("_model", "_fitting", "_pins", "_pins_before_fit", "_checked")
         for key, value in vars(self).items():
-            if key not in unbound:
+            if key not in bound:
                 setattr(clone, key, copy_value(value))
         clone.history = [dict(record) for record in self.history]
-        clone._model, clone._fitting, clone._checked = None, None, None
-        clone._pins, clone._pins_before_fit = 0, []
+        clone._unbind()
         return clone
 
     @property
@@ -245,7 +249,10 @@ class DP_Accountant(keras.callbacks.Callback):
         # train_on_batch, retried, ran to 11.9). Steps are counted by
         # steps_taken, which a restore never rolls back (the step counter
         # does: a checkpoint restored before each of 6 steps let them all
-        # through, 11.5 for 9.68, a review).
+        # through, 11.5 for 9.68, a review). It is the count of the ledger
+        # the epsilon is computed from: a cheaper count of this process's
+        # steps alone missed a restored foreign ledger, and jumped at a
+        # resumed run's first step (a refusal mid-epoch).
         within = self.epsilon_budget is None or epsilon <= self.epsilon_budget
         self._checked = (planned, plan.steps_taken() + horizon) if within else None
         return epsilon

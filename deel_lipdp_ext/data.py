@@ -653,12 +653,13 @@ def _features_one_by_one(feature_map, x: np.ndarray) -> np.ndarray:
       fixes on its first calls or first distinct inputs (a fitted
       standardiser) is fixed without private data, or shows in the second
       pass;
-    - every sample computed twice, in order and then in a random order with
-      a random number of calls on public noise before each (and calls on
-      scaled public noise between the passes, `_PROBE_SCALES`; their errors
-      are ignored): features that differ show state carried from call to
-      call (a running statistic, a flip every other call) or a random map,
-      and the map is refused.
+    - every sample computed twice, in order and then, after calls on scaled
+      public noise (`_PROBE_SCALES`; their errors are ignored) and 16 to 64
+      more on noise, in a random order: features that differ show state
+      carried from call to call (a running statistic, a flip every other
+      call) or a random map, and the map is refused (for a handful of
+      samples, state of a short period may meet each at the same phase by
+      chance).
     These catch the usual mistakes, not every conceivable one (a memo cache
     is not detected): that the map is FIXED, deterministic and stateless
     stays the caller's promise.
@@ -705,15 +706,15 @@ def _features_one_by_one(feature_map, x: np.ndarray) -> np.ndarray:
             one(noise() * np.asarray(scale, x.dtype))
         except Exception:  # a map may refuse such inputs; only its state matters
             pass
-    # The second pass runs in an order and with calls on public noise in
-    # between that the map cannot predict: in a fixed order, state of period
-    # 2 (a flip every other call) met each sample at the same phase twice (a
-    # review: 39 of 40 samples' features moved with one removed sample, and
-    # the map was accepted).
+    # The second pass starts after a random number of calls on public noise
+    # and runs in a random order, which the map cannot predict: in a fixed
+    # order, state of period 2 (a flip every other call) met each sample at
+    # the same phase twice (a review: 39 of 40 samples' features moved with
+    # one removed sample, and the map was accepted).
+    for _ in range(rng.integers(16, 65)):
+        one(noise())
     again = [None] * len(x)
     for i in rng.permutation(len(x)):
-        for _ in range(rng.integers(0, 3)):
-            one(noise())
         again[i] = one(x[i : i + 1])
     changed = [
         i

@@ -36,7 +36,7 @@ from keras.src.losses.loss import squeeze_or_expand_to_same_rank
 
 from . import losses as dp_losses
 from ._keras_utils import all_sublayers, per_example_map, pop_keras_objects
-from ._validation import require_one_of
+from ._validation import real_or_nan, require_one_of
 from .data import DatasetMetadata
 from .ghost_clipping import clipped_gradient_sum, ghost_clipping_support
 from .layers.base import BOUND_MARGIN, example_squares
@@ -44,7 +44,6 @@ from .model import (
     DPParameters,
     PrivateModel,
     check_float32_compute,
-    refuse_loss_weights,
     refuse_nested_batch,
     refuse_regularizers,
     sanitize_batch,
@@ -530,24 +529,17 @@ class DPSGDModel(PrivateModel, keras.Model):
 
     @l2_norm_clip.setter
     def l2_norm_clip(self, value: float) -> None:
-        if not (
-            isinstance(value, int | float)
-            and not isinstance(value, bool)
-            and value >= MIN_L2_NORM_CLIP
-            and math.isfinite(value)
-        ):
+        clip = real_or_nan(value)
+        if not (clip >= MIN_L2_NORM_CLIP and math.isfinite(clip)):
             raise ValueError(
                 f"`l2_norm_clip` must be a finite number >= {MIN_L2_NORM_CLIP} "
                 "(below it, float32 squares flushed to zero make gradient norms "
                 f"too small to clip). Received: l2_norm_clip={value!r}"
             )
-        self._l2_norm_clip = float(value)
+        self._l2_norm_clip = clip
 
     def compile(self, *args, **kwargs):
         """As `keras.Model.compile`, then the checks a DP model needs."""
-        # keras.Model.compile(optimizer, loss, loss_weights, ...)
-        given = {"loss_weights": args[2]} if len(args) > 2 else kwargs
-        refuse_loss_weights(given, "DPSGDModel")
         super().compile(*args, **self._distributed_compile_options(kwargs))
         self.privacy_plan.check_ready("DPSGDModel")
         self._check_strategy()

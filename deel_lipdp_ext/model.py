@@ -326,19 +326,6 @@ def _callbacks_for_fit(given, flat: list, model: keras.Model):
     return given
 
 
-def refuse_loss_weights(kwargs: dict, owner: str) -> None:
-    """A DP model's step reads its loss per sample, unweighted by
-    `compile(loss_weights=...)`: a weight would be silently ignored (or, if
-    applied, scale the gradient past its bound), so one is refused."""
-    if kwargs.get("loss_weights") is not None:
-        raise ValueError(
-            f"{owner} does not support `loss_weights` (its per-sample loss "
-            "gradients are bounded or clipped unweighted). Scale the loss "
-            "itself instead. Received: loss_weights="
-            f"{kwargs['loss_weights']!r}"
-        )
-
-
 def _refuse_legacy_hdf5(filepath, method: str) -> None:
     """Refuse a legacy HDF5 path (`.h5` / `.hdf5`, not `.weights.h5`) given to
     a DP model's `save` or `load_weights`. Keras's legacy writer saves the
@@ -650,6 +637,20 @@ class PrivateModel(HasPrivacyPlan):
         `privacy_plan.calibrate_noise_multiplier`) for the steps to come; the
         train function is traced again and the ledger keeps the old steps'."""
         self._privacy_plan.set_noise_multiplier(noise_multiplier)
+
+    def compile(self, *args, **kwargs):
+        """As `keras.Model.compile`; `loss_weights` is refused: the DP step
+        reads its loss per sample, unweighted (a weight was silently ignored;
+        applied, it would scale the gradient past its bound)."""
+        given = inspect.signature(keras.Model.compile).bind(self, *args, **kwargs)
+        weights = given.arguments.get("loss_weights")
+        if weights is not None:
+            raise ValueError(
+                f"{type(self).__name__} does not support `loss_weights` (its "
+                "per-sample loss gradients are bounded or clipped unweighted). "
+                f"Scale the loss itself instead. Received: loss_weights={weights!r}"
+            )
+        super().compile(*args, **kwargs)
 
     def _step_settings(self) -> object:
         """What the traced train step reads from the layers as constants
@@ -1180,7 +1181,6 @@ class DPTrainer(PrivateModel):
     def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
         """As `keras.Model.compile`; the loss must be a DP loss (with `get_L`)."""
         lipschitz_constant(loss)  # raises TypeError naming a loss without get_L
-        refuse_loss_weights(kwargs, type(self).__name__)
         kwargs = self._distributed_compile_options(kwargs)
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
         self._dp_loss = loss

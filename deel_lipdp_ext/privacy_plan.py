@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import numbers
 import secrets
 import warnings
 from collections.abc import Callable, Sequence
@@ -40,7 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ._validation import require_one_of
+from ._validation import real_or_nan, require_one_of
 from .accounting import (
     GRADIENT_STEPS,
     Release,
@@ -84,13 +83,6 @@ class ReproducibleNoiseWarning(UserWarning):
     assumes the seed is kept secret."""
 
 
-def _as_float(value) -> float:
-    """A real number (not a bool) as a Python float; NaN otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return math.nan
-    return float(value)
-
-
 @dataclass(frozen=True)
 class DPParameters:
     """Noise and privacy target of a DP model.
@@ -115,7 +107,7 @@ class DPParameters:
         # Python floats whatever real number came in (NumPy scalars were
         # refused, a review), checked as stored: a delta of 1 - 1e-30 passed
         # as < 1 and was stored as 1.0 (epsilon 0 reported, a review)
-        sigma, delta = _as_float(self.noise_multiplier), _as_float(self.delta)
+        sigma, delta = real_or_nan(self.noise_multiplier), real_or_nan(self.delta)
         if not (sigma > 0 and math.isfinite(sigma)):
             raise ValueError(
                 "`noise_multiplier` must be a positive finite number. "

@@ -13,7 +13,6 @@ where deel-lipdp has it (docs/migration.md); it asks the model's privacy plan.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import accounting
+from ._validation import real_or_nan
 from .accounting import PrivacySpec
 from .accounting.epsilon import check_accountant
 from .layers.base import sample_norms
@@ -291,11 +291,7 @@ def get_max_epochs(
             "epsilon_max (deel-lipdp's safe=False returned one at or above it). "
             f"Received: safe={safe!r}"
         )
-    if not (
-        isinstance(epsilon_max, numbers.Real)
-        and not isinstance(epsilon_max, bool)
-        and epsilon_max > 0
-    ):
+    if not real_or_nan(epsilon_max) > 0:
         raise ValueError(
             f"`epsilon_max` must be a number > 0. Received: epsilon_max={epsilon_max!r}"
         )

@@ -1803,6 +1803,12 @@ def _budget_model(sigma=4.0, clip_layer=False):
     return dp_model(layers, input_shape=(8,), num_classes=2, sigma=sigma, n=200)
 
 
+def _two_epoch_budget(model) -> float:
+    """A budget just above two epochs of `model`'s plan."""
+    plan = model.privacy_plan
+    return plan.epsilon(planned=plan.planned_ledger(2)) * 1.01
+
+
 class _SetAt(keras.callbacks.Callback):
     """Sets `target.attribute = value` at the start of epoch `epoch`."""
 
@@ -2372,7 +2378,7 @@ def test_a_callback_list_made_for_another_model_serves_the_one_that_trains():
     a, b = _budget_model(sigma=2.0), _budget_model(sigma=2.0)
     a.fit(poisson_batches(x, y, 50), verbose=0)
     b_plan = b.privacy_plan
-    budget = b_plan.epsilon(planned=b_plan.planned_ledger(2)) * 1.01
+    budget = _two_epoch_budget(b)
     accountant = DP_Accountant(epsilon_budget=budget)
     given = keras.callbacks.CallbackList([accountant], add_history=True, model=a)
     b.fit(poisson_batches(x, y, 50), epochs=6, verbose=0, callbacks=given)
@@ -2441,7 +2447,7 @@ def test_the_accountant_stays_with_the_model_whose_fit_runs(call, hook):
     held_out = unit_samples(20, (8,), seed=5), one_hot(np.arange(20), 2)
     model, other = _budget_model(sigma=2.0), _budget_model(sigma=2.0)
     plan = model.privacy_plan
-    budget = plan.epsilon(planned=plan.planned_ledger(2)) * 1.01
+    budget = _two_epoch_budget(model)
     accountant = DP_Accountant(epsilon_budget=budget)
 
     def peek(*args, **kwargs):
@@ -2557,7 +2563,7 @@ def test_a_custom_loop_s_accountant_stays_with_its_model():
     x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
     model, other = _budget_model(sigma=2.0), _budget_model(sigma=2.0)
     plan = model.privacy_plan
-    budget = plan.epsilon(planned=plan.planned_ledger(2)) * 1.01
+    budget = _two_epoch_budget(model)
     accountant = DP_Accountant(epsilon_budget=budget)
     loop = keras.callbacks.CallbackList([accountant], model=model)
     loop.on_train_begin()
@@ -2621,7 +2627,7 @@ def test_a_budget_holds_when_a_later_callback_resets_stop_training():
     x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
     model = _budget_model(sigma=2.0)
     plan = model.privacy_plan
-    budget = plan.epsilon(planned=plan.planned_ledger(2)) * 1.01
+    budget = _two_epoch_budget(model)
     accountant = DP_Accountant(epsilon_budget=budget)
     with pytest.raises(ValueError, match="would exceed epsilon_budget"):
         model.fit(
@@ -2640,7 +2646,7 @@ def test_a_refused_step_retried_is_refused_again():
     x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
     model = _budget_model(sigma=2.0)
     plan = model.privacy_plan
-    budget = plan.epsilon(planned=plan.planned_ledger(2)) * 1.01
+    budget = _two_epoch_budget(model)
     loop = keras.callbacks.CallbackList(
         [DP_Accountant(epsilon_budget=budget)], model=model
     )
@@ -2666,7 +2672,7 @@ def test_a_budget_holds_when_a_checkpoint_restore_rolls_the_step_counter_back(
     x, y = unit_samples(200, (8,)), one_hot(np.arange(200), 2)
     model = _budget_model(sigma=2.0)
     plan = model.privacy_plan
-    budget = plan.epsilon(planned=plan.planned_ledger(2)) * 1.01
+    budget = _two_epoch_budget(model)
     checkpoint = tf.train.Checkpoint(model=model)
     early = checkpoint.write(str(tmp_path / "early"))
 

@@ -84,22 +84,27 @@ class DP_ClipGradient(keras.layers.Layer, DPLayer):
             ValueError: K > 1 on a mode="dynamic" layer: its clipping
                 callbacks count rows, and a sample would be K of them.
         """
-        if (
-            isinstance(copies, bool)
-            or not isinstance(copies, numbers.Integral)
-            or copies < 1
-        ):
-            raise ValueError(
-                f"Copies per sample of DP_ClipGradient '{self.name}' must be an "
-                f"int >= 1. Received: {copies!r}"
-            )
+        copies = self._checked_copies(copies)
         if copies > 1 and self.mode == "dynamic":
             raise ValueError(
                 f"DP_ClipGradient '{self.name}' has mode='dynamic': it cannot be "
                 "used with augmentation multiplicity > 1 (a sample would count "
                 f"{copies} times in the private quantile that sets the clip)."
             )
-        self._copies = int(copies)
+        self._copies = copies
+
+    def _checked_copies(self, copies) -> int:
+        """K as an int >= 1, or a ValueError naming the layer."""
+        if (
+            isinstance(copies, bool)
+            or not isinstance(copies, numbers.Integral)
+            or copies < 1
+        ):
+            raise ValueError(
+                f"DP_ClipGradient '{self.name}': copies per sample must be an "
+                f"int >= 1 (set by set_copies_per_sample). Received: {copies!r}"
+            )
+        return int(copies)
 
     @property
     def copies_per_sample(self) -> int:
@@ -122,13 +127,8 @@ class DP_ClipGradient(keras.layers.Layer, DPLayer):
     def call(self, inputs, training=None):
         if not training:
             return inputs
-        copies = self._copies
-        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
-            raise ValueError(
-                f"DP_ClipGradient '{self.name}' has {copies!r} copies per "
-                "sample: set them with set_copies_per_sample (an int >= 1)."
-            )
-        limit = as_bound(self.clip_value) / copies
+        # checked at each trace: a subclass may set `_copies` past the setter
+        limit = as_bound(self.clip_value) / self._checked_copies(self._copies)
 
         @tf.custom_gradient
         def clip(x):
